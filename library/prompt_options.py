@@ -1,0 +1,173 @@
+"""Prompt lines with inline options, as written in `gen_img.py --from_file` files and `--sample_prompts`.
+
+A line is `<prompt> --n <negative> --w 832 --h 1216 --d 1,2 --s 30 --l 7 ...`. Options are introduced by
+" --" (space, two dashes) followed by a short name and a value; names are case-insensitive. The parser
+is shared by the generator and the trainer's sample images, so it only turns text into typed values;
+defaults and policy (which options a caller supports) stay with the caller.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+class PromptOptionError(ValueError):
+    """An inline prompt option that is unknown or carries a value of the wrong kind."""
+
+
+# Option name -> (attribute, kind). Kinds: int, steps (int clamped to 1..1000), float, float_or_none,
+# str (rest of the option text), ints / floats (comma-separated lists).
+_OPTIONS: dict[str, tuple[str, str]] = {
+    "n": ("negative_prompt", "str"),
+    "w": ("width", "int"),
+    "h": ("height", "int"),
+    "d": ("seeds", "ints"),
+    "s": ("steps", "steps"),
+    "l": ("scale", "float"),
+    "nl": ("negative_scale", "float_or_none"),
+    "am": ("network_muls", "floats"),
+    "ss": ("sampler", "str"),
+    "ow": ("original_width", "int"),
+    "oh": ("original_height", "int"),
+    "nw": ("original_width_negative", "int"),
+    "nh": ("original_height_negative", "int"),
+    "ct": ("crop_top", "int"),
+    "cl": ("crop_left", "int"),
+    "f": ("filename", "str"),
+    "t": ("strength", "float"),
+    "c": ("clip_prompt", "str"),
+}
+
+# sd-scripts options for features this project does not implement (Deep Shrink, Gradual Latent,
+# ControlNet samples). They are recognised so that existing prompt files still parse; callers warn.
+_RECOGNISED_UNSUPPORTED = frozenset(
+    {"dsd1", "dst1", "dsd2", "dst2", "dsr", "glt", "glr", "gle", "gls", "glsn", "glus", "cn", "ctr"}
+)
+
+# " --" followed by a letter starts an option; this is sd-scripts' split, restricted to option-looking
+# tokens so that a prompt such as "a -- b" is not cut in two.
+_SPLIT_RE = re.compile(r" --(?=[A-Za-z])")
+_PART_RE = re.compile(r"([A-Za-z][A-Za-z0-9]*)(?:\s+(.*))?\Z", re.DOTALL)
+
+
+@dataclass
+class PromptOptions:
+    """One parsed prompt line. `None` means "not given on the line": the caller applies its default."""
+
+    prompt: str
+    raw: str
+    negative_prompt: str | None = None
+    width: int | None = None
+    height: int | None = None
+    seeds: list[int] | None = None
+    steps: int | None = None
+    scale: float | None = None
+    negative_scale: float | None = None
+    network_muls: list[float] | None = None
+    sampler: str | None = None
+    original_width: int | None = None
+    original_height: int | None = None
+    original_width_negative: int | None = None
+    original_height_negative: int | None = None
+    crop_top: int | None = None
+    crop_left: int | None = None
+    filename: str | None = None
+    strength: float | None = None
+    clip_prompt: str | None = None
+    # option names present on the line (so "--nl none" can be told apart from "not given")
+    given: set[str] = field(default_factory=set)
+    # recognised sd-scripts options that this project does not implement, name -> raw value
+    unsupported: dict[str, str] = field(default_factory=dict)
+
+
+def _convert(name: str, kind: str, value: str, line: str) -> object:
+    def bad(expected: str) -> PromptOptionError:
+        return PromptOptionError(f"prompt option --{name} {value!r}: expected {expected} (in line {line!r})")
+
+    try:
+        if kind == "str":
+            return value
+        if kind == "int":
+            return int(value)
+        if kind == "steps":
+            # sd-scripts clamps the step count instead of rejecting it
+            return max(1, min(1000, int(value)))
+        if kind == "float":
+            return float(value)
+        if kind == "float_or_none":
+            return None if value.lower() == "none" else float(value)
+        if kind in ("ints", "floats"):
+            items = [v.strip() for v in value.split(",")]
+            if any(v == "" for v in items):
+                raise ValueError(value)
+            conv = int if kind == "ints" else float
+            return [conv(v) for v in items]
+    except ValueError:
+        expected = {
+            "int": "an integer",
+            "steps": "an integer step count",
+            "float": "a number",
+            "float_or_none": "a number or 'none'",
+            "ints": "comma-separated integers",
+            "floats": "comma-separated numbers",
+        }[kind]
+        raise bad(expected) from None
+    raise AssertionError(f"unhandled option kind {kind}")
+
+
+def parse_prompt_line(line: str) -> PromptOptions:
+    """Split a prompt line into the prompt text and its typed inline options.
+
+    Unknown option names raise `PromptOptionError`; a later occurrence of an option wins.
+    """
+    raw = line.strip()
+    parts = _SPLIT_RE.split(raw)
+    opts = PromptOptions(prompt=parts[0].strip(), raw=raw)
+    for part in parts[1:]:
+        m = _PART_RE.match(part.strip())
+        if m is None:  # cannot happen after the split's lookahead, kept as a guard
+            raise PromptOptionError(f"cannot parse prompt option --{part!r} in line {raw!r}")
+        name = m.group(1).lower()
+        value = (m.group(2) or "").strip()
+        if name in _RECOGNISED_UNSUPPORTED:
+            opts.unsupported[name] = value
+            continue
+        if name not in _OPTIONS:
+            known = ", ".join(f"--{k}" for k in _OPTIONS)
+            raise PromptOptionError(f"unknown prompt option --{name} in line {raw!r}; known options: {known}")
+        attr, kind = _OPTIONS[name]
+        if value == "" and kind != "str":
+            raise PromptOptionError(f"prompt option --{name} needs a value (in line {raw!r})")
+        setattr(opts, attr, _convert(name, kind, value, raw))
+        opts.given.add(name)
+    return opts
+
+
+def read_prompt_file(path: str | Path) -> list[str]:
+    """Prompt lines of a text file: one per line, blank lines and `#` comments skipped."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(
+            f"prompt file not found: {p} (expected a UTF-8 text file, one prompt per line)"
+        )
+    lines = p.read_text(encoding="utf-8").splitlines()
+    return [ln for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+
+
+def expand_multipliers(values: list[float] | None, count: int, what: str = "--am") -> list[float] | None:
+    """Pad a per-network multiplier list to `count` entries by repeating its last value.
+
+    More values than networks is an error: silently dropping a multiplier hides a typo.
+    """
+    if values is None:
+        return None
+    if count == 0:
+        raise PromptOptionError(f"{what} {values} given but no network is loaded")
+    if len(values) > count:
+        raise PromptOptionError(f"{what} has {len(values)} values but only {count} network(s) are loaded")
+    return list(values) + [values[-1]] * (count - len(values))
