@@ -1,0 +1,43 @@
+"""Pure ΔW maths and custom autograd for LoRA, LoHa and LoKr (no nn.Module state here)."""
+
+from .common import apply_weight, conv_padded_input, needs_scale_grad
+from .loha import (
+    HadaWeight,
+    HadaWeightTucker,
+    khatri_rao_factors,
+    loha_delta_weight,
+    loha_khatri_rao_conv,
+    loha_khatri_rao_linear,
+    tucker_half,
+)
+from .lokr import (
+    factorization,
+    lokr_bypass_conv,
+    lokr_bypass_linear,
+    lokr_bypass_linear_lowrank,
+    lokr_delta_weight,
+    make_w1,
+    make_w2,
+)
+from .lora import lora_delta_weight
+
+__all__ = [
+    "HadaWeight",
+    "HadaWeightTucker",
+    "apply_weight",
+    "conv_padded_input",
+    "factorization",
+    "khatri_rao_factors",
+    "loha_delta_weight",
+    "loha_khatri_rao_conv",
+    "loha_khatri_rao_linear",
+    "lokr_bypass_conv",
+    "lokr_bypass_linear",
+    "lokr_bypass_linear_lowrank",
+    "lokr_delta_weight",
+    "lora_delta_weight",
+    "make_w1",
+    "make_w2",
+    "needs_scale_grad",
+    "tucker_half",
+]

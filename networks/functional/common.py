@@ -1,0 +1,58 @@
+"""Shared helpers for the pure ΔW maths: applying a bare weight with a layer's own op."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Scale = float | torch.Tensor
+
+
+def conv_padded_input(x: torch.Tensor, org_module: nn.Conv2d) -> tuple[torch.Tensor, object]:
+    """Return (x, padding) to pass to F.conv2d so non-zero padding modes match the module.
+
+    nn.Conv2d with a non-"zeros" padding_mode pads explicitly and then convolves with padding 0;
+    we do the same so a bare ΔW sees exactly the borders the base weight sees.
+    """
+    if org_module.padding_mode == "zeros":
+        return x, org_module.padding
+    pad = org_module._reversed_padding_repeated_twice
+    return F.pad(x, pad, mode=org_module.padding_mode), 0
+
+
+def apply_weight(x: torch.Tensor, weight: torch.Tensor, org_module: nn.Module) -> torch.Tensor:
+    """Apply `weight` to `x` with `org_module`'s operation (no bias).
+
+    nn.Linear (and subclasses) → F.linear; nn.Conv2d → F.conv2d with the module's
+    stride/padding/dilation/groups. A 2-D (O, I) weight on a conv is treated as a 1×1 kernel,
+    and a (O, I, 1, 1) weight on a linear layer is flattened.
+    """
+    if isinstance(org_module, nn.Linear):
+        if weight.dim() != 2:
+            if weight.dim() == 4 and weight.shape[2:] == (1, 1):
+                weight = weight.reshape(weight.shape[0], weight.shape[1])
+            else:
+                raise ValueError(
+                    f"apply_weight: weight of shape {tuple(weight.shape)} cannot be applied by a Linear "
+                    "layer; expected (out_features, in_features)"
+                )
+        return F.linear(x, weight)
+    if isinstance(org_module, nn.Conv2d):
+        if weight.dim() == 2:
+            weight = weight[:, :, None, None]
+        if weight.dim() != 4:
+            raise ValueError(
+                f"apply_weight: weight of shape {tuple(weight.shape)} cannot be applied by a Conv2d layer; "
+                "expected (out, in, kh, kw) or (out, in) for a 1x1 conv"
+            )
+        x, padding = conv_padded_input(x, org_module)
+        return F.conv2d(x, weight, None, org_module.stride, padding, org_module.dilation, org_module.groups)
+    raise TypeError(
+        f"apply_weight: unsupported module type {type(org_module).__name__}; expected nn.Linear or nn.Conv2d"
+    )
+
+
+def needs_scale_grad(scale: Scale) -> bool:
+    """True when `scale` is a tensor that takes part in autograd (e.g. a trainable use_scalar σ)."""
+    return isinstance(scale, torch.Tensor) and scale.requires_grad

@@ -1,0 +1,222 @@
+"""LoHa ΔW (Hadamard product of two low-rank halves) with memory-lean custom autograd.
+
+The custom Functions save only the factors, not the O×I products: backward recomputes them
+(spec §3.2, §6 rule 2). The Tucker backward takes each half's dw_a from its OWN chain.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .common import Scale, apply_weight
+
+
+def _scaled(grad: torch.Tensor, scale: Scale) -> torch.Tensor:
+    # A plain float 1.0 needs no multiply; anything else scales the incoming gradient once.
+    if isinstance(scale, torch.Tensor) or scale != 1.0:
+        return grad * scale
+    return grad
+
+
+def _scale_grad(grad_out: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, scale: torch.Tensor):
+    # ΔW = s·P1⊙P2 ⇒ ∂L/∂s = Σ G⊙P1⊙P2, returned in the scale's own shape/dtype.
+    return (grad_out * p1 * p2).sum().reshape(scale.shape).to(scale.dtype)
+
+
+class HadaWeight(torch.autograd.Function):
+    """ΔW = s·(w1a@w1b) ⊙ (w2a@w2b); w1a/w2a (O, r), w1b/w2b (r, M) → (O, M)."""
+
+    @staticmethod
+    def forward(ctx, w1a, w1b, w2a, w2b, scale):  # type: ignore[override]
+        if isinstance(scale, torch.Tensor):
+            ctx.save_for_backward(w1a, w1b, w2a, w2b, scale)
+            ctx.scale_is_tensor = True
+        else:
+            ctx.save_for_backward(w1a, w1b, w2a, w2b)
+            ctx.scale_is_tensor = False
+            ctx.scale = scale
+        # Fold s into the smallest factor (O×r) rather than the O×M product.
+        return ((w1a * scale) @ w1b) * (w2a @ w2b)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        if ctx.scale_is_tensor:
+            w1a, w1b, w2a, w2b, scale = ctx.saved_tensors
+        else:
+            w1a, w1b, w2a, w2b = ctx.saved_tensors
+            scale = ctx.scale
+        need = ctx.needs_input_grad
+        g = _scaled(grad_out, scale)
+        d1a = d1b = d2a = d2b = dscale = None
+        p2 = w2a @ w2b
+        if need[0] or need[1]:
+            m1 = g * p2
+            d1a = m1 @ w1b.T if need[0] else None
+            d1b = w1a.T @ m1 if need[1] else None
+            del m1
+        p1 = w1a @ w1b
+        if need[2] or need[3]:
+            m2 = g * p1
+            d2a = m2 @ w2b.T if need[2] else None
+            d2b = w2a.T @ m2 if need[3] else None
+            del m2
+        if len(need) > 4 and need[4]:
+            dscale = _scale_grad(grad_out, p1, p2, scale)
+        return d1a, d1b, d2a, d2b, dscale
+
+
+def tucker_half(t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
+    """R[o,i,x,y] = Σ_{p,q} t[p,q,x,y]·wa[p,o]·wb[q,i]; t (r,r,kh,kw), wa (r,O), wb (r,I)."""
+    own = torch.einsum("pqxy,qi->pixy", t, wb)
+    return torch.einsum("po,pixy->oixy", wa, own)
+
+
+def _tucker_half_grads(t, wa, wb, m, need):
+    """Grads of Σ m⊙R(t, wa, wb) for one Tucker half (m = Ĝ ⊙ other half)."""
+    dt = dwa = dwb = None
+    if need[1]:
+        own = torch.einsum("pqxy,qi->pixy", t, wb)  # U: this half's own chain
+        dwa = torch.einsum("oixy,pixy->po", m, own)
+        del own
+    if need[0] or need[2]:
+        v = torch.einsum("po,oixy->pixy", wa, m)
+        if need[2]:
+            dwb = torch.einsum("pixy,pqxy->qi", v, t)
+        if need[0]:
+            dt = torch.einsum("pixy,qi->pqxy", v, wb)
+    return dt, dwa, dwb
+
+
+class HadaWeightTucker(torch.autograd.Function):
+    """ΔW = s·R(t1,w1a,w1b) ⊙ R(t2,w2a,w2b) → (O, I, kh, kw); w*a (r, O), w*b (r, I)."""
+
+    @staticmethod
+    def forward(ctx, t1, w1a, w1b, t2, w2a, w2b, scale):  # type: ignore[override]
+        if isinstance(scale, torch.Tensor):
+            ctx.save_for_backward(t1, w1a, w1b, t2, w2a, w2b, scale)
+            ctx.scale_is_tensor = True
+        else:
+            ctx.save_for_backward(t1, w1a, w1b, t2, w2a, w2b)
+            ctx.scale_is_tensor = False
+            ctx.scale = scale
+        return tucker_half(t1, w1a * scale, w1b) * tucker_half(t2, w2a, w2b)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        if ctx.scale_is_tensor:
+            t1, w1a, w1b, t2, w2a, w2b, scale = ctx.saved_tensors
+        else:
+            t1, w1a, w1b, t2, w2a, w2b = ctx.saved_tensors
+            scale = ctx.scale
+        need = ctx.needs_input_grad
+        g = _scaled(grad_out, scale)
+        r2 = tucker_half(t2, w2a, w2b)
+        g1 = g2 = (None, None, None)
+        if any(need[0:3]):
+            g1 = _tucker_half_grads(t1, w1a, w1b, g * r2, need[0:3])
+        r1 = tucker_half(t1, w1a, w1b)
+        if any(need[3:6]):
+            g2 = _tucker_half_grads(t2, w2a, w2b, g * r1, need[3:6])
+        dscale = _scale_grad(grad_out, r1, r2, scale) if len(need) > 6 and need[6] else None
+        return (*g1, *g2, dscale)
+
+
+def loha_delta_weight(
+    w1a: torch.Tensor,
+    w1b: torch.Tensor,
+    w2a: torch.Tensor,
+    w2b: torch.Tensor,
+    scale: Scale,
+    t1: torch.Tensor | None = None,
+    t2: torch.Tensor | None = None,
+    shape: tuple[int, ...] | torch.Size | None = None,
+) -> torch.Tensor:
+    """LoHa ΔW via the custom autograd Functions, reshaped to `shape` (W's shape) when given.
+
+    Linear/flat: w1a, w2a (O, r); w1b, w2b (r, I·K) (a 4-D (r, I, kh, kw) b-factor is flattened).
+    Tucker: t1, t2 (r, r, kh, kw); w1a, w2a (r, O); w1b, w2b (r, I).
+    A flat conv result (O, I·K) is reshaped row-major to (O, I, kh, kw).
+    """
+    if (t1 is None) != (t2 is None):
+        raise ValueError(
+            "loha_delta_weight: hada_t1 and hada_t2 must be given together (Tucker) or not at all"
+        )
+    if t1 is not None:
+        delta = HadaWeightTucker.apply(t1, w1a, w1b, t2, w2a, w2b, scale)
+    else:
+        w1b = w1b.reshape(w1b.shape[0], -1)
+        w2b = w2b.reshape(w2b.shape[0], -1)
+        if w1a.shape[1] != w1b.shape[0] or w2a.shape[1] != w2b.shape[0] or w1a.shape[0] != w2a.shape[0]:
+            raise ValueError(
+                "loha_delta_weight: factor shapes do not chain: "
+                f"w1a {tuple(w1a.shape)}, w1b {tuple(w1b.shape)}, w2a {tuple(w2a.shape)}, "
+                f"w2b {tuple(w2b.shape)}; expected (O, r), (r, I·K), (O, r), (r, I·K)"
+            )
+        delta = HadaWeight.apply(w1a, w1b, w2a, w2b, scale)
+    if shape is not None and tuple(delta.shape) != tuple(shape):
+        if delta.numel() != _numel(shape):
+            raise ValueError(
+                f"loha_delta_weight: ΔW of shape {tuple(delta.shape)} cannot be reshaped to the layer "
+                f"weight shape {tuple(shape)}"
+            )
+        delta = delta.reshape(shape)
+    return delta
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def khatri_rao_factors(
+    w1a: torch.Tensor, w1b: torch.Tensor, w2a: torch.Tensor, w2b: torch.Tensor, scale: Scale
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A1∗A2)·s of shape (O, r1·r2) and (B1•B2) of shape (r1·r2, I·K) whose product is ΔW."""
+    left = ((w1a * scale)[:, :, None] * w2a[:, None, :]).reshape(w1a.shape[0], -1)
+    b1 = w1b.reshape(w1b.shape[0], -1)
+    b2 = w2b.reshape(w2b.shape[0], -1)
+    right = (b1[:, None, :] * b2[None, :, :]).reshape(-1, b1.shape[1])
+    return left, right
+
+
+def loha_khatri_rao_linear(
+    x: torch.Tensor, w1a: torch.Tensor, w1b: torch.Tensor, w2a: torch.Tensor, w2b: torch.Tensor, scale: Scale
+) -> torch.Tensor:
+    """s·x·ΔWᵀ for a linear LoHa without building ΔW: (A1B1)⊙(A2B2) = (A1∗A2)(B1•B2).
+
+    Costs 2N·r²(O+I) FLOPs; worthwhile when r² < O·I/(O+I). x: (..., I) → (..., O).
+    """
+    left, right = khatri_rao_factors(w1a, w1b, w2a, w2b, scale)
+    return torch.nn.functional.linear(torch.nn.functional.linear(x, right), left)
+
+
+def loha_khatri_rao_conv(
+    x: torch.Tensor,
+    w1a: torch.Tensor,
+    w1b: torch.Tensor,
+    w2a: torch.Tensor,
+    w2b: torch.Tensor,
+    scale: Scale,
+    org_module: torch.nn.Conv2d,
+) -> torch.Tensor:
+    """Flat-conv LoHa Khatri–Rao bypass: a k×k conv to r² channels (with the layer's
+    stride/padding), then a 1×1 channel mix to O."""
+    if org_module.groups != 1:
+        raise ValueError(f"loha_khatri_rao_conv: groups={org_module.groups} is not supported; expected 1")
+    left, right = khatri_rao_factors(w1a, w1b, w2a, w2b, scale)
+    kernel = right.reshape(right.shape[0], org_module.in_channels, *org_module.kernel_size)
+    h = apply_weight(x, kernel, org_module)
+    return torch.nn.functional.conv2d(h, left[:, :, None, None])
+
+
+__all__ = [
+    "HadaWeight",
+    "HadaWeightTucker",
+    "khatri_rao_factors",
+    "loha_delta_weight",
+    "loha_khatri_rao_conv",
+    "loha_khatri_rao_linear",
+    "tucker_half",
+]

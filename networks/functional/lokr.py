@@ -1,0 +1,195 @@
+"""LoKr ΔW = s·kron(W1, W2), the factorization rule, and bypasses that never build ΔW."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .common import Scale, conv_padded_input
+
+
+def factorization(dim: int, factor: int = -1) -> tuple[int, int]:
+    """Split `dim` into (m, n) with m·n = dim and m ≤ n (spec §3.3).
+
+    If factor > 0 divides dim the pair is sorted(factor, dim/factor). Otherwise (factor −1 = no
+    limit) m is the largest divisor of dim not above min(factor, √dim).
+    """
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        raise ValueError(f"factorization: dim must be a positive int, got {dim!r}")
+    if isinstance(factor, bool) or not isinstance(factor, int) or factor == 0:
+        raise ValueError(f"factorization: factor must be -1 or a positive int, got {factor!r}")
+    if factor > 0 and dim % factor == 0:
+        other = dim // factor
+        return (factor, other) if factor <= other else (other, factor)
+    limit = math.isqrt(dim) if factor < 0 else min(factor, math.isqrt(dim))
+    for m in range(limit, 0, -1):
+        if dim % m == 0:
+            return m, dim // m
+    return 1, dim  # only reached when limit < 1, which cannot happen for valid inputs
+
+
+def make_w1(
+    w1: torch.Tensor | None = None, w1a: torch.Tensor | None = None, w1b: torch.Tensor | None = None
+) -> torch.Tensor:
+    """W1 (a, c): the full `lokr_w1`, or `lokr_w1_a` (a, r) @ `lokr_w1_b` (r, c)."""
+    if w1 is not None:
+        if w1a is not None or w1b is not None:
+            raise ValueError("make_w1: give either lokr_w1 or lokr_w1_a/lokr_w1_b, not both")
+        return w1
+    if w1a is None or w1b is None:
+        raise ValueError("make_w1: need lokr_w1, or both lokr_w1_a and lokr_w1_b")
+    return w1a @ w1b
+
+
+def make_w2(
+    w2: torch.Tensor | None = None,
+    w2a: torch.Tensor | None = None,
+    w2b: torch.Tensor | None = None,
+    t2: torch.Tensor | None = None,
+    kernel_size: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """W2: (b, d) for linear / 1×1 conv, (b, d, kh, kw) for a k×k conv.
+
+    Full `lokr_w2` may arrive as (b, d), (b, d, 1, 1) (LyCORIS 1×1 files) or (b, d, kh, kw).
+    Low-rank: w2a (b, r) @ w2b (r, d·K) (or (r, d, kh, kw)). Tucker: t2 (r, r, kh, kw),
+    w2a (r, b), w2b (r, d), W2[q,j,x,y] = Σ t2[p',q',x,y]·w2a[p',q]·w2b[q',j].
+    """
+    k = tuple(kernel_size) if kernel_size is not None else (1, 1)
+    big_kernel = k != (1, 1)
+    kk = k[0] * k[1]
+    if w2 is not None:
+        if w2a is not None or w2b is not None or t2 is not None:
+            raise ValueError(
+                "make_w2: give either lokr_w2 or the lokr_w2_a/lokr_w2_b(/lokr_t2) factors, not both"
+            )
+        if not big_kernel:
+            if w2.dim() == 4 and w2.shape[2:] == (1, 1):
+                return w2.reshape(w2.shape[0], w2.shape[1])
+            if w2.dim() != 2:
+                raise ValueError(f"make_w2: lokr_w2 of shape {tuple(w2.shape)} does not fit kernel {k}")
+            return w2
+        if w2.dim() == 4 and tuple(w2.shape[2:]) == k:
+            return w2
+        if w2.dim() == 2 and w2.shape[1] % kk == 0:
+            return w2.reshape(w2.shape[0], w2.shape[1] // kk, *k)
+        raise ValueError(f"make_w2: lokr_w2 of shape {tuple(w2.shape)} does not fit kernel {k}")
+    if w2a is None or w2b is None:
+        raise ValueError("make_w2: need lokr_w2, or both lokr_w2_a and lokr_w2_b")
+    if t2 is not None:
+        if not big_kernel or t2.dim() != 4 or tuple(t2.shape[2:]) != k:
+            raise ValueError(f"make_w2: lokr_t2 of shape {tuple(t2.shape)} does not fit kernel {k}")
+        core = torch.einsum("pqxy,qj->pjxy", t2, w2b)
+        return torch.einsum("pb,pjxy->bjxy", w2a, core)
+    rank = w2b.shape[0]
+    if w2a.dim() != 2 or w2a.shape[1] != rank:
+        raise ValueError(
+            f"make_w2: lokr_w2_a {tuple(w2a.shape)} and lokr_w2_b {tuple(w2b.shape)} do not chain; "
+            "expected (b, r) and (r, d·K)"
+        )
+    flat = w2a @ w2b.reshape(rank, -1)
+    if not big_kernel:
+        return flat
+    if flat.shape[1] % kk:
+        raise ValueError(f"make_w2: lokr_w2_b of shape {tuple(w2b.shape)} does not fit kernel {k}")
+    return flat.reshape(flat.shape[0], flat.shape[1] // kk, *k)
+
+
+def lokr_delta_weight(
+    w1: torch.Tensor | None,
+    w1a: torch.Tensor | None,
+    w1b: torch.Tensor | None,
+    w2: torch.Tensor | None,
+    w2a: torch.Tensor | None,
+    w2b: torch.Tensor | None,
+    t2: torch.Tensor | None,
+    scale: Scale,
+    shape: tuple[int, ...] | torch.Size,
+) -> torch.Tensor:
+    """ΔW = s·kron(W1, W2) reshaped to `shape` (W's shape: (O, I) or (O, I, kh, kw))."""
+    shape = tuple(int(s) for s in shape)
+    kernel = shape[2:] if len(shape) == 4 else None
+    big1 = make_w1(w1, w1a, w1b) * scale  # scale the smallest tensor
+    big2 = make_w2(w2, w2a, w2b, t2, kernel)
+    if big2.dim() == 4:
+        big1 = big1[:, :, None, None]
+    delta = torch.kron(big1, big2)
+    if delta.numel() != math.prod(shape):
+        raise ValueError(
+            f"lokr_delta_weight: kron(W1 {tuple(big1.shape[:2])}, W2 {tuple(big2.shape)}) gives "
+            f"{tuple(delta.shape)}, which does not fit the layer weight shape {shape}"
+        )
+    return delta.reshape(shape)
+
+
+def _check_linear_bypass(x: torch.Tensor, c: int, d: int) -> None:
+    if x.shape[-1] != c * d:
+        raise ValueError(f"LoKr bypass: input has {x.shape[-1]} features, expected c·d = {c}·{d} = {c * d}")
+
+
+def lokr_bypass_linear(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, scale: Scale) -> torch.Tensor:
+    """s·x·kron(W1, W2)ᵀ without building ΔW. x (..., c·d), W1 (a, c), W2 (b, d) → (..., a·b).
+
+    x viewed as (..., c, d): Y = X·W2ᵀ (..., c, b), Z = W1·Y (..., a, b), flattened.
+    """
+    c, d = w1.shape[1], w2.shape[1]
+    _check_linear_bypass(x, c, d)
+    y = F.linear(x.reshape(*x.shape[:-1], c, d), w2)
+    z = torch.matmul(w1 * scale, y)
+    return z.reshape(*x.shape[:-1], -1)
+
+
+def lokr_bypass_linear_lowrank(
+    x: torch.Tensor, w1: torch.Tensor, w2a: torch.Tensor, w2b: torch.Tensor, scale: Scale
+) -> torch.Tensor:
+    """Like lokr_bypass_linear with W2 = w2a (b, r) @ w2b (r, d), applying w2b then w2a."""
+    c, d = w1.shape[1], w2b.shape[1]
+    _check_linear_bypass(x, c, d)
+    y = F.linear(F.linear(x.reshape(*x.shape[:-1], c, d), w2b), w2a)
+    z = torch.matmul(w1 * scale, y)
+    return z.reshape(*x.shape[:-1], -1)
+
+
+def lokr_bypass_conv(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor | None,
+    w2a: torch.Tensor | None,
+    w2b: torch.Tensor | None,
+    t2: torch.Tensor | None,
+    scale: Scale,
+    org_module: nn.Conv2d,
+) -> torch.Tensor:
+    """Conv LoKr bypass: regroup x (B, c·d, H, W) to (B·c, d, H, W), apply W2 as a conv with the
+    layer's stride/padding/dilation (low-rank: k×k w2b then 1×1 w2a; Tucker: 1×1 w2b, k×k t2,
+    1×1 w2aᵀ), then mix c→a over channels with W1. Returns (B, a·b, H', W')."""
+    if org_module.groups != 1:
+        raise ValueError(f"lokr_bypass_conv: groups={org_module.groups} is not supported; expected 1")
+    k = tuple(org_module.kernel_size)
+    a, c = w1.shape
+    batch, channels = x.shape[0], x.shape[1]
+    if channels % c:
+        raise ValueError(f"lokr_bypass_conv: input has {channels} channels, not a multiple of c = {c}")
+    d = channels // c
+    x, padding = conv_padded_input(x, org_module)
+    h = x.reshape(batch * c, d, *x.shape[2:])
+    conv = dict(stride=org_module.stride, padding=padding, dilation=org_module.dilation)
+    if w2 is not None:
+        kernel = make_w2(w2=w2, kernel_size=k)
+        if kernel.dim() == 2:
+            kernel = kernel[:, :, None, None]
+        h = F.conv2d(h, kernel, **conv)
+    elif t2 is not None:
+        h = F.conv2d(h, w2b[:, :, None, None])
+        h = F.conv2d(h, t2, **conv)
+        h = F.conv2d(h, w2a.T[:, :, None, None])
+    else:
+        rank = w2b.shape[0]
+        h = F.conv2d(h, w2b.reshape(rank, d, *k), **conv)
+        h = F.conv2d(h, w2a[:, :, None, None])
+    b = h.shape[1]
+    h = h.reshape(batch, c, b, *h.shape[2:])
+    z = torch.einsum("ac,nc...->na...", w1 * scale, h)
+    return z.reshape(batch, a * b, *z.shape[3:])
