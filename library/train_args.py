@@ -1,0 +1,386 @@
+"""Command-line arguments of the network trainers (sd-scripts flag names and defaults).
+
+The parser accepts every flag an sd-scripts user passes. Flags this project implements behave as in
+sd-scripts; flags it does not implement are listed in ``UNSUPPORTED`` and either stop with an error
+(when ignoring them would change the result) or print one warning (when they only tune speed/memory).
+Nothing is silently ignored: an unknown flag or config-file key is an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import toml
+
+logger = logging.getLogger(__name__)
+
+SAMPLERS = [
+    "ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "dpmsolver", "dpmsolver++",
+    "dpmsingle", "k_lms", "k_euler", "k_euler_a", "k_dpm_2", "k_dpm_2_a",
+]  # fmt: skip
+
+# flag -> (action, reason). "error": refuse when set to a non-default value; "warn": accept, one warning.
+UNSUPPORTED: dict[str, tuple[str, str]] = {
+    "v2": ("error", "SDXL trainer: --v2 is an SD2 flag and cannot be used with SDXL"),
+    "deepspeed": ("error", "DeepSpeed is not supported; use plain DDP via accelerate"),
+    "fused_backward_pass": ("error", "--fused_backward_pass is not supported for network training"),
+    "validation_split": ("error", "validation is not implemented"),
+    "validate_every_n_steps": ("error", "validation is not implemented"),
+    "validate_every_n_epochs": ("error", "validation is not implemented"),
+    "max_validation_steps": ("error", "validation is not implemented"),
+    "masked_loss": ("error", "--masked_loss is not implemented"),
+    "weighted_captions": ("error", "--weighted_captions is not implemented"),
+    "in_json": ("error", "--in_json is not implemented; use a --dataset_config with metadata_file"),
+    "huggingface_repo_id": ("error", "uploading to the Hugging Face Hub is not implemented"),
+    "cpu_offload_checkpointing": ("error", "--cpu_offload_checkpointing is not implemented"),
+    "fp8_base_unet": ("error", "--fp8_base_unet is not implemented; use --fp8_base"),
+    "full_fp16": ("error", "--full_fp16 is not implemented; use --full_bf16 or --mixed_precision fp16"),
+    "torch_compile": ("warn", "--torch_compile is ignored (no compilation is done)"),
+    "xformers": ("warn", "--xformers is ignored: attention uses PyTorch SDPA"),
+    "mem_eff_attn": ("warn", "--mem_eff_attn is ignored: attention uses PyTorch SDPA"),
+    "lowram": ("warn", "--lowram has no effect here (models load to CPU first, then move)"),
+    "highvram": ("warn", "--highvram has no effect here"),
+    "clip_skip": ("warn", "--clip_skip is ignored for SDXL (the penultimate layer is always used)"),
+    "disable_mmap_load_safetensors": ("warn", "--disable_mmap_load_safetensors has no effect here"),
+    "ddp_gradient_as_bucket_view": ("warn", "--ddp_gradient_as_bucket_view is ignored"),
+    "ddp_static_graph": ("warn", "--ddp_static_graph is ignored"),
+    "wandb_api_key": ("warn", "--wandb_api_key: wandb is used only if installed and logged in"),
+    "debug_dataset": ("error", "--debug_dataset is not implemented"),
+}
+
+
+def _add(parser: argparse.ArgumentParser, name: str, **kwargs: Any) -> None:
+    """Add a flag unless another module (e.g. the dataset arguments) already defined it."""
+    if name in parser._option_string_actions:
+        return
+    parser.add_argument(name, **kwargs)
+
+
+def add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags shared by all network trainers (model, network, optimizer, schedule, saving, logging)."""
+    # model
+    _add(parser, "--pretrained_model_name_or_path", type=str, default=None,
+         help="single-file checkpoint (.safetensors/.ckpt) or a diffusers folder")  # fmt: skip
+    _add(parser, "--vae", type=str, default=None, help="VAE file or folder replacing the checkpoint's VAE")
+    _add(parser, "--no_half_vae", action="store_true", help="keep the VAE in float32")
+    _add(parser, "--tokenizer_cache_dir", type=str, default=None, help="folder holding the tokenizers")
+    _add(parser, "--v2", action="store_true")
+    _add(parser, "--v_parameterization", action="store_true", help="train v-prediction")
+    _add(parser, "--lowram", action="store_true")
+    _add(parser, "--highvram", action="store_true")
+    _add(parser, "--clip_skip", type=int, default=None)
+    _add(parser, "--sdpa", action="store_true", help="PyTorch SDPA attention (always used here)")
+    _add(parser, "--xformers", action="store_true")
+    _add(parser, "--mem_eff_attn", action="store_true")
+    _add(parser, "--disable_mmap_load_safetensors", action="store_true")
+    _add(parser, "--max_token_length", type=int, default=None, choices=[None, 150, 225])
+    _add(parser, "--weighted_captions", action="store_true")
+    _add(parser, "--in_json", type=str, default=None)
+    _add(parser, "--masked_loss", action="store_true")
+    _add(parser, "--debug_dataset", action="store_true")
+    # caching (the dataset arguments may define these already)
+    _add(parser, "--cache_latents", action="store_true")
+    _add(parser, "--cache_latents_to_disk", action="store_true")
+    _add(parser, "--vae_batch_size", type=int, default=1)
+    _add(parser, "--skip_cache_check", action="store_true")
+    _add(parser, "--cache_text_encoder_outputs", action="store_true")
+    _add(parser, "--cache_text_encoder_outputs_to_disk", action="store_true")
+    # network
+    _add(parser, "--network_module", type=str, default=None, help="e.g. networks.lora, networks.loha")
+    _add(parser, "--network_dim", type=int, default=None, help="rank (module default when omitted)")
+    _add(parser, "--network_alpha", type=float, default=1, help="alpha (default 1)")
+    _add(parser, "--network_dropout", type=float, default=None)
+    _add(parser, "--network_args", type=str, default=None, nargs="*", help="key=value options")
+    _add(parser, "--network_weights", type=str, default=None, help="start from this network file")
+    _add(parser, "--dim_from_weights", action="store_true")
+    _add(parser, "--network_train_unet_only", action="store_true")
+    _add(parser, "--network_train_text_encoder_only", action="store_true")
+    _add(parser, "--base_weights", type=str, default=None, nargs="*")
+    _add(parser, "--base_weights_multiplier", type=float, default=None, nargs="*")
+    _add(parser, "--scale_weight_norms", type=float, default=None)
+    _add(parser, "--training_comment", type=str, default=None)
+    _add(parser, "--no_metadata", action="store_true")
+    _add(
+        parser,
+        "--save_model_as",
+        type=str,
+        default="safetensors",
+        choices=[None, "ckpt", "pt", "safetensors"],
+    )
+    # optimizer + scheduler
+    _add(parser, "--optimizer_type", type=str, default="")
+    _add(parser, "--use_8bit_adam", action="store_true")
+    _add(parser, "--use_lion_optimizer", action="store_true")
+    _add(parser, "--learning_rate", type=float, default=2.0e-6)
+    _add(parser, "--unet_lr", type=float, default=None)
+    _add(parser, "--text_encoder_lr", type=float, default=None, nargs="*")
+    _add(parser, "--max_grad_norm", type=float, default=1.0)
+    _add(parser, "--optimizer_args", type=str, default=None, nargs="*")
+    _add(parser, "--fused_backward_pass", action="store_true")
+    _add(parser, "--lr_scheduler", type=str, default="constant")
+    _add(parser, "--lr_warmup_steps", type=str, default="0", help="int, ratio < 1 or 'N%%'")
+    _add(parser, "--lr_decay_steps", type=str, default="0")
+    _add(parser, "--lr_scheduler_num_cycles", type=int, default=1)
+    _add(parser, "--lr_scheduler_power", type=float, default=1)
+    _add(parser, "--lr_scheduler_timescale", type=int, default=None)
+    _add(parser, "--lr_scheduler_min_lr_ratio", type=float, default=None)
+    _add(parser, "--lr_scheduler_type", type=str, default="")
+    _add(parser, "--lr_scheduler_args", type=str, default=None, nargs="*")
+    # precision / memory
+    _add(parser, "--mixed_precision", type=str, default="no", choices=["no", "fp16", "bf16"])
+    _add(parser, "--full_fp16", action="store_true")
+    _add(parser, "--full_bf16", action="store_true")
+    _add(parser, "--fp8_base", action="store_true")
+    _add(parser, "--fp8_base_unet", action="store_true")
+    _add(parser, "--save_precision", type=str, default=None, choices=[None, "float", "fp16", "bf16"])
+    _add(parser, "--gradient_checkpointing", action="store_true")
+    _add(parser, "--cpu_offload_checkpointing", action="store_true")
+    _add(parser, "--gradient_accumulation_steps", type=int, default=1)
+    # length / saving
+    _add(parser, "--max_train_steps", type=int, default=1600)
+    _add(parser, "--max_train_epochs", type=int, default=None)
+    _add(parser, "--save_every_n_epochs", type=int, default=None)
+    _add(parser, "--save_every_n_steps", type=int, default=None)
+    _add(parser, "--save_n_epoch_ratio", type=int, default=None)
+    _add(parser, "--save_last_n_epochs", type=int, default=None)
+    _add(parser, "--save_last_n_epochs_state", type=int, default=None)
+    _add(parser, "--save_last_n_steps", type=int, default=None)
+    _add(parser, "--save_last_n_steps_state", type=int, default=None)
+    _add(parser, "--save_state", action="store_true")
+    _add(parser, "--save_state_on_train_end", action="store_true")
+    _add(parser, "--resume", type=str, default=None)
+    _add(parser, "--initial_epoch", type=int, default=None)
+    _add(parser, "--initial_step", type=int, default=None)
+    _add(parser, "--skip_until_initial_step", action="store_true")
+    _add(parser, "--output_dir", type=str, default=None)
+    _add(parser, "--output_name", type=str, default=None)
+    _add(parser, "--huggingface_repo_id", type=str, default=None)
+    _add(parser, "--huggingface_repo_type", type=str, default=None)
+    _add(parser, "--huggingface_path_in_repo", type=str, default=None)
+    _add(parser, "--huggingface_token", type=str, default=None)
+    _add(parser, "--huggingface_repo_visibility", type=str, default=None)
+    _add(parser, "--save_state_to_huggingface", action="store_true")
+    _add(parser, "--resume_from_huggingface", action="store_true")
+    _add(parser, "--async_upload", action="store_true")
+    # sampling
+    _add(parser, "--sample_prompts", type=str, default=None)
+    _add(parser, "--sample_every_n_steps", type=int, default=None)
+    _add(parser, "--sample_every_n_epochs", type=int, default=None)
+    _add(parser, "--sample_at_first", action="store_true")
+    _add(parser, "--sample_sampler", type=str, default="ddim", choices=SAMPLERS)
+    # noise / loss
+    _add(parser, "--noise_offset", type=float, default=None)
+    _add(parser, "--noise_offset_random_strength", action="store_true")
+    _add(parser, "--adaptive_noise_scale", type=float, default=None)
+    _add(parser, "--multires_noise_iterations", type=int, default=None)
+    _add(parser, "--multires_noise_discount", type=float, default=0.3)
+    _add(parser, "--ip_noise_gamma", type=float, default=None)
+    _add(parser, "--ip_noise_gamma_random_strength", action="store_true")
+    _add(parser, "--min_snr_gamma", type=float, default=None)
+    _add(parser, "--debiased_estimation_loss", action="store_true")
+    _add(parser, "--scale_v_pred_loss_like_noise_pred", action="store_true")
+    _add(parser, "--v_pred_like_loss", type=float, default=None)
+    _add(parser, "--zero_terminal_snr", action="store_true")
+    _add(parser, "--min_timestep", type=int, default=None)
+    _add(parser, "--max_timestep", type=int, default=None)
+    _add(parser, "--loss_type", type=str, default="l2", choices=["l1", "l2", "huber", "smooth_l1"])
+    _add(parser, "--huber_schedule", type=str, default="snr", choices=["constant", "exponential", "snr"])
+    _add(parser, "--huber_c", type=float, default=0.1)
+    _add(parser, "--huber_scale", type=float, default=1.0)
+    # validation (accepted names, refused when used)
+    _add(parser, "--validation_split", type=float, default=0.0)
+    _add(parser, "--validation_seed", type=int, default=None)
+    _add(parser, "--validate_every_n_steps", type=int, default=None)
+    _add(parser, "--validate_every_n_epochs", type=int, default=None)
+    _add(parser, "--max_validation_steps", type=int, default=None)
+    # logging / misc
+    _add(parser, "--seed", type=int, default=None)
+    _add(parser, "--logging_dir", type=str, default=None)
+    _add(parser, "--log_with", type=str, default=None, choices=["tensorboard", "wandb", "all"])
+    _add(parser, "--log_prefix", type=str, default=None)
+    _add(parser, "--log_tracker_name", type=str, default=None)
+    _add(parser, "--log_tracker_config", type=str, default=None)
+    _add(parser, "--wandb_run_name", type=str, default=None)
+    _add(parser, "--wandb_api_key", type=str, default=None)
+    _add(parser, "--log_config", action="store_true")
+    _add(parser, "--deepspeed", action="store_true")
+    _add(parser, "--torch_compile", action="store_true")
+    _add(parser, "--dynamo_backend", type=str, default="inductor")
+    _add(parser, "--ddp_timeout", type=int, default=None)
+    _add(parser, "--ddp_gradient_as_bucket_view", action="store_true")
+    _add(parser, "--ddp_static_graph", action="store_true")
+    _add(parser, "--mem_eff_save", action="store_true")
+    for key in ("title", "author", "description", "license", "tags"):
+        _add(parser, f"--metadata_{key}", type=str, default=None)
+    _add(parser, "--config_file", type=str, default=None, help="TOML file of flags (CLI beats file)")
+    _add(parser, "--output_config", action="store_true", help="write the non-default args to --config_file")
+
+
+def read_config_file(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str]
+) -> argparse.Namespace:
+    """Apply ``--config_file``: its keys (top level or one table deep) sit between CLI flags and defaults."""
+    if not args.config_file:
+        return args
+    path = Path(args.config_file)
+    if path.suffix != ".toml" and not path.exists():
+        path = path.with_name(path.name + ".toml")
+    if args.output_config:
+        return args  # handled by write_config_file
+    if not path.is_file():
+        raise FileNotFoundError(f"--config_file: {path} does not exist (expected a TOML file of flags)")
+    try:
+        data = toml.load(path)
+    except (toml.TomlDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"--config_file {path}: not valid TOML ({e})") from e
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):  # sections like [model] / [training] only group flags
+            flat.update(value)
+        else:
+            flat[key] = value
+    known = {a.dest for a in parser._actions}
+    unknown = sorted(k for k in flat if k not in known)
+    if unknown:
+        raise ValueError(
+            f"--config_file {path}: unknown keys {unknown} (each key must be a trainer flag name)"
+        )
+    namespace = argparse.Namespace(**flat)
+    return parser.parse_args(list(argv), namespace=namespace)
+
+
+def write_config_file(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Path:
+    """``--output_config``: dump args that differ from the defaults to ``--config_file``."""
+    path = Path(args.config_file)
+    if path.suffix != ".toml":
+        path = path.with_name(path.name + ".toml")
+    skip = {"config_file", "output_config"}
+    out = {}
+    for action in parser._actions:
+        dest = action.dest
+        if dest in skip or dest == "help":
+            continue
+        value = getattr(args, dest, None)
+        if value is not None and value != action.default:
+            out[dest] = value
+    path.write_text(toml.dumps(out), encoding="utf-8")
+    return path
+
+
+def parse_warmup_steps(value: str | int | float | None, max_train_steps: int) -> int:
+    """``--lr_warmup_steps``: an integer, a float ratio < 1 of the total steps, or ``"N%"``."""
+    if value is None:
+        return 0
+    text = str(value).strip()
+    try:
+        if text.endswith("%"):
+            return int(max_train_steps * float(text[:-1]) / 100)
+        number = float(text)
+    except ValueError as e:
+        raise ValueError(
+            f"--lr_warmup_steps / --lr_decay_steps: {value!r} is not an int, a ratio or 'N%'"
+        ) from e
+    if number < 1 and "." in text:
+        return int(max_train_steps * number)
+    if number != math.floor(number) or number < 0:
+        raise ValueError(f"--lr_warmup_steps / --lr_decay_steps: {value!r} must be a non-negative integer")
+    return int(number)
+
+
+def verify_training_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Check combinations, apply implications, refuse/warn on unsupported flags."""
+    defaults = {a.dest: a.default for a in parser._actions}
+    for name, (kind, reason) in UNSUPPORTED.items():
+        if not hasattr(args, name):
+            continue
+        value = getattr(args, name)
+        if value == defaults.get(name) or value is None or value is False:
+            continue
+        if kind == "error":
+            raise ValueError(f"--{name}: {reason}")
+        logger.warning("--%s: %s", name, reason)
+    for name in (
+        "huggingface_repo_id",
+        "save_state_to_huggingface",
+        "resume_from_huggingface",
+        "async_upload",
+    ):
+        if getattr(args, name, None):
+            raise ValueError(f"--{name}: uploading/downloading via the Hugging Face Hub is not implemented")
+    if not args.pretrained_model_name_or_path:
+        raise ValueError(
+            "--pretrained_model_name_or_path is required (an SDXL .safetensors file or diffusers folder)"
+        )
+    if not args.network_module:
+        raise ValueError("--network_module is required (e.g. networks.lora, networks.loha, networks.lokr)")
+    if not args.output_dir:
+        raise ValueError("--output_dir is required (the folder that receives the trained network)")
+    if args.network_train_unet_only and args.network_train_text_encoder_only:
+        raise ValueError("--network_train_unet_only and --network_train_text_encoder_only cannot both be set")
+    if args.cache_latents_to_disk:
+        args.cache_latents = True
+    if args.cache_text_encoder_outputs_to_disk:
+        args.cache_text_encoder_outputs = True
+    if args.cache_text_encoder_outputs and not args.network_train_unet_only:
+        raise ValueError(
+            "--cache_text_encoder_outputs requires --network_train_unet_only (the TEs are not trained)"
+        )
+    if args.fp8_base and args.mixed_precision == "no":
+        raise ValueError(
+            "--fp8_base needs --mixed_precision fp16 or bf16 (fp8 weights are upcast by autocast)"
+        )
+    if args.full_bf16 and args.mixed_precision != "bf16":
+        raise ValueError("--full_bf16 requires --mixed_precision bf16")
+    if args.gradient_accumulation_steps < 1:
+        raise ValueError(
+            f"--gradient_accumulation_steps must be >= 1, got {args.gradient_accumulation_steps}"
+        )
+    if args.max_train_steps is not None and args.max_train_steps < 1 and args.max_train_epochs is None:
+        raise ValueError(f"--max_train_steps must be >= 1, got {args.max_train_steps}")
+    if args.base_weights_multiplier and (
+        not args.base_weights or len(args.base_weights_multiplier) != len(args.base_weights)
+    ):
+        raise ValueError("--base_weights_multiplier needs one value per --base_weights file")
+    if args.dim_from_weights and not args.network_weights:
+        raise ValueError("--dim_from_weights requires --network_weights")
+    if args.network_weights and not Path(args.network_weights).is_file():
+        raise FileNotFoundError(f"--network_weights: {args.network_weights} does not exist")
+    for path in args.base_weights or []:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"--base_weights: {path} does not exist")
+    if args.resume and not Path(args.resume).is_dir():
+        raise FileNotFoundError(f"--resume: {args.resume} is not a state folder (written by --save_state)")
+    if args.sample_prompts and not Path(args.sample_prompts).is_file():
+        raise FileNotFoundError(f"--sample_prompts: {args.sample_prompts} does not exist")
+    if args.network_args:
+        for token in args.network_args:
+            if "=" not in token:
+                raise ValueError(f"--network_args: {token!r} is not key=value")
+    if args.optimizer_args:
+        for token in args.optimizer_args:
+            if token.count("=") != 1:
+                raise ValueError(f"--optimizer_args: {token!r} must be key=value with exactly one '='")
+    if args.logging_dir and not args.log_with:
+        args.log_with = "tensorboard"  # sd-scripts: a logging dir implies TensorBoard
+    if args.log_with in ("tensorboard", "all") and not args.logging_dir:
+        raise ValueError("--log_with tensorboard needs --logging_dir (where the event files go)")
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse ``argv`` (None = sys.argv), apply ``--config_file`` and verify."""
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    if args.output_config:
+        if not args.config_file:
+            raise ValueError("--output_config needs --config_file (the file to write)")
+        return args
+    args = read_config_file(parser, args, argv)
+    verify_training_args(args, parser)
+    return args
