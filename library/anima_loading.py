@@ -1,0 +1,443 @@
+"""Offline loaders for the released Anima files, plus tiny builders/writers that produce the same layouts.
+
+- DiT: one safetensors file, every key prefixed `net.` (LLM adapter inside); config inferred from tensors.
+- Text encoder: Qwen3-0.6B from an HF folder or one safetensors file (`model.` prefix stripped).
+- VAE: Qwen-Image VAE = diffusers `AutoencoderKLQwenImage`; original Wan key names are renamed.
+- Tokenizers: Qwen3's from the text-encoder folder, T5's from `--t5_tokenizer_path` or the hub cache.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import init_empty_weights
+from diffusers import AutoencoderKLQwenImage
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, Qwen3Config, Qwen3ForCausalLM, Qwen3Model
+
+from library.anima_models import OPTIONAL_DIT_BUFFERS, Anima, anima_config_from_state_dict, tiny_anima_config
+
+LATENTS_MEAN = [-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+                0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921]  # fmt: skip
+LATENTS_STD = [2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+               3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160]  # fmt: skip
+QWEN_HUB_ID = "Qwen/Qwen3-0.6B"
+T5_HUB_ID = "google/t5-v1_1-xxl"
+PathLike = str | os.PathLike
+
+
+@dataclass
+class AnimaModels:
+    dit: Anima
+    text_encoder: Qwen3Model
+    vae: AutoencoderKLQwenImage
+    qwen_tokenizer: PreTrainedTokenizerBase
+    t5_tokenizer: PreTrainedTokenizerBase
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def _read_state_dict(path: PathLike, what: str) -> dict[str, torch.Tensor]:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{what} file not found: {p}")
+    if p.suffix == ".safetensors":
+        return load_file(str(p))
+    sd = torch.load(str(p), map_location="cpu", weights_only=True)
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict):
+        raise ValueError(f"{what} file {p} does not hold a state dict")
+    return sd
+
+
+def save_safetensors_atomic(
+    tensors: dict[str, torch.Tensor], path: PathLike, metadata: dict[str, str] | None = None
+) -> Path:
+    """Write to a temp file in the same folder, then rename, so a crash never leaves a half file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _cast(sd: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    if dtype is None:
+        return sd
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+
+
+def _load_into_empty(
+    build: Any, sd: dict[str, torch.Tensor], what: str, device: str | torch.device
+) -> nn.Module:
+    """Build on the meta device (no RAM for weights), then adopt the checkpoint tensors; strict with clear errors."""
+    with init_empty_weights(include_buffers=False):
+        model = build()
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
+    if missing or unexpected:
+        raise ValueError(
+            f"{what}: checkpoint does not match the model: missing {missing[:8]}"
+            f"{' …' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
+            f"{' …' if len(unexpected) > 8 else ''}"
+        )
+    model.load_state_dict(sd, strict=True, assign=True)
+    return model.to(device)
+
+
+# ----------------------------------------------------------------------------------------------- DiT
+def strip_dit_prefix(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop the released `net.` prefix (files without it are accepted too) and the recomputed RoPE buffers."""
+    out = {(k[4:] if k.startswith("net.") else k): v for k, v in sd.items()}
+    return {k: v for k, v in out.items() if k not in OPTIONAL_DIT_BUFFERS}
+
+
+def load_anima_dit(
+    path: PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+) -> Anima:
+    """Load the DiT single file; block count and widths come from the tensors."""
+    sd = strip_dit_prefix(_read_state_dict(path, "Anima DiT"))
+    cfg = anima_config_from_state_dict(sd, source=f"DiT file {path}")
+    model = _load_into_empty(lambda: Anima(cfg), _cast(sd, dtype), f"Anima DiT {path}", device)
+    return model.eval().requires_grad_(False)
+
+
+def save_anima_dit(
+    dit: Anima | dict[str, torch.Tensor], path: PathLike, dtype: torch.dtype | None = None
+) -> Path:
+    """Save in the released layout: `net.` prefix, metadata format=pt."""
+    sd = dit.state_dict() if isinstance(dit, nn.Module) else dit
+    sd = _cast({"net." + k: v for k, v in sd.items()}, dtype)
+    return save_safetensors_atomic(sd, path, metadata={"format": "pt"})
+
+
+# ----------------------------------------------------------------------------------------------- Qwen3
+def qwen3_config_from_state_dict(sd: dict[str, torch.Tensor]) -> Qwen3Config:
+    vocab, hidden = sd["embed_tokens.weight"].shape
+    head_dim = sd["layers.0.self_attn.q_norm.weight"].shape[0]
+    layers = len({int(m.group(1)) for k in sd if (m := re.match(r"layers\.(\d+)\.", k))})
+    return Qwen3Config(
+        vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, head_dim=head_dim,
+        num_attention_heads=sd["layers.0.self_attn.q_proj.weight"].shape[0] // head_dim,
+        num_key_value_heads=sd["layers.0.self_attn.k_proj.weight"].shape[0] // head_dim,
+        intermediate_size=sd["layers.0.mlp.gate_proj.weight"].shape[0],
+        max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1_000_000.0,
+        tie_word_embeddings=True, attention_bias=False,
+    )  # fmt: skip
+
+
+def _qwen3_weights_from_dir(d: Path) -> dict[str, torch.Tensor]:
+    files = sorted(d.glob("*.safetensors")) or sorted(d.glob("pytorch_model*.bin"))
+    if not files:
+        raise FileNotFoundError(f"text encoder folder {d} has no *.safetensors weights")
+    sd: dict[str, torch.Tensor] = {}
+    for f in files:
+        sd.update(_read_state_dict(f, "Qwen3 text encoder"))
+    return sd
+
+
+def load_qwen3_text_encoder(
+    path: PathLike | None, dtype: torch.dtype | None = torch.bfloat16, device: str | torch.device = "cpu"
+) -> Qwen3Model:
+    """Qwen3 from an HF folder (config.json + safetensors) or a single safetensors file; frozen, eval."""
+    if path is None or str(path) == "":
+        raise ValueError(
+            "Anima needs the Qwen3 text encoder: pass --qwen3 (training) / --text_encoder (inference)"
+        )
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(
+            f"Qwen3 text encoder not found: {p} (expected a folder or a .safetensors file)"
+        )
+    sd = _qwen3_weights_from_dir(p) if p.is_dir() else _read_state_dict(p, "Qwen3 text encoder")
+    sd = {(k[6:] if k.startswith("model.") else k): v for k, v in sd.items()}
+    sd.pop("lm_head.weight", None)  # tied to embed_tokens; Qwen3Model has no head
+    if "embed_tokens.weight" not in sd or "layers.0.self_attn.q_norm.weight" not in sd:
+        raise ValueError(
+            f"{p} is not a Qwen3 text encoder checkpoint (no embed_tokens / layers.0.self_attn.q_norm)"
+        )
+    if p.is_dir() and (p / "config.json").is_file():
+        cfg = Qwen3Config.from_pretrained(str(p), local_files_only=True)
+    else:
+        cfg = qwen3_config_from_state_dict(sd)
+    cfg._attn_implementation = "sdpa"
+    model = _load_into_empty(lambda: Qwen3Model(cfg), _cast(sd, dtype), f"Qwen3 text encoder {p}", device)
+    return model.eval().requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------------------------- tokenizers
+def _hub_cached_tokenizer(repo: str) -> PreTrainedTokenizerBase | None:
+    try:
+        return AutoTokenizer.from_pretrained(repo, local_files_only=True)
+    except (OSError, ValueError):
+        return None
+
+
+def load_anima_tokenizers(
+    qwen_dir: PathLike | None, t5_path: PathLike | None
+) -> tuple[PreTrainedTokenizerBase, PreTrainedTokenizerBase]:
+    """(Qwen3 tokenizer, T5 tokenizer). Never downloads; falls back to the local hub cache only."""
+    qwen = None
+    if qwen_dir is not None and Path(qwen_dir).is_dir() and (Path(qwen_dir) / "vocab.json").is_file():
+        qwen = AutoTokenizer.from_pretrained(str(qwen_dir), local_files_only=True)
+    if qwen is None:
+        qwen = _hub_cached_tokenizer(QWEN_HUB_ID)
+    if qwen is None:
+        raise FileNotFoundError(
+            f"Qwen3 tokenizer not found: the text-encoder folder {qwen_dir} has no vocab.json/merges.txt and "
+            f"{QWEN_HUB_ID} is not in the local hub cache"
+        )
+    if t5_path is not None:
+        tp = Path(t5_path)
+        if not tp.exists():
+            raise FileNotFoundError(f"--t5_tokenizer_path {tp} does not exist")
+        t5 = AutoTokenizer.from_pretrained(str(tp if tp.is_dir() else tp.parent), local_files_only=True)
+    else:
+        t5 = _hub_cached_tokenizer(T5_HUB_ID)
+        if t5 is None:
+            raise FileNotFoundError(
+                f"T5 tokenizer not found: pass --t5_tokenizer_path (no {T5_HUB_ID} in the hub cache)"
+            )
+    if qwen.pad_token_id is None:
+        qwen.pad_token = "<|endoftext|>"
+    return qwen, t5
+
+
+# ----------------------------------------------------------------------------------------------- VAE
+_WAN_VAE_RULES: list[tuple[str, str]] = [
+    (r"^conv1\.", "quant_conv."),
+    (r"^conv2\.", "post_quant_conv."),
+    (r"^(encoder|decoder)\.conv1\.", r"\1.conv_in."),
+    (r"^(encoder|decoder)\.head\.0\.", r"\1.norm_out."),
+    (r"^(encoder|decoder)\.head\.2\.", r"\1.conv_out."),
+    (r"\.residual\.0\.", ".norm1."),
+    (r"\.residual\.2\.", ".conv1."),
+    (r"\.residual\.3\.", ".norm2."),
+    (r"\.residual\.6\.", ".conv2."),
+    (r"\.shortcut\.", ".conv_shortcut."),
+    (r"\.middle\.0\.", ".mid_block.resnets.0."),
+    (r"\.middle\.2\.", ".mid_block.resnets.1."),
+    (r"\.middle\.1\.", ".mid_block.attentions.0."),
+    (r"^encoder\.downsamples\.", "encoder.down_blocks."),
+]
+
+
+def wan_to_diffusers_vae_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename original Wan/Qwen-Image VAE keys to diffusers `AutoencoderKLQwenImage` names."""
+    out = {}
+    for k, v in sd.items():
+        n = k
+        for pat, rep in _WAN_VAE_RULES:
+            n = re.sub(pat, rep, n)
+        m = re.match(r"^decoder\.upsamples\.(\d+)\.(.*)$", n)
+        if m:  # 4 entries per up block: 3 resnets then the upsampler (the last block has none)
+            i = int(m.group(1))
+            sub = f"resnets.{i % 4}" if i % 4 < 3 else "upsamplers.0"
+            n = f"decoder.up_blocks.{i // 4}.{sub}.{m.group(2)}"
+        out[n] = v
+    return out
+
+
+def diffusers_to_wan_vae_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of `wan_to_diffusers_vae_keys` (used to write test files in the released layout)."""
+    rules = [
+        (r"^quant_conv\.", "conv1."), (r"^post_quant_conv\.", "conv2."),
+        (r"^(encoder|decoder)\.conv_in\.", r"\1.conv1."), (r"^(encoder|decoder)\.norm_out\.", r"\1.head.0."),
+        (r"^(encoder|decoder)\.conv_out\.", r"\1.head.2."), (r"(\d)\.norm1\.", r"\1.residual.0."),
+        (r"(\d)\.conv1\.", r"\1.residual.2."), (r"(\d)\.norm2\.", r"\1.residual.3."),
+        (r"(\d)\.conv2\.", r"\1.residual.6."),
+        (r"\.conv_shortcut\.", ".shortcut."), (r"\.mid_block\.resnets\.0\.", ".middle.0."),
+        (r"\.mid_block\.resnets\.1\.", ".middle.2."), (r"\.mid_block\.attentions\.0\.", ".middle.1."),
+        (r"^encoder\.down_blocks\.", "encoder.downsamples."),
+    ]  # fmt: skip
+    out = {}
+    for k, v in sd.items():
+        n = k
+        m = re.match(r"^decoder\.up_blocks\.(\d+)\.(resnets\.(\d+)|upsamplers\.0)\.(.*)$", n)
+        if m:
+            idx = int(m.group(1)) * 4 + (int(m.group(3)) if m.group(3) is not None else 3)
+            n = f"decoder.upsamples.{idx}.{m.group(4)}"
+        for pat, rep in rules:
+            n = re.sub(pat, rep, n)
+        out[n] = v
+    return out
+
+
+def _vae_from_dims(base_dim: int, z_dim: int) -> AutoencoderKLQwenImage:
+    return AutoencoderKLQwenImage(
+        base_dim=base_dim,
+        z_dim=z_dim,
+        dim_mult=[1, 2, 4, 4],
+        num_res_blocks=2,
+        attn_scales=[],
+        temperal_downsample=[False, True, True],
+        latents_mean=LATENTS_MEAN,
+        latents_std=LATENTS_STD,
+    )
+
+
+def load_anima_vae(
+    path: PathLike, dtype: torch.dtype | None = torch.float32, device: str | torch.device = "cpu"
+) -> AutoencoderKLQwenImage:
+    """Qwen-Image VAE from a single file (Wan or diffusers key names) or a diffusers folder."""
+    p = Path(path)
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise FileNotFoundError(
+                f"VAE folder {p} has no config.json (expected a diffusers AutoencoderKLQwenImage)"
+            )
+        vae = AutoencoderKLQwenImage.from_pretrained(str(p), local_files_only=True, torch_dtype=dtype)
+        return vae.to(device).eval().requires_grad_(False)
+    sd = _read_state_dict(p, "Qwen-Image VAE")
+    if "conv1.bias" in sd:  # the official file keeps the original Wan names
+        sd = wan_to_diffusers_vae_keys(sd)
+    if "encoder.conv_in.weight" not in sd or "post_quant_conv.weight" not in sd:
+        raise ValueError(
+            f"{p} is not a Qwen-Image/Wan VAE checkpoint (no conv1.bias / encoder.conv_in.weight)"
+        )
+    base_dim, z_dim = sd["encoder.conv_in.weight"].shape[0], sd["post_quant_conv.weight"].shape[0]
+    vae = _load_into_empty(lambda: _vae_from_dims(base_dim, z_dim), _cast(sd, dtype), f"VAE {p}", device)
+    return vae.eval().requires_grad_(False)
+
+
+def _latent_stats(vae: AutoencoderKLQwenImage, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    mean = torch.tensor(vae.config.latents_mean, device=like.device, dtype=torch.float32)
+    std = torch.tensor(vae.config.latents_std, device=like.device, dtype=torch.float32)
+    shape = (1, -1) + (1,) * (like.ndim - 2)
+    return mean.view(shape), std.view(shape)
+
+
+def anima_encode_latents(vae: AutoencoderKLQwenImage, images: torch.Tensor) -> torch.Tensor:
+    """Pixels in [-1,1], (B,3,H,W) or (B,3,T,H,W) -> normalised posterior mean (B,16,h,w) / (B,16,T,h,w)."""
+    if images.ndim not in (4, 5) or images.shape[1] != 3:
+        raise ValueError(f"images must be (B,3,H,W) or (B,3,T,H,W) in [-1,1]; got {tuple(images.shape)}")
+    if images.shape[-1] % 8 or images.shape[-2] % 8:
+        raise ValueError(f"image size {tuple(images.shape[-2:])} must be divisible by 8 for the VAE")
+    x = images[:, :, None] if images.ndim == 4 else images
+    mu = vae.encode(x.to(vae.dtype)).latent_dist.mode().float()
+    mean, std = _latent_stats(vae, mu)
+    z = (mu - mean) / std
+    return z[:, :, 0] if images.ndim == 4 else z
+
+
+def anima_decode_latents(vae: AutoencoderKLQwenImage, latents: torch.Tensor) -> torch.Tensor:
+    """Normalised latents (B,16,h,w) or (B,16,T,h,w) -> pixels clamped to [-1,1], same rank as the input."""
+    if latents.ndim not in (4, 5):
+        raise ValueError(f"latents must be (B,16,h,w) or (B,16,T,h,w); got {tuple(latents.shape)}")
+    z = latents[:, :, None] if latents.ndim == 4 else latents
+    mean, std = _latent_stats(vae, z)
+    img = vae.decode((z.float() * std + mean).to(vae.dtype)).sample.clamp(-1, 1)
+    return img[:, :, 0] if latents.ndim == 4 else img
+
+
+# ----------------------------------------------------------------------------------------------- tiny models
+def tiny_qwen3_config(vocab_size: int = 151936) -> Qwen3Config:
+    cfg = Qwen3Config(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=1024,
+        rms_norm_eps=1e-6,
+        rope_theta=1_000_000.0,
+        tie_word_embeddings=True,
+        attention_bias=False,
+    )
+    cfg._attn_implementation = "sdpa"
+    return cfg
+
+
+def build_tiny_anima_models(
+    tokenizers_dir: PathLike, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> AnimaModels:
+    """Tiny Anima (spec §5) with the real class names/key layout and the real tokenizers, random weights."""
+    td = Path(tokenizers_dir)
+    torch.manual_seed(seed)
+    dit = Anima(tiny_anima_config())
+    with torch.no_grad():  # non-trivial norm weights so a wrong norm/weight order shows up in tests
+        for name, prm in dit.named_parameters():
+            if name.endswith("norm.weight") or "norm_" in name:
+                prm.copy_(1.0 + 0.1 * torch.randn_like(prm))
+    text_encoder = Qwen3ForCausalLM(tiny_qwen3_config()).model
+    vae = _vae_from_dims(8, 16)
+    qwen_tok, t5_tok = load_anima_tokenizers(td / "qwen3_06b", td / "t5_old")
+    models = AnimaModels(
+        dit.to(dtype).eval(), text_encoder.to(dtype).eval(), vae.to(dtype).eval(), qwen_tok, t5_tok
+    )
+    for m in (models.dit, models.text_encoder, models.vae):
+        m.requires_grad_(False)
+    return models
+
+
+def save_tiny_anima_files(models: AnimaModels, out_dir: PathLike) -> dict[str, Path]:
+    """Write the models in the released layouts.
+
+    Keys: `dit` (net.-prefixed single file), `text_encoder` (HF folder with config, weights and the Qwen
+    tokenizer), `text_encoder_file` (single file, `model.` prefix), `vae` (original Wan key names),
+    `vae_diffusers` (diffusers key names), `t5_tokenizer` (folder).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {"dit": save_anima_dit(models.dit, out / "anima_dit_tiny.safetensors")}
+    te_sd = {"model." + k: v for k, v in models.text_encoder.state_dict().items()}
+    te_dir = out / "qwen3_tiny"
+    te_dir.mkdir(exist_ok=True)
+    models.text_encoder.config.save_pretrained(str(te_dir))
+    save_safetensors_atomic(te_sd, te_dir / "model.safetensors", metadata={"format": "pt"})
+    models.qwen_tokenizer.save_pretrained(str(te_dir))
+    paths["text_encoder"] = te_dir
+    paths["text_encoder_file"] = save_safetensors_atomic(te_sd, out / "qwen3_tiny.safetensors")
+    vae_sd = models.vae.state_dict()
+    paths["vae"] = save_safetensors_atomic(
+        diffusers_to_wan_vae_keys(vae_sd), out / "qwen_image_vae_tiny.safetensors"
+    )
+    paths["vae_diffusers"] = save_safetensors_atomic(
+        vae_sd, out / "qwen_image_vae_tiny_diffusers.safetensors"
+    )
+    t5_dir = out / "t5_tokenizer"
+    if t5_dir.exists():
+        shutil.rmtree(t5_dir)
+    models.t5_tokenizer.save_pretrained(str(t5_dir))
+    paths["t5_tokenizer"] = t5_dir
+    return paths
+
+
+def load_anima_models(
+    dit_path: PathLike,
+    text_encoder_path: PathLike | None,
+    vae_path: PathLike,
+    t5_tokenizer_path: PathLike | None = None,
+    dit_dtype: torch.dtype | None = None,
+    te_dtype: torch.dtype | None = torch.bfloat16,
+    vae_dtype: torch.dtype | None = torch.float32,
+    device: str | torch.device = "cpu",
+) -> AnimaModels:
+    """All five pieces from released files; the Qwen tokenizer comes from the text-encoder folder."""
+    te = load_qwen3_text_encoder(text_encoder_path, te_dtype, device)
+    te_p = Path(text_encoder_path)  # type: ignore[arg-type]
+    qwen_dir = te_p if te_p.is_dir() else None
+    qwen_tok, t5_tok = load_anima_tokenizers(qwen_dir, t5_tokenizer_path)
+    return AnimaModels(
+        load_anima_dit(dit_path, dit_dtype, device),
+        te,
+        load_anima_vae(vae_path, vae_dtype, device),
+        qwen_tok,
+        t5_tok,
+    )

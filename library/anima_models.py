@@ -1,0 +1,599 @@
+"""Anima DiT (Cosmos-Predict2 "MiniTrainDIT" layout) and its LLM adapter, written from the behaviour spec.
+
+The module tree (class names and attribute paths) mirrors the released checkpoint so that state-dict keys
+load 1:1 after stripping `net.` and so that network targeting sees the sd-scripts class names
+(`Block`, `PatchEmbed`, `TimestepEmbedding`, `FinalLayer`, `LLMAdapterTransformerBlock`).
+Widths and depths are config values; `anima_config_from_state_dict` infers them from checkpoint tensors.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+# Buffers that some checkpoints carry; we recompute them, so they are accepted and ignored on load.
+OPTIONAL_DIT_BUFFERS = (
+    "pos_embedder.seq",
+    "pos_embedder.dim_spatial_range",
+    "pos_embedder.dim_temporal_range",
+)
+
+
+@dataclass
+class AnimaConfig:
+    """DiT + adapter hyper-parameters. Defaults are the released 2B model."""
+
+    in_channels: int = 16
+    out_channels: int = 16
+    patch_spatial: int = 2
+    patch_temporal: int = 1
+    concat_padding_mask: bool = True
+    model_channels: int = 2048
+    num_blocks: int = 28
+    num_heads: int = 16
+    mlp_hidden: int = 8192
+    crossattn_emb_channels: int = 1024
+    adaln_lora_dim: int = 256
+    max_img_h: int = 512
+    max_img_w: int = 512
+    max_frames: int = 128
+    rope_h_extrapolation_ratio: float = 4.0
+    rope_w_extrapolation_ratio: float = 4.0
+    rope_t_extrapolation_ratio: float = 1.0
+    # LLM adapter
+    adapter_source_dim: int = 1024
+    adapter_target_dim: int = 1024
+    adapter_model_dim: int = 1024
+    adapter_num_layers: int = 6
+    adapter_num_heads: int = 16
+    adapter_mlp_hidden: int = 4096
+    adapter_vocab_size: int = 32128
+
+    @property
+    def head_dim(self) -> int:
+        return self.model_channels // self.num_heads
+
+
+def tiny_anima_config() -> AnimaConfig:
+    """The spec's §5 tiny config (real key layout, tiny widths) for CPU tests."""
+    return AnimaConfig(
+        model_channels=64,
+        num_blocks=2,
+        num_heads=4,
+        mlp_hidden=256,
+        crossattn_emb_channels=32,
+        adaln_lora_dim=16,
+        max_img_h=64,
+        max_img_w=64,
+        max_frames=1,
+        adapter_source_dim=32,
+        adapter_target_dim=32,
+        adapter_model_dim=32,
+        adapter_num_layers=2,
+        adapter_num_heads=4,
+        adapter_mlp_hidden=128,
+    )
+
+
+# ----------------------------------------------------------------------------------------------- norms
+class RMSNorm(nn.Module):
+    """DiT RMSNorm: normalise in fp32, cast back to the input dtype, then scale by the weight."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return y.to(x.dtype) * self.weight
+
+
+class LLMAdapterRMSNorm(nn.Module):
+    """Adapter RMSNorm: fp32 variance; cast to the weight dtype only when that is half precision."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.weight.dtype in (torch.float16, torch.bfloat16):
+            y = y.to(self.weight.dtype)
+        return self.weight * y
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: (B, heads, L, hd); cos/sin broadcastable (…, L, hd). Rotate-half pairing j with j + hd/2.
+    return x * cos + _rotate_half(x) * sin
+
+
+# ----------------------------------------------------------------------------------------------- DiT parts
+class _Patchify(nn.Module):
+    """(B,C,T,H,W) -> (B,T',H',W', C*pt*p*p), channel-major inside the patch (index c*4 + dy*2 + dx)."""
+
+    def __init__(self, p: int, pt: int) -> None:
+        super().__init__()
+        self.p, self.pt = p, pt
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, t, h, w = x.shape
+        p, pt = self.p, self.pt
+        x = x.reshape(b, c, t // pt, pt, h // p, p, w // p, p)
+        x = x.permute(0, 2, 4, 6, 1, 3, 5, 7)  # b t h w c r m n
+        return x.reshape(b, t // pt, h // p, w // p, c * pt * p * p)
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, p: int, pt: int, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.proj = nn.Sequential(
+            _Patchify(p, pt), nn.Linear(in_channels * p * p * pt, out_channels, bias=False)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+class VideoRopePosition3DEmb(nn.Module):
+    """3D RoPE: head dim split into t | h | w bands; integer patch positions from 0; NTK-scaled theta."""
+
+    def __init__(
+        self,
+        head_dim: int,
+        max_t: int,
+        max_h: int,
+        max_w: int,
+        h_ratio: float,
+        w_ratio: float,
+        t_ratio: float,
+    ) -> None:
+        super().__init__()
+        if head_dim % 2 or head_dim < 12:
+            raise ValueError(f"RoPE head_dim must be even and >= 12, got {head_dim}")
+        self.max_t, self.max_h, self.max_w = max_t, max_h, max_w
+        self.dim_h = self.dim_w = (head_dim // 6) * 2
+        self.dim_t = head_dim - 2 * self.dim_h
+        theta_hw = 10000.0 * h_ratio ** (self.dim_h / (self.dim_h - 2))
+        theta_ww = 10000.0 * w_ratio ** (self.dim_w / (self.dim_w - 2))
+        theta_t = 10000.0 * t_ratio ** (self.dim_t / (self.dim_t - 2))
+        # Non-persistent: recomputed, so checkpoints with or without these buffers load the same.
+        self.register_buffer("freq_h", self._freqs(self.dim_h, theta_hw), persistent=False)
+        self.register_buffer("freq_w", self._freqs(self.dim_w, theta_ww), persistent=False)
+        self.register_buffer("freq_t", self._freqs(self.dim_t, theta_t), persistent=False)
+
+    @staticmethod
+    def _freqs(dim: int, theta: float) -> torch.Tensor:
+        i = torch.arange(0, dim, 2, dtype=torch.float64)
+        return (1.0 / theta ** (i / dim)).float()
+
+    def forward(self, t: int, h: int, w: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if t > self.max_t or h > self.max_h or w > self.max_w:
+            raise ValueError(
+                f"latent grid {t}x{h}x{w} patches exceeds the RoPE maximum {self.max_t}x{self.max_h}x{self.max_w}"
+            )
+        ft = torch.outer(torch.arange(t, device=device, dtype=torch.float32), self.freq_t.to(device))
+        fh = torch.outer(torch.arange(h, device=device, dtype=torch.float32), self.freq_h.to(device))
+        fw = torch.outer(torch.arange(w, device=device, dtype=torch.float32), self.freq_w.to(device))
+        ang = torch.cat(
+            [
+                ft[:, None, None, :].expand(t, h, w, -1),
+                fh[None, :, None, :].expand(t, h, w, -1),
+                fw[None, None, :, :].expand(t, h, w, -1),
+            ],
+            dim=-1,
+        ).reshape(t * h * w, -1)
+        ang = torch.cat([ang, ang], dim=-1)
+        return ang.cos(), ang.sin()
+
+
+class Timesteps(nn.Module):
+    """Sinusoid of sigma in [0,1] (not x1000): [cos(t f), sin(t f)], f_k = exp(-ln(1e4) k / (D/2))."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.dim // 2
+        k = torch.arange(half, dtype=torch.float32, device=t.device)
+        freqs = torch.exp(-math.log(10000.0) * k / half)
+        ang = t.float()[:, None] * freqs[None]
+        return torch.cat([ang.cos(), ang.sin()], dim=-1).to(t.dtype)
+
+
+class TimestepEmbedding(nn.Module):
+    """Returns (raw sinusoid, shared adaLN-LoRA term of width 3D)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.linear_1 = nn.Linear(dim, dim, bias=False)
+        self.activation = nn.SiLU()
+        self.linear_2 = nn.Linear(dim, 3 * dim, bias=False)
+
+    def forward(self, sample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return sample, self.linear_2(self.activation(self.linear_1(sample)))
+
+
+class Attention(nn.Module):
+    def __init__(self, query_dim: int, context_dim: int, heads: int, head_dim: int) -> None:
+        super().__init__()
+        inner = heads * head_dim
+        self.heads, self.head_dim = heads, head_dim
+        self.q_proj = nn.Linear(query_dim, inner, bias=False)
+        self.q_norm = RMSNorm(head_dim)
+        self.k_proj = nn.Linear(context_dim, inner, bias=False)
+        self.k_norm = RMSNorm(head_dim)
+        self.v_proj = nn.Linear(context_dim, inner, bias=False)
+        self.v_norm = nn.Identity()
+        self.output_proj = nn.Linear(inner, query_dim, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor | None = None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        ctx = x if context is None else context
+        b = x.shape[0]
+        q = self.q_norm(self.q_proj(x).view(b, -1, self.heads, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(self.k_proj(ctx).view(b, -1, self.heads, self.head_dim)).transpose(1, 2)
+        v = self.v_norm(self.v_proj(ctx).view(b, -1, self.heads, self.head_dim)).transpose(1, 2)
+        if rope is not None:
+            cos, sin = (r.to(q.dtype) for r in rope)
+            q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.output_proj(out.transpose(1, 2).reshape(b, -1, self.heads * self.head_dim))
+
+
+class GPT2FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.layer1 = nn.Linear(dim, hidden, bias=False)
+        self.activation = nn.GELU()
+        self.layer2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer2(self.activation(self.layer1(x)))
+
+
+def _adaln(dim: int, lora_dim: int, n: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.SiLU(), nn.Linear(dim, lora_dim, bias=False), nn.Linear(lora_dim, n * dim, bias=False)
+    )
+
+
+class Block(nn.Module):
+    """Self-attn (RoPE) -> cross-attn (unmasked) -> MLP, each adaLN-modulated with a gated residual."""
+
+    def __init__(self, cfg: AnimaConfig) -> None:
+        super().__init__()
+        d = cfg.model_channels
+        self.layer_norm_self_attn = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.self_attn = Attention(d, d, cfg.num_heads, cfg.head_dim)
+        self.layer_norm_cross_attn = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.cross_attn = Attention(d, cfg.crossattn_emb_channels, cfg.num_heads, cfg.head_dim)
+        self.layer_norm_mlp = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.mlp = GPT2FeedForward(d, cfg.mlp_hidden)
+        self.adaln_modulation_self_attn = _adaln(d, cfg.adaln_lora_dim, 3)
+        self.adaln_modulation_cross_attn = _adaln(d, cfg.adaln_lora_dim, 3)
+        self.adaln_modulation_mlp = _adaln(d, cfg.adaln_lora_dim, 3)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        emb: torch.Tensor,
+        adaln_lora: torch.Tensor,
+        context: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        # x: (B, L, D); emb: (B, D); adaln_lora: (B, 3D). Modulation broadcasts over every token.
+        def mod(seq: nn.Sequential) -> list[torch.Tensor]:
+            return [m[:, None, :] for m in (seq(emb) + adaln_lora).chunk(3, dim=-1)]
+
+        shift, scale, gate = mod(self.adaln_modulation_self_attn)
+        x = x + gate * self.self_attn(self.layer_norm_self_attn(x) * (1 + scale) + shift, rope=rope)
+        shift, scale, gate = mod(self.adaln_modulation_cross_attn)
+        x = x + gate * self.cross_attn(self.layer_norm_cross_attn(x) * (1 + scale) + shift, context=context)
+        shift, scale, gate = mod(self.adaln_modulation_mlp)
+        return x + gate * self.mlp(self.layer_norm_mlp(x) * (1 + scale) + shift)
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, cfg: AnimaConfig) -> None:
+        super().__init__()
+        d = cfg.model_channels
+        out = cfg.patch_spatial**2 * cfg.patch_temporal * cfg.out_channels
+        self.layer_norm = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(d, out, bias=False)
+        self.adaln_modulation = _adaln(d, cfg.adaln_lora_dim, 2)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, adaln_lora: torch.Tensor) -> torch.Tensor:
+        d = x.shape[-1]
+        shift, scale = (self.adaln_modulation(emb) + adaln_lora[:, : 2 * d]).chunk(2, dim=-1)
+        return self.linear(self.layer_norm(x) * (1 + scale[:, None]) + shift[:, None])
+
+
+# ----------------------------------------------------------------------------------------------- LLM adapter
+class AdapterRotaryEmbedding(nn.Module):
+    """HF-style rotary table (theta 1e4); cos/sin computed in fp32 then cast to the activations' dtype."""
+
+    def __init__(self, head_dim: int, theta: float = 10000.0) -> None:
+        super().__init__()
+        inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
+        self.register_buffer("inv_freq", inv, persistent=False)
+
+    def forward(self, length: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pos = torch.arange(length, device=like.device, dtype=torch.float32)
+        freqs = torch.outer(pos, self.inv_freq.to(like.device).float())
+        emb = torch.cat([freqs, freqs], dim=-1)
+        return emb.cos().to(like.dtype), emb.sin().to(like.dtype)
+
+
+class LLMAdapterAttention(nn.Module):
+    def __init__(self, query_dim: int, context_dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads, self.head_dim = heads, query_dim // heads
+        self.q_proj = nn.Linear(query_dim, query_dim, bias=False)
+        self.q_norm = LLMAdapterRMSNorm(self.head_dim)
+        self.k_proj = nn.Linear(context_dim, query_dim, bias=False)
+        self.k_norm = LLMAdapterRMSNorm(self.head_dim)
+        self.v_proj = nn.Linear(context_dim, query_dim, bias=False)
+        self.o_proj = nn.Linear(query_dim, query_dim, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor,
+        mask: torch.Tensor | None,
+        rope_q: tuple[torch.Tensor, torch.Tensor],
+        rope_k: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        b = x.shape[0]
+        q = self.q_norm(self.q_proj(x).view(b, -1, self.heads, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(self.k_proj(context).view(b, -1, self.heads, self.head_dim)).transpose(1, 2)
+        v = self.v_proj(context).view(b, -1, self.heads, self.head_dim).transpose(1, 2)
+        q = _apply_rope(q, rope_q[0].to(q.dtype), rope_q[1].to(q.dtype))
+        k = _apply_rope(k, rope_k[0].to(k.dtype), rope_k[1].to(k.dtype))
+        attn_mask = None if mask is None else mask.bool()[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        if attn_mask is not None:
+            # A fully masked row (empty prompt) must attend to nothing: zeros, never NaN (torch#133882).
+            out = out.masked_fill(~attn_mask.any(dim=-1, keepdim=True), 0.0)
+        return self.o_proj(out.transpose(1, 2).reshape(b, -1, self.heads * self.head_dim))
+
+
+class LLMAdapterTransformerBlock(nn.Module):
+    def __init__(self, source_dim: int, model_dim: int, heads: int, mlp_hidden: int) -> None:
+        super().__init__()
+        self.norm_self_attn = LLMAdapterRMSNorm(model_dim)
+        self.self_attn = LLMAdapterAttention(model_dim, model_dim, heads)
+        self.norm_cross_attn = LLMAdapterRMSNorm(model_dim)
+        self.cross_attn = LLMAdapterAttention(model_dim, source_dim, heads)
+        self.norm_mlp = LLMAdapterRMSNorm(model_dim)
+        self.mlp = nn.Sequential(
+            nn.Linear(model_dim, mlp_hidden), nn.GELU(), nn.Linear(mlp_hidden, model_dim)
+        )
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        source: torch.Tensor,
+        target_mask: torch.Tensor | None,
+        source_mask: torch.Tensor | None,
+        rope_t: tuple[torch.Tensor, torch.Tensor],
+        rope_s: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        h = self.norm_self_attn(x)
+        x = x + self.self_attn(h, h, target_mask, rope_t, rope_t)
+        x = x + self.cross_attn(self.norm_cross_attn(x), source, source_mask, rope_t, rope_s)
+        return x + self.mlp(self.norm_mlp(x))
+
+
+class LLMAdapter(nn.Module):
+    """T5 ids cross-attending to Qwen3 states -> (B, Lt, target_dim) DiT context (padded rows not zeroed here)."""
+
+    def __init__(self, cfg: AnimaConfig) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(cfg.adapter_vocab_size, cfg.adapter_target_dim)
+        if cfg.adapter_model_dim != cfg.adapter_target_dim:
+            self.in_proj: nn.Module = nn.Linear(cfg.adapter_target_dim, cfg.adapter_model_dim)
+        else:
+            self.in_proj = nn.Identity()
+        self.rotary_emb = AdapterRotaryEmbedding(cfg.adapter_model_dim // cfg.adapter_num_heads)
+        self.blocks = nn.ModuleList(
+            LLMAdapterTransformerBlock(
+                cfg.adapter_source_dim, cfg.adapter_model_dim, cfg.adapter_num_heads, cfg.adapter_mlp_hidden
+            )
+            for _ in range(cfg.adapter_num_layers)
+        )
+        self.out_proj = nn.Linear(cfg.adapter_model_dim, cfg.adapter_target_dim)
+        self.norm = LLMAdapterRMSNorm(cfg.adapter_target_dim)
+
+    def forward(
+        self,
+        source_hidden_states: torch.Tensor,
+        target_input_ids: torch.Tensor,
+        target_attention_mask: torch.Tensor | None = None,
+        source_attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        x = self.in_proj(self.embed(target_input_ids))
+        source = source_hidden_states.to(x.dtype)
+        rope_t = self.rotary_emb(x.shape[1], x)
+        rope_s = self.rotary_emb(source.shape[1], x)
+        for blk in self.blocks:
+            x = blk(x, source, target_attention_mask, source_attention_mask, rope_t, rope_s)
+        return self.norm(self.out_proj(x))
+
+
+# ----------------------------------------------------------------------------------------------- root
+class Anima(nn.Module):
+    """The Anima DiT. forward(x (B,16,T,H,W), timesteps (B,) sigma in [0,1], context) -> velocity."""
+
+    def __init__(self, cfg: AnimaConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        d, p, pt = cfg.model_channels, cfg.patch_spatial, cfg.patch_temporal
+        in_ch = cfg.in_channels + (1 if cfg.concat_padding_mask else 0)
+        self.x_embedder = PatchEmbed(p, pt, in_ch, d)
+        self.pos_embedder = VideoRopePosition3DEmb(
+            cfg.head_dim,
+            cfg.max_frames // pt,
+            cfg.max_img_h // p,
+            cfg.max_img_w // p,
+            cfg.rope_h_extrapolation_ratio,
+            cfg.rope_w_extrapolation_ratio,
+            cfg.rope_t_extrapolation_ratio,
+        )
+        self.t_embedder = nn.Sequential(Timesteps(d), TimestepEmbedding(d))
+        self.t_embedding_norm = RMSNorm(d)
+        self.llm_adapter = LLMAdapter(cfg)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_blocks))
+        self.final_layer = FinalLayer(cfg)
+        self.gradient_checkpointing = False
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.x_embedder.proj[1].weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.x_embedder.proj[1].weight.device
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.gradient_checkpointing = True
+
+    def disable_gradient_checkpointing(self) -> None:
+        self.gradient_checkpointing = False
+
+    def run_llm_adapter(
+        self,
+        source_hidden_states: torch.Tensor,
+        target_input_ids: torch.Tensor,
+        target_attention_mask: torch.Tensor | None = None,
+        source_attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Adapter output with rows where the T5 mask is 0 set to zero (the DiT context)."""
+        out = self.llm_adapter(
+            source_hidden_states, target_input_ids, target_attention_mask, source_attention_mask
+        )
+        if target_attention_mask is not None:
+            out = out * target_attention_mask.to(out.dtype)[..., None]
+        return out
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        timesteps: torch.Tensor,
+        context: torch.Tensor,
+        padding_mask: torch.Tensor | None = None,
+        target_input_ids: torch.Tensor | None = None,
+        target_attention_mask: torch.Tensor | None = None,
+        source_attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        cfg = self.config
+        if x.ndim != 5:
+            raise ValueError(f"Anima DiT input x must be (B, C, T, H, W); got shape {tuple(x.shape)}")
+        b, _, t, h, w = x.shape
+        p, pt = cfg.patch_spatial, cfg.patch_temporal
+        if h % p or w % p or t % pt:
+            raise ValueError(f"latent size T,H,W={t},{h},{w} must be divisible by {pt},{p},{p}")
+        if target_input_ids is not None:
+            context = self.run_llm_adapter(
+                context, target_input_ids, target_attention_mask, source_attention_mask
+            )
+        if cfg.concat_padding_mask:
+            if padding_mask is None:
+                pm = x.new_zeros(b, 1, t, h, w)
+            else:
+                pm = F.interpolate(padding_mask.to(x.dtype), size=(h, w), mode="nearest")
+                pm = pm[:, :, None].expand(b, 1, t, h, w)
+            x = torch.cat([x, pm], dim=1)
+        tokens = self.x_embedder(x)  # (B, T', H', W', D)
+        tt, hh, ww = tokens.shape[1:4]
+        tokens = tokens.reshape(b, tt * hh * ww, -1)
+        rope = self.pos_embedder(tt, hh, ww, tokens.device)
+        if timesteps.ndim != 1 or timesteps.shape[0] != b:
+            raise ValueError(f"timesteps must have shape ({b},); got {tuple(timesteps.shape)}")
+        sinus, adaln_lora = self.t_embedder(timesteps.to(tokens.dtype))
+        emb = self.t_embedding_norm(sinus)
+        context = context.to(tokens.dtype)
+        for blk in self.blocks:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                tokens = checkpoint(blk, tokens, emb, adaln_lora, context, rope, use_reentrant=False)
+            else:
+                tokens = blk(tokens, emb, adaln_lora, context, rope)
+        out = self.final_layer(tokens, emb, adaln_lora)  # (B, L, p*p*pt*C), index (r, m, n, c)
+        c = cfg.out_channels
+        out = out.reshape(b, tt, hh, ww, pt, p, p, c).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return out.reshape(b, c, tt * pt, hh * p, ww * p)
+
+
+# ----------------------------------------------------------------------------------------------- config inference
+def _count_indexed(keys: list[str], prefix: str) -> int:
+    pat = re.compile(re.escape(prefix) + r"(\d+)\.")
+    idx = {int(m.group(1)) for k in keys if (m := pat.match(k))}
+    if idx != set(range(len(idx))):
+        raise ValueError(f"checkpoint has non-contiguous '{prefix}N' indices: {sorted(idx)}")
+    return len(idx)
+
+
+def anima_config_from_state_dict(sd: dict[str, torch.Tensor], source: str = "checkpoint") -> AnimaConfig:
+    """Infer widths and depths from tensor shapes (keys without `net.`). Raises on a non-Anima state dict."""
+    required = (
+        "x_embedder.proj.1.weight",
+        "blocks.0.self_attn.q_norm.weight",
+        "final_layer.linear.weight",
+        "t_embedder.1.linear_1.weight",
+        "llm_adapter.embed.weight",
+        "llm_adapter.blocks.0.self_attn.q_norm.weight",
+    )
+    missing = [k for k in required if k not in sd]
+    if missing:
+        sample = ", ".join(sorted(sd)[:3])
+        raise ValueError(
+            f"{source} is not an Anima DiT checkpoint: missing {missing} (expected keys like "
+            f"'net.blocks.0.self_attn.q_proj.weight'; found e.g. {sample})"
+        )
+    keys = list(sd)
+    d, patch_in = sd["x_embedder.proj.1.weight"].shape
+    head_dim = sd["blocks.0.self_attn.q_norm.weight"].shape[0]
+    p, pt = 2, 1
+    in_ch = patch_in // (p * p * pt) - 1  # concat_padding_mask adds one channel
+    out_ch = sd["final_layer.linear.weight"].shape[0] // (p * p * pt)
+    a_head = sd["llm_adapter.blocks.0.self_attn.q_norm.weight"].shape[0]
+    a_model = sd["llm_adapter.blocks.0.self_attn.q_proj.weight"].shape[0]
+    vocab, a_target = sd["llm_adapter.embed.weight"].shape
+    return AnimaConfig(
+        in_channels=in_ch,
+        out_channels=out_ch,
+        patch_spatial=p,
+        patch_temporal=pt,
+        model_channels=d,
+        num_blocks=_count_indexed(keys, "blocks."),
+        num_heads=d // head_dim,
+        mlp_hidden=sd["blocks.0.mlp.layer1.weight"].shape[0],
+        crossattn_emb_channels=sd["blocks.0.cross_attn.k_proj.weight"].shape[1],
+        adaln_lora_dim=sd["blocks.0.adaln_modulation_self_attn.1.weight"].shape[0],
+        adapter_source_dim=sd["llm_adapter.blocks.0.cross_attn.k_proj.weight"].shape[1],
+        adapter_target_dim=a_target,
+        adapter_model_dim=a_model,
+        adapter_num_layers=_count_indexed(keys, "llm_adapter.blocks."),
+        adapter_num_heads=a_model // a_head,
+        adapter_mlp_hidden=sd["llm_adapter.blocks.0.mlp.0.weight"].shape[0],
+        adapter_vocab_size=vocab,
+    )
