@@ -1,0 +1,219 @@
+"""Key maps between diffusers/transformers SDXL modules and the single-file SGM layout.
+
+Every map here is a pure function of key names (facts of the two published layouts), written as
+one diffusers->SGM direction per component; loading inverts it by building the forward table for
+the keys the target module actually has, so saving and loading can never drift apart.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+UNET_PREFIX = "model.diffusion_model."
+TE1_PREFIX = "conditioner.embedders.0.transformer."
+TE2_PREFIX = "conditioner.embedders.1.model."
+VAE_PREFIX = "first_stage_model."
+
+_RESNET_PARTS = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "time_emb_proj": "emb_layers.1",
+    "conv_shortcut": "skip_connection",
+}
+
+
+def unet_key_to_sgm(key: str, layers_per_block: int) -> str:
+    """diffusers UNet2DConditionModel key -> SGM `model.diffusion_model` key (without prefix)."""
+    per_level = layers_per_block + 1  # resnets (+ attentions) of a level plus its downsampler
+    fixed = {
+        "time_embedding.linear_1": "time_embed.0",
+        "time_embedding.linear_2": "time_embed.2",
+        "add_embedding.linear_1": "label_emb.0.0",
+        "add_embedding.linear_2": "label_emb.0.2",
+        "conv_in": "input_blocks.0.0",
+        "conv_norm_out": "out.0",
+        "conv_out": "out.2",
+    }
+    for src, dst in fixed.items():
+        if key.startswith(src + "."):
+            return dst + key[len(src) :]
+
+    def resnet_tail(tail: str) -> str:
+        part, rest = tail.split(".", 1)
+        return _RESNET_PARTS.get(part, part) + "." + rest
+
+    m = re.match(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", key)
+    if m:
+        i, kind, j, tail = int(m[1]), m[2], int(m[3]), m[4]
+        idx = per_level * i + j + 1
+        return (
+            f"input_blocks.{idx}.0.{resnet_tail(tail)}"
+            if kind == "resnets"
+            else f"input_blocks.{idx}.1.{tail}"
+        )
+    m = re.match(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.*)", key)
+    if m:
+        return f"input_blocks.{per_level * int(m[1]) + per_level}.0.op.{m[2]}"
+    m = re.match(r"mid_block\.resnets\.(\d+)\.(.*)", key)
+    if m:
+        return f"middle_block.{2 * int(m[1])}.{resnet_tail(m[2])}"
+    m = re.match(r"mid_block\.attentions\.0\.(.*)", key)
+    if m:
+        return f"middle_block.1.{m[1]}"
+    m = re.match(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", key)
+    if m:
+        i, kind, j, tail = int(m[1]), m[2], int(m[3]), m[4]
+        idx = per_level * i + j
+        return (
+            f"output_blocks.{idx}.0.{resnet_tail(tail)}"
+            if kind == "resnets"
+            else f"output_blocks.{idx}.1.{tail}"
+        )
+    raise KeyError(f"UNet key {key!r} has no SGM equivalent")
+
+
+def unet_upsampler_key_to_sgm(key: str, layers_per_block: int, level_has_attention: bool) -> str:
+    """Upsampler keys depend on whether the up level has attentions (slot 2) or not (slot 1)."""
+    m = re.match(r"up_blocks\.(\d+)\.upsamplers\.0\.(.*)", key)
+    if not m:
+        raise KeyError(key)
+    idx = (layers_per_block + 1) * int(m[1]) + layers_per_block
+    return f"output_blocks.{idx}.{2 if level_has_attention else 1}.{m[2]}"
+
+
+def unet_state_to_sgm(sd: dict[str, torch.Tensor], up_block_types: list[str], layers_per_block: int) -> dict:
+    out = {}
+    for k, v in sd.items():
+        if ".upsamplers." in k:
+            level = int(k.split(".")[1])
+            sk = unet_upsampler_key_to_sgm(k, layers_per_block, "CrossAttn" in up_block_types[level])
+        else:
+            sk = unet_key_to_sgm(k, layers_per_block)
+        out[UNET_PREFIX + sk] = v
+    return out
+
+
+# ---------------------------------------------------------------- VAE (LDM first_stage_model)
+
+_VAE_RESNET = {"conv_shortcut": "nin_shortcut"}
+_VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+
+
+def vae_key_to_ldm(key: str, num_levels: int) -> str:
+    """diffusers AutoencoderKL key -> LDM VAE key (without `first_stage_model.`)."""
+    for side in ("encoder", "decoder"):
+        if not key.startswith(side + "."):
+            continue
+        k = key[len(side) + 1 :]
+        if k.startswith("conv_norm_out."):
+            return f"{side}.norm_out." + k[len("conv_norm_out.") :]
+        m = re.match(r"(down|up)_blocks\.(\d+)\.resnets\.(\d+)\.([a-z_0-9]+)\.(.*)", k)
+        if m:
+            level = int(m[2]) if m[1] == "down" else num_levels - 1 - int(m[2])
+            return f"{side}.{m[1]}.{level}.block.{m[3]}.{_VAE_RESNET.get(m[4], m[4])}.{m[5]}"
+        m = re.match(r"(down|up)_blocks\.(\d+)\.(downsamplers|upsamplers)\.0\.conv\.(.*)", k)
+        if m:
+            level = int(m[2]) if m[1] == "down" else num_levels - 1 - int(m[2])
+            return f"{side}.{m[1]}.{level}.{m[3][:-2]}.conv.{m[4]}"
+        m = re.match(r"mid_block\.resnets\.(\d+)\.([a-z_0-9]+)\.(.*)", k)
+        if m:
+            return f"{side}.mid.block_{int(m[1]) + 1}.{_VAE_RESNET.get(m[2], m[2])}.{m[3]}"
+        m = re.match(r"mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)\.(.*)", k)
+        if m:
+            return f"{side}.mid.attn_1.{_VAE_ATTN[m[1]]}.{m[2]}"
+        return key
+    return key  # quant_conv, post_quant_conv
+
+
+def vae_state_to_ldm(sd: dict[str, torch.Tensor], num_levels: int, prefix: str = VAE_PREFIX) -> dict:
+    out = {}
+    for k, v in sd.items():
+        lk = vae_key_to_ldm(k, num_levels)
+        if ".mid.attn_1." in lk and lk.endswith(".weight") and v.ndim == 2:
+            v = v[:, :, None, None]  # LDM stores the attention projections as 1x1 convs
+        out[prefix + lk] = v
+    return out
+
+
+# ---------------------------------------------------------------- TE2 (OpenCLIP bigG)
+
+_OC_LAYER = {
+    "layer_norm1": "ln_1",
+    "layer_norm2": "ln_2",
+    "mlp.fc1": "mlp.c_fc",
+    "mlp.fc2": "mlp.c_proj",
+    "self_attn.out_proj": "attn.out_proj",
+}
+
+
+def te2_state_to_openclip(sd: dict[str, torch.Tensor], logit_scale: torch.Tensor | None = None) -> dict:
+    """HF CLIPTextModelWithProjection state -> OpenCLIP keys under `conditioner.embedders.1.model.`."""
+    out: dict[str, torch.Tensor] = {}
+    qkv: dict[str, dict[str, torch.Tensor]] = {}
+    for k, v in sd.items():
+        if k == "text_model.embeddings.position_ids":
+            continue
+        if k == "text_model.embeddings.token_embedding.weight":
+            out["token_embedding.weight"] = v
+        elif k == "text_model.embeddings.position_embedding.weight":
+            out["positional_embedding"] = v
+        elif k.startswith("text_model.final_layer_norm."):
+            out["ln_final." + k.rsplit(".", 1)[1]] = v
+        elif k == "text_projection.weight":
+            out["text_projection"] = v.t().contiguous()  # OpenCLIP computes x @ P; HF Linear x @ W^T
+        else:
+            m = re.match(r"text_model\.encoder\.layers\.(\d+)\.(.*)\.(weight|bias)$", k)
+            if not m:
+                raise KeyError(f"TE2 key {k!r} has no OpenCLIP equivalent")
+            n, part, kind = m[1], m[2], m[3]
+            if part in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+                qkv.setdefault(f"transformer.resblocks.{n}.attn.in_proj_{kind}", {})[part[-6]] = v
+            else:
+                out[f"transformer.resblocks.{n}.{_OC_LAYER[part]}.{kind}"] = v
+    for k, parts in qkv.items():
+        out[k] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
+    if logit_scale is not None:
+        out["logit_scale"] = logit_scale
+    return {TE2_PREFIX + k: v for k, v in out.items()}
+
+
+def openclip_to_te2_state(oc: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """OpenCLIP keys (prefix removed) -> HF state dict; returns (state, logit_scale or None)."""
+    inv_layer = {v: k for k, v in _OC_LAYER.items()}
+    out: dict[str, torch.Tensor] = {}
+    logit_scale = None
+    for k, v in oc.items():
+        if k == "logit_scale":
+            logit_scale = v
+        elif k == "token_embedding.weight":
+            out["text_model.embeddings.token_embedding.weight"] = v
+        elif k == "positional_embedding":
+            out["text_model.embeddings.position_embedding.weight"] = v
+        elif k.startswith("ln_final."):
+            out["text_model.final_layer_norm." + k.rsplit(".", 1)[1]] = v
+        elif k == "text_projection":
+            out["text_projection.weight"] = v.t().contiguous()
+        else:
+            m = re.match(r"transformer\.resblocks\.(\d+)\.(.*)$", k)
+            if not m:
+                out["<unexpected>." + k] = v  # surfaced by the caller's unexpected-key check
+                continue
+            n, rest = m[1], m[2]
+            base = f"text_model.encoder.layers.{n}."
+            if rest.startswith("attn.in_proj_"):
+                kind = rest.rsplit("_", 1)[1]
+                q, kk, vv = v.chunk(3, dim=0)
+                out[base + f"self_attn.q_proj.{kind}"] = q.contiguous()
+                out[base + f"self_attn.k_proj.{kind}"] = kk.contiguous()
+                out[base + f"self_attn.v_proj.{kind}"] = vv.contiguous()
+            else:
+                part, kind = rest.rsplit(".", 1)
+                if part not in inv_layer:
+                    out["<unexpected>." + k] = v
+                    continue
+                out[base + f"{inv_layer[part]}.{kind}"] = v
+    return out, logit_scale

@@ -1,0 +1,575 @@
+"""Load, build and save SDXL: diffusers UNet/VAE + transformers CLIP text encoders.
+
+Single-file SGM checkpoints are read with the key maps of `library.sdxl_keymap`; architecture
+sizes (channels, depths, vocab, ...) are inferred from tensor shapes so that the real model and
+the tiny test model go through exactly the same code. The few sizes that no tensor reveals
+(attention head width, GroupNorm groups) default to SDXL's values and are written to the file's
+metadata when they differ (only the tiny model does that).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import init_empty_weights
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from library import sdxl_config
+from library.sdxl_keymap import (
+    TE1_PREFIX,
+    TE2_PREFIX,
+    UNET_PREFIX,
+    VAE_PREFIX,
+    openclip_to_te2_state,
+    te2_state_to_openclip,
+    unet_state_to_sgm,
+    vae_state_to_ldm,
+)
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SHARED_CLIP_TOKENIZER = PROJECT_ROOT.parent / "shared" / "data" / "tokenizers" / "clip"
+HUB_TOKENIZER_1 = "openai/clip-vit-large-patch14"
+HUB_TOKENIZER_2 = "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k"
+ARCH_METADATA_KEY = "sdxl_arch"  # JSON of the sizes that tensors cannot reveal
+SDXL_DETECT_KEY = TE2_PREFIX + "transformer.resblocks.0.attn.in_proj_weight"
+DEFAULT_ARCH = {"head_dim": 64, "unet_groups": 32, "vae_groups": 32, "unet_sample": 128, "vae_sample": 1024}
+
+
+@dataclass
+class SdxlModels:
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder_1: CLIPTextModel
+    text_encoder_2: CLIPTextModelWithProjection
+    tokenizer_1: Any
+    tokenizer_2: Any
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. OpenCLIP logit_scale for re-save
+
+    @property
+    def text_encoders(self) -> list[torch.nn.Module]:
+        return [self.text_encoder_1, self.text_encoder_2]
+
+    @property
+    def tokenizers(self) -> list[Any]:
+        return [self.tokenizer_1, self.tokenizer_2]
+
+
+# ------------------------------------------------------------------------------------------ tokenizers
+
+
+def _fix_tokenizer_2(tok: Any) -> Any:
+    # SDXL's second tokenizer pads with "!" (id 0), as the OpenCLIP model was trained
+    tok.pad_token = "!"
+    if tok.pad_token_id != 0:
+        raise ValueError(f"tokenizer 2: '!' should be id 0 in the CLIP vocab, got {tok.pad_token_id}")
+    return tok
+
+
+def load_sdxl_tokenizers(tokenizer_dir: str | Path | None = None) -> tuple[Any, Any]:
+    """Both SDXL tokenizers: from a local CLIP folder (or one with tokenizer/ and tokenizer_2/), the
+    shared bundled CLIP tokenizer, or the Hugging Face cache (never the network)."""
+    if tokenizer_dir is not None:
+        d = Path(tokenizer_dir)
+        if not d.is_dir():
+            raise FileNotFoundError(f"tokenizer folder {d} does not exist (expected a CLIP tokenizer folder)")
+        if (d / "tokenizer").is_dir():
+            d1, d2 = d / "tokenizer", d / "tokenizer_2" if (d / "tokenizer_2").is_dir() else d / "tokenizer"
+        else:
+            d1 = d2 = d
+        return CLIPTokenizer.from_pretrained(str(d1)), _fix_tokenizer_2(
+            CLIPTokenizer.from_pretrained(str(d2))
+        )
+    if SHARED_CLIP_TOKENIZER.is_dir():
+        return load_sdxl_tokenizers(SHARED_CLIP_TOKENIZER)
+    try:
+        t1 = CLIPTokenizer.from_pretrained(HUB_TOKENIZER_1, local_files_only=True)
+        t2 = CLIPTokenizer.from_pretrained(HUB_TOKENIZER_2, local_files_only=True)
+    except OSError as e:
+        raise FileNotFoundError(
+            f"no tokenizer folder given, {SHARED_CLIP_TOKENIZER} missing, and {HUB_TOKENIZER_1} / "
+            f"{HUB_TOKENIZER_2} are not in the local Hugging Face cache; pass --tokenizer_cache_dir"
+        ) from e
+    return t1, _fix_tokenizer_2(t2)
+
+
+# ------------------------------------------------------------------------------------------ building
+
+
+def _te_config(cfg: dict[str, Any]) -> CLIPTextConfig:
+    return CLIPTextConfig(**cfg)
+
+
+def build_sdxl_from_configs(configs: dict[str, dict[str, Any]], tokenizers: tuple[Any, Any]) -> SdxlModels:
+    """Random-initialised models from diffusers/transformers configs (keys as tiny_sdxl_configs)."""
+    te1 = CLIPTextModel(_te_config(configs["text_encoder"]))
+    te2 = CLIPTextModelWithProjection(_te_config(configs["text_encoder_2"]))
+    return SdxlModels(
+        unet=UNet2DConditionModel(**configs["unet"]),
+        vae=AutoencoderKL(**configs["vae"]),
+        text_encoder_1=te1,
+        text_encoder_2=te2,
+        tokenizer_1=tokenizers[0],
+        tokenizer_2=tokenizers[1],
+    )
+
+
+def build_tiny_sdxl_models(tokenizer_dir: str | Path, seed: int = 0) -> SdxlModels:
+    """A tiny random SDXL with the real module tree and key layout (for tests and the demo)."""
+    torch.manual_seed(seed)
+    models = build_sdxl_from_configs(sdxl_config.tiny_sdxl_configs(), load_sdxl_tokenizers(tokenizer_dir))
+    # Random-init GroupNorm/LayerNorm are identity-ish; perturb every tensor a little so that
+    # round-trip and key-map tests would notice any swapped tensor.
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for m in (models.unet, models.vae, models.text_encoder_1, models.text_encoder_2):
+            for p in m.parameters():
+                p.add_(torch.randn(p.shape, generator=gen) * 0.02)
+    for m in (models.unet, models.vae, models.text_encoder_1, models.text_encoder_2):
+        m.eval().requires_grad_(False)
+    return models
+
+
+# ------------------------------------------------------------------------------------------ saving
+
+
+def _arch_of(models: SdxlModels) -> dict[str, int]:
+    uc = models.unet.config
+    heads = (
+        uc.attention_head_dim
+        if isinstance(uc.attention_head_dim, (list, tuple))
+        else [uc.attention_head_dim] * 3
+    )
+    arch = {
+        "head_dim": uc.block_out_channels[-1] // heads[-1],
+        "te1_head_dim": models.text_encoder_1.config.hidden_size
+        // models.text_encoder_1.config.num_attention_heads,
+        "te2_head_dim": models.text_encoder_2.config.hidden_size
+        // models.text_encoder_2.config.num_attention_heads,
+        "unet_groups": uc.norm_num_groups,
+        "vae_groups": models.vae.config.norm_num_groups,
+        "unet_sample": uc.sample_size,
+        "vae_sample": models.vae.config.sample_size,
+    }
+    return arch
+
+
+def sdxl_single_file_state(models: SdxlModels) -> dict[str, torch.Tensor]:
+    """All four components in the SGM single-file key layout."""
+    uc = models.unet.config
+    sd = unet_state_to_sgm(models.unet.state_dict(), list(uc.up_block_types), uc.layers_per_block)
+    for k, v in hf_text_state(models.text_encoder_1).items():
+        sd[TE1_PREFIX + k] = v
+    n_pos = models.text_encoder_1.config.max_position_embeddings
+    sd[TE1_PREFIX + "text_model.embeddings.position_ids"] = torch.arange(n_pos, dtype=torch.int64)[None]
+    logit_scale = models.extra.get("logit_scale", torch.tensor(4.6052, dtype=torch.float32))
+    sd.update(te2_state_to_openclip(hf_text_state(models.text_encoder_2), logit_scale))
+    sd.update(vae_state_to_ldm(models.vae.state_dict(), len(models.vae.config.block_out_channels)))
+    return sd
+
+
+def hf_text_state(te: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """State dict with the classic `text_model.` names (transformers 5 dropped that level from
+    CLIPTextModel, while checkpoints and LoRA files keep it)."""
+    return {
+        (k if k.startswith(("text_model.", "text_projection.")) else "text_model." + k): v
+        for k, v in te.state_dict().items()
+    }
+
+
+def _atomic_save_safetensors(sd: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=str(path.parent))
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_sdxl_single_file(
+    models: SdxlModels,
+    path: str | Path,
+    dtype: torch.dtype | None = None,
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Write the real SGM key layout (`model.diffusion_model.*`, `conditioner.embedders.0/1.*`,
+    `first_stage_model.*`) atomically. Non-default head widths/group counts go to metadata."""
+    sd = sdxl_single_file_state(models)
+    if dtype is not None:
+        sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+    meta = dict(metadata or {})
+    arch = _arch_of(models)
+    defaults = {**DEFAULT_ARCH, "te1_head_dim": 64, "te2_head_dim": 64}
+    if any(arch[k] != defaults[k] for k in arch):
+        meta[ARCH_METADATA_KEY] = json.dumps(arch, sort_keys=True)
+    _atomic_save_safetensors(sd, Path(path), meta)
+
+
+def save_sdxl_diffusers(models: SdxlModels, folder: str | Path) -> None:
+    """Write a diffusers-style SDXL folder (unet/, vae/, text_encoder*/, tokenizer*/); atomic rename."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", suffix=".tmp", dir=str(folder.parent)))
+    try:
+        models.unet.save_pretrained(tmp / "unet")
+        models.vae.save_pretrained(tmp / "vae")
+        models.text_encoder_1.save_pretrained(tmp / "text_encoder")
+        models.text_encoder_2.save_pretrained(tmp / "text_encoder_2")
+        models.tokenizer_1.save_pretrained(tmp / "tokenizer")
+        models.tokenizer_2.save_pretrained(tmp / "tokenizer_2")
+        (tmp / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+
+def _short_list(keys: list[str], n: int = 20) -> str:
+    keys = sorted(keys)
+    more = f" ... (+{len(keys) - n} more)" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.suffix.lower() not in (".safetensors", ".sft"):
+        if path.suffix.lower() in (".ckpt", ".pt", ".pth", ".bin"):
+            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+            sd = sd.get("state_dict", sd)
+            return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}, {}
+        raise ValueError(f"checkpoint {path}: expected a .safetensors (or .ckpt) file")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        return {k: f.get_tensor(k) for k in f.keys()}, meta
+
+
+def _describe_prefixes(keys: list[str]) -> str:
+    heads = sorted({".".join(k.split(".")[:2]) for k in keys})
+    return _short_list(heads, 8)
+
+
+def check_sdxl_state(sd: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse anything that is not an SGM SDXL checkpoint with one clear message."""
+    has = {p: any(k.startswith(p) for k in sd) for p in (UNET_PREFIX, TE1_PREFIX, TE2_PREFIX, VAE_PREFIX)}
+    if all(has.values()) and SDXL_DETECT_KEY in sd:
+        return
+    found = "no tensors" if not sd else f"top-level keys {_describe_prefixes(list(sd))}"
+    if any(k.startswith("cond_stage_model.") for k in sd):
+        kind = "an SD1.x/SD2.x checkpoint (cond_stage_model.*)"
+    elif any(k.startswith(("encoder.", "decoder.")) for k in sd) or (
+        has[VAE_PREFIX] and not has[UNET_PREFIX]
+    ):
+        kind = "a VAE only"
+    elif any(k.startswith(("lora_", "lycoris_")) for k in sd):
+        kind = "a LoRA/LyCORIS network file"
+    else:
+        kind = "not an SDXL layout"
+    missing = [p + "*" for p, ok in has.items() if not ok]
+    raise ValueError(
+        f"{source} is not an SDXL single-file checkpoint: it looks like {kind}; found {found}; "
+        f"expected model.diffusion_model.*, conditioner.embedders.0.transformer.*, "
+        f"conditioner.embedders.1.model.* (OpenCLIP bigG) and first_stage_model.*"
+        + (f" (missing: {', '.join(missing)})" if missing else "")
+    )
+
+
+def _strip(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def _indices(keys: list[str], pattern: str) -> list[int]:
+    rx = re.compile(pattern)
+    return sorted({int(m[1]) for k in keys if (m := rx.match(k))})
+
+
+def infer_unet_config(u: dict[str, torch.Tensor], arch: dict[str, int], te2_proj_dim: int) -> dict[str, Any]:
+    """diffusers UNet config from SGM UNet tensors (prefix removed)."""
+    keys = list(u)
+    n_in = max(_indices(keys, r"input_blocks\.(\d+)\.")) + 1
+    op_blocks = [i for i in _indices(keys, r"input_blocks\.(\d+)\.0\.op\.")]
+    levels = len(op_blocks) + 1
+    lpb = (n_in - 1 - (levels - 1)) // levels
+    per = lpb + 1
+    channels, attn, depth = [], [], []
+    for lv in range(levels):
+        first = per * lv + 1
+        channels.append(u[f"input_blocks.{first}.0.out_layers.3.weight"].shape[0])
+        has_attn = f"input_blocks.{first}.1.proj_in.weight" in u
+        attn.append(has_attn)
+        n_tb = (
+            len(_indices(keys, rf"input_blocks\.{first}\.1\.transformer_blocks\.(\d+)\.")) if has_attn else 1
+        )
+        depth.append(n_tb)
+    any_attn = next(i for i, a in enumerate(attn) if a)
+    proj_in = u[f"input_blocks.{per * any_attn + 1}.1.proj_in.weight"]
+    cross_dim = u[f"input_blocks.{per * any_attn + 1}.1.transformer_blocks.0.attn2.to_k.weight"].shape[1]
+    add_in = u["label_emb.0.0.weight"].shape[1]
+    cfg = dict(sdxl_config.SDXL_UNET_CONFIG)
+    cfg.update(
+        sample_size=arch["unet_sample"],
+        in_channels=u["input_blocks.0.0.weight"].shape[1],
+        out_channels=u["out.2.weight"].shape[0],
+        down_block_types=["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn],
+        up_block_types=["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
+        block_out_channels=channels,
+        layers_per_block=lpb,
+        transformer_layers_per_block=depth,
+        attention_head_dim=[c // arch["head_dim"] for c in channels],
+        cross_attention_dim=cross_dim,
+        use_linear_projection=proj_in.ndim == 2,
+        addition_time_embed_dim=(add_in - te2_proj_dim) // 6,
+        projection_class_embeddings_input_dim=add_in,
+        norm_num_groups=arch["unet_groups"],
+    )
+    return cfg
+
+
+def infer_te_config(hf: dict[str, torch.Tensor], head_dim: int, base: dict[str, Any]) -> dict[str, Any]:
+    """transformers CLIPTextConfig dict from HF-named CLIP text tensors."""
+    tok = hf["text_model.embeddings.token_embedding.weight"]
+    cfg = dict(base)
+    cfg.update(
+        vocab_size=tok.shape[0],
+        hidden_size=tok.shape[1],
+        max_position_embeddings=hf["text_model.embeddings.position_embedding.weight"].shape[0],
+        num_hidden_layers=len(_indices(list(hf), r"text_model\.encoder\.layers\.(\d+)\.")),
+        intermediate_size=hf["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
+        num_attention_heads=tok.shape[1] // head_dim,
+    )
+    if "text_projection.weight" in hf:
+        cfg["projection_dim"] = hf["text_projection.weight"].shape[0]
+    return cfg
+
+
+def infer_vae_config(v: dict[str, torch.Tensor], arch: dict[str, int]) -> dict[str, Any]:
+    """diffusers AutoencoderKL config from LDM VAE tensors (prefix removed)."""
+    keys = list(v)
+    levels = _indices(keys, r"encoder\.down\.(\d+)\.")
+    cfg = dict(sdxl_config.SDXL_VAE_CONFIG)
+    cfg.update(
+        in_channels=v["encoder.conv_in.weight"].shape[1],
+        out_channels=v["decoder.conv_out.weight"].shape[0],
+        down_block_types=["DownEncoderBlock2D"] * len(levels),
+        up_block_types=["UpDecoderBlock2D"] * len(levels),
+        block_out_channels=[v[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] for i in levels],
+        layers_per_block=len(_indices(keys, r"encoder\.down\.0\.block\.(\d+)\.")),
+        latent_channels=v["post_quant_conv.weight"].shape[0],
+        norm_num_groups=arch["vae_groups"],
+        sample_size=arch["vae_sample"],
+    )
+    return cfg
+
+
+def _load_into(module: torch.nn.Module, converted: dict[str, torch.Tensor], source: str, what: str) -> None:
+    """Strict load: every key of the module filled, nothing left over; shapes must match."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in converted]
+    unexpected = [k for k in converted if k not in own]
+    if missing or unexpected:
+        raise ValueError(
+            f"{source}: {what} keys do not match the model"
+            + (f"; missing: {_short_list(missing)}" if missing else "")
+            + (f"; unexpected: {_short_list(unexpected)}" if unexpected else "")
+        )
+    bad = [
+        f"{k} {tuple(converted[k].shape)}!={tuple(own[k].shape)}"
+        for k in own
+        if converted[k].shape != own[k].shape
+    ]
+    if bad:
+        raise ValueError(f"{source}: {what} tensor shapes do not match: {_short_list(bad, 10)}")
+    module.load_state_dict(converted, strict=True, assign=True)
+
+
+def _unet_from_sgm(u: dict[str, torch.Tensor], cfg: dict[str, Any], source: str, dtype: torch.dtype):
+    with init_empty_weights():
+        unet = UNet2DConditionModel(**cfg)
+    # the forward map of the model's own keys, inverted, tells which SGM tensor fills each key
+    own_keys = list(unet.state_dict().keys())
+    fwd = unet_state_to_sgm({k: k for k in own_keys}, list(cfg["up_block_types"]), cfg["layers_per_block"])
+    conv = {}
+    for sgm_key, diff_key in fwd.items():
+        key = sgm_key[len(UNET_PREFIX) :]
+        if key in u:
+            conv[diff_key] = u[key].to(dtype)
+    leftover = set(u) - {k[len(UNET_PREFIX) :] for k in fwd}
+    for k in leftover:
+        conv["<unexpected>." + k] = u[k]
+    _load_into(unet, conv, source, "UNet (model.diffusion_model.*)")
+    return unet
+
+
+def vae_from_ldm(
+    v: dict[str, torch.Tensor], source: str, dtype: torch.dtype, arch: dict[str, int] | None = None
+):
+    """AutoencoderKL from LDM-layout VAE tensors (no prefix)."""
+    cfg = infer_vae_config(v, arch or DEFAULT_ARCH)
+    with init_empty_weights():
+        vae = AutoencoderKL(**cfg)
+    own = vae.state_dict()
+    fwd = vae_state_to_ldm({k: torch.empty(0) for k in own}, len(cfg["block_out_channels"]), prefix="")
+    names = dict(zip(fwd.keys(), own.keys()))
+    conv = {}
+    for lk, dk in names.items():
+        if lk in v:
+            t = v[lk]
+            if t.ndim == 4 and own[dk].ndim == 2:
+                t = t[:, :, 0, 0]
+            conv[dk] = t.to(dtype)
+    for k in set(v) - set(names):
+        conv["<unexpected>." + k] = v[k]
+    _load_into(vae, conv, source, "VAE (first_stage_model.*)")
+    return vae
+
+
+def _te_from_hf(hf, cfg, cls, source, what, dtype):
+    with init_empty_weights():
+        te = cls(_te_config(cfg))
+    own_flat = not any(k.startswith("text_model.") for k in te.state_dict())
+    hf = {
+        (k[len("text_model.") :] if own_flat and k.startswith("text_model.") else k): v.to(dtype)
+        for k, v in hf.items()
+        if k != "text_model.embeddings.position_ids"
+    }
+    _load_into(te, hf, source, what)
+    return te
+
+
+def _arch_from_meta(meta: dict[str, str]) -> dict[str, int]:
+    arch = {**DEFAULT_ARCH, "te1_head_dim": 64, "te2_head_dim": 64}
+    if ARCH_METADATA_KEY in meta:
+        arch.update(json.loads(meta[ARCH_METADATA_KEY]))
+    return arch
+
+
+def load_sdxl_single_file(path: str | Path, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """unet, vae, text_encoder_1, text_encoder_2, extra from an SGM single-file checkpoint."""
+    path = Path(path)
+    sd, meta = _read_safetensors(path)
+    check_sdxl_state(sd, str(path))
+    arch = _arch_from_meta(meta)
+    te2_hf, logit_scale = openclip_to_te2_state(_strip(sd, TE2_PREFIX))
+    te2_cfg = infer_te_config(te2_hf, arch["te2_head_dim"], sdxl_config.SDXL_TE2_CONFIG)
+    te1_hf = _strip(sd, TE1_PREFIX)
+    te1_cfg = infer_te_config(te1_hf, arch["te1_head_dim"], sdxl_config.SDXL_TE1_CONFIG)
+    unet_sd = _strip(sd, UNET_PREFIX)
+    unet = _unet_from_sgm(
+        unet_sd, infer_unet_config(unet_sd, arch, te2_cfg["projection_dim"]), str(path), dtype
+    )
+    vae = vae_from_ldm(_strip(sd, VAE_PREFIX), str(path), dtype, arch)
+    te1 = _te_from_hf(
+        te1_hf, te1_cfg, CLIPTextModel, str(path), "text encoder 1 (conditioner.embedders.0)", dtype
+    )
+    te2 = _te_from_hf(
+        te2_hf,
+        te2_cfg,
+        CLIPTextModelWithProjection,
+        str(path),
+        "text encoder 2 (conditioner.embedders.1)",
+        dtype,
+    )
+    extra = {"logit_scale": logit_scale} if logit_scale is not None else {}
+    return {"unet": unet, "vae": vae, "text_encoder_1": te1, "text_encoder_2": te2, "extra": extra}
+
+
+def load_vae(path: str | Path, dtype: torch.dtype = torch.float32) -> AutoencoderKL:
+    """`--vae`: a diffusers folder (or a folder with vae/), or a single file in LDM or diffusers layout."""
+    p = Path(path)
+    if p.is_dir():
+        sub = p / "vae" if (p / "vae" / "config.json").is_file() else p
+        if not (sub / "config.json").is_file():
+            raise FileNotFoundError(
+                f"VAE folder {p} has no config.json (expected a diffusers AutoencoderKL folder)"
+            )
+        return AutoencoderKL.from_pretrained(str(sub), torch_dtype=dtype, local_files_only=True)
+    sd, meta = _read_safetensors(p)
+    if any(k.startswith(VAE_PREFIX) for k in sd):
+        sd = _strip(sd, VAE_PREFIX)
+    if "encoder.down.0.block.0.conv1.weight" in sd:
+        return vae_from_ldm(sd, str(p), dtype, _arch_from_meta(meta))
+    if "encoder.down_blocks.0.resnets.0.conv1.weight" in sd:
+        raise ValueError(f"VAE file {p} is in diffusers layout; pass its folder (with config.json) instead")
+    raise ValueError(
+        f"VAE file {p} is not an SDXL/LDM VAE: expected encoder.down.*/decoder.up.* keys, "
+        f"found {_describe_prefixes(list(sd))}"
+    )
+
+
+def _resolve_folder(name: str) -> Path:
+    p = Path(name)
+    if p.is_dir():
+        return p
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not p.exists():
+        from huggingface_hub import snapshot_download
+
+        try:
+            return Path(snapshot_download(name, local_files_only=True))
+        except Exception as e:  # the hub raises several types for "not cached"
+            raise FileNotFoundError(
+                f"model {name!r} is neither a local file/folder nor in the local Hugging Face cache (no downloads)"
+            ) from e
+    raise FileNotFoundError(
+        f"model {name!r} does not exist (expected an SDXL .safetensors file or diffusers folder)"
+    )
+
+
+def load_sdxl_models(
+    pretrained_model_name_or_path: str | Path,
+    vae: str | Path | None = None,
+    tokenizer_dir: str | Path | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> SdxlModels:
+    """SDXL from a single-file SGM checkpoint, a diffusers folder, or a cached hub id (offline)."""
+    name = str(pretrained_model_name_or_path)
+    if Path(name).is_file():
+        parts = load_sdxl_single_file(name, dtype)
+        toks = load_sdxl_tokenizers(tokenizer_dir)
+    else:
+        folder = _resolve_folder(name)
+        need = ["unet", "vae", "text_encoder", "text_encoder_2"]
+        absent = [d for d in need if not (folder / d).is_dir()]
+        if absent:
+            raise ValueError(
+                f"{folder} is not a diffusers SDXL folder: missing {', '.join(absent)} (expected {', '.join(need)})"
+            )
+        kw = {"torch_dtype": dtype, "local_files_only": True}
+        parts = {
+            "unet": UNet2DConditionModel.from_pretrained(str(folder / "unet"), **kw),
+            "vae": AutoencoderKL.from_pretrained(str(folder / "vae"), **kw),
+            "text_encoder_1": CLIPTextModel.from_pretrained(str(folder / "text_encoder"), **kw),
+            "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(
+                str(folder / "text_encoder_2"), **kw
+            ),
+            "extra": {},
+        }
+        if tokenizer_dir is None and (folder / "tokenizer").is_dir():
+            t1 = CLIPTokenizer.from_pretrained(str(folder / "tokenizer"))
+            t2_dir = folder / "tokenizer_2" if (folder / "tokenizer_2").is_dir() else folder / "tokenizer"
+            toks = (t1, _fix_tokenizer_2(CLIPTokenizer.from_pretrained(str(t2_dir))))
+        else:
+            toks = load_sdxl_tokenizers(tokenizer_dir)
+    if vae is not None:
+        parts["vae"] = load_vae(vae, dtype)
+    for k in ("unet", "vae", "text_encoder_1", "text_encoder_2"):
+        parts[k].eval().requires_grad_(False)
+    return SdxlModels(tokenizer_1=toks[0], tokenizer_2=toks[1], **parts)

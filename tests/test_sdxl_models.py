@@ -1,0 +1,217 @@
+"""SDXL loading/saving: single-file SGM layout, diffusers folders, OpenCLIP conversion, bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from library.sdxl_models import (
+    SdxlModels,
+    build_tiny_sdxl_models,
+    load_sdxl_models,
+    load_sdxl_tokenizers,
+    load_vae,
+    save_sdxl_diffusers,
+    save_sdxl_single_file,
+    sdxl_single_file_state,
+)
+
+COMPONENTS = ("unet", "vae", "text_encoder_1", "text_encoder_2")
+
+
+@pytest.fixture(scope="module")
+def tiny(clip_tokenizer_dir: Path) -> SdxlModels:
+    return build_tiny_sdxl_models(clip_tokenizer_dir, seed=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_file(tiny: SdxlModels, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("ckpt") / "tiny_sdxl.safetensors"
+    save_sdxl_single_file(tiny, path)
+    return path
+
+
+def _assert_same(a: SdxlModels, b: SdxlModels) -> None:
+    for name in COMPONENTS:
+        sa, sb = getattr(a, name).state_dict(), getattr(b, name).state_dict()
+        assert sa.keys() == sb.keys(), name
+        for k in sa:
+            assert torch.equal(sa[k], sb[k]), f"{name}.{k}"
+
+
+def test_single_file_round_trip_is_exact(tiny: SdxlModels, tiny_file: Path, clip_tokenizer_dir: Path) -> None:
+    loaded = load_sdxl_models(str(tiny_file), tokenizer_dir=clip_tokenizer_dir)
+    _assert_same(tiny, loaded)
+    assert loaded.unet.config.attention_head_dim == tiny.unet.config.attention_head_dim
+    assert loaded.text_encoder_2.config.num_attention_heads == tiny.text_encoder_2.config.num_attention_heads
+    assert loaded.tokenizer_2.pad_token_id == 0 and loaded.tokenizer_1.pad_token_id == 49407
+    # re-saving the loaded model gives the identical file content
+    again = sdxl_single_file_state(loaded)
+    first = sdxl_single_file_state(tiny)
+    assert again.keys() == first.keys()
+    assert all(torch.equal(again[k], first[k]) for k in first)
+
+
+def test_single_file_uses_real_sgm_layout(tiny_file: Path) -> None:
+    with safe_open(str(tiny_file), framework="pt") as f:
+        keys = set(f.keys())
+    roots = (
+        "model.diffusion_model.",
+        "conditioner.embedders.0.transformer.text_model.",
+        "conditioner.embedders.1.model.",
+        "first_stage_model.",
+    )
+    assert all(k.startswith(roots) for k in keys)
+    assert all(any(k.startswith(r) for k in keys) for r in roots)
+    for k in (
+        "model.diffusion_model.input_blocks.0.0.weight",
+        "model.diffusion_model.input_blocks.3.0.op.weight",
+        "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight",
+        "model.diffusion_model.middle_block.1.proj_in.weight",
+        "model.diffusion_model.output_blocks.2.2.conv.weight",
+        "model.diffusion_model.output_blocks.5.2.conv.weight",
+        "model.diffusion_model.label_emb.0.0.weight",
+        "model.diffusion_model.out.2.weight",
+        "conditioner.embedders.0.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight",
+        "conditioner.embedders.0.transformer.text_model.embeddings.position_ids",
+        "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight",
+        "conditioner.embedders.1.model.text_projection",
+        "conditioner.embedders.1.model.ln_final.weight",
+        "conditioner.embedders.1.model.logit_scale",
+        "first_stage_model.encoder.mid.attn_1.q.weight",
+        "first_stage_model.decoder.up.0.block.0.nin_shortcut.weight",
+    ):
+        assert k in keys, k
+
+
+def test_unet_and_vae_maps_agree_with_diffusers_converters(tiny: SdxlModels, tiny_file: Path) -> None:
+    """diffusers' own LDM->diffusers converters, fed our file, reproduce our modules' tensors."""
+    with safe_open(str(tiny_file), framework="pt") as f:
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+    unet = convert_ldm_unet_checkpoint(sd, dict(tiny.unet.config))
+    own = tiny.unet.state_dict()
+    assert unet.keys() == own.keys()
+    assert all(torch.equal(unet[k], own[k]) for k in own)
+    vae = convert_ldm_vae_checkpoint(sd, dict(tiny.vae.config))
+    own = tiny.vae.state_dict()
+    assert vae.keys() == own.keys()
+    assert all(torch.equal(vae[k].reshape(own[k].shape), own[k]) for k in own)
+
+
+def test_te2_openclip_conversion_is_numerically_right(tiny: SdxlModels, tiny_file: Path) -> None:
+    """The HF TE2 equals a direct OpenCLIP-style computation from the file's tensors."""
+    with safe_open(str(tiny_file), framework="pt") as f:
+        oc = {
+            k[len("conditioner.embedders.1.model.") :]: f.get_tensor(k)
+            for k in f.keys()
+            if k.startswith("conditioner.embedders.1.model.")
+        }
+    ids = torch.tensor([[49406, 320, 1125, 539, 550, 18376, 49407] + [0] * 70])
+    x = oc["token_embedding.weight"][ids] + oc["positional_embedding"][None]
+    n_layers = len({k.split(".")[2] for k in oc if k.startswith("transformer.resblocks.")})
+    heads = tiny.text_encoder_2.config.num_attention_heads
+    mask = torch.full((77, 77), float("-inf")).triu(1)
+    ln = torch.nn.functional.layer_norm
+    hiddens = [x]
+    for i in range(n_layers):
+        p = f"transformer.resblocks.{i}."
+        w = x.shape[-1]
+        h = ln(x, (w,), oc[p + "ln_1.weight"], oc[p + "ln_1.bias"])
+        qkv = h @ oc[p + "attn.in_proj_weight"].t() + oc[p + "attn.in_proj_bias"]
+        q, k, v = (t.reshape(1, 77, heads, w // heads).transpose(1, 2) for t in qkv.chunk(3, -1))
+        att = torch.softmax(q @ k.transpose(-1, -2) / (w // heads) ** 0.5 + mask, -1) @ v
+        att = (
+            att.transpose(1, 2).reshape(1, 77, w) @ oc[p + "attn.out_proj.weight"].t()
+            + oc[p + "attn.out_proj.bias"]
+        )
+        x = x + att
+        h = ln(x, (w,), oc[p + "ln_2.weight"], oc[p + "ln_2.bias"])
+        h = torch.nn.functional.gelu(h @ oc[p + "mlp.c_fc.weight"].t() + oc[p + "mlp.c_fc.bias"])
+        x = x + h @ oc[p + "mlp.c_proj.weight"].t() + oc[p + "mlp.c_proj.bias"]
+        hiddens.append(x)
+    final = ln(x, (x.shape[-1],), oc["ln_final.weight"], oc["ln_final.bias"])
+    pooled_direct = final[0, 6] @ oc["text_projection"]  # OpenCLIP: x @ P at the EOS token
+
+    loaded = load_sdxl_models(str(tiny_file))
+    out = loaded.text_encoder_2(ids, output_hidden_states=True)
+    torch.testing.assert_close(out.hidden_states[-2], hiddens[-2], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.last_hidden_state, final, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.text_embeds[0], pooled_direct, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(pooled_direct, final[0, 6] @ oc["text_projection"].t(), atol=1e-3)
+
+
+def test_diffusers_folder_round_trip(tiny: SdxlModels, tmp_path: Path) -> None:
+    save_sdxl_diffusers(tiny, tmp_path / "sdxl")
+    loaded = load_sdxl_models(str(tmp_path / "sdxl"))
+    _assert_same(tiny, loaded)
+    assert loaded.tokenizer_2.pad_token_id == 0
+    # the diffusers folder's VAE can be used as --vae, and so can the single file
+    vae = load_vae(tmp_path / "sdxl" / "vae")
+    assert all(torch.equal(a, b) for a, b in zip(vae.state_dict().values(), tiny.vae.state_dict().values()))
+
+
+def test_vae_override_from_single_file(
+    tiny: SdxlModels, tiny_file: Path, tmp_path: Path, clip_tokenizer_dir: Path
+):
+    other = build_tiny_sdxl_models(clip_tokenizer_dir, seed=5)
+    vae_sd = {
+        k[len("first_stage_model.") :]: v
+        for k, v in sdxl_single_file_state(other).items()
+        if k.startswith("first_stage_model.")
+    }
+    save_file(vae_sd, str(tmp_path / "vae.safetensors"), metadata={"sdxl_arch": '{"vae_groups": 8}'})
+    loaded = load_sdxl_models(str(tiny_file), vae=str(tmp_path / "vae.safetensors"))
+    sa, sb = loaded.vae.state_dict(), other.vae.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sb)
+    assert torch.equal(loaded.unet.conv_in.weight, tiny.unet.conv_in.weight)
+
+
+def test_not_sdxl_checkpoints_are_refused(tiny_file: Path, tmp_path: Path) -> None:
+    with safe_open(str(tiny_file), framework="pt") as f:
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+    vae_only = {k: v for k, v in sd.items() if k.startswith("first_stage_model.")}
+    save_file(vae_only, str(tmp_path / "vae_only.safetensors"))
+    with pytest.raises(ValueError, match=r"vae_only\.safetensors is not an SDXL.*VAE only"):
+        load_sdxl_models(str(tmp_path / "vae_only.safetensors"))
+    sd15 = {
+        "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1),
+        "cond_stage_model.transformer.text_model.final_layer_norm.weight": torch.zeros(1),
+    }
+    save_file(sd15, str(tmp_path / "sd15.safetensors"))
+    with pytest.raises(ValueError, match=r"sd15\.safetensors is not an SDXL.*SD1\.x/SD2\.x"):
+        load_sdxl_models(str(tmp_path / "sd15.safetensors"))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_sdxl_models(str(tmp_path / "missing.safetensors"))
+
+
+def test_missing_and_unexpected_keys_are_listed(tiny_file: Path, tmp_path: Path) -> None:
+    with safe_open(str(tiny_file), framework="pt") as f:
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+    bad = dict(sd)
+    del bad["model.diffusion_model.out.0.weight"]
+    bad["model.diffusion_model.extra_thing.weight"] = torch.zeros(1)
+    save_file(bad, str(tmp_path / "bad.safetensors"), metadata={"sdxl_arch": _arch_meta(tiny_file)})
+    with pytest.raises(
+        ValueError, match=r"missing: .*conv_norm_out\.weight.*unexpected: .*extra_thing\.weight"
+    ):
+        load_sdxl_models(str(tmp_path / "bad.safetensors"))
+
+
+def _arch_meta(path: Path) -> str:
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata()["sdxl_arch"]
+
+
+def test_tokenizers_from_shared_folder(clip_tokenizer_dir: Path) -> None:
+    t1, t2 = load_sdxl_tokenizers(clip_tokenizer_dir)
+    ids1 = t1("a photo of an astronaut", padding="max_length", max_length=77).input_ids
+    ids2 = t2("a photo of an astronaut", padding="max_length", max_length=77).input_ids
+    assert ids1[:8] == [49406, 320, 1125, 539, 550, 18376, 49407, 49407]
+    assert ids2[:8] == [49406, 320, 1125, 539, 550, 18376, 49407, 0]
+    with pytest.raises(FileNotFoundError, match="tokenizer folder"):
+        load_sdxl_tokenizers(clip_tokenizer_dir / "nope")
