@@ -1,0 +1,160 @@
+"""Bypasses (never build ΔW) equal the rebuild path: outputs and the grads of every input (spec §6, §7 #14)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from networks.functional import (
+    apply_weight,
+    loha_delta_weight,
+    loha_khatri_rao_conv,
+    loha_khatri_rao_linear,
+    lokr_bypass_conv,
+    lokr_bypass_linear,
+    lokr_bypass_linear_lowrank,
+    lokr_delta_weight,
+    make_w1,
+)
+
+A, B, C, D, R = 3, 4, 2, 5, 3  # O = 12, I = 10
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+def _leaf(shape, gen: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
+    return torch.randn(*shape, dtype=torch.float64, generator=gen).to(dtype).requires_grad_(True)
+
+
+def _compare(fast_fn, slow_fn, inputs: list[torch.Tensor], dtype: torch.dtype, gen: torch.Generator) -> None:
+    """Run both paths with the same upstream gradient; outputs and all input grads must agree."""
+    fast = fast_fn()
+    upstream = torch.randn(fast.shape, dtype=torch.float64, generator=gen).to(dtype)
+    grads_fast = torch.autograd.grad(fast, inputs, upstream)
+    slow = slow_fn()
+    grads_slow = torch.autograd.grad(slow, inputs, upstream)
+    tol = TOL[dtype]
+    assert fast.shape == slow.shape
+    scale_ref = slow.abs().max().item()
+    assert scale_ref > 1e-3
+    assert (fast - slow).abs().max().item() <= tol * max(1.0, scale_ref)
+    for gf, gs in zip(grads_fast, grads_slow):
+        assert gf.shape == gs.shape
+        assert (gf - gs).abs().max().item() <= tol * max(1.0, gs.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("w1_mode", ["full", "lowrank"])
+@pytest.mark.parametrize("w2_mode", ["full", "lowrank"])
+def test_lokr_linear_bypass_equals_rebuild(dtype, w1_mode: str, w2_mode: str) -> None:
+    gen = torch.Generator().manual_seed(30)
+    layer = nn.Linear(C * D, A * B, bias=False).to(dtype)
+    x = _leaf((2, 3, C * D), gen, dtype)
+    w1p = (
+        [_leaf((A, C), gen, dtype)]
+        if w1_mode == "full"
+        else [_leaf((A, R), gen, dtype), _leaf((R, C), gen, dtype)]
+    )
+    w2p = (
+        [_leaf((B, D), gen, dtype)]
+        if w2_mode == "full"
+        else [_leaf((B, R), gen, dtype), _leaf((R, D), gen, dtype)]
+    )
+    scale = torch.tensor(0.6, dtype=dtype, requires_grad=True)  # a trainable σ·α/r, to check its grad too
+    w1_kw = dict(w1=w1p[0]) if w1_mode == "full" else dict(w1a=w1p[0], w1b=w1p[1])
+    w2_kw = dict(w2=w2p[0]) if w2_mode == "full" else dict(w2a=w2p[0], w2b=w2p[1])
+
+    def fast():
+        w1 = make_w1(**w1_kw)
+        if w2_mode == "full":
+            return lokr_bypass_linear(x, w1, w2p[0], scale)
+        return lokr_bypass_linear_lowrank(x, w1, w2p[0], w2p[1], scale)
+
+    def slow():
+        full = dict(w1=None, w1a=None, w1b=None, w2=None, w2a=None, w2b=None, t2=None) | w1_kw | w2_kw
+        return apply_weight(x, lokr_delta_weight(**full, scale=scale, shape=(A * B, C * D)), layer)
+
+    _compare(fast, slow, [x, *w1p, *w2p, scale], dtype, gen)
+
+
+CONV_CASES = [
+    ("full", dict(kernel_size=3, stride=2, padding=1)),
+    ("full", dict(kernel_size=1)),
+    ("full4d", dict(kernel_size=1)),
+    ("lowrank", dict(kernel_size=3, padding=2, dilation=2)),
+    ("lowrank", dict(kernel_size=1, stride=2)),
+    ("tucker", dict(kernel_size=3, stride=2, padding=1)),
+    ("tucker", dict(kernel_size=3, padding=1, padding_mode="reflect")),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("w2_mode,conv_kwargs", CONV_CASES)
+def test_lokr_conv_bypass_equals_rebuild(dtype, w2_mode: str, conv_kwargs: dict) -> None:
+    gen = torch.Generator().manual_seed(31)
+    layer = nn.Conv2d(C * D, A * B, bias=False, **conv_kwargs).to(dtype)
+    k = layer.kernel_size
+    x = _leaf((2, C * D, 7, 6), gen, dtype)
+    w1 = _leaf((A, C), gen, dtype)
+    parts: dict[str, torch.Tensor] = {}
+    if w2_mode == "full":
+        parts["w2"] = _leaf((B, D, *k) if k != (1, 1) else (B, D), gen, dtype)
+    elif w2_mode == "full4d":  # LyCORIS writes (b, d, 1, 1) for 1×1 convs
+        parts["w2"] = _leaf((B, D, 1, 1), gen, dtype)
+    elif w2_mode == "lowrank":
+        parts["w2a"], parts["w2b"] = _leaf((B, R), gen, dtype), _leaf((R, D * k[0] * k[1]), gen, dtype)
+    else:
+        parts["t2"] = _leaf((R, R, *k), gen, dtype)
+        parts["w2a"], parts["w2b"] = _leaf((R, B), gen, dtype), _leaf((R, D), gen, dtype)
+    s = 5.0 / R
+    full = dict(w2=None, w2a=None, w2b=None, t2=None) | parts
+
+    def fast():
+        return lokr_bypass_conv(x, w1, full["w2"], full["w2a"], full["w2b"], full["t2"], s, layer)
+
+    def slow():
+        delta = lokr_delta_weight(w1, None, None, **full, scale=s, shape=layer.weight.shape)
+        return apply_weight(x, delta, layer)
+
+    _compare(fast, slow, [x, w1, *parts.values()], dtype, gen)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_loha_khatri_rao_linear_equals_rebuild(dtype) -> None:
+    gen = torch.Generator().manual_seed(32)
+    o, i, r = 14, 9, 3
+    layer = nn.Linear(i, o, bias=False).to(dtype)
+    x = _leaf((4, i), gen, dtype)
+    fac = [_leaf(s, gen, dtype) for s in [(o, r), (r, i), (o, r), (r, i)]]
+    s = 5.0 / r
+
+    def slow():
+        return apply_weight(x, loha_delta_weight(*fac, s, shape=(o, i)), layer)
+
+    _compare(lambda: loha_khatri_rao_linear(x, *fac, s), slow, [x, *fac], dtype, gen)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_loha_khatri_rao_conv_equals_rebuild(dtype) -> None:
+    gen = torch.Generator().manual_seed(33)
+    o, i, r = 6, 4, 2
+    layer = nn.Conv2d(i, o, 3, stride=2, padding=1, bias=False).to(dtype)
+    x = _leaf((2, i, 7, 7), gen, dtype)
+    fac = [_leaf(s, gen, dtype) for s in [(o, r), (r, i * 9), (o, r), (r, i * 9)]]
+    s = 0.4
+
+    def slow():
+        return apply_weight(x, loha_delta_weight(*fac, s, shape=layer.weight.shape), layer)
+
+    _compare(lambda: loha_khatri_rao_conv(x, *fac, s, layer), slow, [x, *fac], dtype, gen)
+
+
+def test_bypass_rejects_bad_input() -> None:
+    x = torch.randn(2, 11)
+    with pytest.raises(ValueError, match="expected c·d"):
+        lokr_bypass_linear(x, torch.randn(A, C), torch.randn(B, D), 1.0)
+    layer = nn.Conv2d(10, 12, 3, groups=2)
+    with pytest.raises(ValueError, match="groups"):
+        lokr_bypass_conv(
+            torch.randn(1, 10, 5, 5), torch.randn(A, C), torch.randn(B, D, 3, 3), None, None, None, 1.0, layer
+        )
