@@ -1,0 +1,240 @@
+"""Training-step benchmark: SDXL U-Net (real config, random init) with and without adapters.
+
+Each variant runs in its own process and prints one JSON line: median/min step time, peak memory,
+trainable parameters and adapted-module count. Step = forward, loss, backward, optimizer step.
+
+Variants:
+  floor            diffusers U-Net, no adapter, latents requiring grad (the floor for our networks)
+  ours-lora|loha|lokr   our networks on the diffusers U-Net
+  sd-floor         sd-scripts' own SDXL U-Net class, no adapter (the floor for sd-scripts' networks)
+  sd-lora|loha|lokr     sd-scripts' networks (from --sd_scripts_path) on sd-scripts' U-Net
+
+Example (GPU):
+  python bench/bench_train_step.py --sd_scripts_path baselines/sd-scripts \
+      --variants floor,ours-lora,ours-loha,ours-lokr,sd-floor,sd-lora,sd-loha,sd-lokr
+CPU smoke run: python bench/bench_train_step.py --tiny --device cpu --steps 2 --warmup 1 --variants floor,ours-loha
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+NETWORK_MODULES = {"lora": "networks.lora", "loha": "networks.loha", "lokr": "networks.lokr"}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variants", default="floor,ours-lora,ours-loha,ours-lokr")
+    p.add_argument(
+        "--sd_scripts_path", default=None, help="checkout of kohya-ss/sd-scripts (baseline variants)"
+    )
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--resolution", type=int, default=1024)
+    p.add_argument("--dim", type=int, default=32)
+    p.add_argument("--alpha", type=float, default=16)
+    p.add_argument("--network_args", nargs="*", default=[], help="extra key=value network args")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--no_gradient_checkpointing", action="store_true")
+    p.add_argument("--tiny", action="store_true", help="tiny SDXL config (CPU smoke runs)")
+    p.add_argument("--single", default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def _dtype(name: str):
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def _split_network_args(tokens: list[str]) -> dict[str, str]:
+    out = {}
+    for tok in tokens:
+        key, sep, value = tok.partition("=")
+        if not sep:
+            raise SystemExit(f"--network_args: expected key=value, got {tok!r}")
+        out[key] = value
+    return out
+
+
+def _build_diffusers_unet(args):
+    sys.path.insert(0, str(REPO_ROOT))
+    from diffusers import UNet2DConditionModel
+
+    from library.sdxl_config import SDXL_UNET_CONFIG, tiny_sdxl_configs
+
+    config = tiny_sdxl_configs()["unet"] if args.tiny else SDXL_UNET_CONFIG
+    unet = UNet2DConditionModel(**config)
+    ctx_dim = config["cross_attention_dim"]
+    pooled_dim = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
+
+    def call(unet_, x, t, ctx, pooled, time_ids):
+        cond = {"text_embeds": pooled, "time_ids": time_ids}
+        return unet_(x, t, ctx, added_cond_kwargs=cond).sample
+
+    return unet, call, ctx_dim, pooled_dim
+
+
+def _build_sd_scripts_unet(args):
+    if not args.sd_scripts_path:
+        raise SystemExit("--sd_scripts_path is required for sd-* variants")
+    sys.path.insert(0, str(Path(args.sd_scripts_path).resolve()))
+    if args.tiny:
+        raise SystemExit("sd-* variants need the real config (sd-scripts' U-Net class has fixed sizes)")
+    from library.sdxl_original_unet import SdxlUNet2DConditionModel
+
+    unet = SdxlUNet2DConditionModel()
+    unet.set_use_sdpa(True)
+
+    def call(unet_, x, t, ctx, pooled, time_ids):
+        import torch
+
+        # sd-scripts builds y from the pooled embedding and the sinusoidal size embeddings; for timing a
+        # random y of the right width is equivalent.
+        y = torch.cat([pooled, time_ids.new_zeros(pooled.shape[0], 2816 - pooled.shape[1])], dim=1)
+        return unet_(x, t, ctx, y)
+
+    return unet, call, 2048, 1280
+
+
+def run_single(args: argparse.Namespace) -> dict:
+    import torch
+
+    variant = args.single
+    family, _, algo = variant.partition("-")
+    is_sd = family == "sd"
+    if variant == "floor":
+        algo = ""
+    device = torch.device(args.device)
+    dtype = _dtype(args.dtype)
+    torch.manual_seed(0)
+
+    builder = _build_sd_scripts_unet if is_sd else _build_diffusers_unet
+    unet, call, ctx_dim, pooled_dim = builder(args)
+    unet.requires_grad_(False)
+    unet.to(device=device, dtype=dtype)
+    if not args.no_gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+
+    network = None
+    n_modules = 0
+    params = []
+    if algo and algo != "floor":
+        module = __import__(NETWORK_MODULES[algo], fromlist=["create_network"])
+        kwargs = _split_network_args(args.network_args)
+        network = module.create_network(1.0, args.dim, args.alpha, None, [], unet, **kwargs)
+        network.apply_to([], unet, apply_text_encoder=False, apply_unet=True)
+        network.to(device)
+        if hasattr(network, "prepare_optimizer_params_with_multiple_te_lrs"):
+            groups = network.prepare_optimizer_params_with_multiple_te_lrs(None, 1e-4, 1e-4)
+        else:
+            groups = network.prepare_optimizer_params(None, 1e-4, 1e-4)
+        if isinstance(groups, tuple):
+            groups = groups[0]
+        params = [p for g in groups for p in g["params"]]
+        if hasattr(network, "prepare_grad_etc"):
+            network.prepare_grad_etc([], unet)
+        n_modules = sum(1 for _ in getattr(network, "unet_loras", [])) or sum(
+            1 for m in network.modules() if m is not network and hasattr(m, "multiplier")
+        )
+    optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
+
+    latent = 2 if args.tiny else args.resolution // 8
+    b = args.batch
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    x0 = torch.randn(b, 4, latent, latent, generator=gen).to(device, dtype)
+    noise = torch.randn(b, 4, latent, latent, generator=gen).to(device, dtype)
+    ctx = torch.randn(b, 77, ctx_dim, generator=gen).to(device, dtype)
+    pooled = torch.randn(b, pooled_dim, generator=gen).to(device, dtype)
+    time_ids = torch.tensor([[1024, 1024, 0, 0, 1024, 1024]] * b, dtype=dtype, device=device)
+    timesteps = torch.randint(0, 1000, (b,), generator=gen).to(device)
+    if network is None:
+        x0.requires_grad_(True)
+    autocast = device.type == "cuda" and dtype != torch.float32
+
+    def step():
+        with torch.autocast(device.type, dtype=dtype, enabled=autocast):
+            pred = call(unet, x0, timesteps, ctx, pooled, time_ids)
+        loss = torch.nn.functional.mse_loss(pred.float(), noise.float())
+        loss.backward()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        else:
+            x0.grad = None
+        return loss
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(args.warmup):
+        step()
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        loss = step()
+        sync()
+        times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    return {
+        "variant": variant,
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "peak_gib": peak,
+        "trainable_params": sum(p.numel() for p in params),
+        "modules": n_modules,
+        "loss": float(loss.detach().float().cpu()),
+        "steps": args.steps,
+    }
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    if args.single:
+        print("BENCH " + json.dumps(run_single(args)), flush=True)
+        return []
+    results = []
+    base_argv = [a for a in (argv if argv is not None else sys.argv[1:])]
+    for variant in [v.strip() for v in args.variants.split(",") if v.strip()]:
+        cmd = [sys.executable, str(Path(__file__).resolve()), *base_argv, "--single", variant]
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+        )
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH ")), None)
+        if proc.returncode != 0 or line is None:
+            err = (proc.stderr or proc.stdout)[-1200:]
+            result = {"variant": variant, "error": err}
+        else:
+            result = json.loads(line[len("BENCH ") :])
+        results.append(result)
+        print(json.dumps(result), flush=True)
+    floors = {
+        r["variant"]: r["median_s"]
+        for r in results
+        if r["variant"] in ("floor", "sd-floor") and "median_s" in r
+    }
+    for r in results:
+        floor = floors.get("sd-floor" if r["variant"].startswith("sd-") else "floor")
+        if floor and "median_s" in r:
+            r["ratio_to_floor"] = r["median_s"] / floor
+    print("SUMMARY " + json.dumps(results), flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    main()
