@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from lycoris.functional import loha as lyco_loha
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from networks.functional import HadaWeight, HadaWeightTucker, loha_delta_weight, tucker_half
 
@@ -173,3 +174,46 @@ def test_loha_delta_weight_bad_shapes() -> None:
         loha_delta_weight(w1a, w1b, w2a, w2b, 1.0, shape=(6, 4))
     with pytest.raises(ValueError, match="together"):
         loha_delta_weight(w1a, w1b, w2a, w2b, 1.0, t1=_randn(2, 2, 3, 3, gen=gen))
+
+
+class _MatmulDtypes(TorchDispatchMode):
+    """Records the dtype of every matrix-product kernel that runs while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dtypes: list[torch.dtype] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.bmm, torch.ops.aten.addmm):
+            self.dtypes.append(args[0].dtype)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("tucker", [False, True])
+def test_backward_follows_forward_autocast(tucker: bool) -> None:
+    """Under autocast the recomputed products in backward run in the autocast dtype (as plain
+    autograd would), and the grads come back in the fp32 params' dtype, close to plain autograd."""
+    gen = torch.Generator().manual_seed(17)
+    if tucker:
+        fac = [f.float().detach().requires_grad_(True) for f in _tucker_factors(12, 10, 4, (3, 3), gen)]
+        fn, ref_fn = HadaWeightTucker.apply, _plain_tucker
+    else:
+        fac = [f.float().detach().requires_grad_(True) for f in _flat_factors(48, 40, 4, gen)]
+        fn = HadaWeight.apply
+
+        def ref_fn(w1a, w1b, w2a, w2b, s):
+            return s * (w1a @ w1b) * (w2a @ w2b)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fn(*fac, 0.5)
+        ref = ref_fn(*fac, 0.5)
+    assert out.dtype == torch.bfloat16
+    upstream = torch.randn(out.shape, generator=gen).to(torch.bfloat16)
+    rec = _MatmulDtypes()
+    with rec:
+        grads = torch.autograd.grad(out, fac, upstream)
+    assert rec.dtypes and all(d == torch.bfloat16 for d in rec.dtypes), rec.dtypes
+    ref_grads = torch.autograd.grad(ref, fac, upstream)
+    for g, rg in zip(grads, ref_grads):
+        assert g.dtype == torch.float32
+        assert ((g - rg).norm() / rg.norm()).item() < 0.05

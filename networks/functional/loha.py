@@ -6,6 +6,8 @@ The custom Functions save only the factors, not the O×I products: backward reco
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .common import Scale, apply_weight
@@ -16,6 +18,20 @@ def _scaled(grad: torch.Tensor, scale: Scale) -> torch.Tensor:
     if isinstance(scale, torch.Tensor) or scale != 1.0:
         return grad * scale
     return grad
+
+
+def _save_autocast(ctx, ref: torch.Tensor) -> None:
+    # Remember the forward's autocast state so backward recomputes the products in the same
+    # precision (what plain autograd of an autocast matmul would do), instead of silently in fp32.
+    ctx.device_type = ref.device.type
+    ctx.autocast_on = torch.is_autocast_enabled(ctx.device_type)
+    ctx.autocast_dtype = torch.get_autocast_dtype(ctx.device_type) if ctx.autocast_on else None
+
+
+def _autocast_like_forward(ctx):
+    if not ctx.autocast_on:
+        return contextlib.nullcontext()
+    return torch.autocast(ctx.device_type, dtype=ctx.autocast_dtype)
 
 
 def _scale_grad(grad_out: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, scale: torch.Tensor):
@@ -35,11 +51,17 @@ class HadaWeight(torch.autograd.Function):
             ctx.save_for_backward(w1a, w1b, w2a, w2b)
             ctx.scale_is_tensor = False
             ctx.scale = scale
+        _save_autocast(ctx, w1a)
         # Fold s into the smallest factor (O×r) rather than the O×M product.
         return ((w1a * scale) @ w1b) * (w2a @ w2b)
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
+        with _autocast_like_forward(ctx):
+            return HadaWeight._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
         if ctx.scale_is_tensor:
             w1a, w1b, w2a, w2b, scale = ctx.saved_tensors
         else:
@@ -99,10 +121,16 @@ class HadaWeightTucker(torch.autograd.Function):
             ctx.save_for_backward(t1, w1a, w1b, t2, w2a, w2b)
             ctx.scale_is_tensor = False
             ctx.scale = scale
+        _save_autocast(ctx, w1a)
         return tucker_half(t1, w1a * scale, w1b) * tucker_half(t2, w2a, w2b)
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
+        with _autocast_like_forward(ctx):
+            return HadaWeightTucker._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
         if ctx.scale_is_tensor:
             t1, w1a, w1b, t2, w2a, w2b, scale = ctx.saved_tensors
         else:
