@@ -35,7 +35,6 @@ UNSUPPORTED: dict[str, tuple[str, str]] = {
     "max_validation_steps": ("error", "validation is not implemented"),
     "masked_loss": ("error", "--masked_loss is not implemented"),
     "weighted_captions": ("error", "--weighted_captions is not implemented"),
-    "in_json": ("error", "--in_json is not implemented; use a --dataset_config with metadata_file"),
     "huggingface_repo_id": ("error", "uploading to the Hugging Face Hub is not implemented"),
     "cpu_offload_checkpointing": ("error", "--cpu_offload_checkpointing is not implemented"),
     "fp8_base_unet": ("error", "--fp8_base_unet is not implemented; use --fp8_base"),

@@ -1,0 +1,532 @@
+"""The network training loop shared by the SDXL and Anima trainers.
+
+Everything model-specific lives in a :class:`TrainingArchitecture` (load models, build the dataset,
+cache, compute the per-sample loss, generate sample images, metadata names). This module owns the
+sd-scripts network contract (spec sdxl.md §1 call order), accelerate, the optimizer/scheduler, the
+schedule of saves/samples/states, logging and resume.
+
+Data order is ours, not the DataLoader's: each epoch the batch indices are permuted by a generator
+seeded with ``seed + epoch`` and dealt round-robin to processes, so a resumed run can skip exactly the
+batches already seen and continue bit-identically (CPU, ``max_data_loader_n_workers 0``).
+"""
+
+from __future__ import annotations
+
+import abc
+import argparse
+import logging
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from library import saving
+from library.optimizers import build_optimizer, build_scheduler
+from library.train_utils import LossRecorder, import_network_module, parse_network_args, sample_file_name
+
+logger = logging.getLogger(__name__)
+
+NETWORK_STATE_FILE = "network.safetensors"
+
+
+@dataclass
+class DatasetInfo:
+    """What the loop needs from a dataset: item i is one ready batch (dict); plus counts and metadata."""
+
+    dataset: torch.utils.data.Dataset
+    collate_fn: Any
+    num_train_images: int
+    num_reg_images: int
+    metadata: dict[str, str] = field(default_factory=dict)
+    set_epoch: Any = None  # callable(epoch: int) -> None, reshuffles buckets/captions for that epoch
+
+
+class TrainingArchitecture(abc.ABC):
+    """The architecture-specific half of a trainer (SDXL, Anima)."""
+
+    base_model_version: str  # ss_base_model_version
+    modelspec_architecture: str  # e.g. "stable-diffusion-xl-v1-base"
+    modelspec_implementation: str = saving.IMPLEMENTATION_SGM
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:  # noqa: B027 - optional hook
+        """Architecture flags (added before the shared ones)."""
+
+    def verify_args(self, args: argparse.Namespace) -> None:  # noqa: B027 - optional hook
+        """Architecture-specific checks of the parsed args."""
+
+    @abc.abstractmethod
+    def build_dataset(self, args: argparse.Namespace) -> DatasetInfo:
+        """Read the dataset config/folders (no model needed yet): bad data fails before loading models."""
+
+    @abc.abstractmethod
+    def load_models(
+        self, args: argparse.Namespace, accelerator: Accelerator, weight_dtype: torch.dtype
+    ) -> None:
+        """Load the base model (stays on CPU until :meth:`prepare_models`)."""
+
+    @abc.abstractmethod
+    def network_targets(self) -> tuple[Any, Any, Any]:
+        """``(vae, text_encoder_or_list, unet)`` as passed to ``create_network``."""
+
+    @abc.abstractmethod
+    def cache(
+        self, args: argparse.Namespace, accelerator: Accelerator, data: DatasetInfo, weight_dtype: torch.dtype
+    ) -> None:
+        """Cache latents / text-encoder outputs as requested by the flags."""
+
+    @abc.abstractmethod
+    def prepare_models(
+        self,
+        args: argparse.Namespace,
+        accelerator: Accelerator,
+        weight_dtype: torch.dtype,
+        train_unet: bool,
+        train_text_encoder: bool,
+    ) -> None:
+        """Freeze, cast and move the base models; enable gradient checkpointing."""
+
+    @abc.abstractmethod
+    def per_sample_loss(
+        self,
+        args: argparse.Namespace,
+        accelerator: Accelerator,
+        batch: dict[str, Any],
+        weight_dtype: torch.dtype,
+        train_text_encoder: bool,
+    ) -> torch.Tensor:
+        """Loss per sample (B,), already weighted (prior loss weight, min-SNR, ...)."""
+
+    @abc.abstractmethod
+    def sample_images(
+        self,
+        args: argparse.Namespace,
+        accelerator: Accelerator,
+        prompt_lines: list[str],
+        out_paths: list[Path],
+    ) -> list[Path]:
+        """Generate one PNG per prompt line at the given base path (seed/suffix added); return written paths."""
+
+
+def make_accelerator(args: argparse.Namespace) -> Accelerator:
+    log_with = None
+    project_dir = None
+    if args.log_with:
+        log_with = ["tensorboard", "wandb"] if args.log_with == "all" else [args.log_with]
+        project_dir = os.path.join(args.logging_dir, (args.log_prefix or "") + time.strftime("%Y%m%d%H%M%S"))
+    kwargs_handlers = []
+    if args.ddp_timeout:
+        import datetime
+
+        from accelerate.utils import InitProcessGroupKwargs
+
+        kwargs_handlers.append(InitProcessGroupKwargs(timeout=datetime.timedelta(minutes=args.ddp_timeout)))
+    return Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=log_with,
+        project_dir=project_dir,
+        kwargs_handlers=kwargs_handlers,
+    )
+
+
+def dtypes(args: argparse.Namespace) -> tuple[torch.dtype, torch.dtype | None]:
+    """(weight dtype of the frozen model, save dtype of the network or None = as trained)."""
+    weight = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
+    save = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(
+        args.save_precision or ""
+    )
+    return weight, save
+
+
+def epoch_batches(n: int, epoch: int, seed: int, rank: int, world: int) -> list[int]:
+    """Batch indices of one epoch for one process: a seeded permutation dealt round-robin, padded."""
+    gen = torch.Generator().manual_seed(seed + epoch)
+    order = torch.randperm(n, generator=gen).tolist()
+    per_rank = math.ceil(n / world)
+    order = order + order[: per_rank * world - n]  # every rank gets the same count (DDP lock-step)
+    return order[rank::world]
+
+
+def _rng_snapshot() -> tuple[Any, Any, torch.Tensor]:
+    return random.getstate(), np.random.get_state(), torch.get_rng_state()
+
+
+def _rng_restore(snap: tuple[Any, Any, torch.Tensor]) -> None:
+    random.setstate(snap[0])
+    np.random.set_state(snap[1])
+    torch.set_rng_state(snap[2])
+
+
+def train(args: argparse.Namespace, arch: TrainingArchitecture) -> Path | None:
+    """Run training; returns the path of the final network file (None on non-main processes)."""
+    session_id = random.randint(0, 2**32 - 1)
+    training_started_at = time.time()
+    output_dir = saving.check_output_dir_writable(args.output_dir)  # fail before any heavy work
+    if args.seed is None:
+        args.seed = random.randint(0, 2**32 - 1)
+    set_seed(args.seed)
+    network_module = import_network_module(args.network_module)
+
+    accelerator = make_accelerator(args)
+    weight_dtype, save_dtype = dtypes(args)
+    data = arch.build_dataset(args)
+    if len(data.dataset) == 0:
+        raise ValueError("the dataset has no images: check --dataset_config / --train_data_dir")
+    arch.load_models(args, accelerator, weight_dtype)
+    vae, text_encoder, unet = arch.network_targets()
+
+    # (1) merge --base_weights into the base model
+    for i, path in enumerate(args.base_weights or []):
+        mult = args.base_weights_multiplier[i] if args.base_weights_multiplier else 1.0
+        module, weights_sd = network_module.create_network_from_weights(
+            mult, path, vae, text_encoder, unet, for_inference=True
+        )
+        module.merge_to(text_encoder, unet, weights_sd, weight_dtype, "cpu")
+        logger.info("merged base weights %s (multiplier %s)", path, mult)
+
+    arch.cache(args, accelerator, data, weight_dtype)
+
+    # (2) create the network
+    net_kwargs = parse_network_args(args.network_args)
+    if args.dim_from_weights:
+        network, _ = network_module.create_network_from_weights(
+            1, args.network_weights, vae, text_encoder, unet, **net_kwargs
+        )
+    else:
+        if "dropout" not in net_kwargs:
+            net_kwargs["dropout"] = args.network_dropout  # LyCORIS reads neuron dropout from kwargs
+        network = network_module.create_network(
+            1.0, args.network_dim, args.network_alpha, vae, text_encoder, unet,
+            neuron_dropout=args.network_dropout, **net_kwargs,
+        )  # fmt: skip
+    if network is None:
+        return None
+    # (3) optional hooks
+    if hasattr(network, "prepare_network"):
+        network.prepare_network(args)
+    if args.scale_weight_norms and not hasattr(network, "apply_max_norm_regularization"):
+        logger.warning("--scale_weight_norms: %s does not support it; disabled", args.network_module)
+        args.scale_weight_norms = None
+    train_unet = not args.network_train_text_encoder_only
+    train_text_encoder = not args.network_train_unet_only
+    # (4) attach, (5) start weights, (6) checkpointing
+    network.apply_to(text_encoder, unet, train_text_encoder, train_unet)
+    if args.network_weights:
+        info = network.load_weights(args.network_weights)
+        logger.info("loaded network weights %s: %s", args.network_weights, info)
+    arch.prepare_models(args, accelerator, weight_dtype, train_unet, train_text_encoder)
+    if args.gradient_checkpointing and hasattr(network, "enable_gradient_checkpointing"):
+        network.enable_gradient_checkpointing()
+
+    # (7) parameter groups + optimizer
+    te_lrs = args.text_encoder_lr or None
+    te_lr_first = te_lrs[0] if te_lrs else None
+    try:
+        if hasattr(network, "prepare_optimizer_params_with_multiple_te_lrs"):
+            results = network.prepare_optimizer_params_with_multiple_te_lrs(
+                te_lrs, args.unet_lr, args.learning_rate
+            )
+        else:
+            results = network.prepare_optimizer_params(te_lr_first, args.unet_lr, args.learning_rate)
+    except TypeError:
+        results = network.prepare_optimizer_params(te_lr_first, args.unet_lr)
+    params, descriptions = results if isinstance(results, tuple) else (results, None)
+    optimizer_name, optimizer_desc, optimizer = build_optimizer(args, params)
+    lr_names = (
+        list(descriptions) if descriptions else [f"group{i}" for i in range(len(optimizer.param_groups))]
+    )
+
+    # schedule length
+    rank, world = accelerator.process_index, accelerator.num_processes
+    batches_per_epoch = math.ceil(len(data.dataset) / world)
+    updates_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
+    if args.max_train_epochs is not None:
+        args.max_train_steps = args.max_train_epochs * updates_per_epoch
+    num_epochs = math.ceil(args.max_train_steps / updates_per_epoch)
+    lr_scheduler = build_scheduler(args, optimizer, world)
+
+    # (8) dtype + accelerate
+    if args.full_bf16:
+        network.to(weight_dtype)
+    network.to(accelerator.device)
+    if world > 1:  # identical start on every rank (the network is not DDP-wrapped: see _sync_grads)
+        for tensor in network.state_dict().values():
+            torch.distributed.broadcast(tensor.data, src=0)
+    optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
+    network.train()
+    # (9)
+    if hasattr(network, "prepare_grad_etc"):
+        network.prepare_grad_etc(text_encoder, unet)
+    trainable = list(network.get_trainable_params()) if hasattr(network, "get_trainable_params") else [
+        p for p in network.parameters() if p.requires_grad
+    ]  # fmt: skip
+
+    # metadata
+    base_md = saving.training_metadata(
+        args, session_id=session_id, training_started_at=training_started_at,
+        base_model_version=arch.base_model_version, optimizer_desc=optimizer_desc,
+        num_train_images=data.num_train_images, num_reg_images=data.num_reg_images,
+        num_batches_per_epoch=batches_per_epoch, num_epochs=num_epochs,
+        network_args=net_kwargs if args.network_args else None, dataset_metadata=data.metadata,
+    )  # fmt: skip
+    modelspec = saving.build_modelspec(
+        args, arch.modelspec_architecture, training_started_at, arch.modelspec_implementation
+    )
+    ext = args.save_model_as or "safetensors"
+
+    def save_network(name: str, steps: int, epoch: int) -> Path:
+        path = output_dir / name
+        if accelerator.is_main_process:
+            md = saving.finalize_metadata(
+                base_md, modelspec, steps=steps, epoch=epoch, no_metadata=args.no_metadata
+            )
+            saving.atomic_write(path, lambda tmp: network.save_weights(tmp, save_dtype, md))
+            logger.info("saved %s", path)
+        return path
+
+    def save_state(dirname: str, epoch_done: int, steps: int, batches_in_epoch: int) -> None:
+        state_dir = output_dir / dirname
+        accelerator.save_state(str(state_dir))
+        if accelerator.is_main_process:
+            sd = {k: v.detach().contiguous().cpu() for k, v in network.state_dict().items()}
+            saving.atomic_write(state_dir / NETWORK_STATE_FILE, lambda tmp: save_file(sd, tmp))
+            saving.write_train_state(state_dir, epoch_done, steps)
+            info = state_dir / "loop_position.txt"
+            info.write_text(str(batches_in_epoch), encoding="utf-8")
+        accelerator.wait_for_everyone()
+
+    # resume
+    global_step, first_epoch, skip_batches, resume_rng = 0, 0, 0, None
+    if args.resume:
+        accelerator.load_state(args.resume)
+        sd = load_file(str(Path(args.resume) / NETWORK_STATE_FILE))
+        network.load_state_dict({k: v.to(accelerator.device) for k, v in sd.items()}, strict=True)
+        state = saving.read_train_state(args.resume)
+        first_epoch, global_step = state["current_epoch"], state["current_step"]
+        pos_file = Path(args.resume) / "loop_position.txt"
+        skip_batches = int(pos_file.read_text()) if pos_file.is_file() else 0
+        resume_rng = _rng_snapshot()
+        logger.info("resumed from %s: epoch %d, step %d", args.resume, first_epoch, global_step)
+
+    if args.log_with:
+        init_kwargs = {"wandb": {"name": args.wandb_run_name}} if args.wandb_run_name else {}
+        accelerator.init_trackers(args.log_tracker_name or "network_train", init_kwargs=init_kwargs)
+
+    prompt_lines = _read_prompts(args)
+
+    def sample(epoch: int | None, step: int) -> None:
+        if not prompt_lines or not accelerator.is_main_process:
+            return
+        snap = _rng_snapshot()  # sampling must not change the training RNG stream
+        network.eval()
+        sample_dir = output_dir / "sample"
+        sample_dir.mkdir(exist_ok=True)
+        stamp = time.strftime("%Y%m%d%H%M%S")
+        bases = [
+            sample_dir / sample_file_name(args.output_name, epoch, step, i, stamp)
+            for i in range(len(prompt_lines))
+        ]
+        with torch.no_grad():
+            arch.sample_images(args, accelerator, prompt_lines, bases)
+        network.train()
+        _rng_restore(snap)
+
+    recorder = LossRecorder()
+    n_workers = min(args.max_data_loader_n_workers if hasattr(args, "max_data_loader_n_workers") else 0,
+                    os.cpu_count() or 1)  # fmt: skip
+    progress = tqdm(range(args.max_train_steps), initial=global_step, smoothing=0, desc="steps",
+                    disable=not accelerator.is_local_main_process)  # fmt: skip
+    if args.sample_at_first:
+        sample(None, 0)
+    last_saved: Path | None = None
+    done = global_step >= args.max_train_steps
+    for epoch in range(first_epoch, num_epochs):
+        if done:
+            break
+        if data.set_epoch is not None:
+            data.set_epoch(epoch + 1)
+        if resume_rng is not None:  # restore the exact RNG stream of the interrupted run
+            _rng_restore(resume_rng)
+            resume_rng = None
+        if hasattr(network, "on_epoch_start"):
+            network.on_epoch_start(text_encoder, unet)
+        indices = epoch_batches(len(data.dataset), epoch, args.seed, rank, world)
+        loader = torch.utils.data.DataLoader(
+            data.dataset, batch_size=1, sampler=indices[skip_batches:], collate_fn=data.collate_fn,
+            num_workers=n_workers, generator=torch.Generator().manual_seed(args.seed + epoch),
+        )  # fmt: skip
+        batch_pos = skip_batches
+        skip_batches = 0
+        for batch in loader:
+            batch_pos += 1
+            if batch_pos == len(
+                indices
+            ):  # an epoch's last batch ends an accumulation cycle (as in sd-scripts)
+                accelerator.step = args.gradient_accumulation_steps - 1
+            with accelerator.accumulate(network):
+                if hasattr(network, "on_step_start"):
+                    network.on_step_start(text_encoder, unet)
+                with accelerator.autocast():
+                    per_sample = arch.per_sample_loss(
+                        args, accelerator, batch, weight_dtype, train_text_encoder
+                    )
+                loss = per_sample.float().mean()
+                _check_finite(loss, accelerator, global_step + 1, epoch + 1, last_saved)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    _sync_grads(trainable, world)
+                    if args.max_grad_norm:
+                        accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            logs: dict[str, float] = {}
+            if args.scale_weight_norms:
+                keys_scaled, mean_norm, max_norm = network.apply_max_norm_regularization(
+                    args.scale_weight_norms, accelerator.device
+                )
+                logs.update({"max_norm/keys_scaled": keys_scaled, "max_norm/average_key_norm": float(mean_norm),
+                             "max_norm/max_key_norm": float(max_norm)})  # fmt: skip
+            current = loss.detach().item()
+            recorder.add(epoch, batch_pos - 1, current)
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            progress.update(1)
+            lrs = [g["lr"] for g in optimizer.param_groups]
+            progress.set_postfix(loss=f"{recorder.moving_average:.4f}", lr=f"{lrs[0]:.2e}" if lrs else "-")
+            if args.log_with:
+                logs.update({"loss/current": current, "loss/average": recorder.moving_average})
+                for name, lr in zip(lr_names, lrs):
+                    logs[f"lr/{name}"] = lr
+                accelerator.log(logs, step=global_step)
+            if (
+                args.sample_every_n_steps
+                and not args.sample_every_n_epochs
+                and global_step % args.sample_every_n_steps == 0
+            ):
+                sample(None, global_step)
+            if args.save_every_n_steps and global_step % args.save_every_n_steps == 0:
+                accelerator.wait_for_everyone()
+                last_saved = save_network(
+                    saving.model_file_name(args.output_name, ext, step=global_step), global_step, epoch
+                )
+                _remove_old_step(args, output_dir, ext, global_step, accelerator)
+                if args.save_state:
+                    save_state(
+                        saving.state_dir_name(args.output_name, step=global_step),
+                        epoch,
+                        global_step,
+                        batch_pos,
+                    )
+            if global_step >= args.max_train_steps:
+                done = True
+                break
+        if args.log_with:
+            accelerator.log({"loss/epoch_average": recorder.moving_average}, step=epoch + 1)
+        accelerator.wait_for_everyone()
+        epoch_no = epoch + 1
+        if args.save_every_n_epochs and epoch_no % args.save_every_n_epochs == 0 and epoch_no < num_epochs:
+            last_saved = save_network(
+                saving.model_file_name(args.output_name, ext, epoch=epoch_no), global_step, epoch_no
+            )
+            _remove_old_epoch(args, output_dir, ext, epoch_no, accelerator)
+            if args.save_state:
+                save_state(saving.state_dir_name(args.output_name, epoch=epoch_no), epoch_no, global_step, 0)
+        if args.sample_every_n_epochs and epoch_no % args.sample_every_n_epochs == 0:
+            sample(epoch_no, global_step)
+
+    accelerator.wait_for_everyone()
+    final_epoch = num_epochs
+    if args.save_state or args.save_state_on_train_end:
+        save_state(saving.state_dir_name(args.output_name), final_epoch, global_step, 0)
+    final = save_network(saving.model_file_name(args.output_name, ext), global_step, final_epoch)
+    accelerator.end_training()
+    progress.close()
+    return final if accelerator.is_main_process else None
+
+
+def _read_prompts(args: argparse.Namespace) -> list[str]:
+    if not args.sample_prompts:
+        return []
+    from library.prompt_options import read_prompt_file
+
+    return read_prompt_file(args.sample_prompts)
+
+
+def _check_finite(
+    loss: torch.Tensor, accelerator: Accelerator, step: int, epoch: int, last: Path | None
+) -> None:
+    """NaN/Inf on any rank stops every rank with the step number; earlier saves stay untouched."""
+    bad = (~torch.isfinite(loss.detach())).float().reshape(1)
+    if accelerator.num_processes > 1:
+        bad = accelerator.reduce(bad, "sum")
+    if bad.item() > 0:
+        where = f"the last good save is {last}" if last else "nothing was saved yet"
+        raise FloatingPointError(f"loss is NaN/Inf at step {step} (epoch {epoch}); training stopped, {where}")
+
+
+def _sync_grads(params: list[torch.nn.Parameter], world: int) -> None:
+    """Mean all-reduce of the network gradients (the network is called through patched modules, not DDP)."""
+    if world <= 1:
+        return
+    for p in params:
+        if p.grad is not None:
+            torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.SUM)
+            p.grad.div_(world)
+
+
+def _remove_old_epoch(args: argparse.Namespace, out: Path, ext: str, epoch_no: int, acc: Accelerator) -> None:
+    if not acc.is_main_process or not args.save_every_n_epochs:
+        return
+    if args.save_last_n_epochs:
+        old = epoch_no - args.save_every_n_epochs * args.save_last_n_epochs
+        if old > 0:
+            saving.remove_path(out / saving.model_file_name(args.output_name, ext, epoch=old))
+    n_state = args.save_last_n_epochs_state or args.save_last_n_epochs
+    if args.save_state and n_state:
+        old = epoch_no - args.save_every_n_epochs * n_state
+        if old > 0:
+            saving.remove_path(out / saving.state_dir_name(args.output_name, epoch=old))
+
+
+def _remove_old_step(args: argparse.Namespace, out: Path, ext: str, step: int, acc: Accelerator) -> None:
+    if not acc.is_main_process:
+        return
+    if args.save_last_n_steps:
+        old = step - args.save_last_n_steps
+        old = old - old % args.save_every_n_steps if old > 0 else old
+        if old > 0:
+            saving.remove_path(out / saving.model_file_name(args.output_name, ext, step=old))
+    n_state = args.save_last_n_steps_state or args.save_last_n_steps
+    if args.save_state and n_state:
+        old = step - n_state
+        old = old - old % args.save_every_n_steps if old > 0 else old
+        if old > 0:
+            saving.remove_path(out / saving.state_dir_name(args.output_name, step=old))
+
+
+def main_entry(arch: TrainingArchitecture, build_parser: Any, argv: list[str] | None) -> Path | None:
+    """Thin-script helper: parse, handle --output_config, train; errors print one clear line."""
+    from library.train_args import parse_args, write_config_file
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    args = parse_args(parser, argv)
+    if args.output_config:
+        path = write_config_file(parser, args)
+        print(f"wrote {path}", file=sys.stderr)
+        return None
+    arch.verify_args(args)
+    return train(args, arch)

@@ -1,0 +1,111 @@
+"""Small helpers of the training loop: network module import, --network_args, loss averages, sample names."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import types
+from pathlib import Path
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def import_network_module(name: str) -> ModuleType:
+    """Import ``--network_module`` with the project root on ``sys.path`` (users pass ``networks.lora``)."""
+    if str(PROJECT_ROOT) not in sys.path:
+        sys.path.insert(0, str(PROJECT_ROOT))
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
+    try:
+        module = importlib.import_module(name)
+    except ImportError as e:
+        raise ImportError(
+            f"--network_module {name!r} cannot be imported ({e}); use e.g. networks.lora, networks.loha, networks.lokr"
+        ) from e
+    missing = [f for f in ("create_network", "create_network_from_weights") if not hasattr(module, f)]
+    if missing:
+        raise ImportError(f"--network_module {name!r} is not a network module: it lacks {', '.join(missing)}")
+    return module
+
+
+def parse_network_args(tokens: list[str] | None) -> dict[str, str]:
+    """Each token split at the first ``=``; keys and values stay strings (the module converts them)."""
+    kwargs: dict[str, str] = {}
+    for token in tokens or []:
+        if "=" not in token:
+            raise ValueError(f"--network_args: {token!r} is not key=value")
+        key, value = token.split("=", 1)
+        kwargs[key.strip()] = value.strip()
+    return kwargs
+
+
+class LossRecorder:
+    """sd-scripts' moving average: one slot per step of an epoch, replaced in later epochs."""
+
+    def __init__(self) -> None:
+        self.slots: list[float] = []
+        self.total = 0.0
+
+    def add(self, epoch: int, step: int, loss: float) -> None:
+        if step < len(self.slots):  # same slot of an earlier epoch: replace it
+            self.total += loss - self.slots[step]
+            self.slots[step] = loss
+        else:
+            self.slots.append(loss)
+            self.total += loss
+
+    @property
+    def moving_average(self) -> float:
+        return self.total / len(self.slots) if self.slots else 0.0
+
+
+def sample_file_name(output_name: str | None, epoch: int | None, step: int, index: int, stamp: str) -> str:
+    """``<output_name_>{e%06d|%06d}_%02d_<YYYYmmddHHMMSS>`` (the sampler appends ``[_seed].png``)."""
+    prefix = f"{output_name}_" if output_name else ""
+    when = f"e{epoch:06d}" if epoch is not None else f"{step:06d}"
+    return f"{prefix}{when}_{index:02d}_{stamp}"
+
+
+# ------------------------------------------------------------------------------------------ --fp8_base
+# Only Linear/Conv2d weights are stored as float8_e4m3fn (norms, embeddings and biases keep the weight
+# dtype, as sd-scripts keeps TE embeddings). Each converted layer's forward upcasts the weight to the
+# activation/autocast dtype; network modules patch forward afterwards and wrap this upcasting forward.
+FP8_DTYPE = torch.float8_e4m3fn
+
+
+def _linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    dtype = x.dtype if x.dtype.is_floating_point and x.dtype.itemsize > 1 else torch.float32
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+    bias = None if self.bias is None else self.bias.to(dtype)
+    return F.linear(x.to(dtype), self.weight.to(dtype), bias)
+
+
+def _conv_forward(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    dtype = x.dtype
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+    bias = None if self.bias is None else self.bias.to(dtype)
+    return self._conv_forward(x.to(dtype), self.weight.to(dtype), bias)
+
+
+def apply_fp8_base(model: nn.Module) -> int:
+    """Convert every Linear/Conv2d weight of ``model`` to fp8 in place; returns how many were converted."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            forward = _linear_forward
+        elif isinstance(module, nn.Conv2d):
+            forward = _conv_forward
+        else:
+            continue
+        module.weight = nn.Parameter(module.weight.data.to(FP8_DTYPE), requires_grad=False)
+        module.forward = types.MethodType(forward, module)
+        count += 1
+    return count
