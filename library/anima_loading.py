@@ -192,13 +192,16 @@ def load_anima_tokenizers(
 ) -> tuple[PreTrainedTokenizerBase, PreTrainedTokenizerBase]:
     """(Qwen3 tokenizer, T5 tokenizer). Never downloads; falls back to the local hub cache only."""
     qwen = None
-    if qwen_dir is not None and Path(qwen_dir).is_dir() and (Path(qwen_dir) / "vocab.json").is_file():
+    has_files = qwen_dir is not None and any(
+        (Path(qwen_dir) / f).is_file() for f in ("tokenizer.json", "vocab.json")
+    )
+    if has_files:
         qwen = AutoTokenizer.from_pretrained(str(qwen_dir), local_files_only=True)
     if qwen is None:
         qwen = _hub_cached_tokenizer(QWEN_HUB_ID)
     if qwen is None:
         raise FileNotFoundError(
-            f"Qwen3 tokenizer not found: the text-encoder folder {qwen_dir} has no vocab.json/merges.txt and "
+            f"Qwen3 tokenizer not found: the text-encoder folder {qwen_dir} has no tokenizer.json/vocab.json and "
             f"{QWEN_HUB_ID} is not in the local hub cache"
         )
     if t5_path is not None:
@@ -378,9 +381,9 @@ def build_tiny_anima_models(
     text_encoder = Qwen3ForCausalLM(tiny_qwen3_config()).model
     vae = _vae_from_dims(8, 16)
     qwen_tok, t5_tok = load_anima_tokenizers(td / "qwen3_06b", td / "t5_old")
-    models = AnimaModels(
-        dit.to(dtype).eval(), text_encoder.to(dtype).eval(), vae.to(dtype).eval(), qwen_tok, t5_tok
-    )
+    if dtype != torch.float32:  # diffusers warns on a no-op .to() of the VAE
+        dit, text_encoder, vae = dit.to(dtype), text_encoder.to(dtype), vae.to(dtype)
+    models = AnimaModels(dit.eval(), text_encoder.eval(), vae.eval(), qwen_tok, t5_tok)
     for m in (models.dit, models.text_encoder, models.vae):
         m.requires_grad_(False)
     return models
