@@ -1,6 +1,14 @@
 """sd-scripts compatible datasets: TOML config, DreamBooth/fine-tune subsets, buckets, captions, caches."""
 
 from .buckets import BucketManager, get_crop_ltrb, make_bucket_resolutions
+from .cache import (
+    cache_latents,
+    cache_text_encoder_outputs,
+    check_latent_cache_compat,
+    check_te_cache_compat,
+    latents_npz_path,
+    te_npz_path,
+)
 from .config import (
     DatasetConfigError,
     DatasetParams,
@@ -18,6 +26,7 @@ from .dataset import (
     collate_unwrap,
     make_dataloader,
 )
+from .metadata import dataset_metadata
 
 __all__ = [
     "BucketDataset",
@@ -29,6 +38,13 @@ __all__ = [
     "SubsetParams",
     "add_dataset_arguments",
     "build_dataset_group",
+    "cache_latents",
+    "cache_text_encoder_outputs",
+    "check_latent_cache_compat",
+    "check_te_cache_compat",
+    "dataset_metadata",
+    "latents_npz_path",
+    "te_npz_path",
     "collate_unwrap",
     "generate_params",
     "get_crop_ltrb",

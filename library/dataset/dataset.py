@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from .buckets import BucketManager, Size, adjust_min_max_bucket_reso, crop_top_left_for, get_crop_ltrb
-from .captions import CaptionOptions, process_caption, read_caption_file, tag_frequency
+from .captions import CaptionOptions, deterministic_caption, process_caption, read_caption_file, tag_frequency
 from .config import (
     IMAGE_EXTENSIONS,
     DatasetConfigError,
@@ -388,7 +388,7 @@ class BucketDataset(Dataset):
             attrs.append(s.custom_attributes or {})
             if info.te_outputs is not None or info.te_npz is not None:
                 te_list.append(self._load_te(info))
-                captions.append(info.caption)
+                captions.append(deterministic_caption(info.caption, caption_options(s)))
             else:
                 captions.append(
                     process_caption(info.caption, caption_options(s), self.current_epoch, self.current_step)
