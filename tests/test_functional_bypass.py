@@ -5,12 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from networks.functional import (
+    KronBypassLinear,
     apply_weight,
     loha_delta_weight,
     loha_khatri_rao_conv,
     loha_khatri_rao_linear,
+    lokr_bypass,
     lokr_bypass_conv,
     lokr_bypass_linear,
     lokr_bypass_linear_lowrank,
@@ -158,3 +161,75 @@ def test_bypass_rejects_bad_input() -> None:
         lokr_bypass_conv(
             torch.randn(1, 10, 5, 5), torch.randn(A, C), torch.randn(B, D, 3, 3), None, None, None, 1.0, layer
         )
+
+
+def test_kron_bypass_linear_gradcheck_and_saved_tensors() -> None:
+    gen = torch.Generator().manual_seed(34)
+    xv = _leaf((2, 3, C, D), gen, torch.float64)
+    w1, w2 = _leaf((A, C), gen, torch.float64), _leaf((B, D), gen, torch.float64)
+    assert torch.autograd.gradcheck(lambda *t: KronBypassLinear.apply(*t, 0.7), (xv, w1, w2))
+    scale = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(KronBypassLinear.apply, (xv, w1, w2, scale))
+    # Y = X·W2ᵀ (…, c, b) is recomputed in backward, not stored
+    saved: list[tuple[int, ...]] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        KronBypassLinear.apply(xv, w1, w2, 0.7)
+    assert sorted(saved) == sorted([tuple(xv.shape), (A, C), (B, D)])
+
+
+def test_lokr_bypass_dispatch_all_layouts() -> None:
+    """lokr_bypass picks the right path from the factors and the layer; equals the rebuild."""
+    gen = torch.Generator().manual_seed(35)
+    dt = torch.float64
+    cases = [
+        (nn.Linear(C * D, A * B, bias=False), dict(w1=(A, C), w2=(B, D))),
+        (nn.Linear(C * D, A * B, bias=False), dict(w1a=(A, R), w1b=(R, C), w2a=(B, R), w2b=(R, D))),
+        (nn.Conv2d(C * D, A * B, 3, padding=1, bias=False), dict(w1=(A, C), w2a=(B, R), w2b=(R, D * 9))),
+        (
+            nn.Conv2d(C * D, A * B, 3, stride=2, bias=False),
+            dict(w1=(A, C), t2=(R, R, 3, 3), w2a=(R, B), w2b=(R, D)),
+        ),
+        (nn.Conv2d(C * D, A * B, 1, bias=False), dict(w1a=(A, R), w1b=(R, C), w2=(B, D))),
+    ]
+    for layer, shapes in cases:
+        layer = layer.to(dt)
+        parts = {k: _leaf(v, gen, dt) for k, v in shapes.items()}
+        x = _leaf((2, C * D) if isinstance(layer, nn.Linear) else (2, C * D, 6, 5), gen, dt)
+        full = dict.fromkeys(["w1", "w1a", "w1b", "w2", "w2a", "w2b", "t2"]) | parts
+
+        def fast(layer=layer, parts=parts, x=x):
+            return lokr_bypass(x, layer, 1.3, **parts)
+
+        def slow(layer=layer, full=full, x=x):
+            return apply_weight(x, lokr_delta_weight(**full, scale=1.3, shape=layer.weight.shape), layer)
+
+        _compare(fast, slow, [x, *parts.values()], dt, gen)
+
+
+def test_kron_bypass_linear_under_autocast() -> None:
+    """Under autocast the recompute runs in bf16 like the forward; grads land in fp32 near plain autograd."""
+    gen = torch.Generator().manual_seed(36)
+    x = torch.randn(64, C * D, generator=gen)
+    w1, w2 = _leaf((A, C), gen, torch.float32), _leaf((B, D), gen, torch.float32)
+    layer = nn.Linear(C * D, A * B, bias=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = lokr_bypass_linear(x, w1, w2, 0.9)
+        ref = apply_weight(
+            x, lokr_delta_weight(w1, None, None, w2, None, None, None, 0.9, (A * B, C * D)), layer
+        )
+    assert out.dtype == torch.bfloat16
+    upstream = torch.randn(out.shape, generator=gen).to(torch.bfloat16)
+    mm_dtypes: list[torch.dtype] = []
+
+    class Rec(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.bmm):
+                mm_dtypes.append(args[0].dtype)
+            return func(*args, **(kwargs or {}))
+
+    with Rec():
+        grads = torch.autograd.grad(out, [w1, w2], upstream)
+    assert mm_dtypes and all(d == torch.bfloat16 for d in mm_dtypes), mm_dtypes
+    for g, rg in zip(grads, torch.autograd.grad(ref, [w1, w2], upstream)):
+        assert g.dtype == torch.float32
+        assert ((g - rg).norm() / rg.norm()).item() < 0.05

@@ -1,6 +1,13 @@
 """Pure ΔW maths and custom autograd for LoRA, LoHa and LoKr (no nn.Module state here)."""
 
-from .common import apply_weight, conv_padded_input, needs_scale_grad
+from .common import (
+    apply_weight,
+    autocast_like_forward,
+    conv_padded_input,
+    needs_scale_grad,
+    save_autocast_state,
+    scaled_grad,
+)
 from .loha import (
     HadaWeight,
     HadaWeightTucker,
@@ -11,7 +18,9 @@ from .loha import (
     tucker_half,
 )
 from .lokr import (
+    KronBypassLinear,
     factorization,
+    lokr_bypass,
     lokr_bypass_conv,
     lokr_bypass_linear,
     lokr_bypass_linear_lowrank,
@@ -22,15 +31,18 @@ from .lokr import (
 from .lora import lora_delta_weight
 
 __all__ = [
+    "KronBypassLinear",
     "HadaWeight",
     "HadaWeightTucker",
     "apply_weight",
+    "autocast_like_forward",
     "conv_padded_input",
     "factorization",
     "khatri_rao_factors",
     "loha_delta_weight",
     "loha_khatri_rao_conv",
     "loha_khatri_rao_linear",
+    "lokr_bypass",
     "lokr_bypass_conv",
     "lokr_bypass_linear",
     "lokr_bypass_linear_lowrank",
@@ -39,5 +51,7 @@ __all__ = [
     "make_w1",
     "make_w2",
     "needs_scale_grad",
+    "save_autocast_state",
+    "scaled_grad",
     "tucker_half",
 ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -56,3 +58,28 @@ def apply_weight(x: torch.Tensor, weight: torch.Tensor, org_module: nn.Module) -
 def needs_scale_grad(scale: Scale) -> bool:
     """True when `scale` is a tensor that takes part in autograd (e.g. a trainable use_scalar σ)."""
     return isinstance(scale, torch.Tensor) and scale.requires_grad
+
+
+def scaled_grad(grad: torch.Tensor, scale: Scale) -> torch.Tensor:
+    """grad·scale, skipping the multiply for a plain 1.0 (no per-call work when it cannot matter)."""
+    if isinstance(scale, torch.Tensor) or scale != 1.0:
+        return grad * scale
+    return grad
+
+
+def save_autocast_state(ctx, ref: torch.Tensor) -> None:
+    """Record the forward's autocast state on a custom Function's ctx.
+
+    Backward then recomputes products in the same precision, as plain autograd of an autocast
+    matmul would, instead of silently running them in fp32.
+    """
+    ctx.device_type = ref.device.type
+    ctx.autocast_on = torch.is_autocast_enabled(ctx.device_type)
+    ctx.autocast_dtype = torch.get_autocast_dtype(ctx.device_type) if ctx.autocast_on else None
+
+
+def autocast_like_forward(ctx) -> contextlib.AbstractContextManager:
+    """The autocast context recorded by save_autocast_state (a no-op when autocast was off)."""
+    if not ctx.autocast_on:
+        return contextlib.nullcontext()
+    return torch.autocast(ctx.device_type, dtype=ctx.autocast_dtype)

@@ -6,32 +6,9 @@ The custom Functions save only the factors, not the O×I products: backward reco
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
-from .common import Scale, apply_weight
-
-
-def _scaled(grad: torch.Tensor, scale: Scale) -> torch.Tensor:
-    # A plain float 1.0 needs no multiply; anything else scales the incoming gradient once.
-    if isinstance(scale, torch.Tensor) or scale != 1.0:
-        return grad * scale
-    return grad
-
-
-def _save_autocast(ctx, ref: torch.Tensor) -> None:
-    # Remember the forward's autocast state so backward recomputes the products in the same
-    # precision (what plain autograd of an autocast matmul would do), instead of silently in fp32.
-    ctx.device_type = ref.device.type
-    ctx.autocast_on = torch.is_autocast_enabled(ctx.device_type)
-    ctx.autocast_dtype = torch.get_autocast_dtype(ctx.device_type) if ctx.autocast_on else None
-
-
-def _autocast_like_forward(ctx):
-    if not ctx.autocast_on:
-        return contextlib.nullcontext()
-    return torch.autocast(ctx.device_type, dtype=ctx.autocast_dtype)
+from .common import Scale, apply_weight, autocast_like_forward, save_autocast_state, scaled_grad
 
 
 def _scale_grad(grad_out: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, scale: torch.Tensor):
@@ -51,13 +28,13 @@ class HadaWeight(torch.autograd.Function):
             ctx.save_for_backward(w1a, w1b, w2a, w2b)
             ctx.scale_is_tensor = False
             ctx.scale = scale
-        _save_autocast(ctx, w1a)
+        save_autocast_state(ctx, w1a)
         # Fold s into the smallest factor (O×r) rather than the O×M product.
         return ((w1a * scale) @ w1b) * (w2a @ w2b)
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
-        with _autocast_like_forward(ctx):
+        with autocast_like_forward(ctx):
             return HadaWeight._backward(ctx, grad_out)
 
     @staticmethod
@@ -68,7 +45,7 @@ class HadaWeight(torch.autograd.Function):
             w1a, w1b, w2a, w2b = ctx.saved_tensors
             scale = ctx.scale
         need = ctx.needs_input_grad
-        g = _scaled(grad_out, scale)
+        g = scaled_grad(grad_out, scale)
         d1a = d1b = d2a = d2b = dscale = None
         p2 = w2a @ w2b
         if need[0] or need[1]:
@@ -121,12 +98,12 @@ class HadaWeightTucker(torch.autograd.Function):
             ctx.save_for_backward(t1, w1a, w1b, t2, w2a, w2b)
             ctx.scale_is_tensor = False
             ctx.scale = scale
-        _save_autocast(ctx, w1a)
+        save_autocast_state(ctx, w1a)
         return tucker_half(t1, w1a * scale, w1b) * tucker_half(t2, w2a, w2b)
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
-        with _autocast_like_forward(ctx):
+        with autocast_like_forward(ctx):
             return HadaWeightTucker._backward(ctx, grad_out)
 
     @staticmethod
@@ -137,7 +114,7 @@ class HadaWeightTucker(torch.autograd.Function):
             t1, w1a, w1b, t2, w2a, w2b = ctx.saved_tensors
             scale = ctx.scale
         need = ctx.needs_input_grad
-        g = _scaled(grad_out, scale)
+        g = scaled_grad(grad_out, scale)
         r2 = tucker_half(t2, w2a, w2b)
         g1 = g2 = (None, None, None)
         if any(need[0:3]):

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import Scale, conv_padded_input
+from .common import Scale, autocast_like_forward, conv_padded_input, save_autocast_state, scaled_grad
 
 
 def factorization(dim: int, factor: int = -1) -> tuple[int, int]:
@@ -129,15 +129,59 @@ def _check_linear_bypass(x: torch.Tensor, c: int, d: int) -> None:
         raise ValueError(f"LoKr bypass: input has {x.shape[-1]} features, expected c·d = {c}·{d} = {c * d}")
 
 
+class KronBypassLinear(torch.autograd.Function):
+    """z = s·W1·(X·W2ᵀ) with X = x viewed (..., c, d); saves x, W1, W2 only and recomputes
+    Y = X·W2ᵀ (N·c·b values, more than ΔW when N > √(OI)) in backward (spec §6 rule 3)."""
+
+    @staticmethod
+    def forward(ctx, xv, w1, w2, scale):  # type: ignore[override]
+        if isinstance(scale, torch.Tensor):
+            ctx.save_for_backward(xv, w1, w2, scale)
+            ctx.scale_is_tensor = True
+        else:
+            ctx.save_for_backward(xv, w1, w2)
+            ctx.scale_is_tensor = False
+            ctx.scale = scale
+        save_autocast_state(ctx, xv)
+        return torch.matmul(w1 * scale, F.linear(xv, w2))
+
+    @staticmethod
+    def backward(ctx, grad_z):  # type: ignore[override]
+        with autocast_like_forward(ctx):
+            if ctx.scale_is_tensor:
+                xv, w1, w2, scale = ctx.saved_tensors
+            else:
+                xv, w1, w2 = ctx.saved_tensors
+                scale = ctx.scale
+            need = ctx.needs_input_grad
+            dx = dw1 = dw2 = dscale = None
+            y = F.linear(xv, w2)  # (..., c, b), recomputed
+            if need[1] or need[3]:
+                # Σ over all leading axes of gz·Yᵀ: (a, b) × (c, b) → (a, c)
+                gy_t = torch.einsum("...ab,...cb->ac", grad_z, y)
+                if need[1]:
+                    dw1 = scaled_grad(gy_t, scale)
+                if need[3]:
+                    dscale = (gy_t * w1).sum().reshape(scale.shape).to(scale.dtype)
+            del y
+            if need[0] or need[2]:
+                gy = torch.matmul((w1 * scale).transpose(0, 1), grad_z)  # (..., c, b)
+                if need[0]:
+                    dx = torch.matmul(gy, w2)  # (..., c, d)
+                if need[2]:
+                    dw2 = torch.einsum("...cb,...cd->bd", gy, xv)
+        return dx, dw1, dw2, dscale
+
+
 def lokr_bypass_linear(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, scale: Scale) -> torch.Tensor:
     """s·x·kron(W1, W2)ᵀ without building ΔW. x (..., c·d), W1 (a, c), W2 (b, d) → (..., a·b).
 
-    x viewed as (..., c, d): Y = X·W2ᵀ (..., c, b), Z = W1·Y (..., a, b), flattened.
+    x viewed as (..., c, d): Y = X·W2ᵀ (..., c, b), Z = W1·Y (..., a, b), flattened. Y is not kept
+    for backward (KronBypassLinear recomputes it).
     """
     c, d = w1.shape[1], w2.shape[1]
     _check_linear_bypass(x, c, d)
-    y = F.linear(x.reshape(*x.shape[:-1], c, d), w2)
-    z = torch.matmul(w1 * scale, y)
+    z = KronBypassLinear.apply(x.reshape(*x.shape[:-1], c, d), w1, w2, scale)
     return z.reshape(*x.shape[:-1], -1)
 
 
@@ -193,3 +237,33 @@ def lokr_bypass_conv(
     h = h.reshape(batch, c, b, *h.shape[2:])
     z = torch.einsum("ac,nc...->na...", w1 * scale, h)
     return z.reshape(batch, a * b, *z.shape[3:])
+
+
+def lokr_bypass(
+    x: torch.Tensor,
+    org_module: nn.Module,
+    scale: Scale,
+    *,
+    w1: torch.Tensor | None = None,
+    w1a: torch.Tensor | None = None,
+    w1b: torch.Tensor | None = None,
+    w2: torch.Tensor | None = None,
+    w2a: torch.Tensor | None = None,
+    w2b: torch.Tensor | None = None,
+    t2: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """s·ΔW applied to x with `org_module`'s op, for any LoKr layout, without building ΔW."""
+    big1 = make_w1(w1, w1a, w1b)
+    if isinstance(org_module, nn.Linear):
+        if t2 is not None:
+            raise ValueError("lokr_bypass: lokr_t2 (Tucker) needs a k×k Conv2d layer, got nn.Linear")
+        if w2 is not None:
+            return lokr_bypass_linear(x, big1, make_w2(w2=w2), scale)
+        if w2a is None or w2b is None:
+            raise ValueError("lokr_bypass: need lokr_w2, or both lokr_w2_a and lokr_w2_b")
+        return lokr_bypass_linear_lowrank(x, big1, w2a, w2b.reshape(w2b.shape[0], -1), scale)
+    if isinstance(org_module, nn.Conv2d):
+        return lokr_bypass_conv(x, big1, w2, w2a, w2b, t2, scale, org_module)
+    raise TypeError(
+        f"lokr_bypass: unsupported module type {type(org_module).__name__}; expected nn.Linear or nn.Conv2d"
+    )
