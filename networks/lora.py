@@ -1,0 +1,167 @@
+"""LoRA (LoCon for convs) on the shared network base: `--network_module networks.lora`.
+
+Keys per module: `lora_down.weight` (r, I) / (r, I, kh, kw), `lora_up.weight` (O, r) / (O, r, 1, 1), `alpha`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from networks.adapter import AdapterModule, dropout_kwargs, file_alpha, kaiming_
+from networks.functional import apply_weight, lora_delta_weight
+from networks.network_args import NetworkArgs
+
+ALGO = "lora"
+
+
+class LoRAModule(AdapterModule):
+    algo = "lora"
+    plus_param_names = ("lora_up.weight",)
+
+    def __init__(
+        self,
+        lora_name: str,
+        org_module: nn.Module,
+        multiplier: float,
+        rank: int,
+        alpha: float | None,
+        use_scalar: bool = False,
+        **dropouts: Any,
+    ) -> None:
+        super().__init__(lora_name, org_module, multiplier, **dropouts)
+        if rank < 1:
+            raise ValueError(f"{lora_name}: rank must be >= 1, got {rank}")
+        dev = self._org_device()
+        if self.is_conv:
+            self.lora_down = nn.Conv2d(self.in_dim, rank, self.kernel_size, bias=False, device=dev)
+            self.lora_up = nn.Conv2d(rank, self.out_dim, 1, bias=False, device=dev)
+        else:
+            self.lora_down = nn.Linear(self.in_dim, rank, bias=False, device=dev)
+            self.lora_up = nn.Linear(rank, self.out_dim, bias=False, device=dev)
+        kaiming_(self.lora_down.weight)
+        if use_scalar:
+            self._enable_scalar()
+            kaiming_(self.lora_up.weight)
+        else:
+            nn.init.zeros_(self.lora_up.weight)
+        alpha = float(rank) if alpha is None or alpha == 0 else float(alpha)
+        self._set_alpha(alpha, rank, alpha / rank)
+
+    @classmethod
+    def create(
+        cls,
+        lora_name: str,
+        org: nn.Module,
+        multiplier: float,
+        rank: int,
+        alpha: float | None,
+        args: NetworkArgs,
+    ) -> LoRAModule:
+        return cls(
+            lora_name, org, multiplier, rank, alpha, use_scalar=args.use_scalar, **dropout_kwargs(args)
+        )
+
+    @classmethod
+    def from_tensors(
+        cls,
+        lora_name: str,
+        org: nn.Module,
+        tensors: dict[str, torch.Tensor],
+        multiplier: float,
+        args: NetworkArgs,
+    ) -> LoRAModule:
+        for k in tensors:
+            if k not in ("lora_down.weight", "lora_up.weight", "alpha"):
+                raise KeyError(
+                    f"{lora_name}.{k}: unsupported LoRA key (expected lora_down.weight, lora_up.weight, alpha)"
+                )
+        down = tensors.get("lora_down.weight")
+        if down is None or "lora_up.weight" not in tensors:
+            raise KeyError(
+                f"{lora_name}.lora_down.weight / lora_up.weight: both are needed for a LoRA module"
+            )
+        rank = int(down.shape[0])
+        module = cls(
+            lora_name, org, multiplier, rank, file_alpha(lora_name, tensors, rank), **dropout_kwargs(args)
+        )
+        for key in ("lora_down.weight", "lora_up.weight"):
+            want = tuple(module.get_parameter(key).shape)
+            if tuple(tensors[key].shape) != want:
+                raise ValueError(
+                    f"{lora_name}.{key}: shape {tuple(tensors[key].shape)} does not fit the layer (expected {want})"
+                )
+        return module
+
+    def delta_weight_scaled(self, scale: float | torch.Tensor) -> torch.Tensor:
+        return lora_delta_weight(self.lora_down.weight, self.lora_up.weight, scale)
+
+    def branch(self, x: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
+        # down then up: never builds ΔW; the scale goes on the small up matrix
+        down = self.lora_down.weight
+        up = self.lora_up.weight * scale
+        if down.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+            down, up = down.to(x.dtype), up.to(x.dtype)
+        h = apply_weight(x, down, self.org_module)
+        return F.conv2d(h, up) if self.is_conv else F.linear(h, up)
+
+    def max_norm_param_names(self) -> tuple[str, ...]:
+        return ("lora_down.weight", "lora_up.weight")
+
+    def scalar_bake_name(self) -> str:
+        return "lora_up.weight"
+
+    def layout(self) -> str:
+        return "lora k×k" if self.is_kxk else "lora"
+
+
+def create_network(
+    multiplier: float,
+    network_dim: int | None,
+    network_alpha: float | None,
+    vae: Any,
+    text_encoder: Any,
+    unet: Any,
+    neuron_dropout: float | None = None,
+    **kwargs: Any,
+):  # -> AdapterNetwork
+    from networks.network_base import create_network_for
+
+    return create_network_for(
+        ALGO, multiplier, network_dim, network_alpha, text_encoder, unet, neuron_dropout, kwargs
+    )
+
+
+def create_network_from_weights(
+    multiplier: float,
+    file: str | None,
+    vae: Any,
+    text_encoder: Any,
+    unet: Any,
+    weights_sd: dict[str, torch.Tensor] | None = None,
+    for_inference: bool = False,
+    **kwargs: Any,
+):  # -> (AdapterNetwork, weights_sd)
+    from networks.network_base import create_network_from_weights_for
+
+    return create_network_from_weights_for(
+        ALGO, multiplier, file, text_encoder, unet, weights_sd, for_inference, kwargs
+    )
+
+
+def merge_weights_to_tensor(
+    model_weight: torch.Tensor,
+    lora_name: str,
+    lora_sd: dict[str, torch.Tensor],
+    lora_weight_keys: set[str],
+    multiplier: float,
+    calc_device: torch.device | str,
+) -> torch.Tensor:
+    from networks.network_io import merge_weights_to_tensor_for
+
+    return merge_weights_to_tensor_for(
+        ALGO, model_weight, lora_name, lora_sd, lora_weight_keys, multiplier, calc_device
+    )

@@ -1,0 +1,463 @@
+"""The shared LoRA/LoHa/LoKr network: targeting, naming and the sd-scripts network contract.
+
+`create_network_for` / `create_network_from_weights_for` are what `networks.{lora,loha,lokr}` expose as
+`create_network` / `create_network_from_weights`. The returned `AdapterNetwork` owns only adapter
+tensors; its children are named `lora_name`, so `state_dict()` keys are the file keys.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from networks.adapter import SUPPORTED_LEAVES, AdapterModule, DropoutClock, attach_adapter, detach_adapter
+from networks.arch import Architecture, detect_architecture
+from networks.network_args import NetworkArgError, NetworkArgs, parse_network_args
+from networks.network_io import detect_algorithm, group_by_module, read_weights, write_weights
+from networks.network_optim import NetworkOptimMixin
+
+logger = logging.getLogger(__name__)
+
+_MODULE_FILES = {"lora": "networks.lora", "loha": "networks.loha", "lokr": "networks.lokr"}
+_MODULE_CLASSES = {"lora": "LoRAModule", "loha": "LoHaModule", "lokr": "LoKrModule"}
+
+
+def module_class_for(algo: str) -> type[AdapterModule]:
+    if algo not in _MODULE_FILES:
+        raise ValueError(f"algorithm {algo!r}: expected one of {sorted(_MODULE_FILES)}")
+    return getattr(importlib.import_module(_MODULE_FILES[algo]), _MODULE_CLASSES[algo])
+
+
+@dataclass
+class Root:
+    """One model part a network attaches to: a text encoder (te_index ≥ 0) or the U-Net/DiT (None)."""
+
+    module: nn.Module
+    prefix: str
+    te_index: int | None
+    path_mapper: Any
+    target_classes: tuple[str, ...]
+
+
+def as_te_list(text_encoder: Any) -> list[nn.Module | None]:
+    if text_encoder is None:
+        return []
+    if isinstance(text_encoder, (list, tuple)):
+        return list(text_encoder)
+    return [text_encoder]
+
+
+def model_roots(
+    arch: Architecture,
+    text_encoders: Sequence[nn.Module | None],
+    unet: nn.Module | None,
+    args: NetworkArgs | None,
+) -> list[Root]:
+    """TE roots first (file prefix by position), then the U-Net/DiT."""
+    if len(text_encoders) > len(arch.te_prefixes):
+        raise ValueError(
+            f"text_encoder: {len(text_encoders)} text encoders given, but {arch.name} has "
+            f"{len(arch.te_prefixes)} ({', '.join(arch.te_prefixes)})"
+        )
+    roots: list[Root] = []
+    for i, te in enumerate(text_encoders):
+        if te is not None:
+            roots.append(Root(te, arch.te_prefixes[i], i, arch.te_path_mapper(te), arch.te_target_classes))
+    if unet is not None:
+        targets = arch.unet_target_classes
+        if args is not None:
+            targets = targets + tuple(arch.extra_unet_targets(args))
+            if args.conv_dim is not None:
+                targets = targets + arch.conv_target_classes
+        roots.append(Root(unet, arch.unet_prefix, None, arch.unet_path_mapper(unet), targets))
+    return roots
+
+
+def iter_target_leaves(root: Root) -> list[tuple[str, nn.Module]]:
+    """(original dotted path, leaf) of Linear/Conv2d leaves under target-class blocks, deduplicated."""
+    seen: set[int] = set()
+    out: list[tuple[str, nn.Module]] = []
+    for name, block in root.module.named_modules():
+        if type(block).__name__ not in root.target_classes:
+            continue
+        for child_name, leaf in block.named_modules():
+            if not isinstance(leaf, SUPPORTED_LEAVES) or id(leaf) in seen:
+                continue
+            seen.add(id(leaf))
+            path = ".".join(p for p in (name, child_name) if p)
+            out.append((root.path_mapper(path), leaf))
+    return out
+
+
+def iter_all_leaves(root: Root) -> list[tuple[str, nn.Module]]:
+    """Every Linear/Conv2d of a root (loading files made with wider presets, e.g. LyCORIS)."""
+    out = []
+    for path, leaf in root.module.named_modules():
+        if isinstance(leaf, SUPPORTED_LEAVES):
+            try:
+                out.append((root.path_mapper(path), leaf))
+            except ValueError:
+                continue  # a layer with no original-name equivalent cannot be in a file
+    return out
+
+
+def lora_name_of(prefix: str, original_name: str) -> str:
+    return prefix + "_" + original_name.replace(".", "_")
+
+
+def _fullmatch_any(patterns: Sequence[re.Pattern[str]], name: str) -> bool:
+    return any(p.fullmatch(name) for p in patterns)
+
+
+class AdapterNetwork(NetworkOptimMixin, nn.Module):
+    """The network object handed to sd-scripts-style trainers and gen_img."""
+
+    def __init__(self, algo: str, arch: Architecture, args: NetworkArgs, multiplier: float) -> None:
+        super().__init__()
+        self.algo = algo
+        self.arch = arch
+        self.args = args
+        self.multiplier = float(multiplier)
+        self.clock = DropoutClock(0)
+        self.text_encoder_loras: list[AdapterModule] = []
+        self.unet_loras: list[AdapterModule] = []
+        self.excluded_names: list[str] = []
+        self.applied = False
+        self.loraplus_lr_ratio = args.loraplus_lr_ratio
+        self.loraplus_unet_lr_ratio = args.loraplus_unet_lr_ratio
+        self.loraplus_text_encoder_lr_ratio = args.loraplus_text_encoder_lr_ratio
+        self._trainable: list[nn.Parameter] | None = None
+        self._backed_up = False
+
+    # ---------------------------------------------------------------- building
+    def add_adapter(self, m: AdapterModule, te_index: int | None, original_name: str) -> None:
+        if m.lora_name in self._modules:
+            raise ValueError(f"{m.lora_name}: duplicate module name (two layers map to one file key)")
+        m.te_index = te_index
+        m.original_name = original_name
+        m.index = len(self.text_encoder_loras) + len(self.unet_loras)
+        m.clock = self.clock
+        self.add_module(m.lora_name, m)
+        (self.unet_loras if te_index is None else self.text_encoder_loras).append(m)
+
+    @property
+    def all_loras(self) -> list[AdapterModule]:
+        return self.text_encoder_loras + self.unet_loras
+
+    def print_table(self) -> None:
+        rows = [m.describe() for m in self.all_loras]
+        print(f"{self.algo} network: {len(rows)} modules, {sum(r['params'] for r in rows):,} params")
+        print(
+            f"{'name':<72} {'shape':>16} {'layout':<40} {'rank':>5} {'alpha':>8} {'scale':>8} {'params':>10}"
+        )
+        for r in rows:
+            print(
+                f"{r['name']:<72} {r['shape']:>16} {r['layout']:<40} {r['rank']:>5} {r['alpha']:>8g} "
+                f"{r['scale']:>8.4g} {r['params']:>10,}"
+            )
+        for n in self.excluded_names:
+            print(f"excluded: {n}")
+
+    # ---------------------------------------------------------------- the contract
+    def set_multiplier(self, multiplier: float) -> None:
+        self.multiplier = float(multiplier)
+        for m in self.all_loras:
+            m.multiplier = self.multiplier
+
+    def set_enabled(self, is_enabled: bool) -> None:
+        for m in self.all_loras:
+            m.enabled = bool(is_enabled)
+
+    def set_dropout_seed(self, seed: int) -> None:
+        """Seed of every dropout draw (with the step counter and module index); same on all ranks."""
+        self.clock.seed = int(seed)
+
+    def on_step_start(self, text_encoder: Any = None, unet: Any = None) -> None:
+        self.clock.step += 1
+
+    def on_epoch_start(self, text_encoder: Any = None, unet: Any = None) -> None:
+        self.train()
+
+    def enable_gradient_checkpointing(self) -> None:
+        # Adapters are recomputed inside the trainer's checkpointed blocks; dropout is RNG-state free.
+        logger.info("%s network: gradient checkpointing is done by the trainer on the base model", self.algo)
+
+    def is_mergeable(self) -> bool:
+        return True
+
+    def apply_to(
+        self, text_encoders: Any, unet: Any, apply_text_encoder: bool = True, apply_unet: bool = True
+    ) -> None:
+        if self.applied:
+            raise RuntimeError("apply_to: this network is already applied")
+        drop: list[AdapterModule] = []
+        if not apply_text_encoder:
+            drop += self.text_encoder_loras
+            self.text_encoder_loras = []
+        if not apply_unet:
+            drop += self.unet_loras
+            self.unet_loras = []
+        for m in drop:
+            delattr(self, m.lora_name)
+        for m in self.all_loras:
+            attach_adapter(m.org_module, m)
+        self.applied = True
+        logger.info(
+            "%s network applied: %d text-encoder modules, %d unet modules",
+            self.algo,
+            len(self.text_encoder_loras),
+            len(self.unet_loras),
+        )
+
+    def remove_from(self) -> None:
+        """Unpatch every layer (any order with other networks)."""
+        for m in self.all_loras:
+            detach_adapter(m.org_module, m)
+        self.applied = False
+
+    def file_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for m in self.all_loras:
+            for k, v in m.file_tensors(dtype).items():
+                out[f"{m.lora_name}.{k}"] = v
+        return out
+
+    def save_weights(
+        self, file: str | os.PathLike[str], dtype: torch.dtype | None, metadata: dict[str, str] | None
+    ) -> None:
+        if metadata is not None and len(metadata) == 0:
+            metadata = None
+        write_weights(file, self.file_state_dict(dtype), metadata)
+
+    def load_weights(self, file: str | os.PathLike[str] | dict[str, torch.Tensor]) -> str:
+        """Strict load (resume): a missing, unexpected or mis-shaped key is an error naming it."""
+        sd = file if isinstance(file, dict) else read_weights(file)[0]
+        groups = group_by_module(sd)
+        mods = {m.lora_name: m for m in self.all_loras}
+        for name, tensors in groups.items():
+            if name not in mods:
+                key = f"{name}.{sorted(tensors)[0]}"
+                raise KeyError(f"{key}: unexpected key, this network has no module {name!r}")
+        for name, m in mods.items():
+            if name not in groups:
+                raise KeyError(f"{name}.*: missing from the weights (module {name!r} has no tensors)")
+            m.load_file_tensors(groups[name])
+        return f"loaded {len(groups)} modules"
+
+    # ---------------------------------------------------------------- merge / inference helpers
+    def _halves_in(self, weights_sd: dict[str, torch.Tensor]) -> tuple[bool, bool]:
+        te = any(k.startswith("lora_te") for k in weights_sd)
+        un = any(k.startswith(self.arch.unet_prefix + "_") for k in weights_sd)
+        return te, un
+
+    @torch.no_grad()
+    def merge_to(
+        self,
+        text_encoders: Any,
+        unet: Any,
+        weights_sd: dict[str, torch.Tensor],
+        dtype: Any = None,
+        device: Any = None,
+    ) -> None:
+        """W ← W + m·ΔW in fp32 from the file's tensors, cast once; modules are not hooked."""
+        apply_te, apply_unet = self._halves_in(weights_sd)
+        groups = group_by_module(weights_sd)
+        used: set[str] = set()
+        for m in self.all_loras:
+            if (m.te_index is None and not apply_unet) or (m.te_index is not None and not apply_te):
+                continue
+            tensors = groups.get(m.lora_name)
+            if tensors is None:
+                continue
+            m.load_file_tensors(tensors)
+            m.merge_into_base(m.multiplier, device)
+            used.add(m.lora_name)
+        unused = sorted(k for k in weights_sd if k.partition(".")[0] not in used)
+        if unused:
+            logger.warning("merge_to: %d keys were not merged: %s", len(unused), ", ".join(unused[:20]))
+        logger.info("merged %d %s modules", len(used), self.algo)
+
+    @torch.no_grad()
+    def backup_weights(self) -> None:
+        if self._backed_up:
+            return
+        for m in self.all_loras:
+            m._backup = m.org_module.weight.detach().clone()
+        self._backed_up = True
+
+    @torch.no_grad()
+    def restore_weights(self) -> None:
+        for m in self.all_loras:
+            if m._backup is not None:
+                m.org_module.weight.data.copy_(m._backup)
+            m.enabled = True
+
+    @torch.no_grad()
+    def pre_calculation(self) -> None:
+        for m in self.all_loras:
+            m.merge_into_base(m.multiplier)
+            m.enabled = False
+
+    @torch.no_grad()
+    def apply_max_norm_regularization(
+        self, max_norm_value: float, device: Any = None
+    ) -> tuple[int, float, float]:
+        norms: list[torch.Tensor] = []
+        keys_scaled = 0
+        for m in self.all_loras:
+            n = m.norm_for_max().float()
+            n = n.clamp(min=max_norm_value / 2)
+            ratio = n.clamp(max=max_norm_value) / n
+            if bool(ratio != 1):
+                keys_scaled += 1
+                m.scale_for_max(ratio)
+            norms.append((n * ratio).to("cpu"))
+        if not norms:
+            return 0, 0.0, 0.0
+        stacked = torch.stack(norms)
+        return keys_scaled, float(stacked.mean()), float(stacked.max())
+
+
+# -------------------------------------------------------------------- creation
+def create_network_for(
+    algo: str,
+    multiplier: float,
+    network_dim: int | None,
+    network_alpha: float | None,
+    text_encoder: Any,
+    unet: Any,
+    neuron_dropout: float | None,
+    kwargs: dict[str, Any],
+) -> AdapterNetwork:
+    args = parse_network_args(algo, kwargs, neuron_dropout)
+    if network_dim is None:
+        network_dim = 4
+    dim = int(network_dim)
+    if dim < 1 or dim != network_dim:
+        raise ValueError(f"network_dim={network_dim!r}: expected a positive integer rank")
+    alpha = 1.0 if network_alpha is None else float(network_alpha)
+    if alpha == 0:
+        alpha = float(dim)
+    conv_alpha = args.conv_alpha if args.conv_alpha else float(args.conv_dim or dim)
+    tes = as_te_list(text_encoder)
+    arch = detect_architecture(tes, unet)
+    arch.warn_unsupported(args)
+    excludes = [re.compile(p) for p in (*arch.default_excludes, *args.exclude_patterns)]
+    includes = [re.compile(p) for p in args.include_patterns]
+    reg_dims = [(re.compile(p), d) for p, d in args.reg_dims]
+    reg_dim_used = [False] * len(reg_dims)
+    cls = module_class_for(algo)
+    net = AdapterNetwork(algo, arch, args, multiplier)
+    for root in model_roots(arch, tes, unet, args):
+        for original, leaf in iter_target_leaves(root):
+            kxk = isinstance(leaf, nn.Conv2d) and tuple(leaf.kernel_size) != (1, 1)
+            if kxk and args.conv_dim is None:
+                continue
+            name = lora_name_of(root.prefix, original)
+            if _fullmatch_any(excludes, original) and not _fullmatch_any(includes, original):
+                net.excluded_names.append(name)
+                continue
+            rank, a = (args.conv_dim, conv_alpha) if kxk else (dim, alpha)
+            for i, (pat, d) in enumerate(reg_dims):
+                if pat.fullmatch(original):
+                    reg_dim_used[i] = True
+                    rank, a = d, alpha
+                    break
+            if rank == 0:
+                net.excluded_names.append(name)
+                continue
+            net.add_adapter(cls.create(name, leaf, multiplier, int(rank), a, args), root.te_index, original)
+    for used, (pat, _) in zip(reg_dim_used, reg_dims):
+        if not used:
+            raise NetworkArgError(f"network_args network_reg_dims: pattern {pat.pattern!r} matches no module")
+    if not net.all_loras:
+        raise NetworkArgError(
+            "network_args exclude_patterns / include_patterns / network_reg_dims: the selection matches zero modules "
+            f"(targets: {', '.join(arch.unet_target_classes + arch.te_target_classes)})"
+        )
+    _log_summary(net)
+    if args.any_loraplus:
+        net.set_loraplus_lr_ratio(
+            args.loraplus_lr_ratio, args.loraplus_unet_lr_ratio, args.loraplus_text_encoder_lr_ratio
+        )
+    if args.verbose:
+        net.print_table()
+    return net
+
+
+def _log_summary(net: AdapterNetwork) -> None:
+    if net.algo == "lokr":
+        from networks.lokr import full_w2_count
+
+        full = full_w2_count(net.all_loras)
+        if full:
+            f = net.args.factor
+            logger.warning(
+                "LoKr: %d of %d modules use a full W2 (r ≥ max(b,d)/2 at factor %d); α is ignored there (scale 1)",
+                full,
+                len(net.all_loras),
+                f,
+            )
+    logger.info(
+        "create %s network: %d text-encoder modules, %d unet modules, %d excluded",
+        net.algo,
+        len(net.text_encoder_loras),
+        len(net.unet_loras),
+        len(net.excluded_names),
+    )
+
+
+def create_network_from_weights_for(
+    algo: str,
+    multiplier: float,
+    file: str | None,
+    text_encoder: Any,
+    unet: Any,
+    weights_sd: dict[str, torch.Tensor] | None,
+    for_inference: bool,
+    kwargs: dict[str, Any],
+) -> tuple[AdapterNetwork, dict[str, torch.Tensor]]:
+    """Build modules for exactly the names in the file; layout, rank, α per module from the tensors."""
+    if weights_sd is None:
+        if file is None:
+            raise ValueError("file: a weights file is required when weights_sd is not given")
+        weights_sd = read_weights(file)[0]
+    args = parse_network_args(algo, kwargs)
+    tes = as_te_list(text_encoder)
+    arch = detect_architecture(tes, unet)
+    leaves: dict[str, tuple[nn.Module, int | None, str]] = {}
+    for root in model_roots(arch, tes, unet, None):
+        for original, leaf in iter_all_leaves(root):
+            leaves.setdefault(lora_name_of(root.prefix, original), (leaf, root.te_index, original))
+    net = AdapterNetwork(algo, arch, args, multiplier)
+    foreign: dict[str, int] = {}
+    for name, tensors in group_by_module(weights_sd).items():
+        if name not in leaves:
+            raise KeyError(f"{name}.{sorted(tensors)[0]}: no layer named {name!r} in the given models")
+        module_algo = detect_algorithm(name, tensors)
+        if module_algo != algo:
+            foreign[module_algo] = foreign.get(module_algo, 0) + 1
+        leaf, te_index, original = leaves[name]
+        module = module_class_for(module_algo).from_tensors(name, leaf, tensors, multiplier, args)
+        net.add_adapter(module, te_index, original)
+    if not net.all_loras:
+        raise ValueError(f"file {file!r}: contains no network modules")
+    if foreign:
+        logger.info(
+            "networks.%s: file also holds %s modules; loading them with their own algorithm", algo, foreign
+        )
+    if args.any_loraplus and not for_inference:
+        net.set_loraplus_lr_ratio(
+            args.loraplus_lr_ratio, args.loraplus_unet_lr_ratio, args.loraplus_text_encoder_lr_ratio
+        )
+    if args.verbose:
+        net.print_table()
+    return net, weights_sd
