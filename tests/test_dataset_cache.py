@@ -1,0 +1,195 @@
+"""Latent / text-encoder caches: reuse when valid, rebuild when the image or settings change."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from library.dataset import (
+    DatasetConfigError,
+    add_dataset_arguments,
+    build_dataset_group,
+    cache_latents,
+    cache_text_encoder_outputs,
+    latents_npz_path,
+)
+
+
+def write_png(path: Path, w: int, h: int, seed: int = 0) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = (np.random.default_rng(seed).random((h, w, 3)) * 255).astype(np.uint8)
+    Image.fromarray(arr).save(path)
+    return path
+
+
+class FakeVAE:
+    """Deterministic stand-in for `vae.encode(x).latent_dist.sample()`: 8x average pool, 4 channels."""
+
+    def __init__(self) -> None:
+        self.encoded = 0
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        self.encoded += images.shape[0]
+        pooled = F.avg_pool2d(images, 8)
+        return torch.cat([pooled, pooled.mean(1, keepdim=True)], dim=1)
+
+
+class FakeTE:
+    def __init__(self) -> None:
+        self.captions: list[str] = []
+
+    def __call__(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        self.captions += captions
+        codes = torch.tensor([[float(sum(map(ord, c)) % 997), float(len(c))] for c in captions])
+        return {"hidden_state1": codes[:, None, :].repeat(1, 3, 1).to(torch.bfloat16), "pool2": codes}
+
+
+def make_data(root: Path) -> Path:
+    d = root / "train" / "2_sks"
+    write_png(d / "a.png", 96, 64, 1)
+    write_png(d / "b.png", 64, 96, 2)
+    write_png(d / "c.png", 64, 64, 3)
+    (d / "a.caption").write_text("a red thing")
+    return root / "train"
+
+
+def group_for(train: Path, *extra: str):
+    p = argparse.ArgumentParser()
+    add_dataset_arguments(p)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(
+        ["--train_data_dir", str(train), "--resolution", "64", "--enable_bucket", "--min_bucket_reso", "32",
+         "--max_bucket_reso", "128", "--bucket_reso_steps", "32", "--max_data_loader_n_workers", "0", *extra]
+    )  # fmt: skip
+    return build_dataset_group(args)
+
+
+def test_latent_disk_cache_reuse_and_invalidation(tmp_path: Path) -> None:
+    train = make_data(tmp_path)
+    vae = FakeVAE()
+    g = group_for(train, "--flip_aug")
+    assert cache_latents(g, vae, to_disk=True, vae_batch_size=2) == 3
+    assert vae.encoded == 6  # 3 images + 3 mirrored
+    a = next(i for i in g.image_infos() if i.path.name == "a.png")
+    npz_path = latents_npz_path(a.path, (96, 64))
+    assert npz_path.name == "a_0096x0064_sdxl.npz" and npz_path.is_file()
+    with np.load(npz_path) as npz:
+        assert set(npz.files) == {"latents", "latents_flipped", "original_size", "crop_ltrb", "fingerprint"}
+        assert npz["latents"].dtype == np.float32 and npz["latents"].shape == (4, 8, 8)  # bucket 64x64
+        assert npz["original_size"].tolist() == [96, 64] and np.allclose(
+            npz["crop_ltrb"], [0, 10, 64, 52.6667], atol=1e-3
+        )
+        # the stored latents are exactly the encoder output of the centre-cropped image
+        img = np.asarray(Image.open(a.path).convert("RGB").resize((96, 64)), dtype=np.float32)[:, 16:80]
+        x = torch.from_numpy(img.transpose(2, 0, 1) / 127.5 - 1.0)[None].float()
+        assert np.allclose(npz["latents"], FakeVAE()(x)[0].numpy(), atol=1e-6)
+        assert np.allclose(npz["latents_flipped"], FakeVAE()(torch.flip(x, dims=[3]))[0].numpy(), atol=1e-6)
+
+    # a fresh run encodes nothing and fetches latents instead of images
+    vae2 = FakeVAE()
+    g2 = group_for(train, "--flip_aug")
+    assert cache_latents(g2, vae2, to_disk=True, vae_batch_size=2) == 0 and vae2.encoded == 0
+    d = g2.datasets[0]
+    for i in range(len(d)):
+        b = d[i]
+        assert b["images"] is None and b["latents"].shape[1] == 4
+        assert b["latents"].shape[2] * 8 == b["target_sizes_hw"][0, 0]
+
+    # touching one image (new mtime) rebuilds exactly that file
+    st = a.path.stat()
+    os.utime(a.path, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
+    vae3 = FakeVAE()
+    assert cache_latents(group_for(train, "--flip_aug"), vae3, to_disk=True) == 1
+    # ...unless the user asked to skip the check
+    os.utime(a.path, ns=(st.st_atime_ns, st.st_mtime_ns + 9_000_000_000))
+    assert cache_latents(group_for(train, "--flip_aug"), FakeVAE(), to_disk=True, skip_cache_check=True) == 0
+
+    # dropping flip_aug changes the settings -> all rebuilt; a different resolution changes the buckets
+    assert cache_latents(group_for(train), FakeVAE(), to_disk=True) == 3
+    assert cache_latents(group_for(train), FakeVAE(), to_disk=True) == 0
+    assert cache_latents(group_for(train, "--resolution", "96"), FakeVAE(), to_disk=True) == 3
+    # a different VAE (caller settings) also invalidates
+    assert (
+        cache_latents(group_for(train, "--resolution", "96"), FakeVAE(), to_disk=True, settings="vae2") == 3
+    )
+
+
+def test_memory_cache_and_flip_conditioning(tmp_path: Path) -> None:
+    train = make_data(tmp_path)
+    g = group_for(train, "--flip_aug")
+    assert cache_latents(g, FakeVAE(), to_disk=False) == 3
+    assert not list(train.rglob("*.npz"))
+    d = g.datasets[0]
+    seen = set()
+    for epoch in range(1, 6):
+        d.set_current_epoch(epoch)
+        for i in range(len(d)):
+            b = d[i]
+            for k, key in enumerate(b["image_keys"]):
+                info = d.image_data[key]
+                want = info.latents_flipped if b["flipped"][k] else info.latents
+                assert torch.equal(b["latents"][k], want)
+                if info.path.name == "a.png":  # 96x64 in bucket 64x64: letterbox l=0 t=10 r=64
+                    assert b["crop_top_lefts"][k].tolist() == [10, 0]
+                    assert b["original_sizes_hw"][k].tolist() == [64, 96]
+                seen.add(b["flipped"][k])
+    assert seen == {True, False}
+
+
+def test_latent_cache_refuses_random_image_augs(tmp_path: Path) -> None:
+    train = make_data(tmp_path)
+    for flag in ("--color_aug", "--random_crop"):
+        with pytest.raises(DatasetConfigError, match=flag[2:] + " cannot be used with latent caching"):
+            cache_latents(group_for(train, flag), FakeVAE(), to_disk=False)
+
+
+def test_te_cache_reuse_invalidation_and_batches(tmp_path: Path) -> None:
+    train = make_data(tmp_path)
+    te = FakeTE()
+    assert cache_text_encoder_outputs(group_for(train), te, to_disk=True, batch_size=2) == 3
+    assert sorted(te.captions) == ["a red thing", "sks", "sks"]
+    npz = train / "2_sks" / "a_te_outputs.npz"
+    with np.load(npz) as z:
+        assert set(z.files) == {"hidden_state1", "pool2", "fingerprint"}
+        assert z["hidden_state1"].dtype == np.float32 and z["hidden_state1"].shape == (3, 2)
+    te2 = FakeTE()
+    g = group_for(train)
+    assert cache_text_encoder_outputs(g, te2, to_disk=True) == 0
+    b = g.datasets[0][0]
+    assert b["text_encoder_outputs"]["pool2"].shape == (1, 2)
+    assert b["text_encoder_outputs"]["pool2"][0, 1] == len(b["captions"][0])
+
+    # editing a caption file rebuilds that image only; a prefix (a setting) rebuilds all
+    (train / "2_sks" / "a.caption").write_text("a blue thing")
+    te3 = FakeTE()
+    assert cache_text_encoder_outputs(group_for(train), te3, to_disk=True) == 1 and te3.captions == [
+        "a blue thing"
+    ]
+    te4 = FakeTE()
+    assert cache_text_encoder_outputs(group_for(train, "--caption_prefix", "photo"), te4, to_disk=True) == 3
+    assert "photo a blue thing" in te4.captions  # sd-scripts would drop the prefix here ([Q], fixed)
+
+
+def test_te_cache_refuses_caption_randomness(tmp_path: Path) -> None:
+    train = make_data(tmp_path)
+    for flags, name in [
+        (["--shuffle_caption"], "shuffle_caption"),
+        (["--caption_dropout_rate", "0.1"], "caption_dropout_rate"),
+        (["--caption_tag_dropout_rate", "0.1"], "caption_tag_dropout_rate"),
+        (["--token_warmup_step", "5"], "token_warmup_step"),
+    ]:
+        with pytest.raises(
+            DatasetConfigError, match=name + " cannot be used with --cache_text_encoder_outputs"
+        ):
+            cache_text_encoder_outputs(group_for(train, *flags), FakeTE(), to_disk=False)
+    g = group_for(train)
+    assert cache_text_encoder_outputs(g, FakeTE(), to_disk=False) == 3
+    assert not list(train.rglob("*.npz"))
+    assert all(i.te_outputs is not None for i in g.image_infos())
