@@ -58,7 +58,9 @@ def test_properties_up_to_4096() -> None:
                 assert m <= (root if f < 0 else min(f, root))
 
 
-@pytest.mark.parametrize("dim,factor", [(0, -1), (-4, -1), (12, 0), (12, 2.5), ("12", -1), (True, -1)])
+@pytest.mark.parametrize(
+    "dim,factor", [(0, -1), (-4, -1), (12, 0), (12, -2), (12, 2.5), ("12", -1), (True, -1)]
+)
 def test_bad_input(dim, factor) -> None:
     with pytest.raises(ValueError, match="factorization"):
         factorization(dim, factor)

@@ -19,16 +19,14 @@ def factorization(dim: int, factor: int = -1) -> tuple[int, int]:
     """
     if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
         raise ValueError(f"factorization: dim must be a positive int, got {dim!r}")
-    if isinstance(factor, bool) or not isinstance(factor, int) or factor == 0:
+    if isinstance(factor, bool) or not isinstance(factor, int) or factor == 0 or factor < -1:
         raise ValueError(f"factorization: factor must be -1 or a positive int, got {factor!r}")
     if factor > 0 and dim % factor == 0:
         other = dim // factor
         return (factor, other) if factor <= other else (other, factor)
     limit = math.isqrt(dim) if factor < 0 else min(factor, math.isqrt(dim))
-    for m in range(limit, 0, -1):
-        if dim % m == 0:
-            return m, dim // m
-    return 1, dim  # only reached when limit < 1, which cannot happen for valid inputs
+    m = next(m for m in range(limit, 0, -1) if dim % m == 0)  # limit ≥ 1, and 1 always divides
+    return m, dim // m
 
 
 def make_w1(
