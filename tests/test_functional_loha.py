@@ -172,6 +172,11 @@ def test_loha_delta_weight_bad_shapes() -> None:
         loha_delta_weight(w1a, w1b[:1], w2a, w2b, 1.0)
     with pytest.raises(ValueError, match="layer weight shape"):
         loha_delta_weight(w1a, w1b, w2a, w2b, 1.0, shape=(6, 4))
+    tfac = list(_tucker_factors(6, 5, 2, (3, 3), gen))
+    tfac[1] = _randn(3, 6, gen=gen)  # w1a with the wrong rank
+    t1, w1a_t, w1b_t, t2, w2a_t, w2b_t = tfac
+    with pytest.raises(ValueError, match="Tucker factor shapes"):
+        loha_delta_weight(w1a_t, w1b_t, w2a_t, w2b_t, 1.0, t1=t1, t2=t2)
     with pytest.raises(ValueError, match="together"):
         loha_delta_weight(w1a, w1b, w2a, w2b, 1.0, t1=_randn(2, 2, 3, 3, gen=gen))
 

@@ -6,6 +6,8 @@ The custom Functions save only the factors, not the O×I products: backward reco
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .common import Scale, apply_weight, autocast_like_forward, save_autocast_state, scaled_grad
@@ -147,6 +149,25 @@ def loha_delta_weight(
             "loha_delta_weight: hada_t1 and hada_t2 must be given together (Tucker) or not at all"
         )
     if t1 is not None:
+        r1, r2 = t1.shape[0], t2.shape[0]
+        if (
+            t1.dim() != 4
+            or t2.dim() != 4
+            or t1.shape[:2] != (r1, r1)
+            or t2.shape[:2] != (r2, r2)
+            or t1.shape[2:] != t2.shape[2:]
+            or w1a.shape[0] != r1
+            or w1b.shape[0] != r1
+            or w2a.shape[0] != r2
+            or w2b.shape[0] != r2
+            or w1a.shape[1] != w2a.shape[1]
+            or w1b.shape[1] != w2b.shape[1]
+        ):
+            raise ValueError(
+                "loha_delta_weight: Tucker factor shapes do not chain: "
+                f"t1 {tuple(t1.shape)}, w1a {tuple(w1a.shape)}, w1b {tuple(w1b.shape)}, t2 {tuple(t2.shape)}, "
+                f"w2a {tuple(w2a.shape)}, w2b {tuple(w2b.shape)}; expected (r, r, kh, kw), (r, O), (r, I) per half"
+            )
         delta = HadaWeightTucker.apply(t1, w1a, w1b, t2, w2a, w2b, scale)
     else:
         w1b = w1b.reshape(w1b.shape[0], -1)
@@ -159,20 +180,13 @@ def loha_delta_weight(
             )
         delta = HadaWeight.apply(w1a, w1b, w2a, w2b, scale)
     if shape is not None and tuple(delta.shape) != tuple(shape):
-        if delta.numel() != _numel(shape):
+        if delta.numel() != math.prod(int(d) for d in shape):
             raise ValueError(
                 f"loha_delta_weight: ΔW of shape {tuple(delta.shape)} cannot be reshaped to the layer "
                 f"weight shape {tuple(shape)}"
             )
         delta = delta.reshape(shape)
     return delta
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
 
 
 def khatri_rao_factors(
