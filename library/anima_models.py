@@ -491,8 +491,10 @@ class Anima(nn.Module):
         out = self.llm_adapter(
             source_hidden_states, target_input_ids, target_attention_mask, source_attention_mask
         )
-        if target_attention_mask is not None:
-            out = out * target_attention_mask.to(out.dtype)[..., None]
+        if (
+            target_attention_mask is not None
+        ):  # where(), not a product: a NaN in a padded row must not survive
+            out = torch.where(target_attention_mask.bool()[..., None], out, out.new_zeros(()))
         return out
 
     def forward(
@@ -523,15 +525,16 @@ class Anima(nn.Module):
                 pm = F.interpolate(padding_mask.to(x.dtype), size=(h, w), mode="nearest")
                 pm = pm[:, :, None].expand(b, 1, t, h, w)
             x = torch.cat([x, pm], dim=1)
-        tokens = self.x_embedder(x)  # (B, T', H', W', D)
+        tokens = self.x_embedder(x.to(self.dtype))  # (B, T', H', W', D)
         tt, hh, ww = tokens.shape[1:4]
         tokens = tokens.reshape(b, tt * hh * ww, -1)
         rope = self.pos_embedder(tt, hh, ww, tokens.device)
         if timesteps.ndim != 1 or timesteps.shape[0] != b:
             raise ValueError(f"timesteps must have shape ({b},); got {tuple(timesteps.shape)}")
-        sinus, adaln_lora = self.t_embedder(timesteps.to(tokens.dtype))
+        # Inputs follow the weight dtype (autocast, when active, still decides the matmul precision).
+        sinus, adaln_lora = self.t_embedder(timesteps.to(self.dtype))
         emb = self.t_embedding_norm(sinus)
-        context = context.to(tokens.dtype)
+        context = context.to(self.dtype)
         for blk in self.blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 tokens = checkpoint(blk, tokens, emb, adaln_lora, context, rope, use_reentrant=False)

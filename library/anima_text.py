@@ -55,7 +55,7 @@ def encode_qwen3(
     ids, mask = input_ids.to(dev), attention_mask.to(dev)
     with torch.no_grad():
         out = text_encoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-    return out * mask[..., None].to(out.dtype)
+    return torch.where(mask.bool()[..., None], out, out.new_zeros(()))  # where(): NaN-safe for empty prompts
 
 
 def encode_anima_prompts(

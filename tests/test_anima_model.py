@@ -327,3 +327,22 @@ def test_encode_prompts_masks_and_lengths(tiny_models) -> None:
     ctx512 = encode_anima_prompts(m, caps[:1], max_length=512)
     assert ctx512.shape == (1, 512, 32)
     torch.testing.assert_close(ctx512[0, :n5], ctx[0, :n5], rtol=1e-4, atol=1e-5)
+
+
+def test_dit_half_precision_paths_track_fp32() -> None:
+    torch.manual_seed(6)
+    dit = Anima(tiny_anima_config()).eval()
+    x, ctx, s = torch.randn(1, 16, 1, 8, 8), torch.randn(1, 6, 32), torch.tensor([0.6])
+    with torch.no_grad():
+        ref = dit(x, s, ctx)
+        with torch.autocast(
+            "cpu", dtype=torch.bfloat16
+        ):  # fp32 weights, bf16 matmuls (mixed precision training)
+            amp = dit(x, s.bfloat16(), ctx.bfloat16())
+        bf = Anima(tiny_anima_config()).eval()
+        bf.load_state_dict(dit.state_dict())
+        half = bf.to(torch.bfloat16)(x, s, ctx)  # bf16 weights, fp32 inputs are cast to the weight dtype
+    assert half.dtype == torch.bfloat16
+    for out in (amp, half):
+        assert torch.isfinite(out).all()
+        assert ((out.float() - ref).norm() / ref.norm()).item() < 0.05
