@@ -193,3 +193,40 @@ def test_te_cache_refuses_caption_randomness(tmp_path: Path) -> None:
     assert cache_text_encoder_outputs(g, FakeTE(), to_disk=False) == 3
     assert not list(train.rglob("*.npz"))
     assert all(i.te_outputs is not None for i in g.image_infos())
+
+
+def test_prepare_caches_from_flags_and_process_split(tmp_path: Path) -> None:
+    from library.dataset import check_cache_args, prepare_caches
+
+    train = make_data(tmp_path)
+
+    class FakeAccelerator:  # two processes simulated one after the other
+        def __init__(self, index: int) -> None:
+            self.process_index, self.num_processes, self.is_local_main_process = index, 2, index == 0
+            self.waits = 0
+
+        def wait_for_everyone(self) -> None:
+            self.waits += 1
+
+    args = type("A", (), {"cache_latents_to_disk": True, "cache_text_encoder_outputs_to_disk": True})()
+    # real ranks run concurrently and plan from the same (empty) cache; simulate each rank on its own copy
+    written = []
+    for rank in (0, 1):
+        data = make_data(tmp_path / f"rank{rank}")
+        acc, vae = FakeAccelerator(rank), FakeVAE()
+        n = prepare_caches(group_for(data), args, encode_latents=vae, encode_text=FakeTE(), accelerator=acc)
+        assert n == {"latents": 2 - rank, "text": 2 - rank} and vae.encoded == 2 - rank and acc.waits == 2
+        written.append({p.name for p in data.rglob("*.npz")})
+    assert written[0].isdisjoint(written[1]) and len(written[0] | written[1]) == 6  # a split, no overlap
+    g = group_for(train)
+    prepare_caches(g, args, encode_latents=FakeVAE(), encode_text=FakeTE())
+    assert all(i.latents_npz is not None and i.te_npz is not None for i in g.image_infos())
+    # afterwards a single process finds everything valid
+    assert prepare_caches(group_for(train), args, encode_latents=FakeVAE(), encode_text=FakeTE()) == {
+        "latents": 0,
+        "text": 0,
+    }
+    with pytest.raises(DatasetConfigError, match="shuffle_caption"):
+        check_cache_args(group_for(train, "--shuffle_caption"), args)
+    with pytest.raises(ValueError, match="no encode_latents"):
+        prepare_caches(group_for(train), args, encode_text=FakeTE())

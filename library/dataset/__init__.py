@@ -4,9 +4,11 @@ from .buckets import BucketManager, get_crop_ltrb, make_bucket_resolutions
 from .cache import (
     cache_latents,
     cache_text_encoder_outputs,
+    check_cache_args,
     check_latent_cache_compat,
     check_te_cache_compat,
     latents_npz_path,
+    prepare_caches,
     te_npz_path,
 )
 from .config import (
@@ -40,6 +42,7 @@ __all__ = [
     "build_dataset_group",
     "cache_latents",
     "cache_text_encoder_outputs",
+    "check_cache_args",
     "check_latent_cache_compat",
     "check_te_cache_compat",
     "dataset_metadata",
@@ -51,5 +54,6 @@ __all__ = [
     "load_user_config",
     "make_bucket_resolutions",
     "make_dataloader",
+    "prepare_caches",
     "user_config_from_args",
 ]

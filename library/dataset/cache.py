@@ -308,3 +308,88 @@ def cache_text_encoder_outputs(
 def _te_valid(path: Path, fp: str, skip_check: bool) -> bool:
     # the caller's keys are unknown here; a matching fingerprint proves the file was fully written by us
     return npz_is_valid(path, [], fp, skip_check)
+
+
+def wants_latent_cache(args: Any) -> tuple[bool, bool]:
+    """(cache?, to disk?) from sd-scripts flags; `--cache_latents_to_disk` implies `--cache_latents`."""
+    to_disk = bool(getattr(args, "cache_latents_to_disk", False))
+    return bool(getattr(args, "cache_latents", False)) or to_disk, to_disk
+
+
+def wants_te_cache(args: Any) -> tuple[bool, bool]:
+    to_disk = bool(getattr(args, "cache_text_encoder_outputs_to_disk", False))
+    return bool(getattr(args, "cache_text_encoder_outputs", False)) or to_disk, to_disk
+
+
+def check_cache_args(group: DatasetGroup, args: Any, allow_caption_dropout: bool = False) -> None:
+    """Refuse invalid cache/augmentation combinations early (before any model is loaded)."""
+    if wants_latent_cache(args)[0]:
+        check_latent_cache_compat(group)
+    if wants_te_cache(args)[0]:
+        check_te_cache_compat(group, allow_caption_dropout)
+
+
+def prepare_caches(
+    group: DatasetGroup,
+    args: Any,
+    *,
+    encode_latents: LatentEncoder | None = None,
+    encode_text: TextEncoder | None = None,
+    latents_suffix: str = "_sdxl",
+    te_suffix: str = "_te_outputs",
+    latents_settings: str = "",
+    te_settings: str = "",
+    te_batch_size: int | None = None,
+    accelerator: Any = None,
+    allow_caption_dropout: bool = False,
+) -> dict[str, int]:
+    """Run the caches the flags ask for; returns {"latents": n_encoded, "text": n_encoded}.
+
+    `accelerator` (optional, accelerate.Accelerator) splits disk-cache work across processes and
+    synchronises them. `*_settings` are strings describing the encoder (model path, dtype, ...): a change
+    invalidates existing disk caches.
+    """
+    pi = accelerator.process_index if accelerator is not None else 0
+    np_ = accelerator.num_processes if accelerator is not None else 1
+    wait = accelerator.wait_for_everyone if accelerator is not None else None
+    show = accelerator.is_local_main_process if accelerator is not None else True
+    skip = bool(getattr(args, "skip_cache_check", False))
+    out = {"latents": 0, "text": 0}
+    lat, lat_disk = wants_latent_cache(args)
+    if lat:
+        if encode_latents is None:
+            raise ValueError("latent caching was requested but no encode_latents callable was given")
+        out["latents"] = cache_latents(
+            group,
+            encode_latents,
+            to_disk=lat_disk,
+            vae_batch_size=int(getattr(args, "vae_batch_size", 1) or 1),
+            suffix=latents_suffix,
+            skip_cache_check=skip,
+            settings=latents_settings,
+            process_index=pi,
+            num_processes=np_,
+            wait_for_everyone=wait,
+            show_progress=show,
+        )
+    te, te_disk = wants_te_cache(args)
+    if te:
+        if encode_text is None:
+            raise ValueError(
+                "text-encoder output caching was requested but no encode_text callable was given"
+            )
+        out["text"] = cache_text_encoder_outputs(
+            group,
+            encode_text,
+            to_disk=te_disk,
+            batch_size=te_batch_size or int(getattr(args, "vae_batch_size", 1) or 1),
+            suffix=te_suffix,
+            skip_cache_check=skip,
+            settings=te_settings,
+            process_index=pi,
+            num_processes=np_,
+            wait_for_everyone=wait,
+            allow_caption_dropout=allow_caption_dropout,
+            show_progress=show,
+        )
+    return out

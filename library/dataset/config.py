@@ -196,9 +196,13 @@ def _validate_table(table: Any, allowed: dict[str, tuple[str, Any]], where: str,
             out[key] = value
             continue
         if key not in allowed:
-            raise DatasetConfigError(
-                f"unknown key '{key}' in {where}; allowed keys: {', '.join(sorted(list(allowed) + list(extra)))}"
-            )
+            if key in SUBSET_ONLY_KEYS:
+                hint = " (it belongs in [[datasets.subsets]])"
+            elif key in DATASET_KEYS:
+                hint = " (it belongs in [[datasets]] or [general])"
+            else:
+                hint = f"; allowed keys: {', '.join(sorted(list(allowed) + list(extra)))}"
+            raise DatasetConfigError(f"unknown key '{key}' in {where}{hint}")
         out[key] = _check_type(key, allowed[key][0], value, where)
     return out
 
