@@ -1,0 +1,709 @@
+"""SDXL text-to-image with LoRA / LoHa / LoKr networks: the command line of sd-scripts' `gen_img.py`.
+
+    python gen_img.py --ckpt sdxl.safetensors --network_module networks.loha \
+        --network_weights my_loha.safetensors --prompt "a cat --n blurry --d 42" --outdir out
+
+Models load through the trainer's loader (`library.sdxl_models`); networks go through the module's
+`create_network_from_weights(..., for_inference=True)` and are either merged into the weights once
+(`--network_merge`) or applied as modules whose multiplier can change per prompt (`--am`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import random
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from library.png_metadata import (
+    NetworkRecord,
+    SdxlSizeConditioning,
+    first_available_name,
+    image_text_metadata,
+    save_png,
+    sequential_name,
+    timestamped_name,
+)
+from library.prompt_options import (
+    PromptOptionError,
+    PromptOptions,
+    expand_multipliers,
+    parse_prompt_line,
+    read_prompt_file,
+)
+
+logger = logging.getLogger("gen_img")
+
+SDXL_DEFAULT_SIZE = 1024
+MAX_SEED = 2**32 - 1
+
+# sd-scripts gen_img flags this project does not implement. "error": refuse (ignoring would change the
+# images); "warn": accept with one warning (speed/memory knobs, or behaviour that is already ours).
+UNSUPPORTED: dict[str, tuple[str, str]] = {
+    "v1": ("error", "only SDXL is supported (--v1 is for SD1.x checkpoints)"),
+    "v2": ("error", "only SDXL is supported (--v2 is for SD2.x checkpoints)"),
+    "v_parameterization": ("error", "v-prediction SDXL models are not supported by this generator"),
+    "interactive": ("error", "--interactive is not implemented; use --prompt or --from_file"),
+    "from_module": ("error", "--from_module is not implemented; use --prompt or --from_file"),
+    "image_path": ("error", "img2img/inpainting (--image_path) is not implemented"),
+    "mask_path": ("error", "inpainting (--mask_path) is not implemented"),
+    "highres_fix_scale": ("error", "highres fix is not implemented"),
+    "textual_inversion_embeddings": ("error", "textual inversion embeddings are not implemented"),
+    "control_net_lllite_models": ("error", "ControlNet-LLLite is not implemented"),
+    "network_pre_calc": ("warn", "--network_pre_calc: use --network_merge (merged once, same result)"),
+    "xformers": ("warn", "--xformers is ignored: attention uses PyTorch SDPA"),
+    "diffusers_xformers": ("warn", "--diffusers_xformers is ignored: attention uses PyTorch SDPA"),
+    "mem_eff_attn": ("warn", "--mem_eff_attn is ignored: attention uses PyTorch SDPA"),
+    "opt_channels_last": ("warn", "--opt_channels_last is ignored"),
+    "vae_slices": ("warn", "--vae_slices is ignored (the VAE decodes whole images)"),
+    "no_preview": ("warn", "--no_preview has no effect (no preview window)"),
+}
+
+
+def setup_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="SDXL image generation with LoRA/LoHa/LoKr networks (sd-scripts gen_img.py flags)"
+    )
+    a = p.add_argument
+    # model
+    a("--ckpt", type=str, default=None, help="SDXL single-file .safetensors or diffusers folder")
+    a("--vae", type=str, default=None, help="VAE file or folder replacing the checkpoint's VAE")
+    a("--sdxl", action="store_true", help="accepted for compatibility: the model is always SDXL")
+    a("--v1", action="store_true")
+    a("--v2", action="store_true")
+    a("--v_parameterization", action="store_true")
+    a("--tokenizer_dir", type=str, default=None, help="local CLIP tokenizer folder (offline)")
+    a("--tokenizer_cache_dir", type=str, default=None, help="alias of --tokenizer_dir")
+    a("--fp16", action="store_true", help="run the models in float16")
+    a("--bf16", action="store_true", help="run the models in bfloat16")
+    a("--no_half_vae", action="store_true", help="keep the VAE in float32 under --fp16/--bf16")
+    a("--xformers", action="store_true")
+    a("--sdpa", action="store_true", help="PyTorch SDPA attention (always used)")
+    a("--diffusers_xformers", action="store_true")
+    a("--mem_eff_attn", action="store_true")
+    a("--opt_channels_last", action="store_true")
+    a("--vae_batch_size", type=float, default=None, help="accepted; the VAE decodes per batch")
+    a("--vae_slices", type=int, default=None)
+    a(
+        "--clip_skip",
+        type=int,
+        default=None,
+        help="SDXL always uses the penultimate layer (2); other values error",
+    )
+    a("--max_embeddings_multiples", type=int, default=None, help="prompt length in 75-token windows (1-3)")
+    a("--device", type=str, default=None, help="torch device (default: cuda if available, else cpu)")
+    # prompts and sampling
+    a("--prompt", type=str, default=None, help="prompt, may carry inline options (--n, --d, ...)")
+    a("--from_file", type=str, default=None, help="text file: one prompt per line, '#' comments")
+    a("--from_module", type=str, default=None)
+    a("--interactive", action="store_true")
+    a("--no_preview", action="store_true")
+    a("--image_path", type=str, default=None)
+    a("--mask_path", type=str, default=None)
+    a("--highres_fix_scale", type=float, default=None)
+    a("--textual_inversion_embeddings", type=str, nargs="*", default=None)
+    a("--control_net_lllite_models", type=str, nargs="*", default=None)
+    a("--images_per_prompt", type=int, default=1, help="images per prompt line")
+    a("--n_iter", type=int, default=1, help="repeat the whole prompt list this often")
+    a("--batch_size", type=int, default=1, help="images per denoising batch")
+    a("--steps", type=int, default=50, help="sampling steps")
+    a("--scale", type=float, default=7.5, help="classifier-free guidance scale")
+    a("--negative_scale", type=float, default=None, help="not implemented: must stay unset")
+    a("--sampler", type=str, default="ddim", help="ddim, euler, euler_a, dpmsolver++, k_dpm_2, ...")
+    a("--W", type=int, default=None, help="image width (SDXL default 1024)")
+    a("--H", type=int, default=None, help="image height (SDXL default 1024)")
+    a("--original_width", type=int, default=None, help="SDXL size conditioning (default: W)")
+    a("--original_height", type=int, default=None, help="SDXL size conditioning (default: H)")
+    a("--original_width_negative", type=int, default=None, help="default: original width")
+    a("--original_height_negative", type=int, default=None, help="default: original height")
+    a("--crop_top", type=int, default=None, help="SDXL crop conditioning (default 0)")
+    a("--crop_left", type=int, default=None, help="SDXL crop conditioning (default 0)")
+    a("--seed", type=int, default=None, help="seed of the per-image seeds (used as is for a single image)")
+    a("--iter_same_seed", action="store_true", help="one seed per iteration for prompts without --d")
+    a("--shuffle_prompts", action="store_true", help="shuffle the prompt list each iteration")
+    a("--outdir", type=str, default="outputs", help="output folder")
+    a("--sequential_file_name", action="store_true", help="name images im_000001.png, ...")
+    # networks
+    a(
+        "--network_module",
+        type=str,
+        nargs="*",
+        default=None,
+        help="one module per network, e.g. networks.loha",
+    )
+    a("--network_weights", type=str, nargs="*", default=None, help="one weights file per network")
+    a("--network_mul", type=float, nargs="*", default=None, help="one multiplier per network (default 1.0)")
+    a("--network_args", type=str, nargs="*", default=None, help='one string per network: "k=v;k2=v2"')
+    a("--network_show_meta", action="store_true", help="log each weights file's metadata")
+    a("--network_merge", action="store_true", help="merge all networks into the weights once")
+    a("--network_merge_n_models", type=int, default=None, help="merge only the first N networks")
+    a("--network_pre_calc", action="store_true")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = setup_parser()
+    args = parser.parse_args(argv)  # unknown flags: argparse prints "unrecognized arguments" and exits 2
+    try:
+        verify_args(args)
+    except ValueError as e:
+        parser.error(str(e))
+    return args
+
+
+def verify_args(args: argparse.Namespace) -> None:
+    """Reject inconsistent or unsupported arguments before any model is loaded (one error each)."""
+    defaults = vars(setup_parser().parse_args([]))
+    for name, (action, reason) in UNSUPPORTED.items():
+        if getattr(args, name) != defaults[name]:
+            if action == "error":
+                raise ValueError(f"--{name}: {reason}")
+            logger.warning(reason)
+    if args.ckpt is None:
+        raise ValueError("--ckpt is required (SDXL .safetensors file or diffusers folder)")
+    if args.prompt is None and args.from_file is None:
+        raise ValueError("give --prompt or --from_file")
+    if args.prompt is not None and args.from_file is not None:
+        raise ValueError("give only one of --prompt and --from_file")
+    if args.fp16 and args.bf16:
+        raise ValueError("--fp16 and --bf16 are exclusive")
+    for name in ("images_per_prompt", "n_iter", "batch_size", "steps"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.negative_scale is not None:
+        raise ValueError("--negative_scale is not implemented (the negative prompt uses --scale)")
+    if args.clip_skip not in (None, 2):
+        raise ValueError(f"--clip_skip {args.clip_skip}: SDXL uses the penultimate layer only (2)")
+    if args.max_embeddings_multiples not in (None, 1, 2, 3):
+        raise ValueError(f"--max_embeddings_multiples must be 1, 2 or 3, got {args.max_embeddings_multiples}")
+    for name in ("W", "H"):
+        v = getattr(args, name)
+        if v is not None and v < 8:
+            raise ValueError(f"--{name} must be >= 8 pixels, got {v}")
+    verify_sampler(args.sampler, "--sampler")
+    verify_network_args(args)
+
+
+def verify_sampler(name: str, what: str) -> None:
+    from library.samplers import sampler_names
+
+    names = sampler_names()
+    if name.lower() not in names:
+        raise ValueError(f"{what} {name!r} is not a known sampler; choose one of: {', '.join(names)}")
+
+
+def verify_network_args(args: argparse.Namespace) -> None:
+    modules = args.network_module or []
+    weights = args.network_weights or []
+    n = len(modules)
+    if n == 0:
+        if (
+            weights
+            or args.network_mul
+            or args.network_args
+            or args.network_merge
+            or args.network_merge_n_models
+        ):
+            raise ValueError("network options given without --network_module")
+        return
+    if len(weights) != n:
+        raise ValueError(
+            f"--network_module lists {n} network(s) but --network_weights lists {len(weights)} file(s); "
+            "give exactly one weights file per module"
+        )
+    if args.network_mul is not None and len(args.network_mul) != n:
+        raise ValueError(
+            f"--network_mul lists {len(args.network_mul)} value(s) for {n} network(s); "
+            "give one multiplier per network (or none for 1.0)"
+        )
+    if args.network_args is not None and len(args.network_args) != n:
+        raise ValueError(
+            f'--network_args lists {len(args.network_args)} string(s) for {n} network(s); give one "k=v;k2=v2" per network'
+        )
+    for w in weights:
+        if not Path(w).is_file():
+            raise ValueError(
+                f"--network_weights: file {w!r} does not exist (expected a .safetensors network file)"
+            )
+    if args.network_merge_n_models is not None and not 0 <= args.network_merge_n_models <= n:
+        raise ValueError(
+            f"--network_merge_n_models must be between 0 and {n}, got {args.network_merge_n_models}"
+        )
+
+
+def parse_network_kwargs(text: str | None) -> dict[str, str]:
+    """sd-scripts gen_img syntax: `k=v;k2=v2` (values stay strings; the module converts them)."""
+    kwargs: dict[str, str] = {}
+    if not text:
+        return kwargs
+    for token in text.split(";"):
+        token = token.strip()
+        if not token:
+            continue
+        if "=" not in token:
+            raise ValueError(f"--network_args token {token!r} has no '=' (expected key=value;key2=value2)")
+        key, value = token.split("=", 1)
+        kwargs[key.strip()] = value.strip()
+    return kwargs
+
+
+# ------------------------------------------------------------------------------------------ networks
+
+
+@dataclass
+class LoadedNetwork:
+    module_name: str
+    weights_path: str
+    multiplier: float
+    merged: bool
+    network: Any = None  # the live network (None once merged: its modules are not kept)
+    algorithms: dict[str, int] = field(default_factory=dict)
+
+
+def _file_module_names(weights_sd: dict[str, torch.Tensor]) -> dict[str, str]:
+    """lora_name -> algorithm, from the file's keys (the text before the first dot names the module)."""
+    from networks.network_io import detect_algorithm, group_by_module
+
+    return {name: detect_algorithm(name, tensors) for name, tensors in group_by_module(weights_sd).items()}
+
+
+def _built_module_names(network: torch.nn.Module) -> set[str]:
+    return {m.lora_name for m in network.modules() if isinstance(getattr(m, "lora_name", None), str)}
+
+
+def _short(names: Sequence[str], n: int = 12) -> str:
+    names = sorted(names)
+    more = f" ... and {len(names) - n} more" if len(names) > n else ""
+    return ", ".join(names[:n]) + more
+
+
+def model_layer_names(text_encoders: Sequence[torch.nn.Module], unet: torch.nn.Module) -> set[str]:
+    """Every module name a network file may use on this model (the networks' own naming code)."""
+    from networks.arch import detect_architecture
+    from networks.network_base import iter_all_leaves, lora_name_of, model_roots
+
+    arch = detect_architecture(list(text_encoders), unet)
+    return {
+        lora_name_of(root.prefix, original)
+        for root in model_roots(arch, list(text_encoders), unet, None)
+        for original, _ in iter_all_leaves(root)
+    }
+
+
+def check_file_names(file_algos: dict[str, str], available: set[str], module_name: str, path: str) -> None:
+    """Every module named in the file must exist (or have been built): no silent no-op, all names listed."""
+    missing = sorted(set(file_algos) - available)
+    if not missing:
+        return
+    if not available & set(file_algos):
+        prefixes = sorted({"_".join(k.split("_")[:3]) for k in file_algos})
+        raise ValueError(
+            f"--network_weights {path}: none of its {len(file_algos)} modules match this SDXL model "
+            f"(name prefixes: {', '.join(prefixes[:6])}); is it a network for another architecture "
+            "(e.g. Anima 'lora_unet_blocks_*') or another model? SDXL names look like "
+            "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q or lora_te1_text_model_encoder_layers_0_mlp_fc1"
+        )
+    algos = sorted({file_algos[k] for k in missing})
+    raise ValueError(
+        f"--network_weights {path}: {len(missing)} of {len(file_algos)} modules in the file match no layer "
+        f"of this model for {module_name} ({'/'.join(algos)} keys): {_short(missing)}"
+    )
+
+
+def load_networks(
+    args: argparse.Namespace, models: Any, dtype: torch.dtype, device: torch.device
+) -> list[LoadedNetwork]:
+    """Create each network from its file; merge it (`--network_merge[_n_models]`) or apply it live."""
+    from networks.network_io import read_weights
+
+    modules = args.network_module or []
+    n_merge = 0
+    if args.network_merge:
+        n_merge = len(modules)
+    if args.network_merge_n_models is not None:
+        n_merge = args.network_merge_n_models
+    text_encoders = [models.text_encoder_1, models.text_encoder_2]
+    layer_names = model_layer_names(text_encoders, models.unet) if modules else set()
+    loaded: list[LoadedNetwork] = []
+    for i, module_name in enumerate(modules):
+        path = args.network_weights[i]
+        mul = 1.0 if args.network_mul is None else float(args.network_mul[i])
+        kwargs = parse_network_kwargs(args.network_args[i] if args.network_args else None)
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as e:
+            raise ValueError(f"--network_module {module_name!r} cannot be imported: {e}") from e
+        if not hasattr(module, "create_network_from_weights"):
+            raise ValueError(f"--network_module {module_name!r} has no create_network_from_weights()")
+        weights_sd, metadata = read_weights(path)
+        if args.network_show_meta:
+            logger.info("metadata of %s: %s", path, metadata)
+        file_algos = _file_module_names(weights_sd)
+        check_file_names(file_algos, layer_names, module_name, path)
+        network, weights_sd = module.create_network_from_weights(
+            mul,
+            path,
+            models.vae,
+            text_encoders,
+            models.unet,
+            weights_sd=weights_sd,
+            for_inference=True,
+            **kwargs,
+        )
+        if network is None:
+            raise ValueError(f"--network_module {module_name} returned no network for {path}")
+        # a third-party module could skip names silently; ours raise, this catches the rest
+        check_file_names(file_algos, _built_module_names(network), module_name, path)
+        foreign = sorted({a for a in file_algos.values()} - {module_name.rsplit(".", 1)[-1]})
+        if module_name.startswith("networks.") and foreign:
+            logger.info(
+                "%s: file holds %s modules; %s loads them with their own algorithm",
+                path,
+                foreign,
+                module_name,
+            )
+        counts: dict[str, int] = {}
+        for algo in file_algos.values():
+            counts[algo] = counts.get(algo, 0) + 1
+        merge = i < n_merge and network.is_mergeable()
+        if i < n_merge and not merge:
+            logger.warning("%s: network is not mergeable, applying it as modules instead", path)
+        if merge:
+            network.merge_to(text_encoders, models.unet, weights_sd, dtype, device)
+            network = None  # its tensors now live in the model weights
+        else:
+            network.apply_to(text_encoders, models.unet)
+            try:
+                network.load_state_dict(weights_sd, strict=True)
+            except RuntimeError as e:
+                raise ValueError(f"--network_weights {path}: tensors do not fit {module_name}: {e}") from e
+            network.to(device=device, dtype=dtype)
+            network.eval().requires_grad_(False)
+        logger.info(
+            "network %d: %s %s x%s, %s (%s)",
+            i + 1,
+            module_name,
+            path,
+            mul,
+            "merged" if merge else "live",
+            ", ".join(f"{k} {v}" for k, v in sorted(counts.items())),
+        )
+        loaded.append(LoadedNetwork(module_name, path, mul, merge, network, counts))
+    return loaded
+
+
+# ------------------------------------------------------------------------------------------ planning
+
+
+@dataclass(frozen=True)
+class BatchKey:
+    """Everything that must be equal for images to share one denoising batch."""
+
+    width: int
+    height: int
+    steps: int
+    scale: float
+    sampler: str
+    original_width: int
+    original_height: int
+    original_width_negative: int
+    original_height_negative: int
+    crop_top: int
+    crop_left: int
+    network_muls: tuple[float, ...] | None
+
+
+@dataclass
+class ImageJob:
+    key: BatchKey
+    prompt: str
+    negative_prompt: str
+    raw_prompt: str
+    seed: int
+    filename: str | None
+
+
+def _floor8(v: int, what: str) -> int:
+    out = v - v % 8
+    if out != v:
+        logger.info("%s %d is not a multiple of 8: using %d", what, v, out)
+    return out
+
+
+def job_key(args: argparse.Namespace, o: PromptOptions, n_live: int) -> BatchKey:
+    """Prompt options over command-line defaults (sd-scripts precedence)."""
+    width = _floor8(o.width if o.width is not None else (args.W or SDXL_DEFAULT_SIZE), "width")
+    height = _floor8(o.height if o.height is not None else (args.H or SDXL_DEFAULT_SIZE), "height")
+    if width < 8 or height < 8:
+        raise PromptOptionError(f"image size {width}x{height} too small (in line {o.raw!r})")
+    ow = o.original_width if o.original_width is not None else (args.original_width or width)
+    oh = o.original_height if o.original_height is not None else (args.original_height or height)
+    nw = (
+        o.original_width_negative
+        if o.original_width_negative is not None
+        else (args.original_width_negative or ow)
+    )
+    nh = (
+        o.original_height_negative
+        if o.original_height_negative is not None
+        else (args.original_height_negative or oh)
+    )
+    if o.network_muls is not None and n_live == 0:
+        raise PromptOptionError(
+            f"--am {o.network_muls} needs a network applied as modules; there is no live network "
+            f"(merged networks keep their --network_mul) (in line {o.raw!r})"
+        )
+    muls = expand_multipliers(o.network_muls, n_live, "--am")
+    return BatchKey(
+        width=width,
+        height=height,
+        steps=o.steps if o.steps is not None else args.steps,
+        scale=o.scale if o.scale is not None else args.scale,
+        sampler=(o.sampler or args.sampler).lower(),
+        original_width=ow,
+        original_height=oh,
+        original_width_negative=nw,
+        original_height_negative=nh,
+        crop_top=o.crop_top if o.crop_top is not None else (args.crop_top or 0),
+        crop_left=o.crop_left if o.crop_left is not None else (args.crop_left or 0),
+        network_muls=tuple(muls) if muls is not None else None,
+    )
+
+
+def parse_prompt_lines(args: argparse.Namespace) -> list[PromptOptions]:
+    lines = read_prompt_file(args.from_file) if args.from_file is not None else [args.prompt]
+    if not lines or not lines[0].strip():
+        raise ValueError(f"no prompt found in {args.from_file or '--prompt'}")
+    parsed = [parse_prompt_line(line) for line in lines]
+    for o in parsed:
+        if o.unsupported:
+            logger.warning(
+                "prompt options not implemented, ignored: %s (in %r)", sorted(o.unsupported), o.raw
+            )
+        for name in ("strength", "clip_prompt"):
+            if getattr(o, name) is not None:
+                logger.warning("prompt option for img2img/CLIP guidance ignored: %s (in %r)", name, o.raw)
+        if "nl" in o.given and o.negative_scale is not None:
+            raise PromptOptionError(f"--nl (negative scale) is not implemented (in line {o.raw!r})")
+        if o.sampler is not None:
+            verify_sampler(o.sampler, f"prompt option --ss in line {o.raw!r}:")
+    return parsed
+
+
+def seed_source(args: argparse.Namespace, n_lines: int) -> random.Random | None:
+    """sd-scripts: `--seed` seeds a generator that draws every image's seed, except for a single image
+    from a one-line prompt file, where the seed is meant to be used as is (sd-scripts crashes there
+    on a shadowed name; we do what it intends). Returns None for the "as is" case."""
+    if args.seed is not None:
+        if args.from_file is not None and n_lines == 1 and args.images_per_prompt == 1:
+            return None
+        return random.Random(args.seed)
+    return random.Random()
+
+
+def plan_iteration(
+    args: argparse.Namespace,
+    parsed: list[PromptOptions],
+    rng: random.Random | None,
+    n_live: int,
+) -> list[ImageJob]:
+    """The images of one `--n_iter` round, in generation order."""
+    iter_seed = rng.randint(0, MAX_SEED) if (args.iter_same_seed and rng is not None) else None
+    order = list(parsed)
+    if args.shuffle_prompts:
+        (rng or random.Random(args.seed)).shuffle(order)
+    jobs: list[ImageJob] = []
+    for o in order:
+        key = job_key(args, o, n_live)
+        given = list(o.seeds) if o.seeds is not None else None
+        randomize = False
+        seed = None
+        for pi in range(args.images_per_prompt):
+            if given is not None and not randomize:
+                # --d a,b,c: one seed per image; missing ones repeat the last; -1 = random from here on
+                value = given[pi] if pi < len(given) else given[-1]
+                if value == -1:
+                    randomize = True
+                else:
+                    seed = value
+            if given is None or randomize:
+                if rng is None:
+                    seed = args.seed
+                elif iter_seed is not None and not randomize:
+                    seed = iter_seed
+                else:
+                    seed = rng.randint(0, MAX_SEED)
+            assert seed is not None
+            filename = o.filename
+            if filename is not None:
+                if args.images_per_prompt > 1:
+                    stem, ext = os.path.splitext(filename)
+                    filename = f"{stem}_{pi}{ext}"
+                if not filename.lower().endswith(".png"):
+                    filename += ".png"
+            jobs.append(ImageJob(key, o.prompt, o.negative_prompt or "", o.raw, int(seed), filename))
+    return jobs
+
+
+def split_batches(jobs: list[ImageJob], batch_size: int) -> list[list[ImageJob]]:
+    """Consecutive jobs with equal settings share a batch of at most `batch_size` images."""
+    batches: list[list[ImageJob]] = []
+    for job in jobs:
+        if batches and batches[-1][0].key == job.key and len(batches[-1]) < batch_size:
+            batches[-1].append(job)
+        else:
+            batches.append([job])
+    return batches
+
+
+# ------------------------------------------------------------------------------------------ running
+
+
+def pick_dtype(args: argparse.Namespace) -> torch.dtype:
+    return torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else torch.float32
+
+
+def pick_device(args: argparse.Namespace) -> torch.device:
+    if args.device:
+        return torch.device(args.device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_models(args: argparse.Namespace, dtype: torch.dtype, device: torch.device) -> Any:
+    """The trainer's loader: single-file SGM checkpoint or diffusers folder, optional --vae."""
+    from library.sdxl_models import load_sdxl_models
+
+    models = load_sdxl_models(
+        args.ckpt, vae=args.vae, tokenizer_dir=args.tokenizer_dir or args.tokenizer_cache_dir, dtype=dtype
+    )
+    for m in (models.unet, models.text_encoder_1, models.text_encoder_2):
+        m.to(device)
+    # the SDXL VAE overflows in fp16; keep it fp32 there, as sd-scripts users pass --no_half_vae for
+    vae_dtype = torch.float32 if (args.no_half_vae or dtype == torch.float16) else dtype
+    models.vae.to(device=device, dtype=vae_dtype)
+    return models
+
+
+def _network_records(nets: list[LoadedNetwork], muls: tuple[float, ...] | None) -> list[NetworkRecord]:
+    live = iter(muls) if muls is not None else None
+    records = []
+    for n in nets:
+        m = n.multiplier
+        if not n.merged and live is not None:
+            m = next(live)
+        records.append(NetworkRecord(n.module_name, Path(n.weights_path).name, float(m), n.merged))
+    return records
+
+
+def run_batch(
+    args: argparse.Namespace,
+    models: Any,
+    nets: list[LoadedNetwork],
+    batch: list[ImageJob],
+    dtype: torch.dtype,
+    device: torch.device,
+    counter: list[int],
+) -> list[Path]:
+    from library.sdxl_generate import generate_sdxl
+
+    k = batch[0].key
+    live = [n for n in nets if not n.merged]
+    muls = k.network_muls if k.network_muls is not None else tuple(n.multiplier for n in live)
+    for n, m in zip(live, muls):
+        n.network.set_multiplier(m)
+    images = generate_sdxl(
+        models,
+        [j.prompt for j in batch],
+        [j.negative_prompt for j in batch],
+        k.width,
+        k.height,
+        k.steps,
+        k.scale,
+        [j.seed for j in batch],
+        k.sampler,
+        original_size=(k.original_height, k.original_width),
+        negative_original_size=(k.original_height_negative, k.original_width_negative),
+        crop_top_left=(k.crop_top, k.crop_left),
+        max_token_length=None if not args.max_embeddings_multiples else 75 * args.max_embeddings_multiples,
+        dtype=dtype,
+        device=device,
+    )
+    cond = SdxlSizeConditioning(
+        k.original_width,
+        k.original_height,
+        k.original_width_negative,
+        k.original_height_negative,
+        k.crop_top,
+        k.crop_left,
+    )
+    records = _network_records(nets, muls if live else None)
+    ts = time.strftime("%Y%m%d%H%M%S", time.localtime())
+    written = []
+    outdir = Path(args.outdir)
+    for i, (job, image) in enumerate(zip(batch, images)):
+        counter[0] += 1
+        if job.filename is not None:
+            name = first_available_name(outdir, job.filename)
+        elif args.sequential_file_name:
+            name = sequential_name(counter[0])
+        else:
+            name = timestamped_name(ts, i, job.seed)
+        text = image_text_metadata(
+            prompt=job.prompt,
+            seed=job.seed,
+            sampler=k.sampler,
+            steps=k.steps,
+            scale=k.scale,
+            negative_prompt=job.negative_prompt,
+            raw_prompt=job.raw_prompt,
+            size_conditioning=cond,
+            networks=records,
+        )
+        written.append(save_png(image, outdir / name, text))
+    return written
+
+
+def generate(args: argparse.Namespace) -> list[Path]:
+    """Everything after argument parsing; returns the written image paths."""
+    parsed = parse_prompt_lines(args)  # prompt errors surface before minutes of model loading
+    dtype, device = pick_dtype(args), pick_device(args)
+    models = load_models(args, dtype, device)
+    nets = load_networks(args, models, dtype, device)
+    n_live = sum(not n.merged for n in nets)
+    for o in parsed:  # --am needs live networks: check every line now, not after the first images
+        job_key(args, o, n_live)
+    rng = seed_source(args, len(parsed))
+    counter = [0]
+    written: list[Path] = []
+    Path(args.outdir).mkdir(parents=True, exist_ok=True)
+    for it in range(args.n_iter):
+        logger.info("iteration %d/%d", it + 1, args.n_iter)
+        for batch in split_batches(plan_iteration(args, parsed, rng, n_live), args.batch_size):
+            written.extend(run_batch(args, models, nets, batch, dtype, device, counter))
+    logger.info("wrote %d image(s) to %s", len(written), args.outdir)
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    try:
+        generate(args)
+    except (ValueError, FileNotFoundError) as e:
+        # one clear line for bad input instead of a traceback
+        print(f"gen_img.py: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
