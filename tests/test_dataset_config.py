@@ -100,6 +100,8 @@ batch_size = 4
         ('[[datasets]]\n[[datasets.subsets]]\nimage_dir="x"\nnum_repeats="3"\n', r"'num_repeats' must be int"),
         ('[[datasets]]\n[[datasets.subsets]]\nclass_tokens="x"\n', r"needs 'image_dir'"),
         ("[other]\n", r"unknown key 'other' at the top level"),
+        ('[[datasets]]\nimage_dir = "x"\n', r"'image_dir' in \[\[datasets\]\] #1 .*belongs in \[\[datasets.subsets\]\]"),
+        ('[general]\nresolution = "big"\n', r"resolution must be an int"),
         ("[[datasets]\n", r"not valid"),
     ],
 )  # fmt: skip
@@ -249,3 +251,30 @@ def test_mixed_kinds_and_bucket_step_rules(tmp_path: Path) -> None:
                 ]
             )  # fmt: skip
         )
+
+
+def test_in_json_cli_form_and_no_bucket_mode(tmp_path: Path) -> None:
+    img_dir = tmp_path / "imgs"
+    write_png(img_dir / "wide.png", 120, 60)
+    write_png(img_dir / "big.png", 128, 96)
+    md = tmp_path / "meta.jsonl"
+    md.write_text(
+        json.dumps({"image_path": "wide.png", "caption": "w"})
+        + "\n"
+        + json.dumps({"image_path": "big", "tags": "t"})
+    )
+    g = build_dataset_group(parse(["--in_json", str(md), "--train_data_dir", str(img_dir), "--resolution", "64,32",
+                                   "--dataset_repeats", "3"]))  # fmt: skip
+    d = g.datasets[0]
+    assert d.num_train_images == 6 and not d.enable_bucket
+    assert d.bucket_info["buckets"] == {0: {"resolution": [64, 32], "count": 6}}
+    seen = {}
+    for i in range(len(d)):
+        b = d[i]
+        seen[b["captions"][0]] = b
+        assert b["images"].shape == (1, 3, 32, 64)  # every image covers 64x32 and is centre-cropped
+    assert set(seen) == {"w", "t"}
+    # 120x60 has the bucket's AR: letterbox fills the bucket; 128x96 (AR 4/3) in 64x32 -> fit (42.67, 32), left 10
+    assert seen["w"]["crop_top_lefts"][0].tolist() == [0, 0]
+    assert seen["t"]["crop_top_lefts"][0].tolist() == [0, 10]
+    assert seen["t"]["original_sizes_hw"][0].tolist() == [96, 128]
