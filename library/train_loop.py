@@ -65,6 +65,10 @@ class TrainingArchitecture(abc.ABC):
     def verify_args(self, args: argparse.Namespace) -> None:  # noqa: B027 - optional hook
         """Architecture-specific checks of the parsed args."""
 
+    def extra_metadata(self, args: argparse.Namespace) -> dict[str, str]:
+        """Architecture-specific ``ss_*`` metadata added to every saved network (e.g. Anima's sampling)."""
+        return {}
+
     @abc.abstractmethod
     def build_dataset(self, args: argparse.Namespace) -> DatasetInfo:
         """Read the dataset config/folders (no model needed yet): bad data fails before loading models."""
@@ -280,6 +284,7 @@ def train(args: argparse.Namespace, arch: TrainingArchitecture) -> Path | None:
         num_batches_per_epoch=batches_per_epoch, num_epochs=num_epochs,
         network_args=net_kwargs if args.network_args else None, dataset_metadata=data.metadata,
     )  # fmt: skip
+    base_md.update(arch.extra_metadata(args))
     modelspec = saving.build_modelspec(
         args, arch.modelspec_architecture, training_started_at, arch.modelspec_implementation
     )

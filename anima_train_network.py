@@ -1,0 +1,44 @@
+"""Train a LoRA / LoHa / LoKr network for Anima (sd-scripts `anima_train_network.py` flags).
+
+    accelerate launch anima_train_network.py --pretrained_model_name_or_path anima.safetensors \
+        --qwen3 qwen3_06b --vae qwen_image_vae.safetensors --dataset_config data.toml \
+        --network_module networks.lokr --network_dim 32 --network_alpha 16 --output_dir out
+
+The loop is the one shared with the SDXL trainer (library/train_loop.py); the Anima part is
+library/anima_training.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from library.anima_training import AnimaArchitecture  # noqa: E402
+from library.dataset.config import add_dataset_arguments  # noqa: E402
+from library.train_args import add_training_arguments  # noqa: E402
+from library.train_loop import main_entry  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Anima LoRA/LoHa/LoKr network training")
+    AnimaArchitecture().add_arguments(parser)
+    add_dataset_arguments(parser, text_encoder_caching=True)
+    add_training_arguments(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> Path | None:
+    """Train; returns the final network file (None on non-main processes or with --output_config)."""
+    result = main_entry(AnimaArchitecture(), build_parser, argv)
+    return getattr(result, "final_path", result)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError, PermissionError, ImportError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,454 @@
+"""The Anima half of the network trainer (spec anima.md §2) on the shared loop of library/train_loop.py.
+
+Rectified flow: x_s = (1-s)*x0 + s*n, the DiT predicts v = n - x0. Timesteps come from
+`--timestep_sampling`, the loss is weighted by `--weighting_scheme`. Latents and Qwen3 outputs can be
+cached; the LLM adapter is part of the DiT and always runs (it may carry LoRA modules).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from torch import nn
+
+from library.train_loop import DatasetInfo, TrainingArchitecture
+
+logger = logging.getLogger(__name__)
+
+LATENT_CACHE_SUFFIX = "_anima"
+TE_CACHE_SUFFIX = "_anima_te"
+TIMESTEP_SAMPLING = ("sigma", "uniform", "sigmoid", "shift", "flux_shift")
+WEIGHTING_SCHEMES = ("none", "uniform", "logit_normal", "mode", "sigma_sqrt", "cosmap")
+# flags that belong to epsilon/v-prediction training and mean nothing for flow matching
+_NOT_FOR_FLOW = ("v_parameterization", "min_snr_gamma", "debiased_estimation_loss", "zero_terminal_snr",
+                 "scale_v_pred_loss_like_noise_pred", "v_pred_like_loss", "noise_offset",
+                 "multires_noise_iterations", "adaptive_noise_scale")  # fmt: skip
+
+
+def add_anima_arguments(parser: argparse.ArgumentParser) -> None:
+    a = parser.add_argument
+    a("--qwen3", type=str, default=None, help="Qwen3-0.6B text encoder: folder or single safetensors file")
+    a("--t5_tokenizer_path", type=str, default=None, help="T5 tokenizer folder (default: local hub cache)")
+    a(
+        "--qwen3_tokenizer_path",
+        type=str,
+        default=None,
+        help="Qwen3 tokenizer folder (default: the --qwen3 folder)",
+    )
+    a("--qwen3_max_token_length", type=int, default=512)
+    a("--t5_max_token_length", type=int, default=512)
+    a("--timestep_sampling", choices=TIMESTEP_SAMPLING, default="sigmoid")
+    a("--sigmoid_scale", type=float, default=1.0)
+    a("--discrete_flow_shift", type=float, default=1.0)
+    a("--weighting_scheme", choices=WEIGHTING_SCHEMES, default="uniform")
+    a("--logit_mean", type=float, default=0.0)
+    a("--logit_std", type=float, default=1.0)
+    a("--mode_scale", type=float, default=1.29)
+    a("--blocks_to_swap", type=int, default=None, help="keep the last N DiT blocks on the CPU, streamed in")
+    a("--unsloth_offload_checkpointing", action="store_true", help="not implemented: refused")
+    a("--attn_mode", choices=["torch", "sdpa"], default=None, help="attention kernel (PyTorch SDPA)")
+    a("--split_attn", action="store_true", help="accepted; attention is never split here")
+    a("--vae_chunk_size", type=int, default=None, help="not implemented: refused")
+    a("--vae_disable_cache", action="store_true", help="not implemented: refused")
+    a("--text_encoder_batch_size", type=int, default=None, help="batch size when caching Qwen3 outputs")
+
+
+# ------------------------------------------------------------------------------------------------ maths
+def shift_sigmas(s: torch.Tensor, shift: float) -> torch.Tensor:
+    return shift * s / (1 + (shift - 1) * s)
+
+
+def flux_shift_mu(height: int, width: int) -> float:
+    """mu linear from 0.5 at 256 tokens to 1.15 at 4096; tokens = (h/2)*(w/2) on the latent grid."""
+    tokens = (height // 2) * (width // 2)
+    m = (1.15 - 0.5) / (4096 - 256)
+    return tokens * m + (0.5 - m * 256)
+
+
+def density_sample(
+    args: argparse.Namespace, n: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """u in (0,1) from the `--weighting_scheme` density (logit_normal, mode, else uniform)."""
+    if args.weighting_scheme == "logit_normal":
+        return torch.sigmoid(args.logit_mean + args.logit_std * torch.randn(n, generator=generator))
+    u = torch.rand(n, generator=generator)
+    if args.weighting_scheme == "mode":
+        return 1 - u - args.mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
+    return u
+
+
+def sample_sigmas(
+    args: argparse.Namespace, batch: int, latent_hw: tuple[int, int], generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Training sigmas s in [0,1] (B,) per `--timestep_sampling` (float32, CPU)."""
+    mode = args.timestep_sampling
+    if mode == "uniform":
+        return torch.rand(batch, generator=generator)
+    if mode == "sigma":
+        # index floor(1000u) into a 1000-step flow-matching schedule shifted by S
+        # descending like the scheduler's timesteps: u near 0 gives sigma near 1
+        table = shift_sigmas(torch.linspace(1.0, 1.0 / 1000, 1000), args.discrete_flow_shift)
+        idx = (density_sample(args, batch, generator) * 1000).long().clamp(0, 999)
+        return table[idx]
+    s = torch.sigmoid(args.sigmoid_scale * torch.randn(batch, generator=generator))
+    if mode == "shift":
+        s = shift_sigmas(s, args.discrete_flow_shift)
+    elif mode == "flux_shift":
+        mu = math.exp(flux_shift_mu(*latent_hw))
+        s = mu / (mu + (1 / s - 1))
+    return s
+
+
+def loss_weighting(scheme: str, sigmas: torch.Tensor) -> torch.Tensor:
+    if scheme == "sigma_sqrt":
+        return sigmas.float() ** -2.0
+    if scheme == "cosmap":
+        return 2.0 / (math.pi * (1 - 2 * sigmas + 2 * sigmas**2))
+    return torch.ones_like(sigmas, dtype=torch.float32)
+
+
+def elementwise_loss(
+    pred: torch.Tensor, target: torch.Tensor, loss_type: str, huber_c: float
+) -> torch.Tensor:
+    if loss_type == "l2":
+        return F.mse_loss(pred, target, reduction="none")
+    if loss_type == "l1":
+        return F.l1_loss(pred, target, reduction="none")
+    if loss_type == "huber":
+        return 2 * huber_c * (torch.sqrt((pred - target) ** 2 + huber_c**2) - huber_c)
+    if loss_type == "smooth_l1":
+        return 2 * (torch.sqrt((pred - target) ** 2 + huber_c**2) - huber_c)
+    raise ValueError(f"--loss_type {loss_type!r}: expected l2, l1, huber or smooth_l1")
+
+
+def flow_matching_loss(
+    dit: nn.Module,
+    latents: torch.Tensor,
+    context_fn: Any,
+    args: argparse.Namespace,
+    loss_weights: torch.Tensor,
+    weight_dtype: torch.dtype,
+    noise: torch.Tensor | None = None,
+    sigmas: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-sample loss (B,) for cached/encoded latents x0 (B,16,h,w); `context_fn()` gives the DiT context."""
+    b, _, h, w = latents.shape
+    x0 = latents.float()
+    n = torch.randn_like(x0) if noise is None else noise.to(x0)
+    s = sample_sigmas(args, b, (h, w)) if sigmas is None else sigmas
+    s = s.to(x0.device, torch.float32)
+    s4 = s.view(-1, 1, 1, 1)
+    gamma = getattr(args, "ip_noise_gamma", None)
+    noisy_n = n + gamma * torch.randn_like(n) if gamma else n
+    x_s = (1 - s4) * x0 + s4 * noisy_n
+    t = ((s * 1000).to(weight_dtype) / 1000).to(
+        weight_dtype
+    )  # the reference rounds t through the weight dtype
+    pred = dit(x_s.to(weight_dtype)[:, :, None], t, context_fn())[:, :, 0].float()
+    target = n - x0
+    loss = elementwise_loss(pred, target, args.loss_type, getattr(args, "huber_c", 0.1))
+    loss = loss * loss_weighting(args.weighting_scheme, s).view(-1, 1, 1, 1).to(loss)
+    return loss.mean(dim=(1, 2, 3)) * loss_weights.to(loss)
+
+
+# ------------------------------------------------------------------------------------------- block swap
+def enable_block_swap(dit: nn.Module, n: int, device: torch.device) -> None:
+    """Keep the last `n` blocks' weights on the CPU; each is moved in just before its forward.
+
+    Outputs and gradients are those of the un-swapped model; peak memory drops most together with
+    --gradient_checkpointing (activations of swapped blocks are then recomputed, not kept).
+    """
+    blocks = dit.blocks
+    if not 0 < n <= len(blocks) - 2:
+        raise ValueError(
+            f"--blocks_to_swap {n}: must be between 1 and {len(blocks) - 2} for {len(blocks)} blocks"
+        )
+    if device.type == "cpu":
+        logger.info("--blocks_to_swap %d: training on the CPU, nothing to swap", n)
+        return
+    for blk in list(blocks)[len(blocks) - n :]:
+        blk.to("cpu")
+        blk.register_forward_pre_hook(lambda mod, _args: mod.to(device))
+        blk.register_forward_hook(lambda mod, _args, _out: mod.to("cpu"))
+    logger.info("--blocks_to_swap: %d of %d blocks live on the CPU", n, len(blocks))
+
+
+# ------------------------------------------------------------------------------------------ architecture
+class AnimaArchitecture(TrainingArchitecture):
+    base_model_version = "anima"
+    modelspec_architecture = "anima-preview"
+    modelspec_implementation = "https://github.com/circlestone-labs/Anima"
+
+    def __init__(self) -> None:
+        self.models: Any = None
+        self.dataset: Any = None
+        self.text_cached = False
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        add_anima_arguments(parser)
+
+    def verify_args(self, args: argparse.Namespace) -> None:
+        if not args.qwen3:
+            raise ValueError("--qwen3 is required: the Qwen3-0.6B text encoder (folder or .safetensors file)")
+        if not args.vae:
+            raise ValueError("--vae is required: the Qwen-Image VAE (qwen_image_vae.safetensors)")
+        for name in _NOT_FOR_FLOW:
+            if getattr(args, name, None):
+                raise ValueError(f"--{name} does not apply to Anima's flow-matching objective; remove it")
+        for name in ("unsloth_offload_checkpointing", "vae_chunk_size", "vae_disable_cache"):
+            if getattr(args, name, None):
+                raise ValueError(f"--{name} is not implemented for Anima")
+        if getattr(args, "fp8_base", False):
+            logger.warning(
+                "--fp8_base is not used for Anima (as in sd-scripts); training in bf16/fp32 instead"
+            )
+            args.fp8_base = False
+        if args.blocks_to_swap and getattr(args, "cpu_offload_checkpointing", False):
+            raise ValueError("--blocks_to_swap cannot be combined with --cpu_offload_checkpointing")
+        te_cache = args.cache_text_encoder_outputs or args.cache_text_encoder_outputs_to_disk
+        if te_cache and not args.network_train_unet_only:
+            raise ValueError(
+                "--cache_text_encoder_outputs needs --network_train_unet_only (Qwen3 LoRA needs the live TE)"
+            )
+        if args.cache_text_encoder_outputs_to_disk:
+            args.cache_text_encoder_outputs = True
+        if args.cache_latents_to_disk:
+            args.cache_latents = True
+
+    def extra_metadata(self, args: argparse.Namespace) -> dict[str, str]:
+        keys = ("weighting_scheme", "logit_mean", "logit_std", "mode_scale", "timestep_sampling",
+                "sigmoid_scale", "discrete_flow_shift")  # fmt: skip
+        return {f"ss_{k}": str(getattr(args, k)) for k in keys}
+
+    # ------------------------------------------------------------------ data
+    def build_dataset(self, args: argparse.Namespace) -> DatasetInfo:
+        from library import dataset as ds
+
+        self.dataset = ds.build_dataset_group(args, bucket_step_multiple=16)
+        md = ds.dataset_metadata(self.dataset, args) if hasattr(ds, "dataset_metadata") else {}
+        return DatasetInfo(
+            dataset=self.dataset,
+            collate_fn=ds.collate_unwrap,
+            num_train_images=self.dataset.num_train_images,
+            num_reg_images=self.dataset.num_reg_images,
+            metadata=md,
+            set_epoch=self.dataset.set_current_epoch,
+        )
+
+    # ------------------------------------------------------------------ models
+    def load_models(
+        self, args: argparse.Namespace, accelerator: Accelerator, weight_dtype: torch.dtype
+    ) -> None:
+        from library.anima_loading import (
+            AnimaModels,
+            load_anima_dit,
+            load_anima_tokenizers,
+            load_anima_vae,
+            load_qwen3_text_encoder,
+        )
+
+        te_path = Path(args.qwen3)
+        dit = load_anima_dit(args.pretrained_model_name_or_path, torch.float32)
+        te = load_qwen3_text_encoder(args.qwen3, torch.float32)
+        vae = load_anima_vae(args.vae, torch.float32)
+        qwen_dir = args.qwen3_tokenizer_path or (str(te_path) if te_path.is_dir() else None)
+        qwen_tok, t5_tok = load_anima_tokenizers(qwen_dir, args.t5_tokenizer_path)
+        self.models = AnimaModels(
+            dit=dit, text_encoder=te, vae=vae, qwen_tokenizer=qwen_tok, t5_tokenizer=t5_tok
+        )
+
+    def network_targets(self) -> tuple[Any, Any, Any]:
+        m = self.models
+        return m.vae, [m.text_encoder], m.dit
+
+    # ------------------------------------------------------------------ text
+    def _tokens(self, args: argparse.Namespace, captions: list[str]):
+        from library.anima_text import tokenize_anima_captions
+
+        m = self.models
+        return tokenize_anima_captions(
+            m.qwen_tokenizer, m.t5_tokenizer, captions, args.qwen3_max_token_length, args.t5_max_token_length
+        )
+
+    def _qwen3_states(self, ids: torch.Tensor, mask: torch.Tensor, grad: bool) -> torch.Tensor:
+        te = self.models.text_encoder
+        dev = next(te.parameters()).device
+        with torch.set_grad_enabled(grad):
+            out = te(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False).last_hidden_state
+            return out * mask.to(dev)[..., None].to(out.dtype)  # padded rows are zero, as in the reference
+
+    def encode_text_for_cache(self, args: argparse.Namespace, captions: list[str]) -> dict[str, torch.Tensor]:
+        toks = self._tokens(args, captions)
+        states = self._qwen3_states(toks.qwen_ids, toks.qwen_mask, grad=False)
+        return {
+            "prompt_embeds": states.float(),
+            "attn_mask": toks.qwen_mask.to(torch.int32),
+            "t5_input_ids": toks.t5_ids.to(torch.int32),
+            "t5_attn_mask": toks.t5_mask.to(torch.int32),
+        }
+
+    def encode_latents(self, images: torch.Tensor) -> torch.Tensor:
+        from library.anima_loading import anima_encode_latents
+
+        vae = self.models.vae
+        with torch.no_grad():
+            return anima_encode_latents(vae, images.to(vae.device, vae.dtype)).float()
+
+    def cache(
+        self, args: argparse.Namespace, accelerator: Accelerator, data: DatasetInfo, weight_dtype: torch.dtype
+    ) -> None:
+        from library.dataset import cache as dcache
+
+        m = self.models
+        common = dict(
+            process_index=accelerator.process_index,
+            num_processes=accelerator.num_processes,
+            wait_for_everyone=accelerator.wait_for_everyone,
+            skip_cache_check=getattr(args, "skip_cache_check", False),
+        )
+        if args.cache_latents:
+            m.vae.to(accelerator.device)
+            dcache.cache_latents(
+                self.dataset, self.encode_latents, to_disk=bool(args.cache_latents_to_disk),
+                vae_batch_size=args.vae_batch_size or 1, suffix=LATENT_CACHE_SUFFIX, settings="anima-vae", **common,
+            )  # fmt: skip
+            m.vae.to("cpu")
+        if args.cache_text_encoder_outputs:
+            m.text_encoder.to(accelerator.device, weight_dtype)
+            settings = f"anima-qwen3:{args.qwen3_max_token_length}:{args.t5_max_token_length}"
+            dcache.cache_text_encoder_outputs(
+                self.dataset, lambda caps: self.encode_text_for_cache(args, caps),
+                to_disk=bool(args.cache_text_encoder_outputs_to_disk),
+                batch_size=args.text_encoder_batch_size or 8, suffix=TE_CACHE_SUFFIX, settings=settings, **common,
+            )  # fmt: skip
+            self.text_cached = True
+            m.text_encoder.to("cpu")  # not needed any more (TE LoRA is impossible with a cache)
+        accelerator.wait_for_everyone()
+
+    def prepare_models(
+        self,
+        args: argparse.Namespace,
+        accelerator: Accelerator,
+        weight_dtype: torch.dtype,
+        train_unet: bool,
+        train_text_encoder: bool,
+    ) -> None:
+        m = self.models
+        device = accelerator.device
+        for model in (m.dit, m.text_encoder, m.vae):
+            model.requires_grad_(False)
+        m.dit.to(device, weight_dtype)
+        if args.blocks_to_swap:
+            enable_block_swap(m.dit, args.blocks_to_swap, device)
+        if not self.text_cached:
+            m.text_encoder.to(device, weight_dtype)
+        if not args.cache_latents:
+            m.vae.to(device)
+        if args.gradient_checkpointing:
+            m.dit.enable_gradient_checkpointing()
+            if train_text_encoder:
+                m.text_encoder.gradient_checkpointing_enable()
+        m.dit.train(args.gradient_checkpointing)
+        m.text_encoder.train(args.gradient_checkpointing and train_text_encoder)
+        m.vae.eval()
+
+    # ------------------------------------------------------------------ loss
+    def _context(
+        self, args: argparse.Namespace, batch: dict[str, Any], weight_dtype: torch.dtype, grad_te: bool
+    ):
+        dit = self.models.dit
+        dev = dit.device
+        cached = batch.get("text_encoder_outputs")
+        if cached is not None:
+            states = cached["prompt_embeds"].to(dev, weight_dtype)
+            qmask = cached["attn_mask"].to(dev).long()
+            t5_ids, t5_mask = cached["t5_input_ids"].to(dev).long(), cached["t5_attn_mask"].to(dev).long()
+        else:
+            toks = self._tokens(args, batch["captions"])
+            states = self._qwen3_states(toks.qwen_ids, toks.qwen_mask, grad=grad_te).to(dev, weight_dtype)
+            qmask, t5_ids, t5_mask = toks.qwen_mask.to(dev), toks.t5_ids.to(dev), toks.t5_mask.to(dev)
+        # the adapter is part of the DiT (it may carry LoRA modules), so it runs with grad
+        return dit.run_llm_adapter(states, t5_ids, t5_mask, qmask)
+
+    def per_sample_loss(
+        self,
+        args: argparse.Namespace,
+        accelerator: Accelerator,
+        batch: dict[str, Any],
+        weight_dtype: torch.dtype,
+        train_text_encoder: bool,
+    ) -> torch.Tensor:
+        device = accelerator.device
+        if batch.get("latents") is not None:
+            latents = batch["latents"].to(device, torch.float32)
+        else:
+            latents = self.encode_latents(batch["images"]).to(device)
+        weights = batch["loss_weights"].to(device, torch.float32)
+        return flow_matching_loss(
+            self.models.dit, latents, lambda: self._context(args, batch, weight_dtype, train_text_encoder),
+            args, weights, weight_dtype,
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------ samples
+    def sample_images(
+        self,
+        args: argparse.Namespace,
+        accelerator: Accelerator,
+        prompt_lines: list[str],
+        out_paths: list[Path],
+    ) -> list[Path]:
+        from library.anima_loading import anima_decode_latents
+        from library.anima_sampling import euler_sample, initial_noise, latents_to_pil
+        from library.png_metadata import save_png
+        from library.prompt_options import parse_prompt_line
+
+        m = self.models
+        dit, vae, te = m.dit, m.vae, m.text_encoder
+        te_device, vae_device = next(te.parameters()).device, vae.device
+        te.to(accelerator.device)
+        vae.to(accelerator.device)
+        dtype = dit.dtype
+        written = []
+        for line, base in zip(prompt_lines, out_paths):
+            flow_shift = 3.0
+            fs = re.search(r"\s--fs\s+([0-9.eE+-]+)", line)
+            if fs:  # Anima's flow-shift option; the shared parser does not know it
+                flow_shift = float(fs.group(1))
+                line = line[: fs.start()] + line[fs.end() :]
+            opts = parse_prompt_line(line)
+            width = max(64, ((opts.width or 512) // 16) * 16)
+            height = max(64, ((opts.height or 512) // 16) * 16)
+            steps = opts.steps or 30
+            scale = opts.scale if opts.scale is not None else 7.5
+            seed = opts.seeds[0] if opts.seeds else None
+            run_seed = seed if seed is not None else int(torch.randint(0, 2**31 - 1, (1,)).item())
+
+            def ctx(text: str) -> torch.Tensor:
+                toks = self._tokens(args, [text])
+                states = self._qwen3_states(toks.qwen_ids, toks.qwen_mask, grad=False)
+                dev = dit.device
+                return dit.run_llm_adapter(
+                    states.to(dev, dtype), toks.t5_ids.to(dev), toks.t5_mask.to(dev), toks.qwen_mask.to(dev)
+                )
+
+            with torch.no_grad():
+                pos, neg = ctx(opts.prompt), ctx(opts.negative_prompt or "")
+                noise = initial_noise(height, width, run_seed, dtype).to(dit.device)
+                lat = euler_sample(dit, noise, pos, neg, steps, scale, flow_shift, use_cfg=scale > 1.0)
+                image = latents_to_pil(anima_decode_latents(vae, lat))[0]
+            path = base.with_name(base.name + (f"_{seed}" if seed is not None else "") + ".png")
+            save_png(image, path, {"prompt": opts.prompt, "negative-prompt": opts.negative_prompt or "",
+                                   "seed": str(run_seed), "steps": str(steps), "scale": str(scale),
+                                   "flow-shift": str(flow_shift)})  # fmt: skip
+            written.append(path)
+        te.to(te_device)
+        vae.to(vae_device)
+        return written
