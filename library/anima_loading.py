@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -32,6 +33,7 @@ LATENTS_STD = [2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
 QWEN_HUB_ID = "Qwen/Qwen3-0.6B"
 T5_HUB_ID = "google/t5-v1_1-xxl"
 PathLike = str | os.PathLike
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -82,13 +84,23 @@ def _cast(sd: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, t
 
 
 def _load_into_empty(
-    build: Any, sd: dict[str, torch.Tensor], what: str, device: str | torch.device
+    build: Any,
+    sd: dict[str, torch.Tensor],
+    what: str,
+    device: str | torch.device,
+    ignore_unexpected: bool = False,
 ) -> nn.Module:
     """Build on the meta device (no RAM for weights), then adopt the checkpoint tensors; strict with clear errors."""
     with init_empty_weights(include_buffers=False):
         model = build()
     expected = set(model.state_dict())
     missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
+    if unexpected and ignore_unexpected:
+        logger.warning(
+            "%s: ignoring %d tensors the model does not use, e.g. %s", what, len(unexpected), unexpected[:3]
+        )
+        sd = {k: v for k, v in sd.items() if k in expected}
+        unexpected = []
     if missing or unexpected:
         raise ValueError(
             f"{what}: checkpoint does not match the model: missing {missing[:8]}"
@@ -101,8 +113,14 @@ def _load_into_empty(
 
 # ----------------------------------------------------------------------------------------------- DiT
 def strip_dit_prefix(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop the released `net.` prefix (files without it are accepted too) and the recomputed RoPE buffers."""
-    out = {(k[4:] if k.startswith("net.") else k): v for k, v in sd.items()}
+    """Drop the released `net.` prefix (also a ComfyUI `model.diffusion_model.`/`diffusion_model.` one, or none)
+    and the recomputed RoPE buffers."""
+    prefix = ""
+    for cand in ("net.", "model.diffusion_model.", "diffusion_model."):
+        if any(k.startswith(cand + "blocks.") for k in sd):
+            prefix = cand
+            break
+    out = {(k[len(prefix) :] if prefix and k.startswith(prefix) else k): v for k, v in sd.items()}
     return {k: v for k, v in out.items() if k not in OPTIONAL_DIT_BUFFERS}
 
 
@@ -135,7 +153,7 @@ def qwen3_config_from_state_dict(sd: dict[str, torch.Tensor]) -> Qwen3Config:
         num_attention_heads=sd["layers.0.self_attn.q_proj.weight"].shape[0] // head_dim,
         num_key_value_heads=sd["layers.0.self_attn.k_proj.weight"].shape[0] // head_dim,
         intermediate_size=sd["layers.0.mlp.gate_proj.weight"].shape[0],
-        max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1_000_000.0,
+        max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=1_000_000.0,
         tie_word_embeddings=True, attention_bias=False,
     )  # fmt: skip
 
@@ -175,7 +193,10 @@ def load_qwen3_text_encoder(
     else:
         cfg = qwen3_config_from_state_dict(sd)
     cfg._attn_implementation = "sdpa"
-    model = _load_into_empty(lambda: Qwen3Model(cfg), _cast(sd, dtype), f"Qwen3 text encoder {p}", device)
+    # Non-strict for extra tensors (as the reference loader), strict for missing ones: a partial TE is an error.
+    model = _load_into_empty(
+        lambda: Qwen3Model(cfg), _cast(sd, dtype), f"Qwen3 text encoder {p}", device, ignore_unexpected=True
+    )
     return model.eval().requires_grad_(False)
 
 

@@ -195,3 +195,45 @@ def test_load_all_models_and_run_end_to_end(tiny) -> None:
         v = loaded.dit(x, torch.tensor([0.7]), ctx_a)
     img = anima_decode_latents(loaded.vae, x - 0.7 * v)
     assert img.shape == (1, 3, 1, 64, 64) and torch.isfinite(img).all()
+
+
+def test_dit_prefix_variants_and_te_extra_tensors(tiny, tmp_path: Path) -> None:
+    models, paths = tiny
+    sd = load_file(str(paths["dit"]))
+    comfy = {"model.diffusion_model." + k[4:]: v for k, v in sd.items()}
+    save_file(comfy, str(tmp_path / "comfy_dit.safetensors"))
+    _same_state(load_anima_dit(tmp_path / "comfy_dit.safetensors"), models.dit)
+    te_sd = load_file(str(paths["text_encoder_file"]))
+    te_sd["lm_head.weight"] = te_sd["model.embed_tokens.weight"].clone()
+    te_sd["model.some_future_buffer"] = torch.zeros(3)
+    save_file(te_sd, str(tmp_path / "te_extra.safetensors"))
+    _same_state(
+        load_qwen3_text_encoder(tmp_path / "te_extra.safetensors", torch.float32), models.text_encoder
+    )
+    partial = {k: v for k, v in te_sd.items() if "layers.1.mlp.down_proj" not in k}
+    save_file(partial, str(tmp_path / "te_partial.safetensors"))
+    with pytest.raises(ValueError, match=r"missing \['layers.1.mlp.down_proj.weight'\]"):
+        load_qwen3_text_encoder(tmp_path / "te_partial.safetensors")
+
+
+def test_qwen3_config_inferred_from_real_shapes(tokenizers_dir: Path) -> None:
+    from transformers import Qwen3Config, Qwen3Model
+
+    from library.anima_loading import qwen3_config_from_state_dict
+
+    real = Qwen3Config.from_pretrained(str(tokenizers_dir / "qwen3_06b"))
+    with torch.device("meta"):
+        sd = Qwen3Model(real).state_dict()
+    got = qwen3_config_from_state_dict(sd)
+    for f in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+              "head_dim", "intermediate_size", "rms_norm_eps", "tie_word_embeddings", "max_position_embeddings"):  # fmt: skip
+        assert getattr(got, f) == getattr(real, f), f
+    assert got.rope_parameters["rope_theta"] == real.rope_parameters["rope_theta"] == 1_000_000
+
+
+def test_vae_diffusers_folder_loads(tiny, tmp_path: Path) -> None:
+    models, _ = tiny
+    models.vae.save_pretrained(str(tmp_path / "vae_dir"))
+    _same_state(load_anima_vae(tmp_path / "vae_dir"), models.vae)
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_anima_vae(tmp_path)
