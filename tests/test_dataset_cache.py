@@ -230,3 +230,29 @@ def test_prepare_caches_from_flags_and_process_split(tmp_path: Path) -> None:
         check_cache_args(group_for(train, "--shuffle_caption"), args)
     with pytest.raises(ValueError, match="no encode_latents"):
         prepare_caches(group_for(train), args, encode_text=FakeTE())
+
+
+def test_caption_dropout_flag_with_cached_text(tmp_path: Path) -> None:
+    train = make_data(tmp_path)
+    g = group_for(train, "--caption_dropout_rate", "0.5")
+    with pytest.raises(DatasetConfigError, match="caption_dropout_rate"):
+        cache_text_encoder_outputs(g, FakeTE(), to_disk=False)
+    # a trainer that zeroes cached embeddings itself (Anima) allows it and reads `caption_dropped`
+    assert cache_text_encoder_outputs(g, FakeTE(), to_disk=False, allow_caption_dropout=True) == 3
+    d = g.datasets[0]
+    flags = []
+    for _ in range(60):
+        for i in range(len(d)):
+            b = d[i]
+            assert b["text_encoder_outputs"] is not None
+            for cap, dropped in zip(b["captions"], b["caption_dropped"]):
+                assert (cap == "") == dropped
+                flags.append(dropped)
+    assert 0.4 < sum(flags) / len(flags) < 0.6
+    # uncached text: the same flag marks the dropped captions
+    d2 = group_for(train, "--caption_dropout_rate", "0.5").datasets[0]
+    batches = [d2[i] for _ in range(20) for i in range(len(d2))]
+    seen = {
+        (cap == "", dropped) for b in batches for cap, dropped in zip(b["captions"], b["caption_dropped"])
+    }
+    assert seen == {(True, True), (False, False)}

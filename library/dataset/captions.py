@@ -63,6 +63,15 @@ def _split_tags(text: str, sep: str) -> list[str]:
     return [t.strip() for t in text.split(sep) if t.strip()]
 
 
+def draw_caption_dropout(opts: CaptionOptions, epoch: int, rng: random.Random | None = None) -> bool:
+    """Whether this fetch drops the whole caption (one draw only when a rate is set, as sd-scripts)."""
+    r = rng if rng is not None else random
+    drop = opts.caption_dropout_rate > 0 and r.random() < opts.caption_dropout_rate
+    return drop or (
+        opts.caption_dropout_every_n_epochs > 0 and epoch % opts.caption_dropout_every_n_epochs == 0
+    )
+
+
 def process_caption(
     caption: str, opts: CaptionOptions, epoch: int = 0, step: int = 0, rng: random.Random | None = None
 ) -> str:
@@ -73,11 +82,7 @@ def process_caption(
     """
     r = rng if rng is not None else random
     caption = add_prefix_suffix(caption, opts)
-    drop = opts.caption_dropout_rate > 0 and r.random() < opts.caption_dropout_rate
-    drop = drop or (
-        opts.caption_dropout_every_n_epochs > 0 and epoch % opts.caption_dropout_every_n_epochs == 0
-    )
-    if drop:
+    if draw_caption_dropout(opts, epoch, r):
         return ""
     if opts.enable_wildcard:
         if "\n" in caption:

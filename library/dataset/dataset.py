@@ -9,7 +9,7 @@ import math
 import multiprocessing as mp
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,14 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from .buckets import BucketManager, Size, adjust_min_max_bucket_reso, crop_top_left_for, get_crop_ltrb
-from .captions import CaptionOptions, deterministic_caption, process_caption, read_caption_file, tag_frequency
+from .captions import (
+    CaptionOptions,
+    deterministic_caption,
+    draw_caption_dropout,
+    process_caption,
+    read_caption_file,
+    tag_frequency,
+)
 from .config import (
     IMAGE_EXTENSIONS,
     DatasetConfigError,
@@ -363,7 +370,7 @@ class BucketDataset(Dataset):
             bi.batch * bi.batch_size : (bi.batch + 1) * bi.batch_size
         ]
         images, latents, captions, weights, flips = [], [], [], [], []
-        orig_hw, crop_tl, target_hw, paths, te_list, attrs = [], [], [], [], [], []
+        orig_hw, crop_tl, target_hw, paths, te_list, attrs, dropped = [], [], [], [], [], [], []
         for key in keys:
             info = self.image_data[key]
             s = info.subset
@@ -386,17 +393,24 @@ class BucketDataset(Dataset):
             target_hw.append((int(target[1]), int(target[0])))
             paths.append(str(info.path))
             attrs.append(s.custom_attributes or {})
+            # the dropout draw comes first, as inside process_caption (same RNG order as sd-scripts)
+            opts = caption_options(s)
+            is_dropped = draw_caption_dropout(opts, self.current_epoch)
+            dropped.append(is_dropped)
             if info.te_outputs is not None or info.te_npz is not None:
+                # cached text: the trainer applies dropout to the cached tensors using `caption_dropped`
                 te_list.append(self._load_te(info))
-                captions.append(deterministic_caption(info.caption, caption_options(s)))
+                captions.append("" if is_dropped else deterministic_caption(info.caption, opts))
+            elif is_dropped:
+                captions.append("")
             else:
-                captions.append(
-                    process_caption(info.caption, caption_options(s), self.current_epoch, self.current_step)
-                )
+                no_drop = replace(opts, caption_dropout_rate=0.0, caption_dropout_every_n_epochs=0)
+                captions.append(process_caption(info.caption, no_drop, self.current_epoch, self.current_step))
         return {
             "images": torch.stack(images) if images else None,
             "latents": torch.stack(latents) if latents else None,
             "captions": captions,
+            "caption_dropped": dropped,
             "loss_weights": torch.tensor(weights, dtype=torch.float32),
             "original_sizes_hw": torch.tensor(orig_hw, dtype=torch.long),
             "crop_top_lefts": torch.tensor(crop_tl, dtype=torch.long),
