@@ -114,3 +114,45 @@ def test_dataloader_workers_follow_epochs(tmp_path: Path) -> None:
         ref.set_current_epoch(epoch)
         got = [tuple(b["image_keys"]) for b in loader]
         assert got == epoch_keys(ref)  # the worker process reshuffled exactly like the main process
+
+
+def test_alpha_mask_uncached_and_cached(tmp_path: Path) -> None:
+    from library.dataset import cache_latents
+
+    d = tmp_path / "1_x"
+    d.mkdir()
+    rgba = np.zeros((64, 96, 4), dtype=np.uint8)
+    rgba[..., :3] = 120
+    rgba[..., 3] = np.arange(96, dtype=np.uint8)[None, :] * 2  # alpha grows left -> right
+    Image.fromarray(rgba, "RGBA").save(d / "a.png")
+    write_png(d / "b.png", 64, 64)  # no alpha channel -> fully opaque mask
+    args = make_args(tmp_path, "--alpha_mask", "--flip_aug")
+    ds = build_dataset_group(args).datasets[0]
+    want = torch.from_numpy((np.arange(16, 80) * 2 / 255.0).astype(np.float32))[None, :].expand(64, 64)
+    seen = set()
+    for _ in range(30):
+        for i in range(len(ds)):
+            b = ds[i]
+            m = b["alpha_masks"][0]
+            assert m.shape == (64, 64)
+            if b["image_keys"][0].endswith("a.png"):  # 96x64 -> bucket 64x64, centre crop columns 16..79
+                assert torch.allclose(m, want.flip(1) if b["flipped"][0] else want, atol=1e-6)
+                seen.add(b["flipped"][0])
+            else:
+                assert torch.equal(m, torch.ones(64, 64))
+    assert seen == {True, False}
+
+    class Pool:
+        def __call__(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.avg_pool2d(x, 8)
+
+    g = build_dataset_group(args)
+    cache_latents(g, Pool(), to_disk=True)
+    with np.load(next(tmp_path.rglob("a_0096x0064_sdxl.npz"))) as z:
+        assert np.allclose(z["alpha_mask"], want.numpy(), atol=1e-6)
+    b = next(g.datasets[0][i] for i in range(2) if g.datasets[0][i]["image_keys"][0].endswith("a.png"))
+    assert b["images"] is None and torch.allclose(
+        b["alpha_masks"][0], want.flip(1) if b["flipped"][0] else want
+    )
+    # without alpha_mask no masks are produced
+    assert build_dataset_group(make_args(tmp_path)).datasets[0][0]["alpha_masks"] is None

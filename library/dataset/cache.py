@@ -24,7 +24,7 @@ from .buckets import get_crop_ltrb
 from .captions import deterministic_caption
 from .config import DatasetConfigError
 from .dataset import DatasetGroup, ImageInfo, caption_options
-from .images import load_rgb, resize_and_crop, to_tensor
+from .images import load_image, mask_to_tensor, resize_and_crop, to_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +58,7 @@ def latent_fingerprint(info: ImageInfo, flip: bool, settings: str) -> str:
             "resized": list(info.resized_size or ()),
             "flip": bool(flip),
             "interp": s.resize_interpolation,
+            "alpha": bool(s.alpha_mask),
             "settings": settings,
         },
         sort_keys=True,
@@ -152,14 +153,19 @@ def _share(items: list, process_index: int, num_processes: int) -> list:
     return items[process_index::num_processes]
 
 
-def _load_bucket_images(infos: list[ImageInfo]) -> torch.Tensor:
-    out = []
+def _load_bucket_images(infos: list[ImageInfo]) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    """Centre-cropped bucket images (B,3,H,W) and, for alpha_mask subsets, their (H,W) alpha masks."""
+    out, masks = [], []
     for info in infos:
         assert info.bucket_reso is not None and info.resized_size is not None
-        interp = info.subset.resize_interpolation
-        img = resize_and_crop(load_rgb(info.path), info.bucket_reso, info.resized_size, False, interp)
+        rgb, alpha = load_image(info.path, alpha=info.subset.alpha_mask)
+        res = resize_and_crop(
+            rgb, info.bucket_reso, info.resized_size, False, info.subset.resize_interpolation, alpha
+        )
+        img, mask = res if isinstance(res, tuple) else (res, None)
         out.append(to_tensor(img))
-    return torch.stack(out)
+        masks.append(mask_to_tensor(mask) if mask is not None else None)
+    return torch.stack(out), masks
 
 
 def cache_latents(
@@ -193,9 +199,9 @@ def cache_latents(
         _check_unique_paths(plans)
         todo, seen = [], set()
         for info, path, fp in plans:
-            required = ["latents", "original_size", "crop_ltrb"] + (
-                ["latents_flipped"] if info.subset.flip_aug else []
-            )
+            required = ["latents", "original_size", "crop_ltrb"]
+            required += ["latents_flipped"] if info.subset.flip_aug else []
+            required += ["alpha_mask"] if info.subset.alpha_mask else []
             if path not in seen and not npz_is_valid(path, required, fp, skip_cache_check):
                 todo.append((info, path, fp))
             seen.add(path)
@@ -221,7 +227,7 @@ def _encode_latents(work, encode, to_disk: bool, batch_size: int, show_progress:
             batches.append([item])
     for batch in tqdm(batches, desc="caching latents", disable=not show_progress or not batches):
         infos = [b[0] for b in batch]
-        images = _load_bucket_images(infos)
+        images, masks = _load_bucket_images(infos)
         with torch.no_grad():
             lat = encode(images).float().cpu()
             flip = any(i.subset.flip_aug for i in infos)
@@ -239,6 +245,8 @@ def _encode_latents(work, encode, to_disk: bool, batch_size: int, show_progress:
                 }
                 if lat_f is not None and info.subset.flip_aug:
                     arrays["latents_flipped"] = lat_f[k].numpy()
+                if masks[k] is not None:
+                    arrays["alpha_mask"] = masks[k].numpy()
                 save_npz_atomic(path, arrays)
             else:
                 info.latents = lat[k].clone()
@@ -247,6 +255,7 @@ def _encode_latents(work, encode, to_disk: bool, batch_size: int, show_progress:
                 )
                 info.latents_original_size = info.image_size
                 info.latents_crop_ltrb = crop
+                info.alpha_mask = masks[k]
     return len(work)
 
 

@@ -34,7 +34,15 @@ from .config import (
     generate_params,
     user_config_from_args,
 )
-from .images import color_aug, list_images, load_rgb, probe_image, resize_and_crop, to_tensor
+from .images import (
+    color_aug,
+    list_images,
+    load_image,
+    mask_to_tensor,
+    probe_image,
+    resize_and_crop,
+    to_tensor,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +64,7 @@ class ImageInfo:
     latents_original_size: Size | None = None
     latents_crop_ltrb: tuple[float, float, float, float] | None = None
     latents_npz: Path | None = None
+    alpha_mask: torch.Tensor | None = None  # (H, W) in [0, 1], in-memory latent cache with alpha_mask
     # text-encoder cache
     te_outputs: dict[str, torch.Tensor] | None = None
     te_npz: Path | None = None
@@ -133,8 +142,6 @@ class BucketDataset(Dataset):
             where = f"{self.name}, subset {s.image_dir or s.metadata_file}"
             if s.face_crop_aug_range is not None:
                 raise DatasetConfigError(f"{where}: face_crop_aug_range is not supported by this trainer")
-            if s.alpha_mask:
-                raise DatasetConfigError(f"{where}: alpha_mask is not supported by this trainer")
             if s.num_repeats < 1:
                 raise DatasetConfigError(f"{where}: num_repeats must be >= 1; got {s.num_repeats}")
         if self.params.validation_split:
@@ -331,37 +338,47 @@ class BucketDataset(Dataset):
     def __len__(self) -> int:
         return len(self.batch_index)
 
-    def _load_latents(self, info: ImageInfo, flipped: bool) -> tuple[torch.Tensor, Size, tuple]:
+    def _load_latents(self, info: ImageInfo, flipped: bool) -> tuple[torch.Tensor, Size, tuple, Any]:
+        mask = None
         if info.latents is not None:
             lat = info.latents_flipped if flipped else info.latents
             assert lat is not None and info.latents_original_size is not None
-            return lat, info.latents_original_size, info.latents_crop_ltrb or (0, 0, 0, 0)
-        assert info.latents_npz is not None
-        with np.load(info.latents_npz) as npz:
-            key = "latents_flipped" if flipped else "latents"
-            lat = torch.from_numpy(npz[key]).float()
-            orig = tuple(int(v) for v in npz["original_size"].tolist())
-            crop = tuple(float(v) for v in npz["crop_ltrb"].tolist())
-        return lat, orig, crop  # type: ignore[return-value]
+            orig, crop = info.latents_original_size, info.latents_crop_ltrb or (0, 0, 0, 0)
+            mask = info.alpha_mask
+        else:
+            assert info.latents_npz is not None
+            with np.load(info.latents_npz) as npz:
+                lat = torch.from_numpy(npz["latents_flipped" if flipped else "latents"]).float()
+                orig = tuple(int(v) for v in npz["original_size"].tolist())
+                crop = tuple(float(v) for v in npz["crop_ltrb"].tolist())
+                if info.subset.alpha_mask:
+                    mask = torch.from_numpy(npz["alpha_mask"]).float()
+        if mask is not None and flipped:
+            mask = torch.flip(mask, dims=[1])
+        return lat, orig, crop, mask  # type: ignore[return-value]
 
-    def _load_image(self, info: ImageInfo) -> tuple[torch.Tensor, Size, tuple]:
+    def _load_image(self, info: ImageInfo) -> tuple[torch.Tensor, Size, tuple, torch.Tensor | None]:
         s = info.subset
-        img = load_rgb(info.path)
+        img, mask = load_image(info.path, alpha=s.alpha_mask)
         original = img.size
         assert info.bucket_reso is not None and info.resized_size is not None
         bw, bh = info.bucket_reso
         if not self.enable_bucket and s.random_crop and img.size[0] >= bw and img.size[1] >= bh:
             # sd-scripts: without buckets an oversized image is randomly cropped at its own scale
             left, top = random.randint(0, img.size[0] - bw), random.randint(0, img.size[1] - bh)
-            img = img.crop((left, top, left + bw, top + bh))
+            box = (left, top, left + bw, top + bh)
+            img = img.crop(box)
+            mask = mask.crop(box) if mask is not None else None
             crop_ltrb: tuple = (0, 0, 0, 0)
         else:
-            interp = s.resize_interpolation or self.params.resize_interpolation
-            img = resize_and_crop(img, info.bucket_reso, info.resized_size, s.random_crop, interp)
+            out = resize_and_crop(
+                img, info.bucket_reso, info.resized_size, s.random_crop, s.resize_interpolation, mask
+            )
+            img, mask = out if isinstance(out, tuple) else (out, None)
             crop_ltrb = get_crop_ltrb(info.bucket_reso, original)
         if s.color_aug:
             img = color_aug(img)
-        return to_tensor(img), original, crop_ltrb
+        return to_tensor(img), original, crop_ltrb, (mask_to_tensor(mask) if mask is not None else None)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         self._sync_state()
@@ -369,7 +386,7 @@ class BucketDataset(Dataset):
         keys = self.bucket_manager.buckets[bi.bucket][
             bi.batch * bi.batch_size : (bi.batch + 1) * bi.batch_size
         ]
-        images, latents, captions, weights, flips = [], [], [], [], []
+        images, latents, captions, weights, flips, masks = [], [], [], [], [], []
         orig_hw, crop_tl, target_hw, paths, te_list, attrs, dropped = [], [], [], [], [], [], []
         for key in keys:
             info = self.image_data[key]
@@ -377,16 +394,18 @@ class BucketDataset(Dataset):
             weights.append(self.prior_loss_weight if info.is_reg else 1.0)
             flipped = s.flip_aug and random.random() < 0.5
             if info.latents is not None or info.latents_npz is not None:
-                lat, original, crop_ltrb = self._load_latents(info, flipped)
+                lat, original, crop_ltrb, mask = self._load_latents(info, flipped)
                 latents.append(lat)
                 target = info.bucket_reso
             else:
-                img, original, crop_ltrb = self._load_image(info)
+                img, original, crop_ltrb, mask = self._load_image(info)
                 if flipped:
                     img = torch.flip(img, dims=[2])
+                    mask = torch.flip(mask, dims=[1]) if mask is not None else None
                 images.append(img)
                 target = (img.shape[2], img.shape[1])
             assert target is not None
+            masks.append(mask)
             flips.append(flipped)
             orig_hw.append((int(original[1]), int(original[0])))
             crop_tl.append(crop_top_left_for(crop_ltrb, target, flipped))
@@ -416,6 +435,7 @@ class BucketDataset(Dataset):
             "crop_top_lefts": torch.tensor(crop_tl, dtype=torch.long),
             "target_sizes_hw": torch.tensor(target_hw, dtype=torch.long),
             "flipped": flips,
+            "alpha_masks": _stack_masks(masks, target_hw),
             "image_keys": list(keys),
             "absolute_paths": paths,
             "network_multipliers": torch.full((len(keys),), float(self.network_multiplier)),
@@ -431,6 +451,13 @@ class BucketDataset(Dataset):
         assert info.te_npz is not None
         with np.load(info.te_npz) as npz:
             return {k: torch.from_numpy(npz[k]) for k in npz.files if k != "fingerprint"}
+
+
+def _stack_masks(masks: list[torch.Tensor | None], target_hw: list[tuple[int, int]]) -> torch.Tensor | None:
+    """(B, H, W) alpha masks, or None when no sample has one (samples without one count as opaque)."""
+    if all(m is None for m in masks):
+        return None
+    return torch.stack([m if m is not None else torch.ones(hw) for m, hw in zip(masks, target_hw)])
 
 
 class DatasetGroup(ConcatDataset):

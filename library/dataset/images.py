@@ -45,9 +45,19 @@ def probe_image(path: Path) -> Size | None:
 
 
 def load_rgb(path: Path) -> Image.Image:
+    return load_image(path, alpha=False)[0]
+
+
+def load_image(path: Path, alpha: bool) -> tuple[Image.Image, Image.Image | None]:
+    """RGB image and, when `alpha`, its alpha channel as an 'L' image (fully opaque if it has none)."""
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")
+            rgb = im.convert("RGB")
+            if not alpha:
+                return rgb, None
+            has_alpha = im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info)
+            mask = im.convert("RGBA").getchannel("A") if has_alpha else Image.new("L", im.size, 255)
+            return rgb, mask
     except Exception as e:
         raise OSError(f"cannot read image {path}: {e}") from e
 
@@ -76,14 +86,28 @@ def crop_offsets(resized: Size, bucket: Size, random_crop: bool, rng: random.Ran
 
 
 def resize_and_crop(
-    img: Image.Image, bucket: Size, resized: Size, random_crop: bool, interpolation: str | None
-) -> Image.Image:
+    img: Image.Image,
+    bucket: Size,
+    resized: Size,
+    random_crop: bool,
+    interpolation: str | None,
+    mask: Image.Image | None = None,
+) -> Image.Image | tuple[Image.Image, Image.Image]:
+    """Cover-resize and crop to the bucket; a mask (alpha) gets the same resize and the same window."""
     img = resize_image(img, resized, interpolation)
     left, top = crop_offsets(img.size, bucket, random_crop)
-    out = img.crop((left, top, left + bucket[0], top + bucket[1]))
-    if out.size != tuple(bucket):
+    box = (left, top, left + bucket[0], top + bucket[1])
+    out = img.crop(box)
+    if out.size != tuple(bucket) or min(img.size[0] - bucket[0], img.size[1] - bucket[1]) < 0:
         raise ValueError(f"image resized to {img.size} cannot be cropped to bucket {bucket}")
-    return out
+    if mask is None:
+        return out
+    return out, resize_image(mask, resized, interpolation).crop(box)
+
+
+def mask_to_tensor(mask: Image.Image) -> torch.Tensor:
+    """'L' image -> (H, W) float32 in [0, 1]."""
+    return torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)
 
 
 def color_aug(img: Image.Image) -> Image.Image:
