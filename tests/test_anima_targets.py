@@ -131,3 +131,22 @@ def test_real_config_counts_and_params_on_meta() -> None:
         assert sum(p.numel() for p in net.parameters() if p.ndim > 0) == 1_490_944
         n_full = sum(1 for m in net.all_loras if any(k.endswith("lokr_w2") for k, _ in m.named_parameters()))
         assert n_full == 224
+
+
+@pytest.mark.parametrize("module", [lora, lokr])
+def test_file_names_round_trip_from_weights(tiny, module, tmp_path) -> None:
+    """Saved keys carry the golden names; reloading infers train_llm_adapter and the TE from the names."""
+    dit, te = tiny
+    net = module.create_network(1.0, 4, 2.0, None, [te], dit, train_llm_adapter=True)
+    net.save_weights(str(tmp_path / "a.safetensors"), torch.float32, {"ss_network_dim": "4"})
+    from safetensors.torch import load_file
+
+    sd = load_file(str(tmp_path / "a.safetensors"))
+    assert {k.split(".")[0] for k in sd} == golden(2, 2, 2)
+    net2, _ = module.create_network_from_weights(1.0, str(tmp_path / "a.safetensors"), None, [te], dit)
+    assert names_of(net2) == golden(2, 2, 2)
+    # An SDXL-named file matches no Anima layer: an error naming the key, not a silent no-op.
+    bad = {"lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight": torch.zeros(4, 8),
+           "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_up.weight": torch.zeros(8, 4)}  # fmt: skip
+    with pytest.raises(KeyError, match="input_blocks_4_1_transformer_blocks_0_attn1_to_q"):
+        module.create_network_from_weights(1.0, None, None, [te], dit, weights_sd=bad)
