@@ -6,10 +6,11 @@ import argparse
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
-from library.dataset import add_dataset_arguments, build_dataset_group, make_dataloader
+from library.dataset import DatasetConfigError, add_dataset_arguments, build_dataset_group, make_dataloader
 
 
 def write_png(path: Path, w: int, h: int, seed: int = 0) -> Path:
@@ -156,3 +157,22 @@ def test_alpha_mask_uncached_and_cached(tmp_path: Path) -> None:
     )
     # without alpha_mask no masks are produced
     assert build_dataset_group(make_args(tmp_path)).datasets[0][0]["alpha_masks"] is None
+
+
+def test_bucket_no_upscale_dataset(tmp_path: Path) -> None:
+    write_png(tmp_path / "1_x" / "a.png", 100, 70)
+    write_png(tmp_path / "1_x" / "b.png", 200, 200)  # over 64x64 area -> shrunk to 64x64
+    d = build_dataset_group(make_args(tmp_path, "--bucket_no_upscale")).datasets[0]
+    # 100x70 (AR 1.4286, area 7000 > 4096): sqrt(4096*AR) = 76.5 wide, 53.5 high; width-led: w 64, h
+    # round(44.8) -> 32, AR 2.0; height-led: h 32, w round(45.7) -> 32, AR 1.0 (error .43 < .57) wins:
+    # resized (round(32*1.4286) = 46, 32), bucket (32, 32). 200x200 -> 64x64 both ways (tie -> height-led).
+    assert [v["resolution"] for v in d.bucket_info["buckets"].values()] == [[32, 32], [64, 64]]
+    a = d.image_data[str((tmp_path / "1_x" / "a.png").resolve())]
+    assert (a.bucket_reso, a.resized_size) == ((32, 32), (46, 32))
+    batch = next(d[i] for i in range(len(d)) if d[i]["image_keys"][0] == a.key)
+    assert batch["images"].shape == (1, 3, 32, 32) and batch["original_sizes_hw"][0].tolist() == [70, 100]
+    write_png(tmp_path / "1_x" / "tiny.png", 20, 20)
+    with pytest.raises(
+        DatasetConfigError, match=r"tiny.png \(20x20\): .* smaller than bucket_reso_steps \(32\)"
+    ):
+        build_dataset_group(make_args(tmp_path, "--bucket_no_upscale"))

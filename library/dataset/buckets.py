@@ -151,6 +151,11 @@ class BucketManager:
             else:
                 resized = (image_width, image_height)
             reso = (resized[0] - resized[0] % self.steps, resized[1] - resized[1] % self.steps)
+            if min(reso) <= 0:
+                raise ValueError(
+                    f"an image of {image_width}x{image_height} is smaller than bucket_reso_steps ({self.steps}) "
+                    "with bucket_no_upscale"
+                )
         self._add_reso(reso)
         return reso, resized, reso[0] / reso[1] - ar
 

@@ -289,7 +289,10 @@ class BucketDataset(Dataset):
         ar_errors = []
         for info in self.image_data.values():
             w, h = info.image_size
-            info.bucket_reso, info.resized_size, err = self.bucket_manager.select_bucket(w, h)
+            try:
+                info.bucket_reso, info.resized_size, err = self.bucket_manager.select_bucket(w, h)
+            except ValueError as e:  # bucket_no_upscale with an image smaller than one step
+                raise DatasetConfigError(f"{self.name}: image {info.path} ({w}x{h}): {e}") from e
             ar_errors.append(err)
             for _ in range(info.num_repeats):
                 self.bucket_manager.add_image(info.bucket_reso, info.key)
