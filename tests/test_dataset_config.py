@@ -224,7 +224,7 @@ bucket_reso_steps = 32
     # 64x96 (AR 0.667) -> |0.333-0.667| < |1-0.667| by float rounding -> 32x96
     assert ds[0]["bucket_info"]["buckets"] == {"0": {"resolution": [32, 96], "count": 2},
                                                "1": {"resolution": [64, 64], "count": 2}}  # fmt: skip
-    assert json.loads(md["ss_tag_frequency"]) == {"imgs": {"photo": 1, "red": 1, "blue": 2}}
+    assert json.loads(md["ss_tag_frequency"]) == {"meta.json": {"red": 1, "blue": 2}}  # tags only
     assert json.loads(md["ss_dataset_dirs"]) == {"meta.json": {"n_repeats": 2, "img_count": 2}}
 
 

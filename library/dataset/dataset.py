@@ -64,6 +64,7 @@ class ImageInfo:
     latents_original_size: Size | None = None
     latents_crop_ltrb: tuple[float, float, float, float] | None = None
     latents_npz: Path | None = None
+    tags: str | None = None  # fine-tuning metadata tags (for ss_tag_frequency)
     alpha_mask: torch.Tensor | None = None  # (H, W) in [0, 1], in-memory latent cache with alpha_mask
     # text-encoder cache
     te_outputs: dict[str, torch.Tensor] | None = None
@@ -165,9 +166,14 @@ class BucketDataset(Dataset):
             if not infos:
                 logger.warning("%s: no readable images in %s", self.name, s.image_dir or s.metadata_file)
             self.subset_img_count.append(len(infos))
-            dir_name = os.path.basename(s.image_dir or s.metadata_file or "")
+            # sd-scripts keys tag counts by the image folder (DreamBooth, counting captions) or by the
+            # metadata file (fine-tuning, counting the `tags` field)
+            if s.is_dreambooth:
+                dir_name, texts = os.path.basename(s.image_dir or ""), [i.caption for i in infos]
+            else:
+                dir_name, texts = os.path.basename(s.metadata_file or ""), [i.tags for i in infos if i.tags]
             freq = self.tag_frequency.setdefault(dir_name, {})
-            for tag, n in tag_frequency([i.caption for i in infos]).items():
+            for tag, n in tag_frequency(texts).items():
                 freq[tag] = freq.get(tag, 0) + n
             if s.is_reg:
                 reg_infos.extend(infos)
@@ -251,7 +257,9 @@ class BucketDataset(Dataset):
                 caption = tags
             elif tags:
                 caption = caption + s.caption_separator + tags
-            infos.append(ImageInfo(str(path.resolve()), path, caption or "", s.num_repeats, False, s, size))
+            info = ImageInfo(str(path.resolve()), path, caption or "", s.num_repeats, False, s, size)
+            info.tags = tags if isinstance(tags, str) else None
+            infos.append(info)
         return infos
 
     @staticmethod
