@@ -406,3 +406,17 @@ def test_dit_matches_diffusers_cosmos_transformer(tiny_dit: Anima) -> None:
     assert ours.abs().max() > 1e-2
     # both sides build their RoPE/sinusoid tables in fp32: agreement to 1e-5 of the output scale
     assert ((ours - theirs).abs().max() / ours.abs().max()).item() <= 1e-5
+
+
+def test_dit_runs_adapter_when_given_t5_ids(tiny_dit: Anima) -> None:
+    torch.manual_seed(8)
+    x, s = torch.randn(1, 16, 1, 4, 4, dtype=torch.float64), torch.tensor([0.4], dtype=torch.float64)
+    states, ids = torch.randn(1, 5, 32, dtype=torch.float64), torch.randint(0, 32128, (1, 6))
+    smask, tmask = torch.tensor([[1, 1, 1, 0, 0]]), torch.tensor([[1, 1, 1, 1, 0, 0]])
+    with torch.no_grad():
+        ctx = tiny_dit.run_llm_adapter(states, ids, tmask, smask)
+        direct = tiny_dit(
+            x, s, states, target_input_ids=ids, target_attention_mask=tmask, source_attention_mask=smask
+        )
+        assert torch.equal(direct, tiny_dit(x, s, ctx))
+        assert ctx[0, 4:].abs().max() == 0 and ctx[0, :4].abs().max() > 0

@@ -237,3 +237,14 @@ def test_vae_diffusers_folder_loads(tiny, tmp_path: Path) -> None:
     _same_state(load_anima_vae(tmp_path / "vae_dir"), models.vae)
     with pytest.raises(FileNotFoundError, match="no config.json"):
         load_anima_vae(tmp_path)
+
+
+def test_tokenizer_fallbacks_fail_clearly_without_hub_cache(monkeypatch: pytest.MonkeyPatch, tiny) -> None:
+    import library.anima_loading as al
+
+    _, paths = tiny
+    monkeypatch.setattr(al, "_hub_cached_tokenizer", lambda repo: None)  # as on a machine with an empty cache
+    with pytest.raises(FileNotFoundError, match="pass --t5_tokenizer_path"):
+        al.load_anima_tokenizers(paths["text_encoder"], None)
+    with pytest.raises(FileNotFoundError, match="Qwen3 tokenizer not found"):
+        al.load_anima_tokenizers(None, paths["t5_tokenizer"])  # single-file TE: no folder to read it from
