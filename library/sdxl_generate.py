@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from diffusers import StableDiffusionXLPipeline
+from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 
 from library.samplers import make_scheduler
@@ -104,7 +105,11 @@ def generate_sdxl(
     latents, gens = initial_latents(seeds, models.unet.config.in_channels, height, width, factor)
     size = (height, width)
     orig = tuple(original_size) if original_size is not None else size
-    with torch.no_grad():
+    # weights stored in another dtype than requested (fp8 base, fp32 weights with bf16 asked) run
+    # under autocast, the way training computes them
+    unet_dtype = next(models.unet.parameters()).dtype
+    use_autocast = dtype != torch.float32 and unet_dtype != dtype
+    with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=use_autocast):
         out = pipe(
             prompt_embeds=ctx,
             pooled_prompt_embeds=pooled,
@@ -122,6 +127,26 @@ def generate_sdxl(
             negative_original_size=tuple(negative_original_size) if negative_original_size else orig,
             negative_crops_coords_top_left=tuple(crop_top_left),
             negative_target_size=size,
-            output_type=output_type,
+            output_type="latent",
         )
-    return out.images
+    if output_type == "latent":
+        return out.images
+    return decode_latents(models.vae, out.images)
+
+
+@torch.no_grad()
+def decode_latents(vae: Any, latents: torch.Tensor) -> list[Image.Image]:
+    """Latents -> PIL in the VAE's own dtype (it may differ from the UNet's, e.g. --no_half_vae);
+    an fp16 VAE with force_upcast decodes in fp32, as the SDXL VAE overflows in fp16."""
+    upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+    if upcast:
+        vae.to(torch.float32)
+    try:
+        x = latents.to(device=vae.device, dtype=vae.dtype) / vae.config.scaling_factor
+        images = vae.decode(x).sample
+    finally:
+        if upcast:
+            vae.to(torch.float16)
+    return VaeImageProcessor(vae_scale_factor=2 ** (len(vae.config.block_out_channels) - 1)).postprocess(
+        images.float(), output_type="pil"
+    )

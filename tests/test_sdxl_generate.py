@@ -91,3 +91,17 @@ def test_generation_bad_input(tiny: SdxlModels) -> None:
         generate_sdxl(tiny, ["x", "y"], seeds=[1], width=32, height=32, steps=1)
     with pytest.raises(ValueError, match="unknown sampler"):
         generate_sdxl(tiny, ["x"], width=32, height=32, steps=1, sampler="nope")
+
+
+def test_bf16_unet_with_fp32_vae(clip_tokenizer_dir: Path, tiny: SdxlModels) -> None:
+    """--no_half_vae style: bf16 UNet/TEs, fp32 VAE; and fp32 weights asked for bf16 (autocast)."""
+    kw = dict(width=32, height=32, steps=2, guidance_scale=3.0, sampler="euler", seeds=[4])
+    ref = _px(generate_sdxl(tiny, ["a cat"], **kw)[0])
+    half = build_tiny_sdxl_models(clip_tokenizer_dir, seed=0)
+    for m in (half.unet, half.text_encoder_1, half.text_encoder_2):
+        m.to(torch.bfloat16)
+    img = _px(generate_sdxl(half, ["a cat"], dtype=torch.bfloat16, **kw)[0])
+    assert img.shape == ref.shape and np.abs(img - ref).mean() < 8  # bf16 noise only
+    auto = _px(generate_sdxl(tiny, ["a cat"], dtype=torch.bfloat16, **kw)[0])
+    assert np.abs(auto - ref).mean() < 8
+    assert next(tiny.unet.parameters()).dtype == torch.float32
