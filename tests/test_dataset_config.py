@@ -168,9 +168,12 @@ def test_missing_image_dir_and_train_dir_errors(tmp_path: Path) -> None:
         build_dataset_group(parse(["--train_data_dir", str(tmp_path / "none"), "--resolution", "64"]))
     cfg = tmp_path / "c.toml"
     cfg.write_text(
-        f'[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = "{tmp_path / "gone"}"\n'
+        f'[[datasets]]\n[[datasets.subsets]]\nimage_dir = "{tmp_path / "gone"}"\n'  # no resolution either
     )
     with pytest.raises(DatasetConfigError, match=r"image_dir .*gone does not exist"):
+        build_dataset_group(parse(["--dataset_config", str(cfg)]))
+    cfg.write_text(f'[[datasets]]\n[[datasets.subsets]]\nimage_dir = "{tmp_path}"\n')
+    with pytest.raises(DatasetConfigError, match="dataset #1: no resolution"):
         build_dataset_group(parse(["--dataset_config", str(cfg)]))
     with pytest.raises(DatasetConfigError, match="no training data"):
         build_dataset_group(parse([]))

@@ -285,19 +285,29 @@ def _args_map(args: argparse.Namespace | None) -> dict[str, Any]:
     return out
 
 
-def generate_params(user_config: dict[str, Any], args: argparse.Namespace | None) -> list[DatasetParams]:
-    """Resolve every field with subset -> dataset -> general -> CLI -> default precedence."""
+def check_subset_paths(subset: SubsetParams, where: str) -> None:
+    """A missing image folder or metadata file is the first thing a user needs to hear about."""
+    if subset.image_dir is not None and not Path(subset.image_dir).is_dir():
+        raise DatasetConfigError(
+            f"{where}: image_dir {subset.image_dir} does not exist or is not a directory"
+        )
+    if subset.metadata_file is not None and not Path(subset.metadata_file).is_file():
+        raise DatasetConfigError(f"{where}: metadata_file {subset.metadata_file} does not exist")
+
+
+def generate_params(
+    user_config: dict[str, Any], args: argparse.Namespace | None, check_paths: bool = False
+) -> list[DatasetParams]:
+    """Resolve every field with subset -> dataset -> general -> CLI -> default precedence.
+
+    check_paths: also verify that every image_dir / metadata_file exists (reported before other errors).
+    """
     amap = _args_map(args)
     general = user_config.get("general", {})
     prior = float(getattr(args, "prior_loss_weight", 1.0) if args is not None else 1.0)
     out = []
     for i, ds in enumerate(user_config.get("datasets", []), 1):
         dp_kwargs = {k: _lookup(k, [ds, general], amap, d) for k, (_, d) in DATASET_KEYS.items()}
-        if dp_kwargs["resolution"] is None:
-            raise DatasetConfigError(
-                f"dataset #{i}: no resolution; set 'resolution' in the dataset config or pass --resolution"
-            )
-        dp = DatasetParams(**dp_kwargs, prior_loss_weight=prior)
         seen: list[SubsetParams] = []
         for ss in ds["subsets"]:
             sp_kwargs = {k: _lookup(k, [ss, ds, general], amap, d) for k, (_, d) in SUBSET_KEYS.items()}
@@ -316,8 +326,14 @@ def generate_params(user_config: dict[str, Any], args: argparse.Namespace | None
                 f"dataset #{i} mixes DreamBooth subsets (image_dir) and fine-tuning subsets (metadata_file); "
                 "put them in separate [[datasets]]"
             )
-        dp.subsets = seen
-        out.append(dp)
+        if check_paths:
+            for sp in seen:
+                check_subset_paths(sp, f"dataset #{i}")
+        if dp_kwargs["resolution"] is None:
+            raise DatasetConfigError(
+                f"dataset #{i}: no resolution; set 'resolution' in the dataset config or pass --resolution"
+            )
+        out.append(DatasetParams(**dp_kwargs, prior_loss_weight=prior, subsets=seen))
     return out
 
 

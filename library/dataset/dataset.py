@@ -514,7 +514,7 @@ def build_dataset_group(args: argparse.Namespace, bucket_step_multiple: int = 32
     no-bucket resolution must be multiples of it.
     """
     user_config = user_config_from_args(args)
-    params = generate_params(user_config, args)
+    params = generate_params(user_config, args, check_paths=True)
     if not params:
         raise DatasetConfigError("the dataset config has no [[datasets]]")
     seed = resolve_seed(args)
