@@ -130,6 +130,8 @@ def load_anima_dit(
     """Load the DiT single file; block count and widths come from the tensors."""
     sd = strip_dit_prefix(_read_state_dict(path, "Anima DiT"))
     cfg = anima_config_from_state_dict(sd, source=f"DiT file {path}")
+    if dtype is None:  # one dtype for the whole model even if the file mixes them (e.g. fp32 norms)
+        dtype = sd["blocks.0.self_attn.q_proj.weight"].dtype
     model = _load_into_empty(lambda: Anima(cfg), _cast(sd, dtype), f"Anima DiT {path}", device)
     return model.eval().requires_grad_(False)
 

@@ -248,3 +248,15 @@ def test_tokenizer_fallbacks_fail_clearly_without_hub_cache(monkeypatch: pytest.
         al.load_anima_tokenizers(paths["text_encoder"], None)
     with pytest.raises(FileNotFoundError, match="Qwen3 tokenizer not found"):
         al.load_anima_tokenizers(None, paths["t5_tokenizer"])  # single-file TE: no folder to read it from
+
+
+def test_dit_file_with_mixed_dtypes_loads_as_one_dtype(tiny, tmp_path: Path) -> None:
+    models, paths = tiny
+    sd = load_file(str(paths["dit"]))
+    mixed = {k: (v if "norm" in k else v.to(torch.bfloat16)) for k, v in sd.items()}  # fp32 norms, bf16 rest
+    save_file(mixed, str(tmp_path / "mixed.safetensors"))
+    dit = load_anima_dit(tmp_path / "mixed.safetensors")
+    assert {p.dtype for p in dit.parameters()} == {torch.bfloat16}
+    with torch.no_grad():
+        out = dit(torch.randn(1, 16, 1, 4, 4), torch.tensor([0.5]), torch.randn(1, 3, 32))
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
