@@ -224,3 +224,64 @@ def test_tokenizers_from_shared_folder(clip_tokenizer_dir: Path) -> None:
     assert ids2[:8] == [49406, 320, 1125, 539, 550, 18376, 49407, 0]
     with pytest.raises(FileNotFoundError, match="tokenizer folder"):
         load_sdxl_tokenizers(clip_tokenizer_dir / "nope")
+
+
+def test_real_size_layout_on_meta_device() -> None:
+    """The real SDXL sizes: 2515 tensors in the four SGM groups, and sizes inferred back from shapes."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from library import sdxl_config as c
+    from library.sdxl_keymap import openclip_to_te2_state
+    from library.sdxl_models import DEFAULT_ARCH, infer_te_config, infer_unet_config, infer_vae_config
+
+    with torch.device("meta"):
+        real = SdxlModels(
+            UNet2DConditionModel(**c.SDXL_UNET_CONFIG),
+            AutoencoderKL(**c.SDXL_VAE_CONFIG),
+            CLIPTextModel(CLIPTextConfig(**c.SDXL_TE1_CONFIG)),
+            CLIPTextModelWithProjection(CLIPTextConfig(**c.SDXL_TE2_CONFIG)),
+            None,
+            None,
+        )
+    sd = sdxl_single_file_state(real)
+    groups = {
+        p: sum(k.startswith(p) for k in sd)
+        for p in (
+            "model.diffusion_model.",
+            "conditioner.embedders.0.transformer.",
+            "conditioner.embedders.1.model.",
+            "first_stage_model.",
+        )
+    }
+    assert len(sd) == 2515  # the tensor count of sd_xl_base_1.0.safetensors
+    assert list(groups.values()) == [1680, 197, 390, 248]
+    assert sd["model.diffusion_model.label_emb.0.0.weight"].shape == (1280, 2816)
+    assert sd["conditioner.embedders.1.model.transformer.resblocks.31.attn.in_proj_weight"].shape == (
+        3840,
+        1280,
+    )
+
+    def strip(prefix: str) -> dict[str, torch.Tensor]:
+        return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
+
+    assert infer_unet_config(strip("model.diffusion_model."), DEFAULT_ARCH, 1280) == c.SDXL_UNET_CONFIG
+    assert infer_vae_config(strip("first_stage_model."), DEFAULT_ARCH) == c.SDXL_VAE_CONFIG
+    te2, _ = openclip_to_te2_state(strip("conditioner.embedders.1.model."))
+    assert infer_te_config(te2, 64, c.SDXL_TE2_CONFIG) == c.SDXL_TE2_CONFIG
+    te1 = strip("conditioner.embedders.0.transformer.")
+    assert infer_te_config(te1, 64, c.SDXL_TE1_CONFIG) == c.SDXL_TE1_CONFIG
+
+
+def test_hub_id_loads_from_local_cache_only(tiny: SdxlModels, tmp_path: Path, monkeypatch) -> None:
+    """A hub id resolves through the local Hugging Face cache; an uncached id is a clear error."""
+    repo = tmp_path / "hub" / "models--someone--tiny-sdxl"
+    save_sdxl_diffusers(tiny, repo / "snapshots" / "0123abcd")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    loaded = load_sdxl_models("someone/tiny-sdxl")
+    _assert_same(tiny, loaded)
+    with pytest.raises(FileNotFoundError, match="nor in the local Hugging Face cache"):
+        load_sdxl_models("someone/not-cached")
