@@ -604,6 +604,15 @@ def _network_records(nets: list[LoadedNetwork], muls: tuple[float, ...] | None) 
     return records
 
 
+@torch.no_grad()
+def decode_latents(vae: Any, latents: torch.Tensor) -> list[Any]:
+    """Final latents -> PIL images through a VAE of its own dtype (SDXL: no latent mean/shift)."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    x = vae.decode(latents.to(device=vae.device, dtype=vae.dtype) / vae.config.scaling_factor).sample
+    return VaeImageProcessor().postprocess(x.float(), output_type="pil")
+
+
 def run_batch(
     args: argparse.Namespace,
     models: Any,
@@ -616,6 +625,8 @@ def run_batch(
     from library.sdxl_generate import generate_sdxl
 
     k = batch[0].key
+    # a VAE kept in another precision than the UNet (--no_half_vae) is decoded here
+    separate_vae = models.vae.dtype != dtype
     live = [n for n in nets if not n.merged]
     muls = k.network_muls if k.network_muls is not None else tuple(n.multiplier for n in live)
     for n, m in zip(live, muls):
@@ -636,7 +647,10 @@ def run_batch(
         max_token_length=None if not args.max_embeddings_multiples else 75 * args.max_embeddings_multiples,
         dtype=dtype,
         device=device,
+        output_type="latent" if separate_vae else "pil",
     )
+    if separate_vae:
+        images = decode_latents(models.vae, images)
     cond = SdxlSizeConditioning(
         k.original_width,
         k.original_height,

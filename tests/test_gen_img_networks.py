@@ -1,0 +1,233 @@
+"""gen_img.py with networks on a tiny SDXL written to disk: merged vs live, multipliers, stacking,
+LoRA/LoHa/LoKr files, PNG output and bad network files."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+import gen_img
+from library.lora_merge import delta_weight, group_by_module
+from library.png_metadata import read_png_text
+from library.sdxl_models import build_tiny_sdxl_models, save_sdxl_single_file
+
+ALGOS = ("lora", "loha", "lokr")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, clip_tokenizer_dir) -> dict[str, Path]:
+    """A tiny SDXL checkpoint and one random (non-zero) network file per algorithm, TE + U-Net."""
+    import networks.loha
+    import networks.lokr
+    import networks.lora
+
+    d = tmp_path_factory.mktemp("genimg")
+    m = build_tiny_sdxl_models(clip_tokenizer_dir, seed=0)
+    out = {"ckpt": d / "tiny.safetensors", "dir": d, "tok": Path(clip_tokenizer_dir)}
+    save_sdxl_single_file(m, out["ckpt"])
+    for i, (algo, mod) in enumerate(zip(ALGOS, (networks.lora, networks.loha, networks.lokr))):
+        kw = {"factor": "4"} if algo == "lokr" else {}
+        net = mod.create_network(1.0, 4, 2.0, m.vae, [m.text_encoder_1, m.text_encoder_2], m.unet, **kw)
+        g = torch.Generator().manual_seed(10 + i)
+        with torch.no_grad():
+            for p in net.parameters():  # trained-looking weights: the default init is a no-op
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+        out[algo] = d / f"{algo}.safetensors"
+        net.save_weights(out[algo], None, {})
+    return out
+
+
+def _argv(files: dict[str, Path], *extra: str) -> list[str]:
+    return ["--ckpt", str(files["ckpt"]), "--tokenizer_dir", str(files["tok"]), "--W", "32", "--H", "32",
+            "--steps", "1", "--sampler", "euler", *extra]  # fmt: skip
+
+
+def _load(files: dict[str, Path], *extra: str):
+    """Models + networks exactly as gen_img.py loads them."""
+    args = gen_img.parse_args([*_argv(files, "--prompt", "x"), *extra])
+    dtype, dev = gen_img.pick_dtype(args), gen_img.pick_device(args)
+    models = gen_img.load_models(args, dtype, dev)
+    return models, gen_img.load_networks(args, models, dtype, dev)
+
+
+@torch.no_grad()
+def _outputs(models) -> dict[str, torch.Tensor]:
+    """U-Net noise prediction and both text encoders' states on fixed inputs."""
+    g = torch.Generator().manual_seed(0)
+    cfg = models.unet.config
+    sample = torch.randn(1, 4, 4, 4, generator=g)
+    ctx = torch.randn(1, 77, cfg.cross_attention_dim, generator=g)
+    te_dim = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+    cond = {
+        "text_embeds": torch.randn(1, te_dim, generator=g),
+        "time_ids": torch.tensor([[32.0, 32, 0, 0, 32, 32]]),
+    }
+    ids = torch.tensor([[49406, 320, 2368, 49407] + [49407] * 73])
+    return {
+        "unet": models.unet(sample, 500, encoder_hidden_states=ctx, added_cond_kwargs=cond).sample,
+        "te1": models.text_encoder_1(ids).last_hidden_state,
+        "te2": models.text_encoder_2(ids).text_embeds,
+    }
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def _png(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+
+
+@pytest.fixture(scope="module")
+def base_outputs(files) -> dict[str, torch.Tensor]:
+    models, _ = _load(files)
+    return _outputs(models)
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_each_algorithm_loads_changes_output_and_merged_equals_live(files, base_outputs, algo) -> None:
+    live_models, nets = _load(
+        files, "--network_module", f"networks.{algo}", "--network_weights", str(files[algo])
+    )
+    assert not nets[0].merged and nets[0].algorithms == {algo: 228}
+    live = _outputs(live_models)
+    merged_models, nets = _load(
+        files,
+        "--network_module",
+        f"networks.{algo}",
+        "--network_weights",
+        str(files[algo]),
+        "--network_merge",
+    )
+    assert nets[0].merged and nets[0].network is None
+    merged = _outputs(merged_models)
+    for part in ("unet", "te1", "te2"):
+        assert _rel(live[part], base_outputs[part]) > 1e-2, f"{algo} did not change {part}"
+        assert _rel(merged[part], live[part]) < 1e-4, f"{algo} merged != live on {part}"
+
+
+def test_two_networks_stack_additively(files, base_outputs) -> None:
+    both = ("--network_module", "networks.loha", "networks.lokr", "--network_weights", str(files["loha"]),
+            str(files["lokr"]), "--network_mul", "0.8", "0.5")  # fmt: skip
+    base_models, _ = _load(files)
+    merged_models, nets = _load(files, *both, "--network_merge")
+    assert [n.multiplier for n in nets] == [0.8, 0.5] and all(n.merged for n in nets)
+    # merged U-Net and TE weights = base + 0.8·ΔW_loha + 0.5·ΔW_lokr, ΔW from an independent implementation
+    from networks.arch import detect_architecture
+    from networks.network_base import iter_all_leaves, lora_name_of, model_roots
+
+    def leaves(models) -> dict[str, torch.nn.Module]:
+        tes = [models.text_encoder_1, models.text_encoder_2]
+        roots = model_roots(detect_architecture(tes, models.unet), tes, models.unet, None)
+        return {lora_name_of(r.prefix, o): leaf for r in roots for o, leaf in iter_all_leaves(r)}
+
+    base_l, merged_l = leaves(base_models), leaves(merged_models)
+    g1, g2 = group_by_module(load_file(files["loha"])), group_by_module(load_file(files["lokr"]))
+    assert set(g1) == set(g2) and len(g1) == 228
+    worst = 0.0
+    for name in g1:
+        w0 = base_l[name].weight
+        expect = (
+            w0 + 0.8 * delta_weight(name, g1[name], w0.shape) + 0.5 * delta_weight(name, g2[name], w0.shape)
+        )
+        worst = max(worst, _rel(merged_l[name].weight, expect))
+    assert worst < 1e-5
+    # the same two networks live (modules, multipliers 0.8/0.5) give the merged outputs
+    live_models, nets = _load(files, *both)
+    live, merged = _outputs(live_models), _outputs(merged_models)
+    for part in ("unet", "te1", "te2"):
+        assert _rel(live[part], merged[part]) < 1e-4
+        assert _rel(live[part], base_outputs[part]) > 1e-2
+
+
+def test_lora_module_loads_a_loha_file_like_loha(files) -> None:
+    # our modules share one loader that picks the algorithm per module from the keys
+    a, _ = _load(files, "--network_module", "networks.lora", "--network_weights", str(files["loha"]))
+    b, _ = _load(files, "--network_module", "networks.loha", "--network_weights", str(files["loha"]))
+    oa, ob = _outputs(a), _outputs(b)
+    assert all(torch.equal(oa[k], ob[k]) for k in oa)
+
+
+def test_images_multiplier_zero_is_pixel_identical_and_png_metadata(files, capsys) -> None:
+    out = files["dir"] / "out_mul"
+    prompts = files["dir"] / "prompts.txt"
+    prompts.write_text("a cat --n dog --d 5 --am 0\na cat --n dog --d 5 --am 1\n", encoding="utf-8")
+    net = (
+        "--network_module",
+        "networks.loha",
+        "--network_weights",
+        str(files["loha"]),
+        "--network_mul",
+        "0.7",
+    )
+    assert (
+        gen_img.main(
+            _argv(files, "--from_file", str(prompts), "--outdir", str(out), "--sequential_file_name", *net)
+        )
+        == 0
+    )
+    assert gen_img.main(_argv(files, "--prompt", "a cat --n dog --d 5", "--outdir", str(out / "base"))) == 0
+    (base_png,) = sorted((out / "base").glob("*.png"))
+    assert re.fullmatch(r"im_\d{14}_000_5\.png", base_png.name)
+    mul0, mul1 = out / "im_000001.png", out / "im_000002.png"
+    base, img0, img1 = _png(base_png), _png(mul0), _png(mul1)
+    assert base.shape == (32, 32, 3)
+    assert np.array_equal(img0, base)  # multiplier 0 = no network, pixel for pixel
+    # multiplier 1 changes the image (a random tiny U-Net moves 1-step pixels only a little)
+    assert np.count_nonzero(img1 != base) > 100 and np.abs(img1 - base).mean() > 0.05
+    text = read_png_text(mul1)
+    assert text["prompt"] == "a cat" and text["negative-prompt"] == "dog" and text["seed"] == "5"
+    assert (text["sampler"], text["steps"], text["scale"]) == ("euler", "1", "7.5")
+    assert text["original-width"] == "32" and text["crop-left"] == "0"
+    assert text["raw-prompt"] == "a cat --n dog --d 5 --am 1"
+    assert json.loads(text["networks"]) == [
+        {"module": "networks.loha", "weights": "loha.safetensors", "multiplier": 1.0, "merged": False}
+    ]
+    assert "networks" not in read_png_text(base_png)
+
+
+def _expect_error(files, capsys, *extra: str) -> str:
+    assert gen_img.main(_argv(files, "--prompt", "x", "--outdir", str(files["dir"] / "never"), *extra)) == 2
+    assert not (files["dir"] / "never").exists()
+    return capsys.readouterr().err
+
+
+def test_weights_for_another_architecture_is_one_clear_error(files, capsys) -> None:
+    anima = files["dir"] / "anima_lora.safetensors"
+    save_file(
+        {
+            "lora_unet_blocks_0_self_attn_q_proj.lora_down.weight": torch.zeros(4, 64),
+            "lora_unet_blocks_0_self_attn_q_proj.lora_up.weight": torch.zeros(64, 4),
+            "lora_unet_blocks_0_self_attn_q_proj.alpha": torch.tensor(4.0),
+        },
+        str(anima),
+    )
+    err = _expect_error(files, capsys, "--network_module", "networks.lora", "--network_weights", str(anima))
+    assert "none of its 1 modules match this SDXL model" in err and "another architecture" in err
+
+
+def test_keys_matching_no_module_are_listed_and_stop_the_run(files, capsys) -> None:
+    sd = load_file(files["lokr"])
+    for stray in ("lora_unet_input_blocks_99_1_proj_in", "lora_te1_text_model_final_thing"):
+        sd[f"{stray}.lora_down.weight"] = torch.zeros(4, 8)
+        sd[f"{stray}.lora_up.weight"] = torch.zeros(8, 4)
+    bad = files["dir"] / "stray.safetensors"
+    save_file(sd, str(bad))
+    err = _expect_error(files, capsys, "--network_module", "networks.lokr", "--network_weights", str(bad))
+    assert "2 of 230 modules in the file match no layer" in err
+    assert "lora_unet_input_blocks_99_1_proj_in" in err and "lora_te1_text_model_final_thing" in err
+
+
+def test_am_with_only_merged_networks_is_an_error(files, capsys) -> None:
+    err = _expect_error(
+        files, capsys, "--network_module", "networks.lora", "--network_weights", str(files["lora"]),
+        "--network_merge", "--prompt", "x --am 0.5",
+    )  # fmt: skip
+    assert "no live network" in err
