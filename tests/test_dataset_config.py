@@ -154,6 +154,11 @@ def test_dreambooth_folders_cli(tmp_path: Path) -> None:
     md = dataset_metadata(g, args, total_batch_size=1)
     assert all(isinstance(v, str) for v in md.values())
     assert md["ss_num_train_images"] == "32" and md["ss_num_reg_images"] == "32"
+    assert (
+        md["ss_resolution"] == "(64, 64)"
+        and md["ss_enable_bucket"] == "False"
+        and md["ss_keep_tokens"] == "0"
+    )
     assert json.loads(md["ss_dataset_dirs"]) == {
         "10_sks dog": {"n_repeats": 10, "img_count": 3},
         "2_cat": {"n_repeats": 2, "img_count": 1},

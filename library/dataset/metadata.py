@@ -111,7 +111,8 @@ def _flat_metadata(
     return {
         "ss_batch_size_per_device": bs,
         "ss_total_batch_size": total_batch_size if total_batch_size is not None else bs,
-        "ss_resolution": getattr(args, "resolution", None),
+        # sd-scripts turns --resolution into a (w, h) tuple before writing it: "(512, 512)"
+        "ss_resolution": (d.width, d.height),
         "ss_color_aug": bool(getattr(args, "color_aug", False)),
         "ss_flip_aug": bool(getattr(args, "flip_aug", False)),
         "ss_random_crop": bool(getattr(args, "random_crop", False)),
