@@ -6,6 +6,7 @@ files and our own load the same way. Used by `anima_minimal_inference.py`.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import re
 from collections.abc import Iterable
@@ -15,10 +16,6 @@ import torch
 from torch import nn
 
 logger = logging.getLogger(__name__)
-
-_LORA = {"lora_down.weight", "lora_up.weight", "alpha"}
-_LOHA = {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha"}
-_LOKR = {"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "alpha"}
 
 
 def group_by_module(sd: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
@@ -33,63 +30,13 @@ def group_by_module(sd: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Te
 
 
 def detect_algorithm(name: str, tensors: dict[str, torch.Tensor]) -> str:
-    """'lora' | 'loha' | 'lokr' from the keys of one module; anything else is an error."""
-    keys = set(tensors)
-    if {"lora_down.weight", "lora_up.weight"} <= keys:
-        algo, allowed = "lora", _LORA
-    elif "hada_w1_a" in keys:
-        algo, allowed = "loha", _LOHA
-    elif keys & {"lokr_w1", "lokr_w1_a", "lokr_w2", "lokr_w2_a"}:
-        algo, allowed = "lokr", _LOKR
-    else:
-        raise ValueError(f"module {name}: keys {sorted(keys)} are not LoRA, LoHa or LoKr")
-    extra = keys - allowed
-    if extra:
-        raise ValueError(f"module {name}: unsupported keys {sorted(extra)} for {algo} (e.g. Tucker/DoRA)")
-    return algo
+    """'lora' | 'loha' | 'lokr' from the keys of one module (the network base's rule); else ValueError."""
+    from networks.network_io import detect_algorithm as _detect
 
-
-def _alpha(tensors: dict[str, torch.Tensor], rank: int) -> float:
-    a = tensors.get("alpha")
-    if a is None:
-        return float(rank)
-    val = float(a.float().item())
-    return float(rank) if val == 0.0 else val
-
-
-def delta_weight(
-    name: str, tensors: dict[str, torch.Tensor], shape: torch.Size, device: torch.device | str = "cpu"
-) -> torch.Tensor:
-    """ΔW (scale included, multiplier excluded) in fp32, reshaped to `shape`."""
-    t = {k: v.to(device=device, dtype=torch.float32) for k, v in tensors.items()}
-    algo = detect_algorithm(name, t)
-    if algo == "lora":
-        down, up = t["lora_down.weight"].flatten(1), t["lora_up.weight"].flatten(1)
-        r = down.shape[0]
-        dw = (up @ down) * (_alpha(t, r) / r)
-    elif algo == "loha":
-        r = t["hada_w1_b"].shape[0]
-        dw = (t["hada_w1_a"] @ t["hada_w1_b"]) * (t["hada_w2_a"] @ t["hada_w2_b"]) * (_alpha(t, r) / r)
-    else:
-        rank = None
-        if "lokr_w1" in t:
-            w1 = t["lokr_w1"]
-        else:
-            w1, rank = t["lokr_w1_a"] @ t["lokr_w1_b"], t["lokr_w1_b"].shape[0]
-        if "lokr_w2" in t:
-            w2 = t["lokr_w2"]
-        else:
-            w2b = t["lokr_w2_b"]
-            w2, rank = t["lokr_w2_a"] @ w2b.flatten(1), w2b.shape[0]
-        # both sides full: scale 1 (alpha is ignored there, as in every LoKr implementation)
-        scale = 1.0 if rank is None else _alpha(t, rank) / rank
-        w2 = w2.flatten(1)
-        dw = torch.kron(w1, w2) * scale
-    if dw.numel() != torch.Size(shape).numel():
-        raise ValueError(
-            f"module {name}: {algo} delta has {tuple(dw.shape)} elements, weight is {tuple(shape)}"
-        )
-    return dw.reshape(shape)
+    try:
+        return _detect(name, set(tensors))
+    except KeyError as e:
+        raise ValueError(str(e).strip("'\"")) from None
 
 
 def merge_weights_to_tensor(
@@ -100,20 +47,19 @@ def merge_weights_to_tensor(
     multiplier: float,
     calc_device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """W + m·ΔW for one module (fp32, cast back once); consumed keys leave `lora_weight_keys`.
+    """W + m·ΔW for one module, whatever its algorithm (fp32 maths, one cast back).
 
-    Returns the weight unchanged when the file has no keys for `lora_name`.
+    Dispatches to the network modules' own `merge_weights_to_tensor`, so inference merges with exactly
+    the maths the trainer's network uses. Consumed keys leave `lora_weight_keys`.
     """
     prefix = lora_name + "."
-    mine = {k[len(prefix) :]: v for k, v in lora_sd.items() if k.startswith(prefix)}
+    mine = {k[len(prefix) :] for k in lora_sd if k.startswith(prefix)}
     if not mine:
         return model_weight
+    algo = detect_algorithm(lora_name, dict.fromkeys(mine))
+    module = importlib.import_module(f"networks.{algo}")
     dev = calc_device or model_weight.device
-    dw = delta_weight(lora_name, mine, model_weight.shape, dev)
-    merged = model_weight.to(device=dev, dtype=torch.float32) + multiplier * dw
-    for k in mine:
-        lora_weight_keys.discard(prefix + k)
-    return merged.to(device=model_weight.device, dtype=model_weight.dtype)
+    return module.merge_weights_to_tensor(model_weight, lora_name, lora_sd, lora_weight_keys, multiplier, dev)
 
 
 @dataclass

@@ -220,3 +220,34 @@ def test_bad_inputs(files, tmp_path):
                 if a != "--text_encoder" and a != str(files["text_encoder"])
             ]
         )
+
+
+@pytest.mark.parametrize("algo", ["lora", "loha", "lokr"])
+def test_merge_equals_live_network_forward(files, tmp_path, algo):
+    """A file saved by our network modules, merged by the inference path, reproduces the live network."""
+    import importlib
+
+    mod = importlib.import_module(f"networks.{algo}")
+    live = load_anima_dit(files["dit"], torch.float32)
+    net = mod.create_network(0.8, 4, 3, None, [], live, train_llm_adapter="True")
+    net.apply_to([], live, apply_text_encoder=False, apply_unet=True)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    path = tmp_path / f"{algo}.safetensors"
+    net.save_weights(str(path), None, {"ss_network_module": f"networks.{algo}"})
+    merged = load_anima_dit(files["dit"], torch.float32)
+    rep = inf.apply_lora_files(merged, None, [str(path)], [0.8])[0]
+    assert rep.by_algo == {algo: 2 * 10 + 2 * 10} and not rep.unused
+    x, t = torch.randn(1, 16, 1, 8, 8, generator=g), torch.tensor([0.6])
+    ctx = torch.randn(1, 32, 32, generator=g)
+    ids, mask = torch.randint(0, 32000, (1, 32), generator=g), torch.ones(1, 32)
+    with torch.no_grad():
+        want = live(x, t, ctx, target_input_ids=ids, target_attention_mask=mask)
+        got = merged(x, t, ctx, target_input_ids=ids, target_attention_mask=mask)
+        base = load_anima_dit(files["dit"], torch.float32)(
+            x, t, ctx, target_input_ids=ids, target_attention_mask=mask
+        )
+    assert (want - base).abs().max() > 1e-2  # the network really changes the output
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
