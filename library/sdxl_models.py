@@ -401,9 +401,20 @@ def _load_into(module: torch.nn.Module, converted: dict[str, torch.Tensor], sour
     module.load_state_dict(converted, strict=True, assign=True)
 
 
+def _build(cls: Any, source: str, what: str, *args: Any, **kwargs: Any) -> Any:
+    """Instantiate without allocating; a failure means the shapes do not describe an SDXL part."""
+    try:
+        with init_empty_weights():
+            return cls(*args, **kwargs)
+    except Exception as e:
+        raise ValueError(
+            f"{source}: cannot build the SDXL {what} from its tensor shapes ({e}); "
+            f"non-standard head widths/GroupNorm groups must be given in the '{ARCH_METADATA_KEY}' metadata"
+        ) from e
+
+
 def _unet_from_sgm(u: dict[str, torch.Tensor], cfg: dict[str, Any], source: str, dtype: torch.dtype):
-    with init_empty_weights():
-        unet = UNet2DConditionModel(**cfg)
+    unet = _build(UNet2DConditionModel, source, "UNet", **cfg)
     # the forward map of the model's own keys, inverted, tells which SGM tensor fills each key
     own_keys = list(unet.state_dict().keys())
     fwd = unet_state_to_sgm({k: k for k in own_keys}, list(cfg["up_block_types"]), cfg["layers_per_block"])
@@ -424,8 +435,7 @@ def vae_from_ldm(
 ):
     """AutoencoderKL from LDM-layout VAE tensors (no prefix)."""
     cfg = infer_vae_config(v, arch or DEFAULT_ARCH)
-    with init_empty_weights():
-        vae = AutoencoderKL(**cfg)
+    vae = _build(AutoencoderKL, source, "VAE", **cfg)
     own = vae.state_dict()
     fwd = vae_state_to_ldm({k: torch.empty(0) for k in own}, len(cfg["block_out_channels"]), prefix="")
     names = dict(zip(fwd.keys(), own.keys()))
@@ -434,7 +444,7 @@ def vae_from_ldm(
         if lk in v:
             t = v[lk]
             if t.ndim == 4 and own[dk].ndim == 2:
-                t = t[:, :, 0, 0]
+                t = t[:, :, 0, 0].contiguous()
             conv[dk] = t.to(dtype)
     for k in set(v) - set(names):
         conv["<unexpected>." + k] = v[k]
@@ -443,8 +453,7 @@ def vae_from_ldm(
 
 
 def _te_from_hf(hf, cfg, cls, source, what, dtype):
-    with init_empty_weights():
-        te = cls(_te_config(cfg))
+    te = _build(cls, source, what, _te_config(cfg))
     own_flat = not any(k.startswith("text_model.") for k in te.state_dict())
     hf = {
         (k[len("text_model.") :] if own_flat and k.startswith("text_model.") else k): v.to(dtype)

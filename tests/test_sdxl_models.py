@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 
 from library.sdxl_models import (
     SdxlModels,
+    _read_safetensors,
     build_tiny_sdxl_models,
     load_sdxl_models,
     load_sdxl_tokenizers,
@@ -285,3 +286,23 @@ def test_hub_id_loads_from_local_cache_only(tiny: SdxlModels, tmp_path: Path, mo
     _assert_same(tiny, loaded)
     with pytest.raises(FileNotFoundError, match="nor in the local Hugging Face cache"):
         load_sdxl_models("someone/not-cached")
+
+
+def test_load_in_bf16_and_convert_file_to_folder(tiny_file: Path, tmp_path: Path, tiny: SdxlModels) -> None:
+    half = load_sdxl_models(str(tiny_file), dtype=torch.bfloat16)
+    for name in COMPONENTS:
+        assert {p.dtype for p in getattr(half, name).parameters()} == {torch.bfloat16}, name
+    torch.testing.assert_close(half.unet.conv_in.weight, tiny.unet.conv_in.weight.to(torch.bfloat16))
+    # a single file converts to a diffusers folder and back without change
+    full = load_sdxl_models(str(tiny_file))
+    save_sdxl_diffusers(full, tmp_path / "converted")
+    _assert_same(tiny, load_sdxl_models(str(tmp_path / "converted")))
+    # .ckpt (torch.save) files are read with weights_only; without the tiny model's arch metadata
+    # (head width, groups) the real SDXL values are assumed, which cannot build the tiny shapes
+    with safe_open(str(tiny_file), framework="pt") as f:
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+    torch.save({"state_dict": sd}, tmp_path / "tiny.ckpt")
+    read, meta = _read_safetensors(tmp_path / "tiny.ckpt")
+    assert read.keys() == sd.keys() and all(torch.equal(read[k], sd[k]) for k in sd) and meta == {}
+    with pytest.raises(ValueError, match=r"tiny\.ckpt: cannot build the SDXL VAE from its tensor shapes"):
+        load_sdxl_models(str(tmp_path / "tiny.ckpt"))
