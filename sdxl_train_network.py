@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from library.dataset.config import add_dataset_arguments
 from library.sdxl_training import SdxlArchitecture
 from library.train_args import add_training_arguments
-from library.train_loop import main_entry
+from library.train_loop import TrainResult, main_entry
 
 
 def setup_parser() -> argparse.ArgumentParser:
@@ -23,7 +22,7 @@ def setup_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> Path | None:
+def main(argv: list[str] | None = None) -> TrainResult | None:
     return main_entry(SdxlArchitecture(), setup_parser, argv)
 
 

@@ -30,6 +30,7 @@ class SdxlArchitecture(TrainingArchitecture):
         self.vae_dtype = torch.float32
         self.text_cached = False
         self.max_token_length: int | None = None
+        self.noise_scheduler: Any = None
 
     # ------------------------------------------------------------------ args
     def verify_args(self, args: argparse.Namespace) -> None:
@@ -39,16 +40,20 @@ class SdxlArchitecture(TrainingArchitecture):
 
     # ------------------------------------------------------------------ data
     def build_dataset(self, args: argparse.Namespace) -> DatasetInfo:
-        from library import dataset as ds
+        from library.dataset import build_dataset_group, collate_unwrap, dataset_metadata
 
-        self.dataset = ds.build_dataset_from_args(args)
+        group = build_dataset_group(args, bucket_step_multiple=32)
+        self.dataset = group
+        batch = getattr(args, "train_batch_size", 1)
         return DatasetInfo(
-            dataset=self.dataset,
-            collate_fn=ds.collate_unwrap,
-            num_train_images=self.dataset.num_train_images,
-            num_reg_images=self.dataset.num_reg_images,
-            metadata=ds.dataset_metadata(self.dataset, args),
-            set_epoch=self.dataset.set_current_epoch,
+            dataset=group,
+            collate_fn=collate_unwrap,
+            num_train_images=group.num_train_images,
+            num_reg_images=group.num_reg_images,
+            metadata=dataset_metadata(group, args, batch),
+            set_epoch=group.set_current_epoch,
+            set_step=group.set_current_step,
+            set_max_train_steps=group.set_max_train_steps,
         )
 
     # ------------------------------------------------------------------ models
@@ -84,22 +89,36 @@ class SdxlArchitecture(TrainingArchitecture):
         return torch.nan_to_num(latents, nan=0.0)
 
     def encode_text_for_cache(self, captions: list[str]) -> dict[str, torch.Tensor]:
-        hidden1, hidden2, pool2 = self._encode_text(captions, grad=False)
-        return {"hidden_state1": hidden1.float(), "hidden_state2": hidden2.float(), "pool2": pool2.float()}
+        """sd-scripts' TE cache keys: hidden_state1 (L×C1), hidden_state2 (L×C2), pool2."""
+        context, pooled = self._encode_text(captions, grad=False)
+        c1 = self.models.text_encoder_1.config.hidden_size
+        return {"hidden_state1": context[..., :c1].float(), "hidden_state2": context[..., c1:].float(),
+                "pool2": pooled.float()}  # fmt: skip
 
     def cache(
         self, args: argparse.Namespace, accelerator: Accelerator, data: DatasetInfo, weight_dtype: torch.dtype
     ) -> None:
+        from library.dataset import cache_latents, cache_text_encoder_outputs
+
         m = self.models
+        common = dict(
+            skip_cache_check=args.skip_cache_check, process_index=accelerator.process_index,
+            num_processes=accelerator.num_processes, wait_for_everyone=accelerator.wait_for_everyone,
+            show_progress=accelerator.is_local_main_process,
+        )  # fmt: skip
         if args.cache_latents:
             m.vae.to(accelerator.device, self.vae_dtype)
-            self.dataset.cache_latents(self.encode_latents, accelerator=accelerator)
-            m.vae.to("cpu")  # freed from the device: the loop no longer needs it except for samples
+            cache_latents(self.dataset, self.encode_latents, to_disk=args.cache_latents_to_disk,
+                          vae_batch_size=args.vae_batch_size, suffix=LATENT_CACHE_SUFFIX, **common)  # fmt: skip
+            m.vae.to("cpu")  # the loop needs the VAE again only for samples
         if args.cache_text_encoder_outputs:
             for te in m.text_encoders:
-                te.to(accelerator.device, weight_dtype if not args.fp8_base else None)
-            self.dataset.cache_text_encoder_outputs(self.encode_text_for_cache, accelerator=accelerator)
-            self.text_cached = True
+                te.to(accelerator.device)
+            # the cached outputs depend on the token length: changing it invalidates the disk cache
+            cache_text_encoder_outputs(
+                self.dataset, self.encode_text_for_cache, to_disk=args.cache_text_encoder_outputs_to_disk,
+                suffix=TE_CACHE_SUFFIX, settings=f"max_token_length={args.max_token_length}", **common,
+            )  # fmt: skip
         accelerator.wait_for_everyone()
 
     def prepare_models(
@@ -137,16 +156,13 @@ class SdxlArchitecture(TrainingArchitecture):
         m.vae.eval()
 
     # ------------------------------------------------------------------ loss
-    def _encode_text(
-        self, captions: list[str], grad: bool
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        from library.sdxl_text import encode_sdxl_text_parts, tokenize_sdxl
+    def _encode_text(self, captions: list[str], grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        from library.sdxl_text import encode_sdxl_text, tokenize_sdxl
 
         m = self.models
-        ids1, ids2 = tokenize_sdxl(m.tokenizers, captions, self.max_token_length)
-        device = m.text_encoder_1.device
+        ids1, ids2 = tokenize_sdxl(m, captions, self.max_token_length)
         with torch.set_grad_enabled(grad):
-            return encode_sdxl_text_parts(m.text_encoders, ids1.to(device), ids2.to(device))
+            return encode_sdxl_text(m, ids1, ids2)
 
     def per_sample_loss(
         self,
@@ -156,28 +172,29 @@ class SdxlArchitecture(TrainingArchitecture):
         weight_dtype: torch.dtype,
         train_text_encoder: bool,
     ) -> torch.Tensor:
-        from library.diffusion_loss import sdxl_time_ids, sdxl_training_step_loss
+        from library.diffusion_loss import make_noise_scheduler, sdxl_time_ids, sdxl_training_step_loss
 
+        if self.noise_scheduler is None:
+            self.noise_scheduler = make_noise_scheduler(args.v_parameterization, args.zero_terminal_snr)
         device = accelerator.device
         if batch.get("latents") is not None:
             latents = batch["latents"].to(device, torch.float32)
         else:
             latents = self.encode_latents(batch["images"])
         latents = latents * VAE_SCALE
-        if batch.get("hidden_state1") is not None:
-            hidden1 = batch["hidden_state1"].to(device)
-            hidden2 = batch["hidden_state2"].to(device)
-            pooled = batch["pool2"].to(device)
+        te_out = batch.get("text_encoder_outputs")
+        if te_out is not None:
+            context = torch.cat([te_out["hidden_state1"], te_out["hidden_state2"]], dim=2).to(device)
+            pooled = te_out["pool2"].to(device)
         else:
-            hidden1, hidden2, pooled = self._encode_text(batch["captions"], grad=train_text_encoder)
-        context = torch.cat([hidden1, hidden2], dim=2).to(weight_dtype)
+            context, pooled = self._encode_text(batch["captions"], grad=train_text_encoder)
         time_ids = sdxl_time_ids(
             batch["original_sizes_hw"], batch["crop_top_lefts"], batch["target_sizes_hw"]
         )
-        weights = batch["loss_weights"].to(device, torch.float32)
         return sdxl_training_step_loss(
-            self.models.unet, latents, context, pooled.to(weight_dtype), time_ids.to(device, weight_dtype),
-            args, loss_weights=weights,
+            self.models.unet, latents, context.to(weight_dtype), pooled.to(weight_dtype),
+            time_ids.to(device, weight_dtype), args, noise_scheduler=self.noise_scheduler,
+            loss_weights=batch["loss_weights"].to(device),
         )  # fmt: skip
 
     # ------------------------------------------------------------------ samples

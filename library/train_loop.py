@@ -50,6 +50,8 @@ class DatasetInfo:
     num_reg_images: int
     metadata: dict[str, str] = field(default_factory=dict)
     set_epoch: Any = None  # callable(epoch: int) -> None, reshuffles buckets/captions for that epoch
+    set_step: Any = None  # callable(global_step: int) -> None (token warmup)
+    set_max_train_steps: Any = None  # callable(max_train_steps: int) -> None
 
 
 class TrainingArchitecture(abc.ABC):
@@ -172,8 +174,27 @@ def _rng_restore(snap: tuple[Any, Any, torch.Tensor]) -> None:
     torch.set_rng_state(snap[2])
 
 
-def train(args: argparse.Namespace, arch: TrainingArchitecture) -> Path | None:
-    """Run training; returns the path of the final network file (None on non-main processes)."""
+@dataclass
+class TrainResult:
+    final_path: Path | None  # None on non-main processes
+    network: torch.nn.Module
+    global_step: int
+
+
+def train(args: argparse.Namespace, arch: TrainingArchitecture) -> TrainResult | None:
+    """Run training. Bad input fails before any file is written; an output dir created by this run
+    is removed again when it fails before writing anything."""
+    out = Path(args.output_dir)
+    created = not out.exists()
+    try:
+        return _train(args, arch)
+    except BaseException:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
+
+
+def _train(args: argparse.Namespace, arch: TrainingArchitecture) -> TrainResult | None:
     session_id = random.randint(0, 2**32 - 1)
     training_started_at = time.time()
     output_dir = saving.check_output_dir_writable(args.output_dir)  # fail before any heavy work
@@ -215,6 +236,7 @@ def train(args: argparse.Namespace, arch: TrainingArchitecture) -> Path | None:
             neuron_dropout=args.network_dropout, **net_kwargs,
         )  # fmt: skip
     if network is None:
+        logger.info("the network module returned no network; nothing to train")
         return None
     # (3) optional hooks
     if hasattr(network, "prepare_network"):
@@ -259,6 +281,8 @@ def train(args: argparse.Namespace, arch: TrainingArchitecture) -> Path | None:
         args.max_train_steps = args.max_train_epochs * updates_per_epoch
     num_epochs = math.ceil(args.max_train_steps / updates_per_epoch)
     lr_scheduler = build_scheduler(args, optimizer, world)
+    if data.set_max_train_steps is not None:
+        data.set_max_train_steps(args.max_train_steps)
 
     # (8) dtype + accelerate
     if args.full_bf16:
@@ -379,6 +403,8 @@ def train(args: argparse.Namespace, arch: TrainingArchitecture) -> Path | None:
                 indices
             ):  # an epoch's last batch ends an accumulation cycle (as in sd-scripts)
                 accelerator.step = args.gradient_accumulation_steps - 1
+            if data.set_step is not None:
+                data.set_step(global_step)
             with accelerator.accumulate(network):
                 if hasattr(network, "on_step_start"):
                     network.on_step_start(text_encoder, unet)
@@ -459,7 +485,7 @@ def train(args: argparse.Namespace, arch: TrainingArchitecture) -> Path | None:
     final = save_network(saving.model_file_name(args.output_name, ext), global_step, final_epoch)
     accelerator.end_training()
     progress.close()
-    return final if accelerator.is_main_process else None
+    return TrainResult(final if accelerator.is_main_process else None, network, global_step)
 
 
 def _read_prompts(args: argparse.Namespace) -> list[str]:
@@ -522,7 +548,7 @@ def _remove_old_step(args: argparse.Namespace, out: Path, ext: str, step: int, a
             saving.remove_path(out / saving.state_dir_name(args.output_name, step=old))
 
 
-def main_entry(arch: TrainingArchitecture, build_parser: Any, argv: list[str] | None) -> Path | None:
+def main_entry(arch: TrainingArchitecture, build_parser: Any, argv: list[str] | None) -> TrainResult | None:
     """Thin-script helper: parse, handle --output_config, train; errors print one clear line."""
     from library.train_args import parse_args, write_config_file
 

@@ -1,0 +1,299 @@
+"""End-to-end SDXL network training on a tiny SDXL-architecture checkpoint (CPU).
+
+Proves: LoRA/LoHa/LoKr training lowers a fixed-batch loss and writes SGM-named keys with metadata;
+the file restarts training (--network_weights, --dim_from_weights) and loads with
+create_network_from_weights; --save_state/--resume continues bit-identically; bad input fails
+with one clear error and leaves no output.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import sdxl_train_network
+from library.diffusion_loss import sdxl_time_ids, sdxl_training_step_loss
+from library.sdxl_models import build_tiny_sdxl_models, load_sdxl_models, save_sdxl_single_file
+from library.sdxl_text import encode_prompts
+
+N_IMAGES = 4
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, clip_tokenizer_dir):
+    """A tiny SDXL single-file checkpoint (real key layout) and a 4-image DreamBooth dataset TOML."""
+    root = tmp_path_factory.mktemp("tiny_sdxl")
+    models = build_tiny_sdxl_models(clip_tokenizer_dir, seed=0)
+    ckpt = root / "tiny_sdxl.safetensors"
+    save_sdxl_single_file(models, ckpt)
+    img_dir = root / "img"
+    img_dir.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(N_IMAGES):
+        # smooth colour fields: a learnable signal, unlike white noise
+        base = rng.random(3) * 255
+        ramp = np.linspace(0, 1, 64)[None, :, None] * (rng.random(3) * 120)
+        arr = np.clip(base + ramp + np.zeros((64, 64, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(arr).save(img_dir / f"{i}.png")
+        (img_dir / f"{i}.txt").write_text(f"a photo of sks thing{i}")
+    toml_path = root / "data.toml"
+    toml_path.write_text(
+        f'[general]\nresolution = 64\ncaption_extension = ".txt"\n'
+        f"[[datasets]]\nbatch_size = {N_IMAGES}\n[[datasets.subsets]]\nimage_dir = '{img_dir}'\n"
+    )
+    return {"root": root, "ckpt": ckpt, "toml": toml_path, "img_dir": img_dir, "tok": clip_tokenizer_dir}
+
+
+def _argv(tiny, out: Path, *extra: str) -> list[str]:
+    return [
+        "--pretrained_model_name_or_path", str(tiny["ckpt"]), "--tokenizer_cache_dir", str(tiny["tok"]),
+        "--dataset_config", str(tiny["toml"]), "--output_dir", str(out), "--output_name", "net",
+        "--max_data_loader_n_workers", "0", "--seed", "42", *extra,
+    ]  # fmt: skip
+
+
+def _expected_names(models) -> set[str]:
+    """Golden SGM names from the spec's diffusers→SGM table (written independently of networks/)."""
+    names = set()
+    for path, mod in models.unet.named_modules():
+        if type(mod).__name__ != "Transformer2DModel":
+            continue
+        m = re.fullmatch(r"(down|up)_blocks\.(\d+)\.attentions\.(\d+)", path)
+        if m:
+            i, j = int(m[2]), int(m[3])
+            sgm = f"input_blocks.{3 * i + j + 1}.1" if m[1] == "down" else f"output_blocks.{3 * i + j}.1"
+        else:
+            assert path == "mid_block.attentions.0"
+            sgm = "middle_block.1"
+        for sub, leaf in mod.named_modules():
+            if isinstance(leaf, torch.nn.Linear):
+                names.add("lora_unet_" + f"{sgm}.{sub}".replace(".", "_"))
+    for k, te in ((1, models.text_encoder_1), (2, models.text_encoder_2)):
+        for layer in range(te.config.num_hidden_layers):
+            for sub in ("self_attn_q_proj", "self_attn_k_proj", "self_attn_v_proj", "self_attn_out_proj",
+                        "mlp_fc1", "mlp_fc2"):  # fmt: skip
+                names.add(f"lora_te{k}_text_model_encoder_layers_{layer}_{sub}")
+    return names
+
+
+def _fixed_batch_loss(tiny, module: str | None = None, weights: Path | None = None) -> float:
+    """Loss of the whole dataset at fixed timesteps/noise, optionally with a trained network applied."""
+    models = load_sdxl_models(str(tiny["ckpt"]), tokenizer_dir=str(tiny["tok"]))
+    if weights is not None:
+        mod = importlib.import_module(module)
+        net, sd = mod.create_network_from_weights(
+            1.0, str(weights), models.vae, models.text_encoders, models.unet
+        )
+        net.apply_to(models.text_encoders, models.unet, True, True)
+        net.load_state_dict(sd, strict=True)
+        net.eval()
+    paths = sorted(tiny["img_dir"].glob("*.png"))
+    images = torch.stack(
+        [torch.from_numpy(np.array(Image.open(p))).permute(2, 0, 1).float() / 127.5 - 1 for p in paths]
+    )
+    captions = [(p.with_suffix(".txt")).read_text() for p in paths]
+    torch.manual_seed(0)
+    with torch.no_grad():
+        latents = models.vae.encode(images).latent_dist.mean * 0.13025
+        context, pooled = encode_prompts(models, captions)
+        time_ids = sdxl_time_ids([(64, 64)] * len(paths), [(0, 0)] * len(paths), [(64, 64)] * len(paths))
+        total = 0.0
+        for s, t in enumerate((200, 500, 800)):
+            gen = torch.Generator().manual_seed(s)
+            ts = torch.full((len(paths),), t)
+            total += (
+                sdxl_training_step_loss(
+                    models.unet, latents, context, pooled, time_ids, None, generator=gen, timesteps=ts
+                )
+                .mean()
+                .item()
+            )
+    return total / 3
+
+
+@pytest.mark.parametrize(
+    "module, extra",
+    [("networks.lora", ["--learning_rate", "1e-2"]),
+     # U-Net only with cached TE outputs: faster, and proves the TE half is dropped from the file
+     ("networks.loha", ["--learning_rate", "1e-2", "--network_train_unet_only", "--cache_text_encoder_outputs"]),
+     ("networks.lokr", ["--learning_rate", "3e-2", "--network_args", "factor=4", "--network_train_unet_only",
+                        "--cache_text_encoder_outputs"])],
+)  # fmt: skip
+def test_training_lowers_loss_and_writes_sgm_keys(tiny, tmp_path, module, extra):
+    out = tmp_path / "out"
+    result = sdxl_train_network.main(
+        _argv(tiny, out, "--network_module", module, "--network_dim", "4", "--network_alpha", "4", *extra,
+              "--max_train_steps", "8", "--cache_latents", "--optimizer_type", "AdamW", "--save_every_n_steps", "4")
+    )  # fmt: skip
+    final = out / "net.safetensors"
+    assert result.final_path == final and final.is_file()
+    assert (out / "net-step00000004.safetensors").is_file()
+    assert result.global_step == 8
+    with safe_open(str(final), "pt") as f:
+        keys, md = set(f.keys()), f.metadata()
+    names = {k.split(".", 1)[0] for k in keys}
+    models = load_sdxl_models(str(tiny["ckpt"]), tokenizer_dir=str(tiny["tok"]))
+    expected = _expected_names(models)
+    if "--network_train_unet_only" in extra:
+        expected = {n for n in expected if n.startswith("lora_unet_")}
+    else:
+        assert "lora_te2_text_model_encoder_layers_2_mlp_fc2" in names
+    assert names == expected
+    assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q" in names
+    assert (
+        md["ss_network_module"] == module and md["ss_network_dim"] == "4" and md["ss_network_alpha"] == "4.0"
+    )
+    assert md["ss_base_model_version"] == "sdxl_base_v1-0" and md["ss_steps"] == "8"
+    assert md["ss_num_train_images"] == str(N_IMAGES) and md["ss_sd_model_name"] == "tiny_sdxl.safetensors"
+    assert (
+        md["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora" and md["modelspec.title"] == "net"
+    )
+    assert "sshs_model_hash" in md
+    base = _fixed_batch_loss(tiny)
+    trained = _fixed_batch_loss(tiny, module, final)
+    assert trained < base * 0.98, (base, trained)
+
+
+def test_network_weights_restart_and_dim_from_weights(tiny, tmp_path):
+    first = sdxl_train_network.main(
+        _argv(
+            tiny,
+            tmp_path / "a",
+            "--network_module",
+            "networks.loha",
+            "--network_dim",
+            "2",
+            "--learning_rate",
+            "3e-3",
+            "--max_train_steps",
+            "2",
+        )  # fmt: skip
+    ).final_path
+    start = load_file(str(first))
+    # a near-zero learning rate: the restarted network must start exactly from the file
+    again = sdxl_train_network.main(
+        _argv(
+            tiny,
+            tmp_path / "b",
+            "--network_module",
+            "networks.loha",
+            "--network_weights",
+            str(first),
+            "--dim_from_weights",
+            "--learning_rate",
+            "1e-12",
+            "--max_train_steps",
+            "1",
+        )  # fmt: skip
+    ).final_path
+    end = load_file(str(again))
+    assert set(end) == set(start)
+    for k in start:
+        torch.testing.assert_close(end[k], start[k], rtol=0, atol=1e-9)
+
+
+def _tb_scalars(logdir: Path, tag: str) -> dict[int, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = {}
+    for ev_file in logdir.rglob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(ev_file.parent))
+        acc.Reload()
+        if tag in acc.Tags()["scalars"]:
+            out.update({e.step: e.value for e in acc.Scalars(tag)})
+    return out
+
+
+def test_resume_from_save_state_is_bit_identical(tiny, tmp_path):
+    common = ["--network_module", "networks.lora", "--network_dim", "4", "--learning_rate", "1e-3",
+              "--max_train_steps", "6", "--lr_scheduler", "cosine", "--lr_warmup_steps", "2"]  # fmt: skip
+    full = sdxl_train_network.main(
+        _argv(
+            tiny,
+            tmp_path / "full",
+            *common,
+            "--save_every_n_steps",
+            "3",
+            "--save_state",
+            "--logging_dir",
+            str(tmp_path / "log_full"),
+        )  # fmt: skip
+    )
+    state = tmp_path / "full" / "net-step00000003-state"
+    assert (state / "train_state.json").is_file()
+    resumed = sdxl_train_network.main(
+        _argv(
+            tiny,
+            tmp_path / "resumed",
+            *common,
+            "--resume",
+            str(state),
+            "--logging_dir",
+            str(tmp_path / "log_res"),
+        )
+    )
+    assert resumed.global_step == 6
+    a = _tb_scalars(tmp_path / "log_full", "loss/current")
+    b = _tb_scalars(tmp_path / "log_res", "loss/current")
+    assert sorted(a) == [1, 2, 3, 4, 5, 6] and sorted(b) == [4, 5, 6]
+    assert [a[s] for s in (4, 5, 6)] == [b[s] for s in (4, 5, 6)]
+    assert set(_tb_scalars(tmp_path / "log_full", "lr/unet")) or set(
+        _tb_scalars(tmp_path / "log_full", "lr/group0")
+    )
+    wa, wb = load_file(str(full.final_path)), load_file(str(resumed.final_path))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def _no_output(out: Path) -> bool:
+    return not out.exists() or not any(out.iterdir())
+
+
+def test_bad_inputs_fail_clearly_without_output(tiny, tmp_path):
+    out = tmp_path / "out"
+    lora = ["--network_module", "networks.lora", "--max_train_steps", "1"]
+    # a missing image folder
+    bad_toml = tmp_path / "missing.toml"
+    bad_toml.write_text(f"[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{tmp_path / 'nope'}'\n")
+    argv = _argv(tiny, out, *lora)
+    argv[argv.index("--dataset_config") + 1] = str(bad_toml)
+    with pytest.raises(Exception, match="nope"):
+        sdxl_train_network.main(argv)
+    assert _no_output(out)
+    # a dataset TOML with an unknown key
+    bad_toml.write_text(
+        f"[general]\nresolutoin = 64\n[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{tiny['img_dir']}'\n"
+    )
+    with pytest.raises(ValueError, match="resolutoin"):
+        sdxl_train_network.main(argv)
+    assert _no_output(out)
+    # a network module that does not import
+    with pytest.raises(ImportError, match="--network_module 'networks.nope' cannot be imported"):
+        sdxl_train_network.main(_argv(tiny, out, "--network_module", "networks.nope"))
+    assert _no_output(out)
+    # a checkpoint that is not SDXL
+    not_sdxl = tmp_path / "vae_only.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"first_stage_model.encoder.conv_in.weight": torch.zeros(1)}, str(not_sdxl))
+    argv = _argv(tiny, out, *lora)
+    argv[argv.index("--pretrained_model_name_or_path") + 1] = str(not_sdxl)
+    with pytest.raises(ValueError, match="vae_only.safetensors"):
+        sdxl_train_network.main(argv)
+    assert _no_output(out)
+    # an output dir that is not writable (a path below a regular file)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(PermissionError, match="--output_dir .* not writable"):
+        sdxl_train_network.main(_argv(tiny, blocker / "out", *lora))
+    # an unknown flag
+    with pytest.raises(SystemExit):
+        sdxl_train_network.main(_argv(tiny, out, *lora, "--learning_rat3", "1"))
+    assert _no_output(out)
