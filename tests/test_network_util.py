@@ -1,0 +1,87 @@
+"""Shared builders for the network tests (tiny SDXL from config, deterministic inputs) plus a sanity test."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+from torch import nn
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+from library.sdxl_config import tiny_sdxl_configs
+
+
+@dataclass
+class TinySdxl:
+    unet: UNet2DConditionModel
+    te1: CLIPTextModel
+    te2: CLIPTextModelWithProjection
+
+    @property
+    def tes(self) -> list[nn.Module]:
+        return [self.te1, self.te2]
+
+    def clone(self) -> TinySdxl:
+        return TinySdxl(copy.deepcopy(self.unet), copy.deepcopy(self.te1), copy.deepcopy(self.te2))
+
+
+def build_tiny_sdxl(seed: int = 0) -> TinySdxl:
+    cfg = tiny_sdxl_configs()
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**cfg["unet"]).eval()
+    te1 = CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"])).eval()
+    te2 = CLIPTextModelWithProjection(CLIPTextConfig(**cfg["text_encoder_2"])).eval()
+    return TinySdxl(unet, te1, te2)
+
+
+def unet_inputs(seed: int = 1) -> tuple:
+    # 8×8 latents still pass all three levels (8 → 4 → 2) and keep a U-Net forward in tens of ms
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 4, 8, 8, generator=g)
+    t = torch.tensor([700])
+    ctx = torch.randn(1, 7, 64, generator=g)
+    added = {"text_embeds": torch.randn(1, 32, generator=g), "time_ids": torch.randn(1, 6, generator=g)}
+    return x, t, ctx, added
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest single-threaded on the shared 2-core machine; restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def run_unet(unet: nn.Module, inputs: tuple) -> torch.Tensor:
+    x, t, ctx, added = inputs
+    with torch.no_grad():
+        return unet(x, t, ctx, added_cond_kwargs=added).sample
+
+
+def run_tes(model: TinySdxl) -> list[torch.Tensor]:
+    ids = torch.tensor([[49406, 320, 1125, 539, 49407, 0, 0]])
+    with torch.no_grad():
+        return [model.te1(ids).last_hidden_state, model.te2(ids).last_hidden_state]
+
+
+def randomize(net: nn.Module, seed: int = 3, std: float = 0.05) -> None:
+    """Give every adapter factor a non-zero value so ΔW ≠ 0 (init makes ΔW exactly 0)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if name.endswith("scalar"):
+                p.fill_(0.7)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype) * std)
+
+
+def test_tiny_sdxl_builders_are_deterministic() -> None:
+    a, b = build_tiny_sdxl(), build_tiny_sdxl()
+    inputs = unet_inputs()
+    assert torch.equal(run_unet(a.unet, inputs), run_unet(b.unet, inputs))
+    ya, yb = run_tes(a), run_tes(b)
+    assert all(torch.equal(p, q) for p, q in zip(ya, yb))
