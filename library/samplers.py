@@ -20,19 +20,20 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 
+# sd-scripts builds every sampler with these betas and otherwise the class defaults (so images
+# match its samples); it also turns clip_sample on where the scheduler has it (DDIM's default)
 SDXL_SCHEDULE: dict[str, Any] = {
     "num_train_timesteps": 1000,
     "beta_start": 0.00085,
     "beta_end": 0.012,
     "beta_schedule": "scaled_linear",
-    "steps_offset": 1,
-    "timestep_spacing": "leading",  # as SDXL base 1.0's shipped scheduler configs
+    "clip_sample": True,
 }
 
 # name -> (scheduler class, extra init args)
 SAMPLERS: dict[str, tuple[type, dict[str, Any]]] = {
-    "ddim": (DDIMScheduler, {"clip_sample": False, "set_alpha_to_one": False}),
-    "pndm": (PNDMScheduler, {"skip_prk_steps": True}),
+    "ddim": (DDIMScheduler, {}),
+    "pndm": (PNDMScheduler, {}),
     "lms": (LMSDiscreteScheduler, {}),
     "euler": (EulerDiscreteScheduler, {}),
     "euler_a": (EulerAncestralDiscreteScheduler, {}),

@@ -41,6 +41,7 @@ def test_every_sampler_name_builds_with_sdxl_betas() -> None:
         assert len(s.timesteps) >= 4, name
     assert type(make_scheduler("k_euler_a")).__name__ == "EulerAncestralDiscreteScheduler"
     assert type(make_scheduler("DDIM")).__name__ == "DDIMScheduler"
+    assert make_scheduler("ddim").config.clip_sample is True  # as sd-scripts' sample scheduler
     assert make_scheduler("dpmsolver++_sde").config.algorithm_type == "sde-dpmsolver++"
     assert make_scheduler("euler", v_parameterization=True).config.prediction_type == "v_prediction"
     with pytest.raises(ValueError, match=r"unknown sampler 'foo'; valid names: ddim, pndm, .*k_euler_a"):
