@@ -234,6 +234,11 @@ class AnimaArchitecture(TrainingArchitecture):
 
         self.dataset = ds.build_dataset_group(args, bucket_step_multiple=16)
         md = ds.dataset_metadata(self.dataset, args) if hasattr(ds, "dataset_metadata") else {}
+        hooks = {
+            "set_step": self.dataset.set_current_step,
+            "set_max_train_steps": self.dataset.set_max_train_steps,
+        }
+        fields = getattr(DatasetInfo, "__dataclass_fields__", {})
         return DatasetInfo(
             dataset=self.dataset,
             collate_fn=ds.collate_unwrap,
@@ -241,6 +246,7 @@ class AnimaArchitecture(TrainingArchitecture):
             num_reg_images=self.dataset.num_reg_images,
             metadata=md,
             set_epoch=self.dataset.set_current_epoch,
+            **{k: v for k, v in hooks.items() if k in fields},  # token-warmup hooks of the shared loop
         )
 
     # ------------------------------------------------------------------ models
