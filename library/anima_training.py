@@ -160,25 +160,42 @@ def flow_matching_loss(
 
 
 # ------------------------------------------------------------------------------------------- block swap
-def enable_block_swap(dit: nn.Module, n: int, device: torch.device) -> None:
-    """Keep the last `n` blocks' weights on the CPU; each is moved in just before its forward.
+def _move_params(mod: nn.Module, device: torch.device | str) -> None:
+    """Re-home every parameter/buffer as a NEW tensor object on `device`.
 
-    Outputs and gradients are those of the un-swapped model; peak memory drops most together with
-    --gradient_checkpointing (activations of swapped blocks are then recomputed, not kept).
+    Unlike `Module.to` (which swaps `.data` in place), the old objects stay valid for autograd, so a
+    backward pass still finds the device copies it saved; they are freed once nothing needs them.
+    """
+    for sub in mod.modules():
+        for name, p in list(sub._parameters.items()):
+            if p is not None and p.device != torch.device(device):
+                sub._parameters[name] = nn.Parameter(p.detach().to(device), requires_grad=p.requires_grad)
+        for name, b in list(sub._buffers.items()):
+            if b is not None and b.device != torch.device(device):
+                sub._buffers[name] = b.to(device)
+
+
+def enable_block_swap(
+    dit: nn.Module, n: int, device: torch.device | str, offload_device: torch.device | str = "cpu"
+) -> list[Any]:
+    """Keep the last `n` blocks' weights on `offload_device`; each is brought in just before its forward.
+
+    Outputs and gradients equal the un-swapped model's. Peak memory drops most together with
+    --gradient_checkpointing (then the device copies of a swapped block die right after its forward).
+    Returns the hook handles.
     """
     blocks = dit.blocks
     if not 0 < n <= len(blocks) - 2:
         raise ValueError(
             f"--blocks_to_swap {n}: must be between 1 and {len(blocks) - 2} for {len(blocks)} blocks"
         )
-    if device.type == "cpu":
-        logger.info("--blocks_to_swap %d: training on the CPU, nothing to swap", n)
-        return
+    handles = []
     for blk in list(blocks)[len(blocks) - n :]:
-        blk.to("cpu")
-        blk.register_forward_pre_hook(lambda mod, _args: mod.to(device))
-        blk.register_forward_hook(lambda mod, _args, _out: mod.to("cpu"))
-    logger.info("--blocks_to_swap: %d of %d blocks live on the CPU", n, len(blocks))
+        _move_params(blk, offload_device)
+        handles.append(blk.register_forward_pre_hook(lambda mod, _a: _move_params(mod, device)))
+        handles.append(blk.register_forward_hook(lambda mod, _a, _o: _move_params(mod, offload_device)))
+    logger.info("--blocks_to_swap: %d of %d blocks live on %s", n, len(blocks), offload_device)
+    return handles
 
 
 # ------------------------------------------------------------------------------------------ architecture
