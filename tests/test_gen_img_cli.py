@@ -138,3 +138,14 @@ def test_am_without_live_networks_is_an_error() -> None:
     parsed = gen_img.parse_prompt_lines(args)
     with pytest.raises(ValueError, match="no live network"):
         gen_img.job_key(args, parsed[0], 0)
+
+
+def test_sizes_floor_to_the_model_step() -> None:
+    args = _args("--prompt", "x --w 1000", "--H", "1016")
+    o = gen_img.parse_prompt_lines(args)[0]
+    k = gen_img.job_key(args, o, 0, 32)  # SDXL: 8 (VAE) x 4 (U-Net) = 32
+    assert (k.width, k.height) == (992, 992)
+    with pytest.raises(ValueError, match="smaller than 32 pixels"):
+        gen_img.job_key(
+            _args("--prompt", "x --w 16"), gen_img.parse_prompt_lines(_args("--prompt", "x --w 16"))[0], 0, 32
+        )

@@ -14,11 +14,34 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import gen_img
-from library.lora_merge import delta_weight, group_by_module
 from library.png_metadata import read_png_text
 from library.sdxl_models import build_tiny_sdxl_models, save_sdxl_single_file
 
 ALGOS = ("lora", "loha", "lokr")
+
+
+def group_by_module(sd: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in sd.items():
+        name, _, suffix = key.partition(".")
+        out.setdefault(name, {})[suffix] = value.double()
+    return out
+
+
+def delta_weight(t: dict[str, torch.Tensor], shape: torch.Size) -> torch.Tensor:
+    """ΔW of one Linear module from its file tensors, written from the published formulas (fp64)."""
+    if "hada_w1_a" in t:  # LoHa: (W1a·W1b) ⊙ (W2a·W2b) · α/r
+        r = t["hada_w1_b"].shape[0]
+        dw = (t["hada_w1_a"] @ t["hada_w1_b"]) * (t["hada_w2_a"] @ t["hada_w2_b"]) * (t["alpha"] / r)
+    elif "lora_down.weight" in t:  # LoRA: up·down · α/r
+        r = t["lora_down.weight"].shape[0]
+        dw = t["lora_up.weight"] @ t["lora_down.weight"] * (t["alpha"] / r)
+    else:  # LoKr: W1 ⊗ W2, α/r only when a side is low-rank
+        w1 = t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_a"] @ t["lokr_w1_b"]
+        w2 = t["lokr_w2"] if "lokr_w2" in t else t["lokr_w2_a"] @ t["lokr_w2_b"]
+        low = [t[k].shape[0] for k in ("lokr_w1_b", "lokr_w2_b") if k in t]
+        dw = torch.kron(w1, w2) * ((t["alpha"] / low[-1]) if low else 1.0)
+    return dw.reshape(shape)
 
 
 @pytest.fixture(scope="module")
@@ -134,10 +157,8 @@ def test_two_networks_stack_additively(files, base_outputs) -> None:
     worst = 0.0
     for name in g1:
         w0 = base_l[name].weight
-        expect = (
-            w0 + 0.8 * delta_weight(name, g1[name], w0.shape) + 0.5 * delta_weight(name, g2[name], w0.shape)
-        )
-        worst = max(worst, _rel(merged_l[name].weight, expect))
+        expect = w0.double() + 0.8 * delta_weight(g1[name], w0.shape) + 0.5 * delta_weight(g2[name], w0.shape)
+        worst = max(worst, _rel(merged_l[name].weight.double(), expect))
     assert worst < 1e-5
     # the same two networks live (modules, multipliers 0.8/0.5) give the merged outputs
     live_models, nets = _load(files, *both)
@@ -231,3 +252,18 @@ def test_am_with_only_merged_networks_is_an_error(files, capsys) -> None:
         "--network_merge", "--prompt", "x --am 0.5",
     )  # fmt: skip
     assert "no live network" in err
+
+
+def test_bf16_merged_batch_with_fp32_vae_writes_images(files) -> None:
+    out = files["dir"] / "out_bf16"
+    argv = _argv(
+        files, "--prompt", "a dog --d 1,2", "--images_per_prompt", "2", "--batch_size", "2", "--bf16",
+        "--no_half_vae", "--network_module", "networks.lokr", "--network_weights", str(files["lokr"]),
+        "--network_merge", "--outdir", str(out),
+    )  # fmt: skip
+    assert gen_img.main(argv) == 0
+    pngs = sorted(out.glob("*.png"))
+    assert [re.sub(r"\d{14}", "T", p.name) for p in pngs] == ["im_T_000_1.png", "im_T_001_2.png"]
+    a, b = _png(pngs[0]), _png(pngs[1])
+    assert a.shape == (32, 32, 3) and not np.array_equal(a, b)  # different seeds, different images
+    assert json.loads(read_png_text(pngs[1])["networks"])[0]["merged"] is True
