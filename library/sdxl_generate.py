@@ -75,10 +75,13 @@ def generate_sdxl(
     negative_original_size: tuple[int, int] | None = None,
     show_progress: bool = False,
     output_type: str = "pil",
+    emb_normalize_mode: str | None = None,
 ) -> list[Image.Image] | torch.Tensor:
     """One image per prompt; sizes are (h, w) pairs as in sd-scripts (original defaults to the target).
 
-    Returns PIL images (or the final latents with output_type="latent")."""
+    emb_normalize_mode None encodes prompts as plain text (training samples); "original" | "abs" |
+    "none" parse "(text:1.2)" weights as gen_img does. Returns PIL images (or the final latents
+    with output_type="latent")."""
     prompts = list(prompts)
     if not prompts:
         raise ValueError("generate_sdxl needs at least one prompt")
@@ -99,8 +102,10 @@ def generate_sdxl(
     pipe = make_pipeline(models, sampler, v_parameterization)
     pipe.set_progress_bar_config(disable=not show_progress)
     with torch.no_grad():
-        ctx, pooled = encode_prompts(models, prompts, max_token_length, device=device, dtype=dtype)
-        nctx, npooled = encode_prompts(models, negative_prompts, max_token_length, device=device, dtype=dtype)
+        ctx, pooled = encode_prompts(models, prompts, max_token_length, device, dtype, emb_normalize_mode)
+        nctx, npooled = encode_prompts(
+            models, negative_prompts, max_token_length, device, dtype, emb_normalize_mode
+        )
     factor = pipe.vae_scale_factor
     latents, gens = initial_latents(seeds, models.unet.config.in_channels, height, width, factor)
     size = (height, width)

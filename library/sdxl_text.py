@@ -8,6 +8,7 @@ encoded separately and re-joined as BOS + each chunk's 75 middle tokens + the la
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
@@ -85,15 +86,38 @@ def _as_3d(ids: torch.Tensor) -> torch.Tensor:
     return ids
 
 
+EMB_NORMALIZE_MODES = ("original", "abs", "none")
+
+
+def _apply_weights(h: torch.Tensor, weights: torch.Tensor, mode: str) -> torch.Tensor:
+    """Scale hidden states (N, 77, C) per token; "original"/"abs" keep the (abs) mean of each window."""
+    if mode not in EMB_NORMALIZE_MODES:
+        raise ValueError(f"emb_normalize_mode must be one of {', '.join(EMB_NORMALIZE_MODES)}, got {mode!r}")
+    w = weights.to(h.device, h.dtype)[..., None]
+    if mode == "none":
+        return h * w
+    measure = (
+        (lambda t: t.float().abs().mean(dim=(-2, -1)))
+        if mode == "abs"
+        else (lambda t: t.float().mean(dim=(-2, -1)))
+    )
+    before = measure(h)
+    out = h * w
+    return out * (before / measure(out)).to(h.dtype)[:, None, None]
+
+
 def encode_sdxl_text(
     models_or_encoders: Any,
     ids1: torch.Tensor,
     ids2: torch.Tensor,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
+    weights: torch.Tensor | None = None,
+    emb_normalize_mode: str = "none",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(context (B, L, C1+C2), pooled (B, P)), L = 77 or 75n+2. Gradients flow if the encoders
-    need them (TE LoRA training); wrap in torch.no_grad() otherwise."""
+    need them (TE LoRA training); wrap in torch.no_grad() otherwise. `weights` (same shape as the
+    ids, from tokenize_sdxl_weighted) scale both hidden states per token (pooled is unweighted)."""
     if hasattr(models_or_encoders, "text_encoder_1"):
         te1, te2 = models_or_encoders.text_encoder_1, models_or_encoders.text_encoder_2
     else:
@@ -113,6 +137,10 @@ def encode_sdxl_text(
     last = out2.last_hidden_state.reshape(b, n, w, -1)[:, 0]
     eos_pos = (ids2[:, 0].to(dev) == EOS_ID).int().argmax(dim=-1)
     pooled = te2.text_projection(last[torch.arange(b, device=last.device), eos_pos])
+    if weights is not None:
+        flat_w = _as_3d(weights).reshape(b * n, w)
+        h1 = _apply_weights(h1, flat_w, emb_normalize_mode)
+        h2 = _apply_weights(h2, flat_w, emb_normalize_mode)
     h1 = _join_chunks(h1.reshape(b, n, w, -1))
     h2 = _join_chunks(h2.reshape(b, n, w, -1))
     context = torch.cat([h1, h2.to(h1.dtype)], dim=-1)
@@ -127,8 +155,113 @@ def encode_prompts(
     max_token_length: int | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
+    emb_normalize_mode: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokenize + encode in one call (no gradients): (context, pooled)."""
-    ids1, ids2 = tokenize_sdxl(models, prompts, max_token_length)
+    """Tokenize + encode in one call (no gradients): (context, pooled). With emb_normalize_mode
+    ("original" | "abs" | "none") "(text:1.2)" weights are parsed and applied; None = plain text."""
     with torch.no_grad():
-        return encode_sdxl_text(models, ids1, ids2, device=device, dtype=dtype)
+        if emb_normalize_mode is None:
+            ids1, ids2 = tokenize_sdxl(models, prompts, max_token_length)
+            return encode_sdxl_text(models, ids1, ids2, device=device, dtype=dtype)
+        ids1, ids2, w = tokenize_sdxl_weighted(models, prompts, max_token_length)
+        return encode_sdxl_text(
+            models, ids1, ids2, device, dtype, weights=w, emb_normalize_mode=emb_normalize_mode
+        )
+
+
+# ------------------------------------------------------------------ prompt weights "(a:1.2) [b]"
+
+_WEIGHT_CLOSE = re.compile(r":\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*\)")
+ATTN_UP = 1.1
+
+
+def parse_prompt_weights(text: str) -> list[tuple[str, float]]:
+    """Split a prompt into (text, weight) runs: "(x)" ×1.1, "[x]" ÷1.1, "(x:1.3)" ×1.3, nesting
+    multiplies, "\\(" is a literal bracket, an unclosed bracket applies to the rest."""
+    runs: list[list[Any]] = []
+    stack: list[tuple[str, int]] = []
+    buf: list[str] = []
+
+    def flush() -> None:
+        if buf:
+            runs.append(["".join(buf), 1.0])
+            buf.clear()
+
+    def close(start: int, factor: float) -> None:
+        flush()
+        for r in runs[start:]:
+            r[1] *= factor
+
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if ch == "\\" and i + 1 < len(text):
+            buf.append(text[i + 1])
+            i += 2
+            continue
+        if ch in "([":
+            flush()
+            stack.append((ch, len(runs)))
+        elif ch == ":" and stack and stack[-1][0] == "(" and (m := _WEIGHT_CLOSE.match(text, i)):
+            close(stack.pop()[1], float(m[1]))
+            i = m.end()
+            continue
+        elif ch == ")" and stack and stack[-1][0] == "(":
+            close(stack.pop()[1], ATTN_UP)
+        elif ch == "]" and stack and stack[-1][0] == "[":
+            close(stack.pop()[1], 1 / ATTN_UP)
+        else:
+            buf.append(ch)
+        i += 1
+    flush()
+    for kind, start in reversed(stack):
+        close(start, ATTN_UP if kind == "(" else 1 / ATTN_UP)
+    merged: list[tuple[str, float]] = []
+    for t, w in runs:
+        if merged and merged[-1][1] == w:
+            merged[-1] = (merged[-1][0] + t, w)
+        elif t:
+            merged.append((t, w))
+    return merged or [("", 1.0)]
+
+
+def _weighted_ids(tokenizer: Any, caption: str, n: int) -> tuple[list[int], list[float]]:
+    ids: list[int] = []
+    ws: list[float] = []
+    for text, weight in parse_prompt_weights(caption):
+        toks = tokenizer(text, add_special_tokens=False).input_ids
+        ids += toks
+        ws += [weight] * len(toks)
+    ids, ws = ids[: CHUNK * n], ws[: CHUNK * n]
+    pad = CHUNK * n - len(ids)
+    # pad is EOS for TE1 (so the caption's EOS is just the first pad) and "!" for TE2
+    return [BOS_ID] + ids + [EOS_ID] + [tokenizer.pad_token_id] * pad, [1.0] + ws + [1.0] * (pad + 1)
+
+
+def tokenize_sdxl_weighted(
+    tokenizers: Any, captions: list[str] | str, max_token_length: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids1, ids2, weights), each (B, n_chunks, 77), with "(text:1.2)"-style weights parsed out;
+    a caption without brackets gives the same ids as tokenize_sdxl and weights of 1."""
+    if isinstance(captions, str):
+        captions = [captions]
+    t1, t2 = (
+        (tokenizers.tokenizer_1, tokenizers.tokenizer_2) if hasattr(tokenizers, "tokenizer_1") else tokenizers
+    )
+    n = num_chunks(max_token_length)
+    out = []
+    for tok in (t1, t2):
+        rows = [_weighted_ids(tok, c, n) for c in captions]
+        ids = torch.tensor([r[0] for r in rows], dtype=torch.long)
+        ws = torch.tensor([r[1] for r in rows], dtype=torch.float32)
+        out.append((_chunk_ids(ids, n, tok.pad_token_id), _chunk_weights(ws, n)))
+    return out[0][0], out[1][0], out[0][1]
+
+
+def _chunk_weights(ws: torch.Tensor, n: int) -> torch.Tensor:
+    if n == 1:
+        return ws[:, None, :]
+    one = torch.ones((ws.shape[0], 1))
+    return torch.stack(
+        [torch.cat([one, ws[:, 1 + CHUNK * i : 1 + CHUNK * (i + 1)], one], 1) for i in range(n)], 1
+    )

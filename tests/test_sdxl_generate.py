@@ -69,6 +69,15 @@ def test_seed_independent_of_batch_position(tiny: SdxlModels) -> None:
     assert np.abs(_px(batch[0]) - _px(batch[1])).max() > 10
 
 
+def test_prompt_weights_change_the_image(tiny: SdxlModels) -> None:
+    kw = dict(width=32, height=32, steps=2, guidance_scale=5.0, sampler="ddim", seeds=[3])
+    plain = _px(generate_sdxl(tiny, ["a cat"], **kw)[0])
+    same = _px(generate_sdxl(tiny, ["a cat"], emb_normalize_mode="original", **kw)[0])
+    weighted = _px(generate_sdxl(tiny, ["a (cat:1.8)"], emb_normalize_mode="none", **kw)[0])
+    assert np.array_equal(plain, same)
+    assert np.abs(weighted - plain).max() > 0
+
+
 def test_patched_module_forward_is_used(tiny: SdxlModels) -> None:
     """A network applied by patching a Linear's forward (as LoRA modules do) changes the image."""
     kw = dict(width=32, height=32, steps=2, guidance_scale=1.0, sampler="ddim", seeds=[3])

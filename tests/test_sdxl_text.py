@@ -100,3 +100,37 @@ def test_text_encoder_gradients_flow(tiny: SdxlModels) -> None:
     finally:
         w.requires_grad_(False)
         w.grad = None
+
+
+def test_parse_prompt_weights() -> None:
+    from library.sdxl_text import parse_prompt_weights
+
+    got = parse_prompt_weights("a (cat) [dog] (bird:1.5) \\(lit\\)")
+    assert [t for t, _ in got] == ["a ", "cat", " ", "dog", " ", "bird", " (lit)"]
+    assert [round(w, 6) for _, w in got] == [1.0, 1.1, 1.0, round(1 / 1.1, 6), 1.0, 1.5, 1.0]
+    assert parse_prompt_weights("((x))") == [("x", pytest.approx(1.21))]
+    assert parse_prompt_weights("(a [b]:2) c") == [("a ", 2.0), ("b", pytest.approx(2 / 1.1)), (" c", 1.0)]
+    assert parse_prompt_weights("a:b (open") == [("a:b ", 1.0), ("open", pytest.approx(1.1))]
+
+
+def test_weighted_tokens_and_encoding(tiny: SdxlModels) -> None:
+    from library.sdxl_text import tokenize_sdxl_weighted
+
+    plain1, plain2 = tokenize_sdxl(tiny, ["a photo of an astronaut"])
+    w1, w2, w = tokenize_sdxl_weighted(tiny, ["a photo of an astronaut"])
+    assert torch.equal(w1, plain1) and torch.equal(w2, plain2) and (w == 1).all()
+    ids1, ids2, w = tokenize_sdxl_weighted(tiny, ["a photo of (an astronaut:1.5)"])
+    assert torch.equal(ids1, plain1) and torch.equal(ids2, plain2)
+    assert w[0, 0, :7].tolist() == [1.0, 1.0, 1.0, 1.0, 1.5, 1.5, 1.0]
+    with torch.no_grad():
+        base, pooled = encode_sdxl_text(tiny, ids1, ids2)
+        none, pooled_w = encode_sdxl_text(tiny, ids1, ids2, weights=w, emb_normalize_mode="none")
+        orig, _ = encode_sdxl_text(tiny, ids1, ids2, weights=w, emb_normalize_mode="original")
+    torch.testing.assert_close(none, base * w[0, 0][None, :, None])
+    torch.testing.assert_close(pooled_w, pooled)  # pooled is not weighted
+    for sl in (slice(0, 32), slice(32, 64)):  # each encoder's mean is preserved
+        assert orig[0, :, sl].mean().item() == pytest.approx(base[0, :, sl].mean().item(), rel=1e-4)
+    assert not torch.allclose(orig, base)
+    # 150-token windows carry the weights too
+    _, _, w150 = tokenize_sdxl_weighted(tiny, ["(x:2) " + "y " * 80], max_token_length=150)
+    assert w150.shape == (1, 2, 77) and w150[0, 0, 1].item() == 2.0 and w150[0, 1, 1].item() == 1.0
