@@ -6,7 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+from diffusers.loaders.single_file_utils import (
+    convert_ldm_unet_checkpoint,
+    convert_ldm_vae_checkpoint,
+    convert_open_clip_checkpoint,
+)
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -14,6 +18,7 @@ from library.sdxl_models import (
     SdxlModels,
     _read_safetensors,
     build_tiny_sdxl_models,
+    hf_text_state,
     load_sdxl_models,
     load_sdxl_tokenizers,
     load_vae,
@@ -111,6 +116,11 @@ def test_unet_and_vae_maps_agree_with_diffusers_converters(tiny: SdxlModels, tin
     own = tiny.vae.state_dict()
     assert vae.keys() == own.keys()
     assert all(torch.equal(vae[k].reshape(own[k].shape), own[k]) for k in own)
+    te2 = convert_open_clip_checkpoint(tiny.text_encoder_2, sd, prefix="conditioner.embedders.1.model.")
+    te2 = {k: v for k, v in te2.items() if v is not None and not k.endswith("position_ids")}
+    own = hf_text_state(tiny.text_encoder_2)
+    assert te2.keys() == own.keys()
+    assert all(torch.equal(te2[k], own[k]) for k in own)
 
 
 def test_te2_openclip_conversion_is_numerically_right(tiny: SdxlModels, tiny_file: Path) -> None:
