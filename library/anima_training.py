@@ -159,6 +159,33 @@ def flow_matching_loss(
     return loss.mean(dim=(1, 2, 3)) * loss_weights.to(loss)
 
 
+def apply_cached_caption_dropout(
+    rates: list[float],
+    states: torch.Tensor,
+    qmask: torch.Tensor,
+    t5_ids: torch.Tensor,
+    t5_mask: torch.Tensor,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Drop captions of cached samples with their subset's rate: the result equals encoding "".
+
+    Dropped rows get zero Qwen3 states and mask, and T5 ids/mask [1, 0, ...] (just `</s>`).
+    """
+    if not rates or not any(rates):
+        return states, qmask, t5_ids, t5_mask
+    drop = torch.rand(len(rates), generator=generator) < torch.tensor(rates)
+    if not drop.any():
+        return states, qmask, t5_ids, t5_mask
+    d = drop.to(states.device)
+    states = torch.where(d[:, None, None], torch.zeros_like(states), states)
+    qmask = torch.where(d[:, None], torch.zeros_like(qmask), qmask)
+    empty = torch.zeros_like(t5_ids[0])
+    empty[0] = 1
+    t5_ids = torch.where(d[:, None], empty.expand_as(t5_ids), t5_ids)
+    t5_mask = torch.where(d[:, None], empty.expand_as(t5_mask), t5_mask)
+    return states, qmask, t5_ids, t5_mask
+
+
 # ------------------------------------------------------------------------------------------- block swap
 def _move_params(mod: nn.Module, device: torch.device | str) -> None:
     """Re-home every parameter/buffer as a NEW tensor object on `device`.
@@ -208,6 +235,7 @@ class AnimaArchitecture(TrainingArchitecture):
         self.models: Any = None
         self.dataset: Any = None
         self.text_cached = False
+        self.dropout_rates: dict[str, float] = {}
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         add_anima_arguments(parser)
@@ -347,10 +375,19 @@ class AnimaArchitecture(TrainingArchitecture):
         if args.cache_text_encoder_outputs:
             m.text_encoder.to(accelerator.device, weight_dtype)
             settings = f"anima-qwen3:{args.qwen3_max_token_length}:{args.t5_max_token_length}"
+            # caption dropout survives caching: applied per sample on the cached outputs (spec §2)
+            for info in self.dataset.image_infos():
+                if info.subset.caption_dropout_every_n_epochs:
+                    raise ValueError(
+                        "caption_dropout_every_n_epochs cannot be used with --cache_text_encoder_outputs for Anima; "
+                        "use caption_dropout_rate"
+                    )
+                self.dropout_rates[info.key] = float(info.subset.caption_dropout_rate)
             dcache.cache_text_encoder_outputs(
                 self.dataset, lambda caps: self.encode_text_for_cache(args, caps),
                 to_disk=bool(args.cache_text_encoder_outputs_to_disk),
-                batch_size=args.text_encoder_batch_size or 8, suffix=TE_CACHE_SUFFIX, settings=settings, **common,
+                batch_size=args.text_encoder_batch_size or 8, suffix=TE_CACHE_SUFFIX, settings=settings,
+                allow_caption_dropout=True, **common,
             )  # fmt: skip
             self.text_cached = True
             m.text_encoder.to("cpu")  # not needed any more (TE LoRA is impossible with a cache)
@@ -394,6 +431,13 @@ class AnimaArchitecture(TrainingArchitecture):
             states = cached["prompt_embeds"].to(dev, weight_dtype)
             qmask = cached["attn_mask"].to(dev).long()
             t5_ids, t5_mask = cached["t5_input_ids"].to(dev).long(), cached["t5_attn_mask"].to(dev).long()
+            states, qmask, t5_ids, t5_mask = apply_cached_caption_dropout(
+                [self.dropout_rates.get(k, 0.0) for k in batch.get("image_keys", [])],
+                states,
+                qmask,
+                t5_ids,
+                t5_mask,
+            )
         else:
             toks = self._tokens(args, batch["captions"])
             states = self._qwen3_states(toks.qwen_ids, toks.qwen_mask, grad=grad_te).to(dev, weight_dtype)

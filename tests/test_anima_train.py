@@ -254,3 +254,40 @@ def test_bad_input(setup, tmp_path):
     missing[missing.index("--qwen3") + 1] = str(tmp_path / "nope")
     with pytest.raises(FileNotFoundError, match="Qwen3 text encoder not found"):
         trainer.main(missing)
+
+
+def test_cached_caption_dropout_equals_empty_caption(setup):
+    arch = at.AnimaArchitecture()
+    models = build_tiny_anima_models(setup["tok"], seed=0)
+    arch.models = models
+    args = argparse.Namespace(qwen3_max_token_length=TOKENS, t5_max_token_length=TOKENS)
+    full = arch.encode_text_for_cache(args, CAPTIONS)
+    empty = arch.encode_text_for_cache(args, ["", ""])
+    keys = ("prompt_embeds", "attn_mask", "t5_input_ids", "t5_attn_mask")
+    got = at.apply_cached_caption_dropout([1.0, 0.0], *(full[k] for k in keys))
+    for k, t in zip(keys, got):
+        assert torch.equal(t[0], empty[k][0].to(t.dtype)), k  # dropped row == encoding ""
+        assert torch.equal(t[1], full[k][1].to(t.dtype)), k  # kept row unchanged
+    assert empty["t5_input_ids"][0, :2].tolist() == [1, 0] and empty["attn_mask"].sum() == 0
+    # rate 0.5 drops about half of many samples
+    n = 400
+    g = torch.Generator().manual_seed(0)
+    rows = at.apply_cached_caption_dropout([0.5] * n, torch.ones(n, 2, 3), torch.ones(n, 2), torch.ones(n, 4),
+                                           torch.ones(n, 4), generator=g)  # fmt: skip
+    assert 150 < int((rows[1].sum(1) == 0).sum()) < 250
+
+
+def test_block_swap_keeps_outputs(setup):
+    from library.anima_models import Anima, tiny_anima_config
+
+    cfg = tiny_anima_config()
+    cfg.num_blocks = 4
+    torch.manual_seed(0)
+    dit = Anima(cfg)
+    x, t, c = torch.randn(1, 16, 1, 8, 8), torch.tensor([0.5]), torch.randn(1, 8, 32)
+    want = dit(x, t, c)
+    handles = at.enable_block_swap(dit, 2, "cpu")
+    assert len(handles) == 4
+    assert torch.equal(dit(x, t, c), want)
+    with pytest.raises(ValueError, match="between 1 and 2"):
+        at.enable_block_swap(dit, 3, "cpu")
