@@ -10,6 +10,7 @@ metadata when they differ (only the tiny model does that).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -37,6 +38,7 @@ from library.sdxl_keymap import (
     vae_state_to_ldm,
 )
 
+logger = logging.getLogger(__name__)
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHARED_CLIP_TOKENIZER = PROJECT_ROOT.parent / "shared" / "data" / "tokenizers" / "clip"
 HUB_TOKENIZER_1 = "openai/clip-vit-large-patch14"
@@ -76,29 +78,40 @@ def _fix_tokenizer_2(tok: Any) -> Any:
     return tok
 
 
+def _tokenizer_folders(d: Path) -> tuple[Path, Path] | None:
+    """(tokenizer 1, tokenizer 2) folders inside d: a CLIP tokenizer folder itself, a diffusers
+    folder (tokenizer/, tokenizer_2/), or an sd-scripts --tokenizer_cache_dir (<org>_<name>/)."""
+    if (d / "vocab.json").is_file() or (d / "tokenizer.json").is_file():
+        return d, d
+    if (d / "tokenizer").is_dir():
+        return d / "tokenizer", d / "tokenizer_2" if (d / "tokenizer_2").is_dir() else d / "tokenizer"
+    c1, c2 = d / HUB_TOKENIZER_1.replace("/", "_"), d / HUB_TOKENIZER_2.replace("/", "_")
+    if c1.is_dir():
+        return c1, c2 if c2.is_dir() else c1
+    return None
+
+
 def load_sdxl_tokenizers(tokenizer_dir: str | Path | None = None) -> tuple[Any, Any]:
-    """Both SDXL tokenizers: from a local CLIP folder (or one with tokenizer/ and tokenizer_2/), the
-    shared bundled CLIP tokenizer, or the Hugging Face cache (never the network)."""
+    """Both SDXL tokenizers: from a local folder (see _tokenizer_folders), else the bundled
+    ../shared CLIP tokenizer, else the Hugging Face cache (never the network). A given folder
+    without tokenizers (an empty sd-scripts cache dir) falls back to the defaults with a warning."""
     if tokenizer_dir is not None:
         d = Path(tokenizer_dir)
-        if not d.is_dir():
-            raise FileNotFoundError(f"tokenizer folder {d} does not exist (expected a CLIP tokenizer folder)")
-        if (d / "tokenizer").is_dir():
-            d1, d2 = d / "tokenizer", d / "tokenizer_2" if (d / "tokenizer_2").is_dir() else d / "tokenizer"
-        else:
-            d1 = d2 = d
-        return CLIPTokenizer.from_pretrained(str(d1)), _fix_tokenizer_2(
-            CLIPTokenizer.from_pretrained(str(d2))
-        )
+        found = _tokenizer_folders(d) if d.is_dir() else None
+        if found is not None:
+            t1 = CLIPTokenizer.from_pretrained(str(found[0]))
+            return t1, _fix_tokenizer_2(CLIPTokenizer.from_pretrained(str(found[1])))
+        logger.warning("no CLIP tokenizer in %s; using the bundled/cached SDXL tokenizers", d)
     if SHARED_CLIP_TOKENIZER.is_dir():
         return load_sdxl_tokenizers(SHARED_CLIP_TOKENIZER)
     try:
         t1 = CLIPTokenizer.from_pretrained(HUB_TOKENIZER_1, local_files_only=True)
         t2 = CLIPTokenizer.from_pretrained(HUB_TOKENIZER_2, local_files_only=True)
     except OSError as e:
+        where = f"{tokenizer_dir} has no CLIP tokenizer, " if tokenizer_dir is not None else ""
         raise FileNotFoundError(
-            f"no tokenizer folder given, {SHARED_CLIP_TOKENIZER} missing, and {HUB_TOKENIZER_1} / "
-            f"{HUB_TOKENIZER_2} are not in the local Hugging Face cache; pass --tokenizer_cache_dir"
+            f"{where}{SHARED_CLIP_TOKENIZER} is missing, and {HUB_TOKENIZER_1} / {HUB_TOKENIZER_2} are not "
+            "in the local Hugging Face cache; pass a folder holding a CLIP tokenizer (vocab.json, merges.txt)"
         ) from e
     return t1, _fix_tokenizer_2(t2)
 

@@ -227,14 +227,20 @@ def _arch_meta(path: Path) -> str:
         return f.metadata()["sdxl_arch"]
 
 
-def test_tokenizers_from_shared_folder(clip_tokenizer_dir: Path) -> None:
+def test_tokenizers_from_shared_folder(clip_tokenizer_dir: Path, tmp_path: Path) -> None:
     t1, t2 = load_sdxl_tokenizers(clip_tokenizer_dir)
     ids1 = t1("a photo of an astronaut", padding="max_length", max_length=77).input_ids
     ids2 = t2("a photo of an astronaut", padding="max_length", max_length=77).input_ids
     assert ids1[:8] == [49406, 320, 1125, 539, 550, 18376, 49407, 49407]
     assert ids2[:8] == [49406, 320, 1125, 539, 550, 18376, 49407, 0]
-    with pytest.raises(FileNotFoundError, match="tokenizer folder"):
-        load_sdxl_tokenizers(clip_tokenizer_dir / "nope")
+    # an sd-scripts --tokenizer_cache_dir layout, and an empty cache dir (falls back to the bundled one)
+    cache = tmp_path / "cache"
+    t1.save_pretrained(cache / "openai_clip-vit-large-patch14")
+    c1, c2 = load_sdxl_tokenizers(cache)
+    assert c1("a cat").input_ids == t1("a cat").input_ids and c2.pad_token_id == 0
+    for empty in (tmp_path / "nope", tmp_path):
+        e1, e2 = load_sdxl_tokenizers(empty)
+        assert e1.get_vocab() == t1.get_vocab() and e2.pad_token_id == 0
 
 
 def test_real_size_layout_on_meta_device() -> None:
