@@ -138,6 +138,8 @@ def make_accelerator(args: argparse.Namespace) -> Accelerator:
 
         kwargs_handlers.append(InitProcessGroupKwargs(timeout=datetime.timedelta(minutes=args.ddp_timeout)))
     return Accelerator(
+        # without a GPU, accelerate only builds a (gloo) process group when told it runs on CPU
+        cpu=not torch.cuda.is_available(),
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=log_with,
@@ -204,6 +206,8 @@ def _train(args: argparse.Namespace, arch: TrainingArchitecture) -> TrainResult 
     network_module = import_network_module(args.network_module)
 
     accelerator = make_accelerator(args)
+    logger.info("accelerate: %d process(es), %s, device %s, mixed precision %s", accelerator.num_processes,
+                accelerator.distributed_type, accelerator.device, accelerator.mixed_precision)  # fmt: skip
     weight_dtype, save_dtype = dtypes(args)
     data = arch.build_dataset(args)
     if len(data.dataset) == 0:

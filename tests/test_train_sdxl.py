@@ -297,3 +297,49 @@ def test_bad_inputs_fail_clearly_without_output(tiny, tmp_path):
     with pytest.raises(SystemExit):
         sdxl_train_network.main(_argv(tiny, out, *lora, "--learning_rat3", "1"))
     assert _no_output(out)
+
+
+RANK_SCRIPT = """
+import os, sys
+sys.path.insert(0, {root!r})
+from safetensors.torch import save_file
+from library.sdxl_training import SdxlArchitecture
+from library.train_args import parse_args
+from library.train_loop import train
+from sdxl_train_network import setup_parser
+
+args = parse_args(setup_parser(), sys.argv[1:])
+res = train(args, SdxlArchitecture())
+sd = {{k: v.detach().contiguous().cpu() for k, v in res.network.state_dict().items()}}
+save_file(sd, os.path.join(args.output_dir, "rank%s.safetensors" % os.environ["RANK"]))
+"""
+
+
+def test_ddp_two_cpu_processes_keep_identical_weights(tiny, tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    root = Path(sdxl_train_network.__file__).resolve().parent
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT.format(root=str(root)))
+    # batch size 1: each rank trains on different images, so equal weights need the gradient all-reduce
+    toml_path = tmp_path / "bs1.toml"
+    toml_path.write_text(tiny["toml"].read_text().replace(f"batch_size = {N_IMAGES}", "batch_size = 1"))
+    argv = _argv(tiny, tmp_path / "out", "--network_module", "networks.lora", "--learning_rate", "1e-2",
+                 "--max_train_steps", "2")  # fmt: skip
+    argv[argv.index("--dataset_config") + 1] = str(toml_path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port), str(script), *argv]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    w0 = load_file(str(tmp_path / "out" / "rank0.safetensors"))
+    w1 = load_file(str(tmp_path / "out" / "rank1.safetensors"))
+    assert set(w0) == set(w1)
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+    ups = [k for k in w0 if k.endswith("lora_up.weight")]
+    assert any(w0[k].abs().sum() > 0 for k in ups)  # the network did train
+    assert (tmp_path / "out" / "net.safetensors").is_file()
