@@ -23,7 +23,6 @@ def files(tmp_path_factory, tokenizers_dir) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("anima")
     models = build_tiny_anima_models(tokenizers_dir, seed=0)
     paths = save_tiny_anima_files(models, out)
-    paths["qwen3_tokenizer"] = tokenizers_dir / "qwen3_06b"
     for algo in ("lora", "loha", "lokr"):
         sd = make_lora_sd(models.dit, models.text_encoder, algo, seed={"lora": 1, "loha": 2, "lokr": 3}[algo])
         save_file(sd, str(out / f"{algo}.safetensors"))
@@ -83,7 +82,7 @@ def _argv(files: dict[str, Path], out: Path, *extra: str) -> list[str]:
     return [
         "--dit", str(files["dit"]), "--vae", str(files["vae"]), "--text_encoder", str(files["text_encoder"]),
         "--t5_tokenizer_path", str(files["t5_tokenizer"]),
-        "--qwen3_tokenizer_path", str(files["qwen3_tokenizer"]), "--prompt", "a red cat", "--negative_prompt", "blurry",
+        "--prompt", "a red cat", "--negative_prompt", "blurry",
         "--image_size", "64", "64", "--infer_steps", "2", "--guidance_scale", "4.0", "--flow_shift", "3.0",
         "--seed", "7", "--save_path", str(out), "--dtype", "fp32", "--max_token_length", "32",
         "--output_type", "latent_images", *extra,
@@ -251,3 +250,19 @@ def test_merge_equals_live_network_forward(files, tmp_path, algo):
         )
     assert (want - base).abs().max() > 1e-2  # the network really changes the output
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_single_file_text_encoder_and_diffusers_vae_give_same_image(files, tmp_path, tokenizers_dir):
+    """TE LoRA merges into a single-file Qwen3 as into the folder; diffusers-named VAE == Wan-named VAE."""
+    lora = ["--lora_weight", str(files["lora"])]
+    a = _latent(inf.main(_argv(files, tmp_path / "a", *lora)))
+    argv = _argv(files, tmp_path / "b", *lora, "--qwen3_tokenizer_path", str(tokenizers_dir / "qwen3_06b"))
+    argv[argv.index("--text_encoder") + 1] = str(files["text_encoder_file"])
+    argv[argv.index("--vae") + 1] = str(files["vae_diffusers"])
+    b = inf.main(argv)
+    assert torch.equal(_latent(b), a)
+    te_only = {k: v for k, v in load_file(str(files["lora"])).items() if k.startswith("lora_te_")}
+    save_file(te_only, str(tmp_path / "te.safetensors"))
+    c = _latent(inf.main(_argv(files, tmp_path / "c", "--lora_weight", str(tmp_path / "te.safetensors"))))
+    base = _latent(inf.main(_argv(files, tmp_path / "d")))
+    assert not torch.equal(c, base)  # a text-encoder-only LoRA changes the image

@@ -54,7 +54,7 @@ def _argv(s: dict, out: Path, module: str, *extra: str) -> list[str]:
     f = s["files"]
     return [
         "--pretrained_model_name_or_path", str(f["dit"]), "--qwen3", str(f["text_encoder"]),
-        "--qwen3_tokenizer_path", str(s["tok"] / "qwen3_06b"), "--t5_tokenizer_path", str(f["t5_tokenizer"]),
+        "--t5_tokenizer_path", str(f["t5_tokenizer"]),
         "--vae", str(f["vae"]), "--dataset_config", str(s["toml"]), "--network_module", module,
         "--network_dim", "4", "--network_alpha", "2", "--learning_rate", "1e-2", "--optimizer_type", "AdamW",
         "--max_train_steps", "5", "--output_dir", str(out), "--output_name", "net", "--mixed_precision", "no",
