@@ -495,7 +495,8 @@ def run_batch(
         elif args.sequential_file_name:
             name = sequential_name(counter[0])
         else:
-            name = timestamped_name(ts, i, job.seed)
+            # same second, index and seed (e.g. --d 5 for several images) must not overwrite: add _1, _2
+            name = first_available_name(outdir, timestamped_name(ts, i, job.seed))
         text = image_text_metadata(
             prompt=job.prompt,
             seed=job.seed,

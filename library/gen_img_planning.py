@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import random
+import re
 from dataclasses import dataclass
 
 from library.prompt_options import (
@@ -62,6 +63,7 @@ class ImageJob:
     filename: str | None
 
 
+_DYNAMIC_PROMPT = re.compile(r"\{[^{}]*\|[^{}]*\}")
 _WARNED_SIZES: set[tuple[str, int]] = set()
 
 
@@ -121,6 +123,10 @@ def parse_prompt_lines(args: argparse.Namespace) -> list[PromptOptions]:
         raise ValueError(f"no prompt found in {args.from_file or '--prompt'}")
     parsed = [parse_prompt_line(line) for line in lines]
     for o in parsed:
+        if _DYNAMIC_PROMPT.search(o.prompt):
+            logger.warning(
+                "dynamic prompts ({a|b}) are not implemented: the braces stay in the prompt (%r)", o.prompt
+            )
         if o.unsupported:
             logger.warning(
                 "prompt options not implemented, ignored: %s (in %r)", sorted(o.unsupported), o.raw

@@ -165,11 +165,15 @@ def test_two_networks_stack_additively(files, base_outputs) -> None:
         expect = w0.double() + 0.8 * delta_weight(g1[name], w0.shape) + 0.5 * delta_weight(g2[name], w0.shape)
         worst = max(worst, _rel(merged_l[name].weight.double(), expect))
     assert checked == 245 and worst < 1e-5  # 228 attention/MLP + 17 resnet time-embedding Linear
-    # the same two networks live (modules, multipliers 0.8/0.5) give the merged outputs
+    # the same two networks live (modules, multipliers 0.8/0.5), or only the first merged, give the
+    # merged outputs
     live_models, nets = _load(files, *both)
-    live, merged = _outputs(live_models), _outputs(merged_models)
+    half_models, half_nets = _load(files, *both, "--network_merge_n_models", "1")
+    assert [n.merged for n in half_nets] == [True, False]
+    live, half, merged = _outputs(live_models), _outputs(half_models), _outputs(merged_models)
     for part in ("unet", "te1", "te2"):
         assert _rel(live[part], merged[part]) < 1e-4
+        assert _rel(half[part], merged[part]) < 1e-4
         assert _rel(live[part], base_outputs[part]) > 1e-2
 
 
