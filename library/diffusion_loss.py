@@ -81,10 +81,11 @@ def sample_noise(
     if noise_offset:
         offset = noise_offset * _rand(generator) if noise_offset_random_strength else noise_offset
         if adaptive_noise_scale:
-            # per-sample/channel offset grows with the latent's mean brightness
+            # per-sample/channel offset grows with the latent's mean brightness (never below 0)
             offset = offset + adaptive_noise_scale * latents.mean(dim=(2, 3), keepdim=True).abs()
+            offset = offset.clamp(min=0.0)
         noise = noise + offset * _randn((latents.shape[0], latents.shape[1], 1, 1), latents, generator)
-    elif multires_noise_iterations:
+    if multires_noise_iterations:  # applied on top of offset noise when both are set
         noise = pyramid_noise_like(noise, multires_noise_iterations, multires_noise_discount, generator)
     return noise
 
@@ -92,9 +93,14 @@ def sample_noise(
 def sample_timesteps(
     batch_size: int, min_timestep: int = 0, max_timestep: int = 1000, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """Uniform integer timesteps in [min, max), drawn on the CPU (device-independent RNG stream)."""
-    if not 0 <= min_timestep < max_timestep <= 1000:
-        raise ValueError(f"need 0 <= min_timestep < max_timestep <= 1000, got {min_timestep}, {max_timestep}")
+    """Uniform integer timesteps in [min, max), drawn on the CPU (device-independent RNG stream);
+    min == max gives that timestep for every sample."""
+    if not 0 <= min_timestep <= max_timestep <= 1000:
+        raise ValueError(
+            f"need 0 <= min_timestep <= max_timestep <= 1000, got {min_timestep}, {max_timestep}"
+        )
+    if min_timestep == max_timestep:
+        return torch.full((batch_size,), max_timestep, dtype=torch.long)
     return torch.randint(min_timestep, max_timestep, (batch_size,), generator=generator, device="cpu").long()
 
 
@@ -134,7 +140,8 @@ def huber_c_for(
     else:
         ac = scheduler.alphas_cumprod.double()[timesteps.cpu().long()]
         sigma = ((1.0 - ac) / ac).sqrt()
-        c = (1.0 - huber_c) / (1.0 + sigma) ** 2 + huber_c
+        # sd-scripts applies huber_scale to the constant and exponential schedules only
+        return ((1.0 - huber_c) / (1.0 + sigma) ** 2 + huber_c).float().to(timesteps.device)
     return (c * huber_scale).float().to(timesteps.device)
 
 

@@ -108,6 +108,9 @@ def test_v_target_and_losses() -> None:
     snr_c = huber_c_for(s, t, "huber", "snr", 0.1)
     sig = math.sqrt((1 - AC[999]) / AC[999])
     assert snr_c[1].item() == pytest.approx(0.9 / (1 + sig) ** 2 + 0.1, rel=1e-5)
+    # huber_scale scales the constant/exponential schedules, not the snr one (as sd-scripts)
+    assert huber_c_for(s, t, "huber", "constant", 0.1, 2.0).tolist() == pytest.approx([0.2, 0.2])
+    assert torch.equal(huber_c_for(s, t, "huber", "snr", 0.1, 2.0), snr_c)
 
 
 def test_noise_offset_statistics() -> None:
@@ -125,6 +128,11 @@ def test_noise_offset_statistics() -> None:
     assert ada.mean(dim=(2, 3)).std().item() == pytest.approx(math.sqrt(0.2**2 + 1 / 1024), rel=0.1)
     multi = sample_noise(lat[:8], multires_noise_iterations=4, generator=g)
     assert multi.std().item() == pytest.approx(1.0, rel=1e-4)
+    both = sample_noise(lat[:8], noise_offset=0.1, multires_noise_iterations=4, generator=g)
+    assert both.std().item() == pytest.approx(1.0, rel=1e-4)  # pyramid renormalises after the offset
+    # a negative adaptive scale cannot push the offset below zero
+    neg = sample_noise(bright, noise_offset=0.1, adaptive_noise_scale=-1.0, generator=g)
+    assert neg.mean(dim=(2, 3)).std().item() == pytest.approx(1 / 32, rel=0.1)
 
 
 def test_timesteps_and_time_ids() -> None:
@@ -134,6 +142,7 @@ def test_timesteps_and_time_ids() -> None:
     assert t.min().item() == 100 and t.max().item() == 199
     with pytest.raises(ValueError, match="min_timestep"):
         sample_timesteps(1, 500, 400)
+    assert sample_timesteps(3, 700, 700).tolist() == [700, 700, 700]
     ids = sdxl_time_ids([(768, 1024), (512, 512)], (0, 32), (1024, 1024))
     assert ids.tolist() == [[768, 1024, 0, 32, 1024, 1024], [512, 512, 0, 32, 1024, 1024]]
 
