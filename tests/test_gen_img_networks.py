@@ -221,6 +221,17 @@ def test_images_multiplier_zero_is_pixel_identical_and_png_metadata(files, capsy
         {"module": "networks.loha", "weights": "loha.safetensors", "multiplier": 1.0, "merged": False}
     ]
     assert "networks" not in read_png_text(base_png)
+    # the same network merged into the weights gives the live image (multiplier 1) within rounding
+    merged_out = out / "merged"
+    merged_net = (*net[:-1], "1.0", "--network_merge")
+    assert (
+        gen_img.main(
+            _argv(files, "--prompt", "a cat --n dog --d 5", "--outdir", str(merged_out), *merged_net)
+        )
+        == 0
+    )
+    (merged_png,) = merged_out.glob("*.png")
+    assert np.abs(_png(merged_png) - img1).max() <= 1
 
 
 def _expect_error(files, capsys, *extra: str) -> str:
