@@ -90,7 +90,7 @@ EMB_NORMALIZE_MODES = ("original", "abs", "none")
 
 
 def _apply_weights(h: torch.Tensor, weights: torch.Tensor, mode: str) -> torch.Tensor:
-    """Scale hidden states (N, 77, C) per token; "original"/"abs" keep the (abs) mean of each window."""
+    """Scale hidden states (B, L, C) per token; "original"/"abs" keep each prompt's (abs) mean."""
     if mode not in EMB_NORMALIZE_MODES:
         raise ValueError(f"emb_normalize_mode must be one of {', '.join(EMB_NORMALIZE_MODES)}, got {mode!r}")
     w = weights.to(h.device, h.dtype)[..., None]
@@ -137,12 +137,12 @@ def encode_sdxl_text(
     last = out2.last_hidden_state.reshape(b, n, w, -1)[:, 0]
     eos_pos = (ids2[:, 0].to(dev) == EOS_ID).int().argmax(dim=-1)
     pooled = te2.text_projection(last[torch.arange(b, device=last.device), eos_pos])
-    if weights is not None:
-        flat_w = _as_3d(weights).reshape(b * n, w)
-        h1 = _apply_weights(h1, flat_w, emb_normalize_mode)
-        h2 = _apply_weights(h2, flat_w, emb_normalize_mode)
     h1 = _join_chunks(h1.reshape(b, n, w, -1))
     h2 = _join_chunks(h2.reshape(b, n, w, -1))
+    if weights is not None:  # on the joined sequence, so "original" keeps the whole prompt's mean
+        joined_w = _join_chunks(_as_3d(weights).reshape(b, n, w, 1))[..., 0]
+        h1 = _apply_weights(h1, joined_w, emb_normalize_mode)
+        h2 = _apply_weights(h2, joined_w, emb_normalize_mode)
     context = torch.cat([h1, h2.to(h1.dtype)], dim=-1)
     if dtype is not None:
         context, pooled = context.to(dtype), pooled.to(dtype)

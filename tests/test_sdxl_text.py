@@ -132,5 +132,11 @@ def test_weighted_tokens_and_encoding(tiny: SdxlModels) -> None:
         assert orig[0, :, sl].mean().item() == pytest.approx(base[0, :, sl].mean().item(), rel=1e-4)
     assert not torch.allclose(orig, base)
     # 150-token windows carry the weights too
-    _, _, w150 = tokenize_sdxl_weighted(tiny, ["(x:2) " + "y " * 80], max_token_length=150)
+    i1, i2, w150 = tokenize_sdxl_weighted(tiny, ["(x:2) " + "y " * 80], max_token_length=150)
     assert w150.shape == (1, 2, 77) and w150[0, 0, 1].item() == 2.0 and w150[0, 1, 1].item() == 1.0
+    with torch.no_grad():
+        plain, _ = encode_sdxl_text(tiny, i1, i2)
+        weighted, _ = encode_sdxl_text(tiny, i1, i2, weights=w150, emb_normalize_mode="none")
+    assert weighted.shape == (1, 152, 64)
+    torch.testing.assert_close(weighted[0, 1], plain[0, 1] * 2)
+    torch.testing.assert_close(weighted[0, 2:], plain[0, 2:])
