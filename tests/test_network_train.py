@@ -1,0 +1,236 @@
+"""Training-time behaviour: deterministic dropout (spec §3.5), max-norm regularisation (§1.5),
+strict loading errors, merge helpers for inference (§4.2)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_network_util import build_tiny_sdxl, one_thread, randomize, run_unet, unet_inputs  # noqa: F401
+from torch.utils.checkpoint import checkpoint
+
+from networks import loha, lokr, lora
+from networks.network_io import detect_algorithm
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_tiny_sdxl()
+
+
+def _leaf_net(model, module=loha, **kw):
+    m = model.clone()
+    net = module.create_network(1.0, 4, 2, None, None, m.unet, **kw)
+    randomize(net)
+    return m, net
+
+
+def test_dropout_same_on_recompute_and_ranks_and_differs_per_step(model) -> None:
+    kw = {"rank_dropout": "0.5", "module_dropout": "0.3", "dropout": "0.2"}
+    m1, a = _leaf_net(model, **kw)
+    m2, b = _leaf_net(model, **kw)  # a second "rank": same seed, same step counter
+    for net in (a, b):
+        net.set_dropout_seed(1234)
+        net.train()
+    x = torch.randn(3, 5, 64)
+    outs = []
+    for _step in range(6):
+        a.on_step_start()
+        b.on_step_start()
+        sub_a = a.unet_loras[3]
+        ya = sub_a.delta_output(x)
+        torch.rand(10)  # global RNG use in between must not matter
+        ya2 = sub_a.delta_output(x)  # recompute (gradient checkpointing) → same draws
+        yb = b.unet_loras[3].delta_output(x)
+        assert (ya is None) == (ya2 is None) == (yb is None)
+        if ya is not None:
+            assert torch.equal(ya, ya2) and torch.equal(ya, yb)
+        outs.append(ya)
+    kept = [o for o in outs if o is not None]
+    assert len(kept) >= 2 and not torch.equal(kept[0], kept[1])  # new masks each step
+
+
+def test_dropout_grads_match_under_checkpoint_without_rng_restore(model) -> None:
+    m, net = _leaf_net(model, rank_dropout="0.5", dropout="0.3")
+    net.train()
+    net.on_step_start()
+    sub = net.unet_loras[5]
+    x = torch.randn(2, 4, sub.in_dim)
+
+    def f(inp):
+        return sub(inp).square().sum()
+
+    loss = f(x)
+    plain = torch.autograd.grad(loss, list(sub.parameters()))
+    loss_ck = checkpoint(f, x, use_reentrant=False, preserve_rng_state=False)
+    ck = torch.autograd.grad(loss_ck, list(sub.parameters()))
+    assert all(torch.equal(p, q) for p, q in zip(plain, ck))
+
+
+def test_rank_dropout_keeps_the_mean_and_is_off_in_eval(model) -> None:
+    m, net = _leaf_net(model, rank_dropout="0.5")
+    sub = net.unet_loras[2]
+    x = torch.randn(4, sub.in_dim, dtype=torch.float32)
+    net.eval()
+    with torch.no_grad():
+        ref = sub.delta_output(x)
+        net.train()
+        acc = torch.zeros_like(ref)
+        n = 400
+        for _ in range(n):
+            net.on_step_start()
+            acc += sub.delta_output(x)
+    assert float((acc / n - ref).norm() / ref.norm()) < 0.1
+    net.eval()
+    with torch.no_grad():
+        assert torch.equal(sub.delta_output(x), ref)
+
+
+def test_module_dropout_rate(model) -> None:
+    m, net = _leaf_net(model, module_dropout="0.25")
+    net.train()
+    sub = net.unet_loras[0]
+    x = torch.randn(1, sub.in_dim)
+    dropped = 0
+    for _ in range(400):
+        net.on_step_start()
+        dropped += sub.delta_output(x) is None
+    assert 0.18 < dropped / 400 < 0.32
+
+
+@pytest.mark.parametrize(
+    "module,kw", [(loha, {}), (lokr, {"factor": "4"}), (lokr, {"use_scalar": "true"}), (lora, {})]
+)
+def test_max_norm_regularization(model, module, kw) -> None:
+    m, net = _leaf_net(model, module, **kw)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(4.0)
+    before = [float(s.delta_weight_scaled(s.total_scale(1.0)).detach().norm()) for s in net.unet_loras]
+    for s, n in zip(net.unet_loras, before):  # LoKr norm = ‖W1‖·‖W2‖·s without the Kronecker product
+        assert float(s.norm_for_max()) == pytest.approx(n, rel=1e-5)
+    max_norm = sorted(before)[len(before) // 2]
+    keys_scaled, mean_norm, max_seen = net.apply_max_norm_regularization(max_norm, "cpu")
+    after = [float(s.delta_weight_scaled(s.total_scale(1.0)).detach().norm()) for s in net.unet_loras]
+    assert keys_scaled == sum(1 for n in before if n > max_norm)
+    assert all(a <= max_norm * (1 + 1e-5) for a in after)
+    assert all(a == pytest.approx(b, rel=1e-6) for a, b in zip(after, before) if b <= max_norm)
+    reported = [max(a, max_norm / 2) for a in after]  # n is clamped at max/2 before the ratio (spec §1.5)
+    assert mean_norm == pytest.approx(sum(reported) / len(reported), rel=1e-5)
+    assert max_seen == pytest.approx(max(reported), rel=1e-5)
+
+
+def _saved(tmp_path, model, module=loha, **kw):
+    m, net = _leaf_net(model, module, **kw)
+    path = tmp_path / f"{module.__name__}.safetensors"
+    net.save_weights(str(path), None, None)
+    return net, path
+
+
+def test_load_weights_errors_name_the_key(tmp_path, model) -> None:
+    net, path = _saved(tmp_path, model)
+    sd = net.file_state_dict()
+    name = net.unet_loras[0].lora_name
+    missing = dict(sd)
+    del missing[f"{name}.hada_w2_b"]
+    with pytest.raises(KeyError, match=f"{name}.hada_w2_b: missing"):
+        net.load_weights(missing)
+    extra = dict(sd)
+    extra[f"{name}.hada_t1"] = torch.zeros(1)
+    with pytest.raises(KeyError, match=f"{name}.hada_t1: unexpected key"):
+        net.load_weights(extra)
+    stranger = dict(sd)
+    stranger["lora_unet_nowhere.alpha"] = torch.tensor(1.0)
+    with pytest.raises(KeyError, match="lora_unet_nowhere.alpha: unexpected key"):
+        net.load_weights(stranger)
+    shaped = dict(sd)
+    shaped[f"{name}.hada_w1_a"] = torch.zeros(3, 3)
+    with pytest.raises(ValueError, match=f"{name}.hada_w1_a: shape \\(3, 3\\)"):
+        net.load_weights(shaped)
+    net.load_weights(str(path))  # the real file loads
+
+
+def test_from_weights_errors_name_the_key(tmp_path, model) -> None:
+    net, path = _saved(tmp_path, model)
+    sd = net.file_state_dict()
+    name = net.unet_loras[0].lora_name
+    with pytest.raises(KeyError, match="lora_unet_nowhere.alpha: no layer named"):
+        loha.create_network_from_weights(
+            1.0, None, None, None, model.unet, weights_sd={**sd, "lora_unet_nowhere.alpha": torch.tensor(1.0)}
+        )
+    with pytest.raises(KeyError, match=f"{name}.oft_blocks: unsupported network key"):
+        detect_algorithm(name, {"oft_blocks": 1, "alpha": 1})
+    bad = {k: v for k, v in sd.items() if not k.startswith(name + ".")}
+    bad[f"{name}.hada_w1_a"] = sd[f"{name}.hada_w1_a"]
+    bad[f"{name}.alpha"] = sd[f"{name}.alpha"]
+    with pytest.raises(KeyError, match=f"{name}.hada_w1_b: missing"):
+        loha.create_network_from_weights(1.0, None, None, None, model.unet, weights_sd=bad)
+    wrong = dict(sd)
+    wrong[f"{name}.hada_w1_b"] = torch.zeros(4, 7)
+    with pytest.raises(ValueError, match=f"{name}.hada_w1_b: shape \\(4, 7\\)"):
+        loha.create_network_from_weights(1.0, None, None, None, model.unet, weights_sd=wrong)
+
+
+def test_cross_algorithm_files_and_factor_from_shapes(tmp_path, model) -> None:
+    # networks.loha loads LoKr/LoRA files; LoKr factor/rank/α come from the shapes, never from kwargs
+    net, path = _saved(tmp_path, model, lokr, factor="8")
+    other, _ = loha.create_network_from_weights(1.0, str(path), None, None, model.unet)
+    assert {type(s).__name__ for s in other.unet_loras} == {"LoKrModule"}
+    mine = {s.lora_name: s for s in net.unet_loras}
+    assert {s.lora_name: s.lokr_layout for s in other.unet_loras} == {
+        k: s.lokr_layout for k, s in mine.items()
+    }
+    other.load_weights(str(path))
+    for a in other.unet_loras:
+        b = mine[a.lora_name]
+        assert torch.equal(
+            a.delta_weight_scaled(a.total_scale(1.0)), b.delta_weight_scaled(b.total_scale(1.0))
+        )
+
+
+def test_alpha_missing_or_zero(model) -> None:
+    m, net = _leaf_net(model, lora)
+    sd = net.file_state_dict()
+    name = net.unet_loras[0].lora_name
+    no_alpha = {k: v for k, v in sd.items() if k != f"{name}.alpha"}
+    n2, _ = lora.create_network_from_weights(1.0, None, None, None, model.unet, weights_sd=no_alpha)
+    assert n2.unet_loras[0].scale == 1.0
+    zero = {**sd, f"{name}.alpha": torch.tensor(0.0)}
+    n3, _ = lora.create_network_from_weights(1.0, None, None, None, model.unet, weights_sd=zero)
+    assert n3.unet_loras[0].scale == 1.0 and float(n3.file_state_dict()[f"{name}.alpha"]) == 4.0
+
+
+@pytest.mark.parametrize("module", [lora, loha, lokr])
+def test_merge_weights_to_tensor(model, module) -> None:
+    m, net = _leaf_net(model, module)
+    sd = net.file_state_dict()
+    sub = net.unet_loras[1]
+    w = sub.org_module.weight.detach().clone()
+    keys = set(sd)
+    merged = module.merge_weights_to_tensor(w, sub.lora_name, sd, keys, 1.5, "cpu")
+    want = w + sub.delta_weight_scaled(sub.total_scale(1.5)).detach().reshape(w.shape)
+    assert torch.allclose(merged, want, atol=1e-6, rtol=0)
+    assert not any(k.startswith(sub.lora_name + ".") for k in keys) and len(keys) == len(sd) - len(
+        sub.file_tensors()
+    )
+    other = lora if module is not lora else loha
+    assert other.merge_weights_to_tensor(w, sub.lora_name, sd, set(sd), 1.0, "cpu") is w
+    assert module.merge_weights_to_tensor(w, "lora_unet_absent", sd, set(sd), 1.0, "cpu") is w
+
+
+def test_backup_pre_calculation_restore(model) -> None:
+    m = model.clone()
+    inputs = unet_inputs()
+    base = run_unet(m.unet, inputs)
+    net = lokr.create_network(0.8, 4, 2, None, None, m.unet, factor="4")
+    net.apply_to(None, m.unet)
+    randomize(net)
+    want = run_unet(m.unet, inputs)
+    net.backup_weights()
+    net.pre_calculation()
+    got = run_unet(m.unet, inputs)
+    assert float((got - want).norm() / want.norm()) <= 1e-5
+    assert not any(s.enabled for s in net.all_loras)
+    net.restore_weights()
+    assert torch.equal(run_unet(m.unet, inputs), want)
+    net.remove_from()
+    assert torch.equal(run_unet(m.unet, inputs), base)
