@@ -146,8 +146,12 @@ def apply_lora_files(
     paths: list[str],
     multipliers: list[float] | None,
     calc_device: torch.device | str | None = None,
+    loaded: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> list[MergeReport]:
-    """Merge each file in order; error if one matches no module, warn on unused keys."""
+    """Merge each file in order; error if one matches no module, warn on unused keys.
+
+    `loaded` maps a path to its already-read state dict (read once, validated before the models load).
+    """
     mults = list(multipliers or [])
     if len(mults) > len(paths):
         logger.warning("%d multipliers for %d files: the surplus is dropped", len(mults), len(paths))
@@ -155,7 +159,7 @@ def apply_lora_files(
     roots = [("lora_unet", dit)] + ([("lora_te", text_encoder)] if text_encoder is not None else [])
     reports = []
     for path, m in zip(paths, mults):
-        sd = read_lora_state_dict(path)
+        sd = (loaded or {}).get(path) or read_lora_state_dict(path)
         rep = merge_into_modules(roots, sd, m, path=path, calc_device=calc_device)
         if rep.matched == 0:
             sample = ", ".join(sorted(sd)[:3])
@@ -254,8 +258,8 @@ def run(args: argparse.Namespace) -> list[Path]:
         check_image_size(job.height, job.width)
     mults = list(args.lora_multiplier or [])
     args.resolved_mults = (mults + [1.0] * len(args.lora_weight))[: len(args.lora_weight)]
-    for w in args.lora_weight:  # fail on a bad LoRA file before loading gigabytes of weights
-        read_lora_state_dict(w)
+    # fail on a bad LoRA file before loading gigabytes of weights
+    lora_sds = {w: read_lora_state_dict(w) for w in args.lora_weight}
 
     out_dir = Path(args.save_path)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -272,7 +276,8 @@ def run(args: argparse.Namespace) -> list[Path]:
         _save_png(img, path, None)
         return [path]
 
-    apply_lora_files(models.dit, models.text_encoder, args.lora_weight, args.lora_multiplier)
+    apply_lora_files(models.dit, models.text_encoder, args.lora_weight, args.lora_multiplier, loaded=lora_sds)
+    del lora_sds
     te_device = torch.device("cpu") if args.text_encoder_cpu else device
     models.text_encoder.to(te_device)
     models.dit.to(device)
