@@ -28,10 +28,14 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from library import sdxl_config
 from library.sdxl_keymap import (
+    DEFAULT_ARCH,
     TE1_PREFIX,
     TE2_PREFIX,
     UNET_PREFIX,
     VAE_PREFIX,
+    infer_te_config,
+    infer_unet_config,
+    infer_vae_config,
     openclip_to_te2_state,
     te2_state_to_openclip,
     unet_state_to_sgm,
@@ -45,7 +49,6 @@ HUB_TOKENIZER_1 = "openai/clip-vit-large-patch14"
 HUB_TOKENIZER_2 = "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k"
 ARCH_METADATA_KEY = "sdxl_arch"  # JSON of the sizes that tensors cannot reveal
 SDXL_DETECT_KEY = TE2_PREFIX + "transformer.resblocks.0.attn.in_proj_weight"
-DEFAULT_ARCH = {"head_dim": 64, "unet_groups": 32, "vae_groups": 32, "unet_sample": 128, "vae_sample": 1024}
 
 
 @dataclass
@@ -310,89 +313,6 @@ def _strip(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
-def _indices(keys: list[str], pattern: str) -> list[int]:
-    rx = re.compile(pattern)
-    return sorted({int(m[1]) for k in keys if (m := rx.match(k))})
-
-
-def infer_unet_config(u: dict[str, torch.Tensor], arch: dict[str, int], te2_proj_dim: int) -> dict[str, Any]:
-    """diffusers UNet config from SGM UNet tensors (prefix removed)."""
-    keys = list(u)
-    n_in = max(_indices(keys, r"input_blocks\.(\d+)\.")) + 1
-    op_blocks = [i for i in _indices(keys, r"input_blocks\.(\d+)\.0\.op\.")]
-    levels = len(op_blocks) + 1
-    lpb = (n_in - 1 - (levels - 1)) // levels
-    per = lpb + 1
-    channels, attn, depth = [], [], []
-    for lv in range(levels):
-        first = per * lv + 1
-        channels.append(u[f"input_blocks.{first}.0.out_layers.3.weight"].shape[0])
-        has_attn = f"input_blocks.{first}.1.proj_in.weight" in u
-        attn.append(has_attn)
-        n_tb = (
-            len(_indices(keys, rf"input_blocks\.{first}\.1\.transformer_blocks\.(\d+)\.")) if has_attn else 1
-        )
-        depth.append(n_tb)
-    any_attn = next(i for i, a in enumerate(attn) if a)
-    proj_in = u[f"input_blocks.{per * any_attn + 1}.1.proj_in.weight"]
-    cross_dim = u[f"input_blocks.{per * any_attn + 1}.1.transformer_blocks.0.attn2.to_k.weight"].shape[1]
-    add_in = u["label_emb.0.0.weight"].shape[1]
-    cfg = dict(sdxl_config.SDXL_UNET_CONFIG)
-    cfg.update(
-        sample_size=arch["unet_sample"],
-        in_channels=u["input_blocks.0.0.weight"].shape[1],
-        out_channels=u["out.2.weight"].shape[0],
-        down_block_types=["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn],
-        up_block_types=["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
-        block_out_channels=channels,
-        layers_per_block=lpb,
-        transformer_layers_per_block=depth,
-        attention_head_dim=[c // arch["head_dim"] for c in channels],
-        cross_attention_dim=cross_dim,
-        use_linear_projection=proj_in.ndim == 2,
-        addition_time_embed_dim=(add_in - te2_proj_dim) // 6,
-        projection_class_embeddings_input_dim=add_in,
-        norm_num_groups=arch["unet_groups"],
-    )
-    return cfg
-
-
-def infer_te_config(hf: dict[str, torch.Tensor], head_dim: int, base: dict[str, Any]) -> dict[str, Any]:
-    """transformers CLIPTextConfig dict from HF-named CLIP text tensors."""
-    tok = hf["text_model.embeddings.token_embedding.weight"]
-    cfg = dict(base)
-    cfg.update(
-        vocab_size=tok.shape[0],
-        hidden_size=tok.shape[1],
-        max_position_embeddings=hf["text_model.embeddings.position_embedding.weight"].shape[0],
-        num_hidden_layers=len(_indices(list(hf), r"text_model\.encoder\.layers\.(\d+)\.")),
-        intermediate_size=hf["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
-        num_attention_heads=tok.shape[1] // head_dim,
-    )
-    if "text_projection.weight" in hf:
-        cfg["projection_dim"] = hf["text_projection.weight"].shape[0]
-    return cfg
-
-
-def infer_vae_config(v: dict[str, torch.Tensor], arch: dict[str, int]) -> dict[str, Any]:
-    """diffusers AutoencoderKL config from LDM VAE tensors (prefix removed)."""
-    keys = list(v)
-    levels = _indices(keys, r"encoder\.down\.(\d+)\.")
-    cfg = dict(sdxl_config.SDXL_VAE_CONFIG)
-    cfg.update(
-        in_channels=v["encoder.conv_in.weight"].shape[1],
-        out_channels=v["decoder.conv_out.weight"].shape[0],
-        down_block_types=["DownEncoderBlock2D"] * len(levels),
-        up_block_types=["UpDecoderBlock2D"] * len(levels),
-        block_out_channels=[v[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] for i in levels],
-        layers_per_block=len(_indices(keys, r"encoder\.down\.0\.block\.(\d+)\.")),
-        latent_channels=v["post_quant_conv.weight"].shape[0],
-        norm_num_groups=arch["vae_groups"],
-        sample_size=arch["vae_sample"],
-    )
-    return cfg
-
-
 def _load_into(module: torch.nn.Module, converted: dict[str, torch.Tensor], source: str, what: str) -> None:
     """Strict load: every key of the module filled, nothing left over; shapes must match."""
     own = module.state_dict()
@@ -530,7 +450,9 @@ def load_vae(path: str | Path, dtype: torch.dtype = torch.float32) -> Autoencode
     if "encoder.down.0.block.0.conv1.weight" in sd:
         return vae_from_ldm(sd, str(p), dtype, _arch_from_meta(meta))
     if "encoder.down_blocks.0.resnets.0.conv1.weight" in sd:
-        raise ValueError(f"VAE file {p} is in diffusers layout; pass its folder (with config.json) instead")
+        # a diffusers-layout file (e.g. diffusion_pytorch_model.safetensors): map it to LDM names first
+        n_levels = len({k.split(".")[2] for k in sd if k.startswith("encoder.down_blocks.")})
+        return vae_from_ldm(vae_state_to_ldm(sd, n_levels, prefix=""), str(p), dtype, _arch_from_meta(meta))
     raise ValueError(
         f"VAE file {p} is not an SDXL/LDM VAE: expected encoder.down.*/decoder.up.* keys, "
         f"found {_describe_prefixes(list(sd))}"

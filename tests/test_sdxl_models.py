@@ -188,6 +188,16 @@ def test_vae_override_from_single_file(
     loaded = load_sdxl_models(str(tiny_file), vae=str(tmp_path / "vae.safetensors"))
     sa, sb = loaded.vae.state_dict(), other.vae.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sb)
+    # the same VAE as a diffusers-layout single file
+    save_file(
+        other.vae.state_dict(),
+        str(tmp_path / "vae_diffusers.safetensors"),
+        metadata={"sdxl_arch": '{"vae_groups": 8}'},
+    )
+    vd = load_vae(tmp_path / "vae_diffusers.safetensors").state_dict()
+    assert vd.keys() == sb.keys() and all(torch.equal(vd[k], sb[k]) for k in sb)
+    with pytest.raises(ValueError, match=r"not an SDXL/LDM VAE"):
+        _save_and_load_vae(tmp_path)
     assert torch.equal(loaded.unet.conv_in.weight, tiny.unet.conv_in.weight)
 
 
@@ -322,3 +332,8 @@ def test_load_in_bf16_and_convert_file_to_folder(tiny_file: Path, tmp_path: Path
     assert read.keys() == sd.keys() and all(torch.equal(read[k], sd[k]) for k in sd) and meta == {}
     with pytest.raises(ValueError, match=r"tiny\.ckpt: cannot build the SDXL VAE from its tensor shapes"):
         load_sdxl_models(str(tmp_path / "tiny.ckpt"))
+
+
+def _save_and_load_vae(tmp_path: Path) -> None:
+    save_file({"foo.weight": torch.zeros(2)}, str(tmp_path / "foo.safetensors"))
+    load_vae(tmp_path / "foo.safetensors")
