@@ -163,9 +163,10 @@ class AdapterModule(nn.Module):
             if name == "scalar":
                 continue
             t = p.detach()
-            if name == bake:
+            target = dtype if dtype is not None else p.dtype
+            if name == bake:  # σ·factor in fp32, then one cast
                 t = t.float() * self.scalar.detach().float()  # type: ignore[union-attr]
-            out[name] = t.to(dtype) if dtype is not None else t.clone()
+            out[name] = t.to(target) if t.dtype != target else t.clone()
         out["alpha"] = torch.tensor(self.alpha_value, dtype=torch.float32)
         return {k: v.contiguous() for k, v in out.items()}
 

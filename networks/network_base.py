@@ -97,13 +97,14 @@ def iter_target_leaves(root: Root) -> list[tuple[str, nn.Module]]:
     return out
 
 
-def iter_all_leaves(root: Root) -> list[tuple[str, nn.Module]]:
-    """Every Linear/Conv2d of a root (loading files made with wider presets, e.g. LyCORIS)."""
+def iter_all_leaves(root: Root) -> list[tuple[str, str, nn.Module]]:
+    """(original path, model path, leaf) for every Linear/Conv2d of a root (files made with wider
+    presets, e.g. LyCORIS, may adapt layers outside our default targets)."""
     out = []
     for path, leaf in root.module.named_modules():
         if isinstance(leaf, SUPPORTED_LEAVES):
             try:
-                out.append((root.path_mapper(path), leaf))
+                out.append((root.path_mapper(path), path, leaf))
             except ValueError:
                 continue  # a layer with no original-name equivalent cannot be in a file
     return out
@@ -415,6 +416,24 @@ def _log_summary(net: AdapterNetwork) -> None:
     )
 
 
+def _rename_model_path_keys(
+    weights_sd: dict[str, torch.Tensor], leaves: dict[str, Any], aliases: dict[str, str]
+) -> dict[str, torch.Tensor]:
+    """Files keyed by model paths (Diffusers-style `lora_unet_down_blocks_…`) get original names."""
+    renamed: dict[str, torch.Tensor] = {}
+    count = 0
+    for key, t in weights_sd.items():
+        name, dot, rest = key.partition(".")
+        if name not in leaves and name in aliases:
+            key = aliases[name] + dot + rest
+            count += 1
+        renamed[key] = t
+    if count:
+        logger.info("renamed %d model-path keys to original (SGM) module names", count)
+        return renamed
+    return weights_sd
+
+
 def create_network_from_weights_for(
     algo: str,
     multiplier: float,
@@ -434,9 +453,13 @@ def create_network_from_weights_for(
     tes = as_te_list(text_encoder)
     arch = detect_architecture(tes, unet)
     leaves: dict[str, tuple[nn.Module, int | None, str]] = {}
+    aliases: dict[str, str] = {}  # model-path (e.g. diffusers) names → original-path names
     for root in model_roots(arch, tes, unet, None):
-        for original, leaf in iter_all_leaves(root):
-            leaves.setdefault(lora_name_of(root.prefix, original), (leaf, root.te_index, original))
+        for original, path, leaf in iter_all_leaves(root):
+            name = lora_name_of(root.prefix, original)
+            leaves.setdefault(name, (leaf, root.te_index, original))
+            aliases.setdefault(lora_name_of(root.prefix, path), name)
+    weights_sd = _rename_model_path_keys(weights_sd, leaves, aliases)
     net = AdapterNetwork(algo, arch, args, multiplier)
     foreign: dict[str, int] = {}
     for name, tensors in group_by_module(weights_sd).items():

@@ -195,3 +195,12 @@ def test_apply_to_drops_disabled_half(model, tmp_path) -> None:
     with safe_open(str(tmp_path / "u.safetensors"), framework="pt") as f:
         assert all(k.startswith("lora_unet_") for k in f.keys())
     net.remove_from()
+
+
+def test_network_cast_to_bf16_saves_bf16_factors_and_fp32_alpha(model) -> None:
+    net = lokr.create_network(1.0, 4, 2, None, None, model.unet, use_scalar=True)
+    randomize(net)
+    net.to(torch.bfloat16)
+    sd = net.file_state_dict(None)
+    assert {v.dtype for k, v in sd.items() if not k.endswith(".alpha")} == {torch.bfloat16}
+    assert {(v.dtype, v.dim()) for k, v in sd.items() if k.endswith(".alpha")} == {(torch.float32, 0)}

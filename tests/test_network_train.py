@@ -234,3 +234,16 @@ def test_backup_pre_calculation_restore(model) -> None:
     assert torch.equal(run_unet(m.unet, inputs), want)
     net.remove_from()
     assert torch.equal(run_unet(m.unet, inputs), base)
+
+
+def test_diffusers_named_keys_are_renamed(model) -> None:
+    m, net = _leaf_net(model, loha)
+    sd = net.file_state_dict()
+    sgm = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
+    diffusers = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"
+    renamed = {k.replace(sgm + ".", diffusers + "."): v for k, v in sd.items()}
+    assert any(k.startswith(diffusers + ".") for k in renamed)
+    net2, out_sd = loha.create_network_from_weights(1.0, None, None, None, model.unet, weights_sd=renamed)
+    assert set(out_sd) == set(sd)
+    assert sgm in {s.lora_name for s in net2.unet_loras}
+    net2.load_weights(out_sd)
