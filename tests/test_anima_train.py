@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import anima_train_network as trainer
 from library import anima_training as at
@@ -254,6 +254,13 @@ def test_bad_input(setup, tmp_path):
     missing[missing.index("--qwen3") + 1] = str(tmp_path / "nope")
     with pytest.raises(FileNotFoundError, match="Qwen3 text encoder not found"):
         trainer.main(missing)
+    sdxl = tmp_path / "sdxl.safetensors"
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3)}, str(sdxl))
+    wrong = list(argv)
+    wrong[wrong.index("--pretrained_model_name_or_path") + 1] = str(sdxl)
+    with pytest.raises(ValueError, match="not an Anima DiT checkpoint"):
+        trainer.main(wrong)
+    assert not (tmp_path / "o").exists()  # nothing written on bad input
 
 
 def test_cached_caption_dropout_equals_empty_caption(setup):
