@@ -247,3 +247,32 @@ def test_diffusers_named_keys_are_renamed(model) -> None:
     assert set(out_sd) == set(sd)
     assert sgm in {s.lora_name for s in net2.unet_loras}
     net2.load_weights(out_sd)
+
+
+def test_sshs_hashes_follow_the_definition(tmp_path, model) -> None:
+    import hashlib
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save
+
+    net, path = _saved(tmp_path, model)
+    net.save_weights(str(path), None, {"ss_network_dim": "4", "other": "x"})
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    data = save(load_file(str(path)), {"ss_network_dim": "4"})  # only ss_* keys take part
+    n = int.from_bytes(data[:8], "little")
+    assert meta["sshs_model_hash"] == hashlib.sha256(data[8 + n :]).hexdigest()
+    assert meta["sshs_legacy_hash"] == hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
+    assert meta["other"] == "x" and meta["ss_network_dim"] == "4"
+
+
+def test_merge_into_fp8_weight(model) -> None:
+    m, net = _leaf_net(model, lokr, factor="4")
+    sd = net.file_state_dict()
+    sub = net.unet_loras[0]
+    w8 = sub.org_module.weight.detach().to(torch.float8_e4m3fn)
+    merged = lokr.merge_weights_to_tensor(w8, sub.lora_name, sd, set(sd), 1.0, "cpu")
+    want = (w8.float() + sub.delta_weight_scaled(sub.total_scale(1.0)).detach().reshape(w8.shape)).to(
+        torch.float8_e4m3fn
+    )
+    assert merged.dtype == torch.float8_e4m3fn and torch.equal(merged.float(), want.float())
