@@ -96,9 +96,45 @@ def generate_sdxl(
         raise ValueError(f"steps must be >= 1, got {steps}")
     _check_size(width, height, models)
     device = torch.device(device)
-    for m in (models.unet, models.vae, models.text_encoder_1, models.text_encoder_2):
-        m.to(device)
+    # the components run on `device` for this call and go back where they were afterwards (a trainer
+    # may keep cached-away text encoders or the VAE on the CPU between samples)
+    modules = (models.unet, models.vae, models.text_encoder_1, models.text_encoder_2)
+    homes = [next(m.parameters()).device for m in modules]
+    try:
+        for m in modules:
+            m.to(device)
+        return _generate_on_device(
+            models, prompts, negative_prompts, width, height, steps, guidance_scale, seeds, sampler,
+            original_size, crop_top_left, dtype, device, max_token_length, v_parameterization,
+            negative_original_size, show_progress, output_type, emb_normalize_mode,
+        )  # fmt: skip
+    finally:
+        for m, home in zip(modules, homes):
+            if home != device:
+                m.to(home)
 
+
+def _generate_on_device(
+    models: Any,
+    prompts: list[str],
+    negative_prompts: list[str],
+    width: int,
+    height: int,
+    steps: int,
+    guidance_scale: float,
+    seeds: list[int],
+    sampler: str,
+    original_size: tuple[int, int] | None,
+    crop_top_left: tuple[int, int],
+    dtype: torch.dtype,
+    device: torch.device,
+    max_token_length: int | None,
+    v_parameterization: bool,
+    negative_original_size: tuple[int, int] | None,
+    show_progress: bool,
+    output_type: str,
+    emb_normalize_mode: str | None,
+) -> list[Image.Image] | torch.Tensor:
     pipe = make_pipeline(models, sampler, v_parameterization)
     pipe.set_progress_bar_config(disable=not show_progress)
     with torch.no_grad():
