@@ -111,7 +111,9 @@ def add_noise(
     return scheduler.add_noise(latents, noise, timesteps.to(latents.device))
 
 
-def v_target(scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor):
+def v_target(
+    scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+) -> torch.Tensor:
     """v = √ᾱ·ε − √(1−ᾱ)·x0."""
     return scheduler.get_velocity(latents, noise, timesteps.to(latents.device))
 

@@ -346,7 +346,9 @@ def _build(cls: Any, source: str, what: str, *args: Any, **kwargs: Any) -> Any:
         ) from e
 
 
-def _unet_from_sgm(u: dict[str, torch.Tensor], cfg: dict[str, Any], source: str, dtype: torch.dtype):
+def _unet_from_sgm(
+    u: dict[str, torch.Tensor], cfg: dict[str, Any], source: str, dtype: torch.dtype
+) -> UNet2DConditionModel:
     unet = _build(UNet2DConditionModel, source, "UNet", **cfg)
     # the forward map of the model's own keys, inverted, tells which SGM tensor fills each key
     own_keys = list(unet.state_dict().keys())
@@ -365,7 +367,7 @@ def _unet_from_sgm(u: dict[str, torch.Tensor], cfg: dict[str, Any], source: str,
 
 def vae_from_ldm(
     v: dict[str, torch.Tensor], source: str, dtype: torch.dtype, arch: dict[str, int] | None = None
-):
+) -> AutoencoderKL:
     """AutoencoderKL from LDM-layout VAE tensors (no prefix)."""
     cfg = infer_vae_config(v, arch or DEFAULT_ARCH)
     vae = _build(AutoencoderKL, source, "VAE", **cfg)
@@ -385,7 +387,9 @@ def vae_from_ldm(
     return vae
 
 
-def _te_from_hf(hf, cfg, cls, source, what, dtype):
+def _te_from_hf(
+    hf: dict[str, torch.Tensor], cfg: dict[str, Any], cls: type, source: str, what: str, dtype: torch.dtype
+) -> Any:
     te = _build(cls, source, what, _te_config(cfg))
     own_flat = not any(k.startswith("text_model.") for k in te.state_dict())
     hf = {
