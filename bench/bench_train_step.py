@@ -3,11 +3,15 @@
 Each variant runs in its own process and prints one JSON line: median/min step time, peak memory,
 trainable parameters and adapted-module count. Step = forward, loss, backward, optimizer step.
 
-Variants:
+Variants (comma-separated; each may carry its own network args after colons, e.g.
+`ours-lokr:factor=8:full_matrix=True`, `ours-loha:conv_dim=16:conv_alpha=8:use_tucker=True`):
   floor            diffusers U-Net, no adapter, latents requiring grad (the floor for our networks)
   ours-lora|loha|lokr   our networks on the diffusers U-Net
   sd-floor         sd-scripts' own SDXL U-Net class, no adapter (the floor for sd-scripts' networks)
   sd-lora|loha|lokr     sd-scripts' networks (from --sd_scripts_path) on sd-scripts' U-Net
+  anima-floor, anima-lora|loha|lokr   our Anima DiT (real config, random init; batch/resolution as given)
+Bench-only options (not network args): `path=auto|rebuild|bypass` forces our per-layer path choice
+(networks.functional.dispatch), `compile=1` compiles the repeated transformer blocks (fullgraph).
 
 Example (GPU):
   python bench/bench_train_step.py --sd_scripts_path baselines/sd-scripts \
@@ -47,6 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--no_gradient_checkpointing", action="store_true")
     p.add_argument("--tiny", action="store_true", help="tiny SDXL config (CPU smoke runs)")
+    p.add_argument("--variant_timeout", type=float, default=420.0, help="seconds per variant process")
     p.add_argument("--single", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -67,6 +72,30 @@ def _split_network_args(tokens: list[str]) -> dict[str, str]:
     return out
 
 
+def _init_device(args):
+    """Build the random-init model directly on the device (CPU init of 2.6 B params takes minutes)."""
+    import torch
+
+    return torch.device(args.device)
+
+
+def _build_anima(args):
+    sys.path.insert(0, str(REPO_ROOT))
+
+    from library.anima_models import Anima, AnimaConfig, tiny_anima_config
+
+    cfg = tiny_anima_config() if args.tiny else AnimaConfig()
+    with _init_device(args):
+        dit = Anima(cfg)
+    ctx_dim = cfg.crossattn_emb_channels
+
+    def call(dit_, x, t, ctx, pooled, time_ids):
+        # the DiT takes (B, C, T, H, W) latents and sigma in [0, 1]
+        return dit_(x[:, :, None], (t.float() / 1000.0).to(x.dtype), ctx)[:, :, 0]
+
+    return dit, call, ctx_dim, 0
+
+
 def _build_diffusers_unet(args):
     sys.path.insert(0, str(REPO_ROOT))
     from diffusers import UNet2DConditionModel
@@ -74,7 +103,8 @@ def _build_diffusers_unet(args):
     from library.sdxl_config import SDXL_UNET_CONFIG, tiny_sdxl_configs
 
     config = tiny_sdxl_configs()["unet"] if args.tiny else SDXL_UNET_CONFIG
-    unet = UNet2DConditionModel(**config)
+    with _init_device(args):
+        unet = UNet2DConditionModel(**config)
     ctx_dim = config["cross_attention_dim"]
     pooled_dim = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
 
@@ -93,7 +123,8 @@ def _build_sd_scripts_unet(args):
         raise SystemExit("sd-* variants need the real config (sd-scripts' U-Net class has fixed sizes)")
     from library.sdxl_original_unet import SdxlUNet2DConditionModel
 
-    unet = SdxlUNet2DConditionModel()
+    with _init_device(args):
+        unet = SdxlUNet2DConditionModel()
     unet.set_use_sdpa(True)
 
     def call(unet_, x, t, ctx, pooled, time_ids):
@@ -111,15 +142,26 @@ def run_single(args: argparse.Namespace) -> dict:
     import torch
 
     variant = args.single
-    family, _, algo = variant.partition("-")
+    name, *opts = variant.split(":")
+    family, _, algo = name.partition("-")
     is_sd = family == "sd"
-    if variant == "floor":
+    is_anima = family == "anima"
+    if name == "floor":
         algo = ""
+    net_kwargs = _split_network_args(args.network_args)
+    net_kwargs.update(_split_network_args(opts))
+    path = net_kwargs.pop("path", None)
+    compile_blocks = net_kwargs.pop("compile", "0") not in ("0", "false", "False")
+    if path is not None:
+        sys.path.insert(0, str(REPO_ROOT))
+        from networks.functional.dispatch import set_path_policy
+
+        set_path_policy(path)
     device = torch.device(args.device)
     dtype = _dtype(args.dtype)
     torch.manual_seed(0)
 
-    builder = _build_sd_scripts_unet if is_sd else _build_diffusers_unet
+    builder = _build_sd_scripts_unet if is_sd else (_build_anima if is_anima else _build_diffusers_unet)
     unet, call, ctx_dim, pooled_dim = builder(args)
     unet.requires_grad_(False)
     unet.to(device=device, dtype=dtype)
@@ -132,10 +174,13 @@ def run_single(args: argparse.Namespace) -> dict:
     params = []
     if algo and algo != "floor":
         module = __import__(NETWORK_MODULES[algo], fromlist=["create_network"])
-        kwargs = _split_network_args(args.network_args)
-        network = module.create_network(1.0, args.dim, args.alpha, None, [], unet, **kwargs)
+        network = module.create_network(1.0, args.dim, args.alpha, None, [], unet, **net_kwargs)
         network.apply_to([], unet, apply_text_encoder=False, apply_unet=True)
         network.to(device)
+        if path in ("bypass", "rebuild"):  # modules that expose a per-layer switch
+            for m in network.modules():
+                if hasattr(m, "use_bypass"):
+                    m.use_bypass = path == "bypass"
         if hasattr(network, "prepare_optimizer_params_with_multiple_te_lrs"):
             groups = network.prepare_optimizer_params_with_multiple_te_lrs(None, 1e-4, 1e-4)
         else:
@@ -149,14 +194,22 @@ def run_single(args: argparse.Namespace) -> dict:
             1 for m in network.modules() if m is not network and hasattr(m, "multiplier")
         )
     optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
+    if compile_blocks:
+        # regional compile: one graph per distinct transformer-block shape, adapters traced inside
+        blocks = [m for m in unet.modules() if type(m).__name__ in ("BasicTransformerBlock", "Block")]
+        for blk in blocks:
+            blk.compile(fullgraph=True)
 
     latent = 2 if args.tiny else args.resolution // 8
+    if is_anima:
+        latent = 4 if args.tiny else args.resolution // 8
     b = args.batch
     gen = torch.Generator(device="cpu").manual_seed(0)
-    x0 = torch.randn(b, 4, latent, latent, generator=gen).to(device, dtype)
-    noise = torch.randn(b, 4, latent, latent, generator=gen).to(device, dtype)
-    ctx = torch.randn(b, 77, ctx_dim, generator=gen).to(device, dtype)
-    pooled = torch.randn(b, pooled_dim, generator=gen).to(device, dtype)
+    ch, ctx_len = (16, 512) if is_anima else (4, 77)
+    x0 = torch.randn(b, ch, latent, latent, generator=gen).to(device, dtype)
+    noise = torch.randn(b, ch, latent, latent, generator=gen).to(device, dtype)
+    ctx = torch.randn(b, ctx_len, ctx_dim, generator=gen).to(device, dtype)
+    pooled = torch.randn(b, max(pooled_dim, 1), generator=gen).to(device, dtype)
     time_ids = torch.tensor([[1024, 1024, 0, 0, 1024, 1024]] * b, dtype=dtype, device=device)
     timesteps = torch.randint(0, 1000, (b,), generator=gen).to(device)
     if network is None:
@@ -179,9 +232,11 @@ def run_single(args: argparse.Namespace) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
+    t_warm = time.perf_counter()
     for _ in range(args.warmup):
         step()
     sync()
+    warmup_s = time.perf_counter() - t_warm
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = []
@@ -200,6 +255,7 @@ def run_single(args: argparse.Namespace) -> dict:
         "modules": n_modules,
         "loss": float(loss.detach().float().cpu()),
         "steps": args.steps,
+        "warmup_s": round(warmup_s, 2),
     }
 
 
@@ -212,9 +268,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     base_argv = [a for a in (argv if argv is not None else sys.argv[1:])]
     for variant in [v.strip() for v in args.variants.split(",") if v.strip()]:
         cmd = [sys.executable, str(Path(__file__).resolve()), *base_argv, "--single", variant]
-        proc = subprocess.run(
-            cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
-        )
+        try:
+            proc = subprocess.run(
+                cmd,
+                capture_output=True,
+                text=True,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                timeout=args.variant_timeout,
+            )
+        except subprocess.TimeoutExpired:
+            result = {"variant": variant, "error": f"timed out after {args.variant_timeout} s"}
+            results.append(result)
+            print(json.dumps(result), flush=True)
+            continue
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH ")), None)
         if proc.returncode != 0 or line is None:
             err = (proc.stderr or proc.stdout)[-1200:]
@@ -226,10 +292,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     floors = {
         r["variant"]: r["median_s"]
         for r in results
-        if r["variant"] in ("floor", "sd-floor") and "median_s" in r
+        if r["variant"] in ("floor", "sd-floor", "anima-floor") and "median_s" in r
     }
     for r in results:
-        floor = floors.get("sd-floor" if r["variant"].startswith("sd-") else "floor")
+        family = r["variant"].split("-")[0]
+        floor = floors.get({"sd": "sd-floor", "anima": "anima-floor"}.get(family, "floor"))
         if floor and "median_s" in r:
             r["ratio_to_floor"] = r["median_s"] / floor
     print("SUMMARY " + json.dumps(results), flush=True)

@@ -1,0 +1,176 @@
+"""Per-layer path choice (spec §6 rule 1) and fast path == plain path through the module wrappers.
+
+The cost-model checks use crossovers measured on the H100 by bench/bench_layers.py (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from networks.functional import factorization, lokr_bypass_linear
+from networks.functional.dispatch import (
+    choose_loha_path,
+    choose_lokr_path,
+    lokr_linear_costs,
+    path_policy,
+    set_path_policy,
+)
+from networks.loha import LoHaModule
+from networks.lokr import LoKrModule, plan_lokr
+
+
+@pytest.fixture(autouse=True)
+def _auto_policy():
+    set_path_policy("auto")
+    yield
+    set_path_policy("auto")
+
+
+def _lokr_choice(o: int, i: int, n: int, f: int, mode: str) -> str:
+    a, b = factorization(o, f)
+    c, d = factorization(i, f)
+    return choose_lokr_path(n, a, b, c, d, mode=mode)
+
+
+@pytest.mark.parametrize("mode", ["eager", "graph"])
+def test_lokr_choice_matches_measured_crossovers(mode):
+    # H100 layer bench: bypass 3.29 vs rebuild 4.52 ms (8192×2048), 3.26 vs 4.90 (2048×8192); rebuild
+    # wins at SDXL's 640² / 1280² (0.23 vs 0.40 ms, 0.20 vs 0.24 ms in graph mode)
+    assert _lokr_choice(8192, 2048, 16384, -1, mode) == "bypass"
+    assert _lokr_choice(2048, 8192, 16384, -1, mode) == "bypass"
+    assert _lokr_choice(640, 640, 16384, -1, mode) == "rebuild"
+    assert _lokr_choice(1280, 1280, 4096, 8, mode) == "rebuild"
+
+
+def test_loha_choice_matches_measured_crossovers():
+    # Khatri–Rao r8 wins on every big layer (0.69 vs 2.87 ms at 8192×2048 graph); r32 loses at 1280²
+    # in graph mode (0.22 vs 0.17 ms) and wins at Anima's MLP size (2.08 vs 2.92 ms)
+    assert choose_loha_path(16384, 8192, 2048, 8, "graph") == "khatri_rao"
+    assert choose_loha_path(4096, 10240, 1280, 8, "eager") == "khatri_rao"
+    assert choose_loha_path(4096, 1280, 1280, 32, "graph") == "rebuild"
+    assert choose_loha_path(16384, 8192, 2048, 32, "graph") == "khatri_rao"
+
+
+def test_costs_grow_with_tokens_and_bad_input():
+    small = lokr_linear_costs(1024, 32, 40, 32, 40, mode="graph")
+    big = lokr_linear_costs(65536, 32, 40, 32, 40, mode="graph")
+    assert big["rebuild"] > small["rebuild"] and big["bypass"] > 4 * small["bypass"]
+    with pytest.raises(ValueError, match="tokens"):
+        choose_lokr_path(0, 1, 1, 1, 1)
+    with pytest.raises(ValueError, match="mode"):
+        choose_loha_path(8, 4, 4, 2, mode="fast")
+    with pytest.raises(ValueError, match="path"):
+        set_path_policy("sometimes")
+
+
+def _randomize(module: nn.Module, gen: torch.Generator) -> None:
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+
+
+def _fwd_bwd(module, x, gy):
+    x = x.clone().requires_grad_(True)
+    y = module(x)
+    y.backward(gy)
+    grads = [p.grad.clone() for p in module.parameters()]
+    module.zero_grad(set_to_none=True)
+    return y.detach(), x.grad, grads
+
+
+def _assert_same(fast, plain, tol=1e-5):
+    for a, b in zip([fast[0], fast[1], *fast[2]], [plain[0], plain[1], *plain[2]]):
+        assert a.shape == b.shape
+        assert b.abs().max() > 1e-4  # the check must be able to fail
+        assert (a - b).abs().max() <= tol * max(1.0, b.abs().max().item())
+
+
+LINEAR = nn.Linear(12, 20, bias=True)
+CONV3 = nn.Conv2d(6, 8, 3, padding=1, padding_mode="reflect")
+CONV1 = nn.Conv2d(6, 8, 1)
+
+
+@pytest.mark.parametrize("org", [LINEAR, CONV3, CONV1], ids=["linear", "conv3x3", "conv1x1"])
+@pytest.mark.parametrize("use_scalar", [False, True])
+def test_loha_khatri_rao_module_equals_rebuild(org, use_scalar):
+    gen = torch.Generator().manual_seed(1)
+    m = LoHaModule("lora_unet_x", org, multiplier=0.7, rank=3, alpha=2.0, use_scalar=use_scalar)
+    _randomize(m, gen)
+    shape = (2, 5, 12) if isinstance(org, nn.Linear) else (2, 6, 5, 4)
+    x = torch.randn(shape, generator=gen)
+    gy = torch.randn(org(x).shape, generator=gen)
+    m.use_khatri_rao = True
+    fast = _fwd_bwd(m, x, gy)
+    m.use_khatri_rao = False
+    plain = _fwd_bwd(m, x, gy)
+    _assert_same(fast, plain)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [dict(rank=8), dict(rank=1, factor=2), dict(rank=1, factor=2, decompose_both=True)],
+    ids=["full", "lowrank_w2", "lowrank_both"],
+)
+@pytest.mark.parametrize("use_scalar", [False, True])
+def test_lokr_bypass_module_equals_rebuild(kw, use_scalar):
+    gen = torch.Generator().manual_seed(2)
+    org = nn.Linear(12, 20)
+    layout = plan_lokr(20, 12, (1, 1), **kw)
+    m = LoKrModule("lora_unet_y", org, 0.7, layout, alpha=0.5, use_scalar=use_scalar)
+    _randomize(m, gen)
+    x = torch.randn(3, 4, 12, generator=gen)
+    gy = torch.randn(3, 4, 20, generator=gen)
+    m.use_bypass = True
+    fast = _fwd_bwd(m, x, gy)
+    m.use_bypass = False
+    plain = _fwd_bwd(m, x, gy)
+    _assert_same(fast, plain)
+
+
+def test_auto_choice_is_cached_per_input_size_and_follows_policy(monkeypatch):
+    import networks.lokr as lokr_mod
+
+    calls = []
+
+    def spy(tokens, a, b, c, d):
+        calls.append(tokens)
+        return "bypass" if tokens > 10 else "rebuild"
+
+    monkeypatch.setattr(lokr_mod, "select_lokr_path", spy)
+    m = LoKrModule("lora_unet_z", nn.Linear(12, 20), 1.0, plan_lokr(20, 12, (1, 1), 8), alpha=None)
+    small, big = torch.randn(2, 3, 12), torch.randn(4, 5, 12)
+    assert not m._bypass_for(small) and m._bypass_for(big)
+    assert not m._bypass_for(small) and m._bypass_for(big)
+    assert calls == [6, 20]  # one decision per token count, then cached
+    monkeypatch.undo()
+    set_path_policy("bypass", mode="graph")
+    assert path_policy() == ("bypass", "graph")
+    h = LoHaModule("lora_unet_w", nn.Linear(12, 20), 1.0, rank=2, alpha=1.0)
+    assert h._khatri_rao_for(small)
+    t = LoHaModule("lora_unet_t", CONV3, 1.0, rank=2, alpha=1.0, use_tucker=True)
+    assert not t._khatri_rao_for(torch.randn(1, 6, 4, 4))  # Tucker has no Khatri–Rao form
+
+
+def test_adapter_paths_compile_fullgraph_and_match_eager():
+    """Capturable: no graph break, .item() or host sync in the fast paths (aot_eager traces fwd+bwd)."""
+    gen = torch.Generator().manual_seed(3)
+    org = nn.Linear(12, 20)
+    lokr = LoKrModule("lora_unet_c", org, 0.5, plan_lokr(20, 12, (1, 1), 8), alpha=None)
+    loha = LoHaModule("lora_unet_d", nn.Linear(12, 20), 0.5, rank=2, alpha=1.0)
+    for m in (lokr, loha):
+        _randomize(m, gen)
+    lokr.use_bypass = True
+    loha.use_khatri_rao = True
+    x = torch.randn(2, 3, 12, generator=gen)
+    gy = torch.randn(2, 3, 20, generator=gen)
+    for m in (lokr, loha):
+        torch._dynamo.reset()
+        compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+        got = _fwd_bwd(compiled, x, gy)
+        want = _fwd_bwd(m, x, gy)
+        _assert_same(got, want)
+    w1, w2 = lokr.w1().detach(), lokr.w2().detach()
+    fn = torch.compile(lambda t: lokr_bypass_linear(t, w1, w2, 0.25), fullgraph=True, backend="aot_eager")
+    assert torch.allclose(fn(x), lokr_bypass_linear(x, w1, w2, 0.25), atol=1e-6)
