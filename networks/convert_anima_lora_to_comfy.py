@@ -301,4 +301,8 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except (ValueError, FileNotFoundError) as e:  # ConversionError is a ValueError
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
