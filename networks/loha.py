@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from networks.adapter import AdapterModule, dropout_kwargs, file_alpha
-from networks.functional import loha_delta_weight
+from networks.functional import loha_delta_weight, loha_khatri_rao_conv, loha_khatri_rao_linear
+from networks.functional.dispatch import select_loha_path
 from networks.network_args import NetworkArgs
 
 ALGO = "loha"
@@ -69,6 +70,10 @@ class LoHaModule(AdapterModule):
                 nn.init.normal_(self.hada_t2, std=0.1)
         alpha = float(rank) if alpha is None or alpha == 0 else float(alpha)
         self._set_alpha(alpha, rank, alpha / rank)
+        # per-layer path: None = choose by networks.functional.dispatch (per input size, cached);
+        # True/False force the Khatri–Rao bypass / the rebuild (custom autograd)
+        self.use_khatri_rao: bool | None = None
+        self._path_cache: dict[int, bool] = {}
 
     @classmethod
     def create(
@@ -144,6 +149,30 @@ class LoHaModule(AdapterModule):
         return loha_delta_weight(
             self.hada_w1_a, self.hada_w1_b, self.hada_w2_a, self.hada_w2_b, scale, shape=shape
         )
+
+    def _khatri_rao_for(self, x: torch.Tensor) -> bool:
+        if self.tucker or (self.is_conv and self.org_module.groups != 1):
+            return False
+        if self.use_khatri_rao is not None:
+            return self.use_khatri_rao
+        # tokens from the shape only (capturable): rows of a linear input, B·H·W of a conv input
+        tokens = x.numel() // max(x.shape[1] if self.is_conv else x.shape[-1], 1)
+        hit = self._path_cache.get(tokens)
+        if hit is None:
+            k = math.prod(self.kernel_size)
+            choice = select_loha_path(max(tokens, 1), self.out_dim, self.in_dim * k, self.rank)
+            hit = self._path_cache[tokens] = choice == "khatri_rao"
+        return hit
+
+    def branch(self, x: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
+        if not self._khatri_rao_for(x):
+            return super().branch(x, scale)
+        w = (self.hada_w1_a, self.hada_w1_b, self.hada_w2_a, self.hada_w2_b)
+        if w[0].dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+            w = tuple(t.to(x.dtype) for t in w)
+        if self.is_conv:
+            return loha_khatri_rao_conv(x, *w, scale, self.org_module)
+        return loha_khatri_rao_linear(x, *w, scale)
 
     def max_norm_param_names(self) -> tuple[str, ...]:
         return ("hada_w1_a", "hada_w2_a")

@@ -15,6 +15,7 @@ from torch import nn
 
 from networks.adapter import AdapterModule, dropout_kwargs, kaiming_
 from networks.functional import factorization, lokr_bypass_linear, lokr_delta_weight, make_w1, make_w2
+from networks.functional.dispatch import select_lokr_path
 from networks.network_args import NetworkArgs
 
 logger = logging.getLogger(__name__)
@@ -89,7 +90,10 @@ class LoKrModule(AdapterModule):
                 f"({self.out_dim} out, {self.in_dim} in)"
             )
         self.lokr_layout = L
-        self.use_bypass = False  # per-layer switch for the bypass path (speed work; rebuild by default)
+        # per-layer path: None = choose by networks.functional.dispatch (per input size, cached);
+        # True/False force the bypass / the rebuild
+        self.use_bypass: bool | None = None
+        self._path_cache: dict[int, bool] = {}
         kh, kw = self.kernel_size
         k = kh * kw
         if L.w1_rank is None:
@@ -256,8 +260,18 @@ class LoKrModule(AdapterModule):
             shape,
         )
 
+    def _bypass_for(self, x: torch.Tensor) -> bool:
+        if self.use_bypass is not None:
+            return self.use_bypass
+        tokens = x.numel() // max(x.shape[-1], 1)  # a shape, never a tensor value: capturable
+        hit = self._path_cache.get(tokens)
+        if hit is None:
+            L = self.lokr_layout
+            hit = self._path_cache[tokens] = select_lokr_path(max(tokens, 1), L.a, L.b, L.c, L.d) == "bypass"
+        return hit
+
     def branch(self, x: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
-        if self.use_bypass and not self.is_conv:
+        if not self.is_conv and self._bypass_for(x):
             w1, w2 = self.w1(), self.w2()
             if w1.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
                 w1, w2 = w1.to(x.dtype), w2.to(x.dtype)
