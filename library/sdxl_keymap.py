@@ -212,9 +212,10 @@ def openclip_to_te2_state(oc: dict[str, torch.Tensor]) -> tuple[dict[str, torch.
             if rest.startswith("attn.in_proj_"):
                 kind = rest.rsplit("_", 1)[1]
                 q, kk, vv = v.chunk(3, dim=0)
-                out[base + f"self_attn.q_proj.{kind}"] = q.contiguous()
-                out[base + f"self_attn.k_proj.{kind}"] = kk.contiguous()
-                out[base + f"self_attn.v_proj.{kind}"] = vv.contiguous()
+                # clones: three views of one storage would be saved as shared tensors later
+                out[base + f"self_attn.q_proj.{kind}"] = q.clone()
+                out[base + f"self_attn.k_proj.{kind}"] = kk.clone()
+                out[base + f"self_attn.v_proj.{kind}"] = vv.clone()
             else:
                 part, kind = rest.rsplit(".", 1)
                 if part not in inv_layer:

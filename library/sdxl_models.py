@@ -142,8 +142,10 @@ def build_sdxl_from_configs(configs: dict[str, dict[str, Any]], tokenizers: tupl
 
 def build_tiny_sdxl_models(tokenizer_dir: str | Path, seed: int = 0) -> SdxlModels:
     """A tiny random SDXL with the real module tree and key layout (for tests and the demo)."""
-    torch.manual_seed(seed)
-    models = build_sdxl_from_configs(sdxl_config.tiny_sdxl_configs(), load_sdxl_tokenizers(tokenizer_dir))
+    tokenizers = load_sdxl_tokenizers(tokenizer_dir)
+    with torch.random.fork_rng(devices=[]):  # seed the init without disturbing the caller's RNG
+        torch.manual_seed(seed)
+        models = build_sdxl_from_configs(sdxl_config.tiny_sdxl_configs(), tokenizers)
     # Random-init GroupNorm/LayerNorm are identity-ish; perturb every tensor a little so that
     # round-trip and key-map tests would notice any swapped tensor.
     gen = torch.Generator().manual_seed(seed + 1)

@@ -60,6 +60,10 @@ def _assert_same(a: SdxlModels, b: SdxlModels) -> None:
 
 
 def test_single_file_round_trip_is_exact(tiny: SdxlModels, tiny_file: Path, clip_tokenizer_dir: Path) -> None:
+    state = torch.random.get_rng_state()
+    again_built = build_tiny_sdxl_models(clip_tokenizer_dir, seed=0)
+    assert torch.equal(torch.random.get_rng_state(), state)  # building leaves the global RNG alone
+    _assert_same(tiny, again_built)  # and is reproducible for a seed
     loaded = load_sdxl_models(str(tiny_file), tokenizer_dir=clip_tokenizer_dir)
     _assert_same(tiny, loaded)
     assert loaded.unet.config.attention_head_dim == tiny.unet.config.attention_head_dim
