@@ -276,16 +276,17 @@ def _short(names: Sequence[str], n: int = 12) -> str:
 
 
 def model_layer_names(text_encoders: Sequence[torch.nn.Module], unet: torch.nn.Module) -> set[str]:
-    """Every module name a network file may use on this model (the networks' own naming code)."""
+    """Every module name a network file may use on this model (the networks' own naming code): the
+    original (SGM) names and the model-path (diffusers) names the loader renames."""
     from networks.arch import detect_architecture
     from networks.network_base import iter_all_leaves, lora_name_of, model_roots
 
     arch = detect_architecture(list(text_encoders), unet)
-    return {
-        lora_name_of(root.prefix, original)
-        for root in model_roots(arch, list(text_encoders), unet, None)
-        for original, _ in iter_all_leaves(root)
-    }
+    names: set[str] = set()
+    for root in model_roots(arch, list(text_encoders), unet, None):
+        for item in iter_all_leaves(root):  # (original, leaf) or (original, model path, leaf)
+            names.update(lora_name_of(root.prefix, p) for p in item[:-1])
+    return names
 
 
 def check_file_names(file_algos: dict[str, str], available: set[str], module_name: str, path: str) -> None:

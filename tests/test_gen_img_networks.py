@@ -151,7 +151,8 @@ def test_two_networks_stack_additively(files, base_outputs) -> None:
     def leaves(models) -> dict[str, torch.nn.Module]:
         tes = [models.text_encoder_1, models.text_encoder_2]
         roots = model_roots(detect_architecture(tes, models.unet), tes, models.unet, None)
-        return {lora_name_of(r.prefix, o): leaf for r in roots for o, leaf in iter_all_leaves(r)}
+        # items are (original, leaf) or (original, model path, leaf) depending on the networks' version
+        return {lora_name_of(r.prefix, it[0]): it[-1] for r in roots for it in iter_all_leaves(r)}
 
     base_l, merged_l = leaves(base_models), leaves(merged_models)
     g1, g2 = group_by_module(load_file(files["loha"])), group_by_module(load_file(files["lokr"]))
