@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import random
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ class SdxlArchitecture(TrainingArchitecture):
         self.text_cached = False
         self.max_token_length: int | None = None
         self.noise_scheduler: Any = None
+        self.weight_dtype = torch.float32
 
     # ------------------------------------------------------------------ args
     def verify_args(self, args: argparse.Namespace) -> None:
@@ -131,6 +133,7 @@ class SdxlArchitecture(TrainingArchitecture):
     ) -> None:
         m = self.models
         device = accelerator.device
+        self.weight_dtype = weight_dtype
         for model in (m.unet, *m.text_encoders):
             model.requires_grad_(False)
         # the frozen base runs in the mixed-precision dtype; fp8 weights stay fp8
@@ -205,29 +208,33 @@ class SdxlArchitecture(TrainingArchitecture):
         prompt_lines: list[str],
         out_paths: list[Path],
     ) -> list[Path]:
+        """sd-scripts sample rules: default 512×512 (floored to /8), 30 steps, CFG 7.5, --d seed."""
         from library.png_metadata import save_png
         from library.prompt_options import parse_prompt_line
         from library.sdxl_generate import generate_sdxl
 
         m = self.models
         vae_device = m.vae.device
-        m.vae.to(accelerator.device, self.vae_dtype)
         written = []
-        dtype = torch.float32 if args.mixed_precision == "no" else torch.bfloat16
         for line, base in zip(prompt_lines, out_paths):
             opts = parse_prompt_line(line)
-            width = ((opts.width or 512) // 8) * 8
-            height = ((opts.height or 512) // 8) * 8
+            width = max(8, ((opts.width or 512) // 8) * 8)
+            height = max(8, ((opts.height or 512) // 8) * 8)
             seed = opts.seeds[0] if opts.seeds else None
-            run_seed = seed if seed is not None else torch.randint(0, 2**31 - 1, (1,)).item()
+            run_seed = seed if seed is not None else random.randint(0, 2**31 - 1)
+            steps = opts.steps or 30
+            scale = opts.scale if opts.scale is not None else 7.5
+            sampler = opts.sampler or args.sample_sampler
             image = generate_sdxl(
-                m, [opts.prompt], [opts.negative_prompt or ""], width, height, opts.steps or 30,
-                opts.scale if opts.scale is not None else 7.5, [run_seed], opts.sampler or args.sample_sampler,
-                dtype=dtype, device=accelerator.device,
+                m, [opts.prompt], [opts.negative_prompt or ""], width, height, steps, scale, [run_seed], sampler,
+                dtype=self.weight_dtype, device=accelerator.device, max_token_length=args.max_token_length,
+                v_parameterization=args.v_parameterization,
             )[0]  # fmt: skip
+            m.vae.to(self.vae_dtype)
             path = base.with_name(base.name + (f"_{seed}" if seed is not None else "") + ".png")
-            save_png(image, path, {"prompt": opts.prompt, "negative-prompt": opts.negative_prompt or "",
-                                   "seed": str(run_seed), "steps": str(opts.steps or 30)})  # fmt: skip
+            text = {"prompt": opts.prompt, "negative-prompt": opts.negative_prompt or "", "seed": str(run_seed),
+                    "sampler": sampler, "steps": str(steps), "scale": str(scale)}  # fmt: skip
+            save_png(image, path, text)
             written.append(path)
         m.vae.to(vae_device)
         return written
