@@ -234,7 +234,9 @@ def run(args: argparse.Namespace) -> list[Path]:
     if args.fp8 or args.fp8_scaled:
         raise ValueError("--fp8/--fp8_scaled are not supported by this implementation; use --dtype bf16")
     if args.include_patterns or args.exclude_patterns:
-        logger.warning("--include_patterns/--exclude_patterns are ignored: every module in the files is merged")
+        logger.warning(
+            "--include_patterns/--exclude_patterns are ignored: every module in the files is merged"
+        )
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = _DTYPES[args.dtype]
     base = Job(
