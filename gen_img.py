@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import random
 import sys
 import time
 from collections.abc import Sequence
@@ -531,12 +532,15 @@ def generate(args: argparse.Namespace) -> list[Path]:
     for o in parsed:  # --am and sizes: check every line now, not after the first images
         job_key(args, o, n_live, size_step)
     rng = seed_source(args, len(parsed))
+    variant_rng = random.Random(args.seed)  # dynamic-prompt picks: reproducible under --seed
     counter = [0]
     written: list[Path] = []
     Path(args.outdir).mkdir(parents=True, exist_ok=True)
     for it in range(args.n_iter):
         logger.info("iteration %d/%d", it + 1, args.n_iter)
-        for batch in split_batches(plan_iteration(args, parsed, rng, n_live, size_step), args.batch_size):
+        for batch in split_batches(
+            plan_iteration(args, parsed, rng, n_live, size_step, variant_rng), args.batch_size
+        ):
             written.extend(run_batch(args, models, nets, batch, dtype, device, counter))
     logger.info("wrote %d image(s) to %s", len(written), args.outdir)
     return written

@@ -10,13 +10,14 @@ import argparse
 import logging
 import os
 import random
-import re
 from dataclasses import dataclass
 
 from library.prompt_options import (
     PromptOptionError,
     PromptOptions,
+    expand_dynamic_prompt,
     expand_multipliers,
+    has_dynamic_groups,
     parse_prompt_line,
     read_prompt_file,
 )
@@ -63,7 +64,6 @@ class ImageJob:
     filename: str | None
 
 
-_DYNAMIC_PROMPT = re.compile(r"\{[^{}]*\|[^{}]*\}")
 _WARNED_SIZES: set[tuple[str, int]] = set()
 
 
@@ -117,16 +117,24 @@ def job_key(args: argparse.Namespace, o: PromptOptions, n_live: int, size_step: 
     )
 
 
+def _parse_line(line: str) -> PromptOptions:
+    """A line's options; a dynamic line is checked through each variant of a sample expansion, and
+    its base options come from the first variants (the real picks are drawn per image later)."""
+    if not has_dynamic_groups(line):
+        return parse_prompt_line(line)
+    for variant in expand_dynamic_prompt(line, 1, random.Random(0), all_variants=True):
+        parse_prompt_line(variant)
+    o = parse_prompt_line(expand_dynamic_prompt(line, 1, random.Random(0), all_variants=True)[0])
+    o.raw = line.strip()
+    return o
+
+
 def parse_prompt_lines(args: argparse.Namespace) -> list[PromptOptions]:
     lines = read_prompt_file(args.from_file) if args.from_file is not None else [args.prompt]
     if not lines or not lines[0].strip():
         raise ValueError(f"no prompt found in {args.from_file or '--prompt'}")
-    parsed = [parse_prompt_line(line) for line in lines]
+    parsed = [_parse_line(line) for line in lines]
     for o in parsed:
-        if _DYNAMIC_PROMPT.search(o.prompt):
-            logger.warning(
-                "dynamic prompts ({a|b}) are not implemented: the braces stay in the prompt (%r)", o.prompt
-            )
         if o.unsupported:
             logger.warning(
                 "prompt options not implemented, ignored: %s (in %r)", sorted(o.unsupported), o.raw
@@ -158,19 +166,31 @@ def plan_iteration(
     rng: random.Random | None,
     n_live: int,
     size_step: int = 8,
+    variant_rng: random.Random | None = None,
 ) -> list[ImageJob]:
-    """The images of one `--n_iter` round, in generation order."""
+    """The images of one `--n_iter` round, in generation order.
+
+    A dynamic line gives one image per variant (`images_per_prompt` random variants, or every
+    enumerated one); its `--d` seeds are taken from the line as a whole."""
     iter_seed = rng.randint(0, MAX_SEED) if (args.iter_same_seed and rng is not None) else None
+    variant_rng = variant_rng or random.Random(args.seed)
     order = list(parsed)
     if args.shuffle_prompts:
         (rng or random.Random(args.seed)).shuffle(order)
     jobs: list[ImageJob] = []
     for o in order:
-        key = job_key(args, o, n_live, size_step)
+        if has_dynamic_groups(o.raw):
+            images = [
+                parse_prompt_line(v)
+                for v in expand_dynamic_prompt(o.raw, args.images_per_prompt, variant_rng)
+            ]
+        else:
+            images = [o] * args.images_per_prompt
         given = list(o.seeds) if o.seeds is not None else None
         randomize = False
         seed = None
-        for pi in range(args.images_per_prompt):
+        for pi, opts in enumerate(images):
+            key = job_key(args, opts, n_live, size_step)
             if given is not None and not randomize:
                 # --d a,b,c: one seed per image; missing ones repeat the last; -1 = random from here on
                 value = given[pi] if pi < len(given) else given[-1]
@@ -186,14 +206,14 @@ def plan_iteration(
                 else:
                     seed = rng.randint(0, MAX_SEED)
             assert seed is not None
-            filename = o.filename
+            filename = opts.filename
             if filename is not None:
-                if args.images_per_prompt > 1:
+                if len(images) > 1:
                     stem, ext = os.path.splitext(filename)
                     filename = f"{stem}_{pi}{ext}"
                 if not filename.lower().endswith(".png"):
                     filename += ".png"
-            jobs.append(ImageJob(key, o.prompt, o.negative_prompt or "", o.raw, int(seed), filename))
+            jobs.append(ImageJob(key, opts.prompt, opts.negative_prompt or "", opts.raw, int(seed), filename))
     return jobs
 
 

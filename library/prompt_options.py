@@ -8,7 +8,9 @@ defaults and policy (which options a caller supports) stay with the caller.
 
 from __future__ import annotations
 
+import itertools
 import logging
+import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -171,3 +173,90 @@ def expand_multipliers(values: list[float] | None, count: int, what: str = "--am
     if len(values) > count:
         raise PromptOptionError(f"{what} has {len(values)} values but only {count} network(s) are loaded")
     return list(values) + [values[-1]] * (count - len(values))
+
+
+# ------------------------------------------------------------------------------ dynamic prompts
+# sd-scripts' gen_img.py syntax: `{a|b|c}` picks one variant per image; leading `$$` fragments add
+# `e` (enumerate every variant: one prompt each), a count `n` or range `n-m` (join that many distinct
+# variants) and a separator (default ", "): `{e$$a|b}`, `{2$$a|b|c}`, `{1-3$$ and $$a|b|c}`.
+_GROUP_RE = re.compile(r"\{([^{}]*)\}")
+_RANGE_RE = re.compile(r"(\d+)(?:-(\d+))?\Z")
+
+
+@dataclass
+class _Group:
+    span: tuple[int, int]
+    variants: list[str]
+    enumerate_all: bool
+    count: tuple[int, int]
+    separator: str
+
+
+def _parse_group(m: re.Match[str], line: str) -> _Group:
+    parts = m.group(1).split("$$")
+    variants, head = parts[-1].split("|"), parts[:-1]
+    enum = bool(head) and head[0].lower() == "e"
+    if enum:
+        head = head[1:]
+    count = (1, 1)
+    if head and _RANGE_RE.match(head[0]):
+        r = _RANGE_RE.match(head[0])
+        assert r is not None
+        lo = int(r.group(1))
+        hi = int(r.group(2)) if r.group(2) is not None else lo
+        count = (max(0, min(lo, hi)), min(len(variants), max(lo, hi)))
+        head = head[1:]
+    separator = ", "
+    if head:
+        separator, head = head[0], head[1:]
+    if head:
+        raise PromptOptionError(
+            f"dynamic prompt group {m.group(0)!r} has too many '$$' fragments (in line {line!r})"
+        )
+    return _Group(m.span(), variants, enum, count, separator)
+
+
+def _choices(g: _Group) -> list[str]:
+    """Every value an enumerating group takes."""
+    out = []
+    for k in range(g.count[0], g.count[1] + 1):
+        out += [g.separator.join(c) for c in itertools.combinations(g.variants, k)]
+    return out
+
+
+def _pick(g: _Group, rnd: random.Random) -> str:
+    k = rnd.randint(g.count[0], g.count[1])
+    return g.separator.join(rnd.sample(g.variants, k))
+
+
+def has_dynamic_groups(line: str) -> bool:
+    return _GROUP_RE.search(line) is not None
+
+
+def expand_dynamic_prompt(
+    line: str, repeat: int, rnd: random.Random, all_variants: bool = False
+) -> list[str]:
+    """The prompt lines a dynamic line stands for.
+
+    No group: `[line]`. With enumerating groups: one line per combination of their values (other
+    groups drawn at random per line). Otherwise `repeat` lines with random picks. `all_variants`
+    enumerates every group (to check every variant's options up front).
+    """
+    groups = [_parse_group(m, line) for m in _GROUP_RE.finditer(line)]
+    if not groups:
+        return [line]
+    if all_variants:
+        groups = [_Group(g.span, g.variants, True, (1, 1), g.separator) for g in groups]
+    enum_values = [_choices(g) for g in groups if g.enumerate_all]
+    combos: list[tuple[str, ...]] = list(itertools.product(*enum_values)) if enum_values else [()] * repeat
+    lines = []
+    for combo in combos:
+        values = iter(combo)
+        out, pos = [], 0
+        for g in groups:
+            out.append(line[pos : g.span[0]])
+            out.append(next(values) if g.enumerate_all else _pick(g, rnd))
+            pos = g.span[1]
+        out.append(line[pos:])
+        lines.append("".join(out))
+    return lines

@@ -149,3 +149,18 @@ def test_sizes_floor_to_the_model_step() -> None:
         gen_img.job_key(
             _args("--prompt", "x --w 16"), gen_img.parse_prompt_lines(_args("--prompt", "x --w 16"))[0], 0, 32
         )
+
+
+def test_dynamic_prompt_lines_plan_one_image_per_variant(tmp_path) -> None:
+    f = tmp_path / "p.txt"
+    f.write_text("a {e$$cat|dog} --w {e$$512|768} --d 9 --f pet\n", encoding="utf-8")
+    args = _args("--from_file", str(f), "--images_per_prompt", "3")
+    jobs = gen_img.plan_iteration(args, gen_img.parse_prompt_lines(args), random.Random(0), 0)
+    assert [(j.prompt, j.key.width, j.seed) for j in jobs] == [
+        ("a cat", 512, 9), ("a cat", 768, 9), ("a dog", 512, 9), ("a dog", 768, 9)
+    ]  # fmt: skip
+    assert [j.filename for j in jobs] == ["pet_0.png", "pet_1.png", "pet_2.png", "pet_3.png"]
+    # a bad option inside any variant is caught before models load
+    f.write_text("a --w {512|wide}\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="--w 'wide'"):
+        gen_img.parse_prompt_lines(_args("--from_file", str(f)))

@@ -145,3 +145,25 @@ def test_png_metadata_roundtrip_and_names(tmp_path) -> None:
     assert sequential_name(7) == "im_000007.png"
     assert first_available_name(tmp_path / "out", p.name) == "im_20260101120000_003_1234_1.png"
     assert first_available_name(tmp_path / "out", "free.png") == "free.png"
+
+
+def test_dynamic_prompts_random_enumerate_count_and_separator() -> None:
+    import random
+
+    from library.prompt_options import expand_dynamic_prompt, has_dynamic_groups
+
+    assert expand_dynamic_prompt("plain --n x", 3, random.Random(0)) == ["plain --n x"]
+    assert not has_dynamic_groups("plain") and has_dynamic_groups("a {b|c}")
+    # random pick per image, options outside the braces kept
+    picks = expand_dynamic_prompt("a {cat|dog|fox} --d 1", 40, random.Random(0))
+    assert len(picks) == 40 and set(picks) == {f"a {x} --d 1" for x in ("cat", "dog", "fox")}
+    # e$$: every variant, cartesian product over enumerating groups, repeat count ignored
+    assert expand_dynamic_prompt("{e$$red|blue} {e$$cat|dog}", 5, random.Random(0)) == [
+        "red cat", "red dog", "blue cat", "blue dog"
+    ]  # fmt: skip
+    # n$$ / n-m$$: that many distinct variants, default separator ", ", custom one after the count
+    two = expand_dynamic_prompt("{2$$a|b|c}", 20, random.Random(1))
+    assert all(len(set(p.split(", "))) == 2 and set(p.split(", ")) <= {"a", "b", "c"} for p in two)
+    assert expand_dynamic_prompt("{e$$1-2$$ and $$a|b}", 1, random.Random(0)) == ["a", "b", "a and b"]
+    with pytest.raises(PromptOptionError, match="too many"):
+        expand_dynamic_prompt("{e$$1$$,$$x$$a|b}", 1, random.Random(0))
