@@ -311,20 +311,24 @@ class AdapterNetwork(NetworkOptimMixin, nn.Module):
     def apply_max_norm_regularization(
         self, max_norm_value: float, device: Any = None
     ) -> tuple[int, float, float]:
+        # One host sync for the whole network: every module is scaled by its ratio (×1 is exact when
+        # nothing is clamped), and the count / mean / max are read back once at the end.
         norms: list[torch.Tensor] = []
-        keys_scaled = 0
+        ratios: list[torch.Tensor] = []
         for m in self.all_loras:
-            n = m.norm_for_max().float()
-            n = n.clamp(min=max_norm_value / 2)
+            n = m.norm_for_max().float().clamp(min=max_norm_value / 2)
             ratio = n.clamp(max=max_norm_value) / n
-            if bool(ratio != 1):
-                keys_scaled += 1
-                m.scale_for_max(ratio)
-            norms.append((n * ratio).to("cpu"))
+            m.scale_for_max(ratio)
+            norms.append(n * ratio)
+            ratios.append(ratio)
         if not norms:
             return 0, 0.0, 0.0
-        stacked = torch.stack(norms)
-        return keys_scaled, float(stacked.mean()), float(stacked.max())
+        dev = norms[0].device
+        stacked = torch.stack([t.to(dev) for t in norms])
+        stats = torch.stack(
+            [(torch.stack([r.to(dev) for r in ratios]) != 1).sum().float(), stacked.mean(), stacked.max()]
+        ).tolist()
+        return int(stats[0]), float(stats[1]), float(stats[2])
 
 
 # -------------------------------------------------------------------- creation

@@ -205,3 +205,10 @@ def test_lora_and_loha_take_the_same_common_args(model) -> None:
         )
         sub = net.unet_loras[0]
         assert (sub.rank_dropout, sub.module_dropout, sub.dropout) == (0.1, 0.1, 0.2)
+
+
+def test_train_llm_adapter_is_ignored_with_a_warning_on_sdxl(model, caplog) -> None:
+    with caplog.at_level("WARNING"):
+        net = loha.create_network(1.0, 4, 1, None, model.tes, model.unet, train_llm_adapter="true")
+    assert len(net.unet_loras) == 192
+    assert any("train_llm_adapter is an Anima option" in r.getMessage() for r in caplog.records)

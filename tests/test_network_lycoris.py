@@ -181,9 +181,16 @@ def test_lycoris_files_load_in_ours_with_same_delta(tmp_path, algo, dim, kwargs)
     net, _ = module.create_network_from_weights(1.0, str(path), None, [nn.Module(), te2], unet)
     net.to(torch.float64)
     net.load_weights(str(path))
+    # gen_img's path: apply_to + non-strict load_state_dict of the raw file dict
+    net_sd, _ = module.create_network_from_weights(1.0, None, None, [nn.Module(), te2], unet, weights_sd=sd)
+    net_sd.to(torch.float64)
+    result = net_sd.load_state_dict(sd, strict=False)
+    assert not result.unexpected_keys and not result.missing_keys
     lmods = _lyco_modules(lnet)
     assert {m.lora_name for m in net.all_loras} == set(lmods)
+    by_name = {m.lora_name: m for m in net_sd.all_loras}
     for m in net.all_loras:
         want = _lyco_delta(lmods[m.lora_name]).detach().reshape(m.layer_shape)
-        got = _our_delta(m)
-        assert (got - want).abs().max() <= 1e-6 * max(float(want.abs().max()), 1e-30), m.lora_name
+        for ours in (m, by_name[m.lora_name]):
+            got = _our_delta(ours)
+            assert (got - want).abs().max() <= 1e-6 * max(float(want.abs().max()), 1e-30), m.lora_name
