@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -266,3 +267,24 @@ def test_single_file_text_encoder_and_diffusers_vae_give_same_image(files, tmp_p
     c = _latent(inf.main(_argv(files, tmp_path / "c", "--lora_weight", str(tmp_path / "te.safetensors"))))
     base = _latent(inf.main(_argv(files, tmp_path / "d")))
     assert not torch.equal(c, base)  # a text-encoder-only LoRA changes the image
+
+
+def test_from_file_and_latent_path(files, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text(
+        "a red cat --w 48 --h 32 --d 3 --s 1 --g 1.0\n# skipped\nblue dog --n ugly --fs 2 --d 4\n"
+    )
+    argv = [a for a in _argv(files, tmp_path / "o") if a not in ("--prompt", "a red cat")]
+    out = inf.main(argv + ["--from_file", str(prompts)])
+    pngs = [p for p in out if p.suffix == ".png"]
+    assert [Image.open(p).size for p in pngs] == [(48, 32), (64, 64)]
+    assert [Image.open(p).text["seed"] for p in pngs] == ["3", "4"]
+    assert Image.open(pngs[1]).text["negative-prompt"] == "ugly"
+    # decoding a saved latent reproduces the PNG written alongside it
+    lat = next(p for p in out if p.suffix == ".safetensors")
+    dec = inf.main(argv + ["--latent_path", str(lat), "--save_path", str(tmp_path / "dec")])
+    assert np.array_equal(np.array(Image.open(dec[0])), np.array(Image.open(pngs[0])))
+    bad = tmp_path / "bad.txt"
+    bad.write_text("x --zz 3\n")
+    with pytest.raises(ValueError, match="unknown option --zz"):
+        inf.main(argv + ["--from_file", str(bad)])
