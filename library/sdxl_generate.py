@@ -94,6 +94,8 @@ def generate_sdxl(
         )
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if sampler.lower() == "pndm" and steps < 4:  # its Runge-Kutta warm-up needs 4 steps
+        raise ValueError(f"sampler pndm needs steps >= 4, got {steps}")
     _check_size(width, height, models)
     device = torch.device(device)
     # the components run on `device` for this call and go back where they were afterwards (a trainer
