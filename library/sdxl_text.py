@@ -126,7 +126,7 @@ def encode_sdxl_text(
     if ids1.shape != ids2.shape:
         raise ValueError(f"ids1 {tuple(ids1.shape)} and ids2 {tuple(ids2.shape)} must have the same shape")
     b, n, w = ids1.shape
-    dev = device if device is not None else te1.device
+    dev = device if device is not None else next(te1.parameters()).device
     flat1 = ids1.reshape(b * n, w).to(dev)
     flat2 = ids2.reshape(b * n, w).to(dev)
     out1 = te1(flat1, output_hidden_states=True)
@@ -136,7 +136,9 @@ def encode_sdxl_text(
     # pooled: final-LN state at the first EOS of the first window, through the projection
     last = out2.last_hidden_state.reshape(b, n, w, -1)[:, 0]
     eos_pos = (ids2[:, 0].to(dev) == EOS_ID).int().argmax(dim=-1)
-    pooled = te2.text_projection(last[torch.arange(b, device=last.device), eos_pos])
+    # forward through the (possibly DDP-wrapped) module, but reach the projection on the inner one
+    projection = getattr(te2, "module", te2).text_projection
+    pooled = projection(last[torch.arange(b, device=last.device), eos_pos])
     h1 = _join_chunks(h1.reshape(b, n, w, -1))
     h2 = _join_chunks(h2.reshape(b, n, w, -1))
     if weights is not None:  # on the joined sequence, so "original" keeps the whole prompt's mean

@@ -140,3 +140,22 @@ def test_weighted_tokens_and_encoding(tiny: SdxlModels) -> None:
     assert weighted.shape == (1, 152, 64)
     torch.testing.assert_close(weighted[0, 1], plain[0, 1] * 2)
     torch.testing.assert_close(weighted[0, 2:], plain[0, 2:])
+
+
+def test_encode_through_wrapped_encoders(tiny: SdxlModels) -> None:
+    """Encoders wrapped like accelerate/DDP wraps trained modules (`.module`) give the same result."""
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.module = inner
+
+        def forward(self, *a, **k):  # noqa: ANN002, ANN003
+            return self.module(*a, **k)
+
+    ids1, ids2 = tokenize_sdxl(tiny, ["a cat"])
+    with torch.no_grad():
+        ref = encode_sdxl_text(tiny, ids1, ids2)
+        wrapped = encode_sdxl_text((Wrapper(tiny.text_encoder_1), Wrapper(tiny.text_encoder_2)), ids1, ids2)
+    torch.testing.assert_close(wrapped[0], ref[0])
+    torch.testing.assert_close(wrapped[1], ref[1])
