@@ -235,7 +235,8 @@ class AnimaArchitecture(TrainingArchitecture):
         self.models: Any = None
         self.dataset: Any = None
         self.text_cached = False
-        self.dropout_rates: dict[str, float] = {}
+        self.dropout_rates: dict[str, float] = {}  # image key -> caption_dropout_rate of its subset
+        self.caption_rates: dict[str, float] = {}  # cached caption -> rate (written into the npz)
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         add_anima_arguments(parser)
@@ -344,6 +345,8 @@ class AnimaArchitecture(TrainingArchitecture):
             "attn_mask": toks.qwen_mask.to(torch.int32),
             "t5_input_ids": toks.t5_ids.to(torch.int32),
             "t5_attn_mask": toks.t5_mask.to(torch.int32),
+            # stored for sd-scripts compatibility of the npz; the trainer reads the live subset rate
+            "caption_dropout_rate": torch.tensor([self.caption_rates.get(c, 0.0) for c in captions]),
         }
 
     def encode_latents(self, images: torch.Tensor) -> torch.Tensor:
@@ -357,6 +360,8 @@ class AnimaArchitecture(TrainingArchitecture):
         self, args: argparse.Namespace, accelerator: Accelerator, data: DatasetInfo, weight_dtype: torch.dtype
     ) -> None:
         from library.dataset import cache as dcache
+        from library.dataset.captions import deterministic_caption
+        from library.dataset.dataset import caption_options
 
         m = self.models
         common = dict(
@@ -383,6 +388,8 @@ class AnimaArchitecture(TrainingArchitecture):
                         "use caption_dropout_rate"
                     )
                 self.dropout_rates[info.key] = float(info.subset.caption_dropout_rate)
+                cap = deterministic_caption(info.caption, caption_options(info.subset))
+                self.caption_rates[cap] = max(self.caption_rates.get(cap, 0.0), self.dropout_rates[info.key])
             dcache.cache_text_encoder_outputs(
                 self.dataset, lambda caps: self.encode_text_for_cache(args, caps),
                 to_disk=bool(args.cache_text_encoder_outputs_to_disk),
