@@ -118,8 +118,8 @@ class AdapterModule(nn.Module):
 
     # ------------------------------------------------------------------ maths (subclasses)
     def delta_weight(self, multiplier: float = 1.0) -> torch.Tensor:
-        """ΔW incl. s, σ and `multiplier`, shaped like the layer weight (2-D for 1×1 convs allowed)."""
-        raise NotImplementedError
+        """ΔW incl. s, σ and `multiplier`, shaped exactly like the layer weight."""
+        return self.delta_weight_scaled(self.total_scale(multiplier)).reshape(self.layer_shape)
 
     def branch(self, x: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
         """ΔW_raw·x·scale without dropout; default builds ΔW and applies it with the layer's op."""

@@ -47,12 +47,26 @@ class Root:
     target_classes: tuple[str, ...]
 
 
+def unwrap_model(model: Any) -> Any:
+    """The bare model under torch.compile (`_orig_mod`) or DDP/FSDP-style (`module`) wrappers."""
+    while model is not None:
+        if isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        elif type(model).__name__ in ("DistributedDataParallel", "DataParallel") and isinstance(
+            getattr(model, "module", None), nn.Module
+        ):
+            model = model.module
+        else:
+            break
+    return model
+
+
 def as_te_list(text_encoder: Any) -> list[nn.Module | None]:
     if text_encoder is None:
         return []
     if isinstance(text_encoder, (list, tuple)):
-        return list(text_encoder)
-    return [text_encoder]
+        return [unwrap_model(t) for t in text_encoder]
+    return [unwrap_model(text_encoder)]
 
 
 def model_roots(
@@ -353,6 +367,7 @@ def create_network_for(
         alpha = float(dim)
     conv_alpha = args.conv_alpha if args.conv_alpha else float(args.conv_dim or dim)
     tes = as_te_list(text_encoder)
+    unet = unwrap_model(unet)
     arch = detect_architecture(tes, unet)
     arch.warn_unsupported(args)
     excludes = [re.compile(p) for p in (*arch.default_excludes, *args.exclude_patterns)]
@@ -455,6 +470,7 @@ def create_network_from_weights_for(
         weights_sd = read_weights(file)[0]
     args = parse_network_args(algo, kwargs)
     tes = as_te_list(text_encoder)
+    unet = unwrap_model(unet)
     arch = detect_architecture(tes, unet)
     leaves: dict[str, tuple[nn.Module, int | None, str]] = {}
     aliases: dict[str, str] = {}  # model-path (e.g. diffusers) names → original-path names

@@ -143,3 +143,9 @@ def test_verbose_prints_table(tiny, capsys) -> None:
     assert "lora_unet_input_blocks_4_1_transformer_blocks_0_ff_net_0_proj" in out
     assert "excluded: lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_q" in out
     assert "⊗" in out and "scale" in out
+
+
+def test_compiled_unet_is_unwrapped(tiny) -> None:
+    compiled = torch.compile(tiny.unet)  # wrapping only; nothing is compiled until called
+    net = loha.create_network(1.0, 4, 1, None, tiny.tes, compiled)
+    assert {m.lora_name for m in net.all_loras} == _golden("sdxl_tiny_names.txt")
