@@ -335,21 +335,28 @@ def load_networks(
             raise ValueError(f"--network_module {module_name!r} cannot be imported: {e}") from e
         if not hasattr(module, "create_network_from_weights"):
             raise ValueError(f"--network_module {module_name!r} has no create_network_from_weights()")
-        weights_sd, metadata = read_weights(path)
-        if args.network_show_meta:
-            logger.info("metadata of %s: %s", path, metadata)
-        file_algos = _file_module_names(weights_sd)
+        try:
+            weights_sd, metadata = read_weights(path)
+            if args.network_show_meta:
+                logger.info("metadata of %s: %s", path, metadata)
+            file_algos = _file_module_names(weights_sd)
+        except Exception as e:  # unreadable file (SafetensorError has no common base) or unknown keys
+            msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+            raise ValueError(f"--network_weights {path}: cannot be loaded as a network file: {msg}") from e
         check_file_names(file_algos, layer_names, module_name, path)
-        network, weights_sd = module.create_network_from_weights(
-            mul,
-            path,
-            models.vae,
-            text_encoders,
-            models.unet,
-            weights_sd=weights_sd,
-            for_inference=True,
-            **kwargs,
-        )
+        try:
+            network, weights_sd = module.create_network_from_weights(
+                mul,
+                path,
+                models.vae,
+                text_encoders,
+                models.unet,
+                weights_sd=weights_sd,
+                for_inference=True,
+                **kwargs,
+            )
+        except KeyError as e:  # the module names the offending key; keep its words, not KeyError's quotes
+            raise ValueError(f"--network_weights {path}: {e.args[0] if e.args else e}") from e
         if network is None:
             raise ValueError(f"--network_module {module_name} returned no network for {path}")
         # a third-party module could skip names silently; ours raise, this catches the rest

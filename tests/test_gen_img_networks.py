@@ -288,3 +288,16 @@ def test_bf16_merged_batch_with_fp32_vae_writes_images(files) -> None:
     a, b = _png(pngs[0]), _png(pngs[1])
     assert a.shape == (32, 32, 3) and not np.array_equal(a, b)  # different seeds, different images
     assert json.loads(read_png_text(pngs[1])["networks"])[0]["merged"] is True
+
+
+def test_unreadable_or_unsupported_network_files_are_clear_errors(files, capsys) -> None:
+    garbage = files["dir"] / "garbage.safetensors"
+    garbage.write_bytes(b"not a safetensors file")
+    err = _expect_error(files, capsys, "--network_module", "networks.lora", "--network_weights", str(garbage))
+    assert "garbage.safetensors: cannot be loaded as a network file" in err
+    dora = files["dir"] / "dora.safetensors"
+    save_file(
+        {"lora_unet_out_2.dora_scale": torch.ones(4), "lora_unet_out_2.alpha": torch.tensor(1.0)}, str(dora)
+    )
+    err = _expect_error(files, capsys, "--network_module", "networks.lora", "--network_weights", str(dora))
+    assert "lora_unet_out_2.dora_scale: unsupported network key" in err
