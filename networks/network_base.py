@@ -359,10 +359,19 @@ def create_network_for(
     args = parse_network_args(algo, kwargs, neuron_dropout)
     if network_dim is None:
         network_dim = 4
-    dim = int(network_dim)
+    try:
+        dim = int(network_dim)
+    except (TypeError, ValueError):
+        dim = -1
     if dim < 1 or dim != network_dim:
         raise ValueError(f"network_dim={network_dim!r}: expected a positive integer rank")
-    alpha = 1.0 if network_alpha is None else float(network_alpha)
+    try:
+        alpha = 1.0 if network_alpha is None else float(network_alpha)
+        multiplier = float(multiplier)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"network_alpha={network_alpha!r} / multiplier={multiplier!r}: expected numbers"
+        ) from None
     if alpha == 0:
         alpha = float(dim)
     conv_alpha = args.conv_alpha if args.conv_alpha else float(args.conv_dim or dim)

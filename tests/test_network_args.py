@@ -166,6 +166,10 @@ def test_selection_errors_name_the_argument(model) -> None:
         loha.create_network(1.0, 4, 1, None, model.tes, model.unet, exclude_patterns="['.*']")
     with pytest.raises(ValueError, match=r"network_dim=0"):
         loha.create_network(1.0, 0, 1, None, model.tes, model.unet)
+    with pytest.raises(ValueError, match=r"network_dim='x'"):
+        loha.create_network(1.0, "x", 1, None, model.tes, model.unet)
+    with pytest.raises(ValueError, match=r"network_alpha='a'"):
+        loha.create_network(1.0, 4, "a", None, model.tes, model.unet)
 
 
 def test_patterns_and_reg_dims_select_modules(model) -> None:
