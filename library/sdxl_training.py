@@ -150,8 +150,11 @@ class SdxlArchitecture(TrainingArchitecture):
         if args.gradient_checkpointing:
             m.unet.enable_gradient_checkpointing()
             if train_text_encoder:
-                for te in m.text_encoders:
-                    te.gradient_checkpointing_enable()
+                for te in m.text_encoders:  # transformers renamed the method; use whichever exists
+                    (
+                        getattr(te, "activation_checkpointing_enable", None)
+                        or te.gradient_checkpointing_enable
+                    )()
         # dropout in the frozen models would make the loss noisy; training mode only for checkpointing
         m.unet.train(args.gradient_checkpointing)
         for te in m.text_encoders:

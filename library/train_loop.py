@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import set_seed
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
@@ -137,6 +138,10 @@ def make_accelerator(args: argparse.Namespace) -> Accelerator:
         from accelerate.utils import InitProcessGroupKwargs
 
         kwargs_handlers.append(InitProcessGroupKwargs(timeout=datetime.timedelta(minutes=args.ddp_timeout)))
+    # main() may run several times in one process (tests, the demo): forget the previous run's precision
+    # and accumulation settings, but keep the process group (PartialState)
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
     return Accelerator(
         # without a GPU, accelerate only builds a (gloo) process group when told it runs on CPU
         cpu=not torch.cuda.is_available(),
