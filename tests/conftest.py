@@ -20,3 +20,14 @@ def tokenizers_dir() -> Path:
 @pytest.fixture(scope="session")
 def clip_tokenizer_dir(tokenizers_dir: Path) -> Path:
     return tokenizers_dir / "clip"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _single_intra_op_thread():
+    """Tiny models run fastest on one thread; it also keeps test timings stable on a loaded machine."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
