@@ -301,3 +301,21 @@ def test_unreadable_or_unsupported_network_files_are_clear_errors(files, capsys)
     )
     err = _expect_error(files, capsys, "--network_module", "networks.lora", "--network_weights", str(dora))
     assert "lora_unet_out_2.dora_scale: unsupported network key" in err
+
+
+def test_script_runs_from_another_folder(files, tmp_path) -> None:
+    """`python gen_img.py ...` as users type it: the script's folder provides `library` and `networks.*`."""
+    import subprocess
+    import sys
+
+    script = Path(gen_img.__file__).resolve()
+    argv = _argv(files, "--prompt", "a fox --d 3", "--outdir", "o", "--network_module", "networks.lokr",
+                 "--network_weights", str(files["lokr"]), "--sdxl", "--sdpa")  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, str(script), *argv], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    (png,) = (tmp_path / "o").glob("*.png")
+    assert png.name.endswith("_000_3.png") and read_png_text(png)["prompt"] == "a fox"
+    r = subprocess.run([sys.executable, str(script), "--bogus"], cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 2 and "unrecognized arguments: --bogus" in r.stderr
