@@ -372,9 +372,9 @@ def create_network_for(
         raise ValueError(
             f"network_alpha={network_alpha!r} / multiplier={multiplier!r}: expected numbers"
         ) from None
-    if alpha == 0:
-        alpha = float(dim)
-    conv_alpha = args.conv_alpha if args.conv_alpha else float(args.conv_dim or dim)
+    # α = 0 means "α = r" per module (so reg_dims / conv modules get their own rank); None does that too
+    alpha_arg: float | None = alpha if alpha != 0 else None
+    conv_alpha: float | None = args.conv_alpha if args.conv_alpha else None
     tes = as_te_list(text_encoder)
     unet = unwrap_model(unet)
     arch = detect_architecture(tes, unet)
@@ -394,11 +394,11 @@ def create_network_for(
             if _fullmatch_any(excludes, original) and not _fullmatch_any(includes, original):
                 net.excluded_names.append(name)
                 continue
-            rank, a = (args.conv_dim, conv_alpha) if kxk else (dim, alpha)
+            rank, a = (args.conv_dim, conv_alpha) if kxk else (dim, alpha_arg)
             for i, (pat, d) in enumerate(reg_dims):
                 if pat.fullmatch(original):
                     reg_dim_used[i] = True
-                    rank, a = d, alpha
+                    rank, a = d, alpha_arg
                     break
             if rank == 0:
                 net.excluded_names.append(name)

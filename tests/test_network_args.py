@@ -216,3 +216,12 @@ def test_train_llm_adapter_is_ignored_with_a_warning_on_sdxl(model, caplog) -> N
         net = loha.create_network(1.0, 4, 1, None, model.tes, model.unet, train_llm_adapter="true")
     assert len(net.unet_loras) == 192
     assert any("train_llm_adapter is an Anima option" in r.getMessage() for r in caplog.records)
+
+
+def test_alpha_zero_means_each_modules_rank(model) -> None:
+    net = loha.create_network(
+        1.0, 4, 0, None, None, model.unet, network_reg_dims=r".*ff\.net\.2=6", conv_dim=2, conv_alpha=0
+    )
+    for m in net.unet_loras:
+        assert m.alpha_value == m.rank and m.scale == 1.0
+    assert {m.rank for m in net.unet_loras} == {2, 4, 6}
