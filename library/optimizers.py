@@ -198,12 +198,30 @@ def build_scheduler(
             )
         return LambdaLR(optimizer, lambda _step: 1.0)
     specific: dict[str, Any] = dict(kwargs)
+    used = {"lr_scheduler_timescale": name == "inverse_sqrt",
+            "lr_scheduler_min_lr_ratio": name in ("cosine_with_min_lr", "warmup_stable_decay"),
+            "lr_decay_steps": name == "warmup_stable_decay"}  # fmt: skip
+    for flag, ok in used.items():
+        value = getattr(args, flag, None)
+        if value not in (None, "0", 0) and not ok:
+            logger.warning("--%s is not used by --lr_scheduler %s", flag, name)
+    if name == "inverse_sqrt" and args.lr_scheduler_timescale is not None:
+        specific.setdefault("timescale", args.lr_scheduler_timescale)
+    if name == "cosine_with_min_lr":
+        specific.setdefault("min_lr_rate", args.lr_scheduler_min_lr_ratio or 0.0)
+    if name == "warmup_stable_decay":
+        specific.setdefault(
+            "num_decay_steps", parse_warmup_steps(args.lr_decay_steps, args.max_train_steps) * num_processes
+        )
+        specific.setdefault("min_lr_ratio", args.lr_scheduler_min_lr_ratio or 0.0)
     if name == "cosine_with_restarts":
         specific.setdefault("num_cycles", args.lr_scheduler_num_cycles)
     if name == "polynomial":
         specific.setdefault("power", args.lr_scheduler_power)
-    if name == "constant_with_warmup":
-        return get_scheduler(name, optimizer, num_warmup_steps=warmup)
+    if name in ("constant_with_warmup", "inverse_sqrt"):
+        return get_scheduler(
+            name, optimizer, num_warmup_steps=warmup, scheduler_specific_kwargs=specific or None
+        )
     return get_scheduler(
         name,
         optimizer,

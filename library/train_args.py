@@ -50,6 +50,20 @@ UNSUPPORTED: dict[str, tuple[str, str]] = {
     "ddp_static_graph": ("warn", "--ddp_static_graph is ignored"),
     "wandb_api_key": ("warn", "--wandb_api_key: wandb is used only if installed and logged in"),
     "debug_dataset": ("error", "--debug_dataset is not implemented"),
+    "alpha_mask": ("error", "--alpha_mask (alpha-masked loss) is not implemented"),
+    "initial_epoch": ("error", "--initial_epoch is not implemented; use --resume with a --save_state folder"),
+    "initial_step": ("error", "--initial_step is not implemented; use --resume with a --save_state folder"),
+    "skip_until_initial_step": (
+        "error",
+        "--skip_until_initial_step is not needed: --resume continues at the saved step",
+    ),
+    "log_tracker_config": ("error", "--log_tracker_config is not implemented"),
+    "mem_eff_save": ("warn", "--mem_eff_save has no effect (network files are small)"),
+    "persistent_data_loader_workers": (
+        "warn",
+        "--persistent_data_loader_workers: workers are re-created each epoch",
+    ),
+    "dynamo_backend": ("warn", "--dynamo_backend is ignored (no compilation is done)"),
 }
 
 

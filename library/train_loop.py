@@ -289,6 +289,8 @@ def _train(args: argparse.Namespace, arch: TrainingArchitecture) -> TrainResult 
     if args.max_train_epochs is not None:
         args.max_train_steps = args.max_train_epochs * updates_per_epoch
     num_epochs = math.ceil(args.max_train_steps / updates_per_epoch)
+    if args.save_n_epoch_ratio:  # sd-scripts: save about N times over the run
+        args.save_every_n_epochs = max(1, num_epochs // args.save_n_epoch_ratio)
     lr_scheduler = build_scheduler(args, optimizer, world)
     if data.set_max_train_steps is not None:
         data.set_max_train_steps(args.max_train_steps)
@@ -359,7 +361,14 @@ def _train(args: argparse.Namespace, arch: TrainingArchitecture) -> TrainResult 
 
     if args.log_with:
         init_kwargs = {"wandb": {"name": args.wandb_run_name}} if args.wandb_run_name else {}
-        accelerator.init_trackers(args.log_tracker_name or "network_train", init_kwargs=init_kwargs)
+        config = None
+        if args.log_config:  # trackers accept scalars and strings only
+            config = {
+                k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()
+            }
+        accelerator.init_trackers(
+            args.log_tracker_name or "network_train", config=config, init_kwargs=init_kwargs
+        )
 
     prompt_lines = _read_prompts(args)
 
