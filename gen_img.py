@@ -98,6 +98,8 @@ def setup_parser() -> argparse.ArgumentParser:
         help="SDXL always uses the penultimate layer (2); other values error",
     )
     a("--max_embeddings_multiples", type=int, default=None, help="prompt length in 75-token windows (1-3)")
+    a("--emb_normalize_mode", type=str, default="original", choices=["original", "abs", "none"],
+      help="how (text:1.2) / [text] weights rescale the prompt embedding (sd-scripts default: original)")  # fmt: skip
     a("--device", type=str, default=None, help="torch device (default: cuda if available, else cpu)")
     # prompts and sampling
     a("--prompt", type=str, default=None, help="prompt, may carry inline options (--n, --d, ...)")
@@ -482,6 +484,7 @@ def run_batch(
         dtype=dtype,
         device=device,
         output_type="latent" if separate_vae else "pil",
+        emb_normalize_mode=args.emb_normalize_mode,
     )
     if separate_vae:
         images = decode_latents(models.vae, images)

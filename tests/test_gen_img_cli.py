@@ -164,3 +164,10 @@ def test_dynamic_prompt_lines_plan_one_image_per_variant(tmp_path) -> None:
     f.write_text("a --w {512|wide}\n", encoding="utf-8")
     with pytest.raises(ValueError, match="--w 'wide'"):
         gen_img.parse_prompt_lines(_args("--from_file", str(f)))
+
+
+def test_prompt_weighting_mode_flag(capsys) -> None:
+    assert _args("--prompt", "a (cat:1.2)").emb_normalize_mode == "original"  # sd-scripts default
+    assert _args("--prompt", "x", "--emb_normalize_mode", "abs").emb_normalize_mode == "abs"
+    err = _expect_exit(["--ckpt", "m", "--prompt", "x", "--emb_normalize_mode", "max"], capsys)
+    assert "invalid choice: 'max'" in err
