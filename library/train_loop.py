@@ -69,10 +69,6 @@ class TrainingArchitecture(abc.ABC):
         """Architecture-specific checks of the parsed args."""
 
     def extra_metadata(self, args: argparse.Namespace) -> dict[str, str]:
-        """Architecture ``ss_*`` keys added to every saved file (e.g. flow-matching settings)."""
-        return {}
-
-    def extra_metadata(self, args: argparse.Namespace) -> dict[str, str]:
         """Architecture-specific ``ss_*`` metadata added to every saved network (e.g. Anima's sampling)."""
         return {}
 
@@ -324,8 +320,6 @@ def _train(args: argparse.Namespace, arch: TrainingArchitecture) -> TrainResult 
         network_args=net_kwargs if args.network_args else None, dataset_metadata=data.metadata,
     )  # fmt: skip
     base_md.update(arch.extra_metadata(args))
-    if not args.no_metadata:
-        base_md.update({k: str(v) for k, v in arch.extra_metadata(args).items()})
     modelspec = saving.build_modelspec(
         args, arch.modelspec_architecture, training_started_at, arch.modelspec_implementation
     )
