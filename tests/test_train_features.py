@@ -157,3 +157,32 @@ def test_demo_writes_network_and_sample_png(tmp_path):
     assert len(samples) == 1
     img = Image.open(samples[0])
     assert img.size == (64, 64) and img.text["seed"] == "1234"
+
+
+def test_full_bf16_8bit_adam_text_encoder_only(tiny, tmp_path):  # noqa: F811
+    result = sdxl_train_network.main(
+        _argv(
+            tiny,
+            tmp_path / "out",
+            "--network_module",
+            "networks.lora",
+            "--mixed_precision",
+            "bf16",
+            "--full_bf16",
+            "--optimizer_type",
+            "AdamW8bit",
+            "--network_train_text_encoder_only",
+            "--learning_rate",
+            "1e-3",
+            "--max_train_steps",
+            "2",
+            "--cache_latents",
+        )  # fmt: skip
+    )
+    with safe_open(str(result.final_path), "pt") as f:
+        keys = list(f.keys())
+        up = f.get_tensor(next(k for k in keys if k.endswith("lora_up.weight")))
+        md = f.metadata()
+    assert keys and all(k.startswith("lora_te") for k in keys)  # the U-Net half is not trained nor saved
+    assert up.dtype == torch.bfloat16 and up.abs().sum() > 0  # --full_bf16 trains (and saves) in bf16
+    assert md["ss_optimizer"].startswith("bitsandbytes.optim.adamw.AdamW8bit")
