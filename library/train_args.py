@@ -50,6 +50,7 @@ UNSUPPORTED: dict[str, tuple[str, str]] = {
     "ddp_static_graph": ("warn", "--ddp_static_graph is ignored"),
     "wandb_api_key": ("warn", "--wandb_api_key: wandb is used only if installed and logged in"),
     "debug_dataset": ("error", "--debug_dataset is not implemented"),
+    "dataset_class": ("error", "--dataset_class (custom dataset classes) is not implemented"),
     "alpha_mask": ("error", "--alpha_mask (alpha-masked loss) is not implemented"),
     "initial_epoch": ("error", "--initial_epoch is not implemented; use --resume with a --save_state folder"),
     "initial_step": ("error", "--initial_step is not implemented; use --resume with a --save_state folder"),
@@ -116,6 +117,10 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     _add(parser, "--base_weights", type=str, default=None, nargs="*")
     _add(parser, "--base_weights_multiplier", type=float, default=None, nargs="*")
     _add(parser, "--scale_weight_norms", type=float, default=None)
+    _add(parser, "--loraplus_lr_ratio", type=float, default=None, help="LoRA+ up-weight LR ratio")
+    _add(parser, "--loraplus_unet_lr_ratio", type=float, default=None)
+    _add(parser, "--loraplus_text_encoder_lr_ratio", type=float, default=None)
+    _add(parser, "--dataset_class", type=str, default=None)
     _add(parser, "--training_comment", type=str, default=None)
     _add(parser, "--no_metadata", action="store_true")
     _add(

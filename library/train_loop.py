@@ -247,6 +247,11 @@ def _train(args: argparse.Namespace, arch: TrainingArchitecture) -> TrainResult 
     if network is None:
         logger.info("the network module returned no network; nothing to train")
         return None
+    ratios = (args.loraplus_lr_ratio, args.loraplus_unet_lr_ratio, args.loraplus_text_encoder_lr_ratio)
+    if any(r is not None for r in ratios):
+        if not callable(getattr(network, "set_loraplus_lr_ratio", None)):
+            raise ValueError(f"--loraplus_*_lr_ratio: {args.network_module} does not support LoRA+")
+        network.set_loraplus_lr_ratio(*ratios)
     # (3) optional hooks
     if hasattr(network, "prepare_network"):
         network.prepare_network(args)

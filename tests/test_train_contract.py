@@ -23,7 +23,7 @@ def _wrap(net):
     class Spy(cls):
         pass
 
-    for name in ("apply_to", "load_weights", "prepare_optimizer_params_with_multiple_te_lrs",
+    for name in ("set_loraplus_lr_ratio", "apply_to", "load_weights", "prepare_optimizer_params_with_multiple_te_lrs",
                  "prepare_grad_etc", "on_epoch_start", "on_step_start", "apply_max_norm_regularization",
                  "save_weights", "merge_to"):
         if not hasattr(cls, name):
@@ -95,6 +95,8 @@ def test_call_order_base_weights_dropout_and_max_norm(tiny, tmp_path, monkeypatc
             "1.0",
             "--unet_lr",
             "2e-3",
+            "--loraplus_unet_lr_ratio",
+            "4",
             "--text_encoder_lr",
             "1e-4",
             "--network_weights",
@@ -119,11 +121,13 @@ def test_call_order_base_weights_dropout_and_max_norm(tiny, tmp_path, monkeypatc
         "dropout": 0.05,
         "neuron_dropout": 0.05,
     }
+    # LoRA+ ratios go to the network before the groups are made
+    assert spy_net.CALLS[3][0] == "set_loraplus_lr_ratio" and spy_net.CALLS[3][1] == (None, 4.0, None)
     # (4) attach both halves, (5) start weights, (7) groups with both learning rates
-    assert names[3:6] == ["apply_to", "load_weights", "prepare_optimizer_params_with_multiple_te_lrs"]
-    assert spy_net.CALLS[3][1][2:] == (True, True)
-    assert spy_net.CALLS[5][1] == ([1e-4], 2e-3, 2e-6)
-    rest = names[6:]
+    assert names[4:7] == ["apply_to", "load_weights", "prepare_optimizer_params_with_multiple_te_lrs"]
+    assert spy_net.CALLS[4][1][2:] == (True, True)
+    assert spy_net.CALLS[6][1] == ([1e-4], 2e-3, 2e-6)
+    rest = names[7:]
     assert rest.count("apply_max_norm_regularization") == 2  # after each optimizer step
     assert rest.index("on_epoch_start") < rest.index("apply_max_norm_regularization")
     assert rest[-1] == "save_weights"
