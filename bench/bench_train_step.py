@@ -11,7 +11,8 @@ Variants (comma-separated; each may carry its own network args after colons, e.g
   sd-lora|loha|lokr     sd-scripts' networks (from --sd_scripts_path) on sd-scripts' U-Net
   anima-floor, anima-lora|loha|lokr   our Anima DiT (real config, random init; batch/resolution as given)
 Bench-only options (not network args): `path=auto|rebuild|bypass` forces our per-layer path choice
-(networks.functional.dispatch), `compile=1` compiles the repeated transformer blocks (fullgraph).
+(networks.functional.dispatch), `mode=eager|graph` picks its cost model, `compile=1` compiles the
+repeated transformer blocks (fullgraph).
 
 Example (GPU):
   python bench/bench_train_step.py --sd_scripts_path baselines/sd-scripts \
@@ -151,12 +152,13 @@ def run_single(args: argparse.Namespace) -> dict:
     net_kwargs = _split_network_args(args.network_args)
     net_kwargs.update(_split_network_args(opts))
     path = net_kwargs.pop("path", None)
+    mode = net_kwargs.pop("mode", None)
     compile_blocks = net_kwargs.pop("compile", "0") not in ("0", "false", "False")
-    if path is not None:
+    if path is not None or mode is not None:
         sys.path.insert(0, str(REPO_ROOT))
         from networks.functional.dispatch import set_path_policy
 
-        set_path_policy(path)
+        set_path_policy(path or "auto", mode or "eager")
     device = torch.device(args.device)
     dtype = _dtype(args.dtype)
     torch.manual_seed(0)
@@ -177,10 +179,6 @@ def run_single(args: argparse.Namespace) -> dict:
         network = module.create_network(1.0, args.dim, args.alpha, None, [], unet, **net_kwargs)
         network.apply_to([], unet, apply_text_encoder=False, apply_unet=True)
         network.to(device)
-        if path in ("bypass", "rebuild"):  # modules that expose a per-layer switch
-            for m in network.modules():
-                if hasattr(m, "use_bypass"):
-                    m.use_bypass = path == "bypass"
         if hasattr(network, "prepare_optimizer_params_with_multiple_te_lrs"):
             groups = network.prepare_optimizer_params_with_multiple_te_lrs(None, 1e-4, 1e-4)
         else:
@@ -246,6 +244,12 @@ def run_single(args: argparse.Namespace) -> dict:
         sync()
         times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    fast = None  # our modules: how many took the bypass / Khatri–Rao path (networks.functional.dispatch)
+    if network is not None and not is_sd:
+        caches = [
+            m._path_cache for m in network.modules() if isinstance(getattr(m, "_path_cache", None), dict)
+        ]
+        fast = sum(1 for c in caches if any(c.values()))
     return {
         "variant": variant,
         "median_s": statistics.median(times),
@@ -253,6 +257,7 @@ def run_single(args: argparse.Namespace) -> dict:
         "peak_gib": peak,
         "trainable_params": sum(p.numel() for p in params),
         "modules": n_modules,
+        "fast_path_modules": fast,
         "loss": float(loss.detach().float().cpu()),
         "steps": args.steps,
         "warmup_s": round(warmup_s, 2),

@@ -174,3 +174,38 @@ def test_adapter_paths_compile_fullgraph_and_match_eager():
     w1, w2 = lokr.w1().detach(), lokr.w2().detach()
     fn = torch.compile(lambda t: lokr_bypass_linear(t, w1, w2, 0.25), fullgraph=True, backend="aot_eager")
     assert torch.allclose(fn(x), lokr_bypass_linear(x, w1, w2, 0.25), atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_khatri_rao_linear_function_equals_rebuild(dtype):
+    """KhatriRaoLinear (recomputes the N×r² middle) == x·ΔWᵀ with ΔW from the LoHa rebuild: output and
+    the grads of x and all four factors."""
+    from networks.functional import loha_delta_weight, loha_khatri_rao_linear
+
+    gen = torch.Generator().manual_seed(4)
+    shapes = [(7, 3), (3, 5), (7, 2), (2, 5)]
+    w = [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype).requires_grad_(True) for s in shapes]
+    x = torch.randn(2, 4, 5, generator=gen, dtype=torch.float64).to(dtype).requires_grad_(True)
+    gy = torch.randn(2, 4, 7, generator=gen, dtype=torch.float64).to(dtype)
+    fast = loha_khatri_rao_linear(x, *w, 0.3)
+    g_fast = torch.autograd.grad(fast, [x, *w], gy)
+    slow = torch.nn.functional.linear(x, loha_delta_weight(*w, 0.3))
+    g_slow = torch.autograd.grad(slow, [x, *w], gy)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert (fast - slow).abs().max() <= tol * slow.abs().max()
+    for a, b in zip(g_fast, g_slow):
+        assert b.abs().max() > 1e-3 and (a - b).abs().max() <= tol * b.abs().max()
+
+
+def test_khatri_rao_linear_keeps_no_middle_for_backward():
+    """Only x and the (O, r²), (r², I) factors are saved: no N×r² tensor stays alive."""
+    from networks.functional import loha_khatri_rao_linear
+
+    n, i, o, r = 512, 24, 16, 4
+    w = [torch.randn(s).requires_grad_(True) for s in [(o, r), (r, i), (o, r), (r, i)]]
+    x = torch.randn(n, i, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        loha_khatri_rao_linear(x, *w, 1.0)
+    assert max(saved) == n * i  # x itself; the middle would be n·r² = 8192 values
+    assert n * r * r not in saved

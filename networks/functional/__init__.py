@@ -11,6 +11,7 @@ from .common import (
 from .loha import (
     HadaWeight,
     HadaWeightTucker,
+    KhatriRaoLinear,
     khatri_rao_factors,
     loha_delta_weight,
     loha_khatri_rao_conv,
@@ -34,6 +35,7 @@ __all__ = [
     "KronBypassLinear",
     "HadaWeight",
     "HadaWeightTucker",
+    "KhatriRaoLinear",
     "apply_weight",
     "autocast_like_forward",
     "conv_padded_input",

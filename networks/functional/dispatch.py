@@ -121,6 +121,7 @@ def _loha_kr_kernels(n: int, o: int, i: int, r: int) -> list[Kernel]:
     ks += [_ew(o * rr, PARAM_BYTES), _ew(i * rr, PARAM_BYTES)]  # A1∗A2, B1•B2
     ks += [_ew(o * rr, PARAM_BYTES + ACT_BYTES), _ew(i * rr, PARAM_BYTES + ACT_BYTES)]  # casts
     ks += [_gemm(n, rr, i), _gemm(n, o, rr)]  # forward
+    ks += [_gemm(n, rr, i)]  # the N×r² middle recomputed in backward (KhatriRaoLinear)
     ks += [_gemm(n, rr, o), _gemm(o, rr, n), _gemm(n, i, rr), _gemm(rr, i, n)]  # backward GEMMs
     ks += [_ew(o * rr, PARAM_BYTES + ACT_BYTES), _ew(i * rr, PARAM_BYTES + ACT_BYTES)]  # grads → fp32
     ks += [_ew(o * rr, 2 * PARAM_BYTES)] * 4 + [_ew(i * rr, 2 * PARAM_BYTES)] * 4  # outer-product grads
@@ -206,11 +207,17 @@ def select_lokr_path(tokens: int, a: int, b: int, c: int, d: int) -> str:
     return choose_lokr_path(tokens, a, b, c, d, None, mode)
 
 
-def select_loha_path(tokens: int, out_dim: int, in_dim: int, rank: int) -> str:
-    """'khatri_rao' or 'rebuild' for a non-Tucker LoHa module under the process policy."""
+def select_loha_path(tokens: int, out_dim: int, in_dim: int, rank: int, conv: bool = False) -> str:
+    """'khatri_rao' or 'rebuild' for a non-Tucker LoHa module under the process policy.
+
+    The conv Khatri–Rao path keeps its N×r² middle for backward, so under 'auto' it is taken only
+    when that is no larger than the rebuild's O×I·K ΔW (LoHa peak memory must not exceed the rebuild's).
+    """
     path, mode = path_policy()
     if path != "auto":
         return "khatri_rao" if path == "bypass" else "rebuild"
+    if conv and tokens * rank * rank > out_dim * in_dim:
+        return "rebuild"
     return choose_loha_path(tokens, out_dim, in_dim, rank, mode)
 
 

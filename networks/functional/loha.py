@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from .common import Scale, apply_weight, autocast_like_forward, save_autocast_state, scaled_grad
 
@@ -200,15 +201,46 @@ def khatri_rao_factors(
     return left, right
 
 
+class KhatriRaoLinear(torch.autograd.Function):
+    """out = (x·Rᵀ)·Lᵀ with L (O, r²), R (r², I). Saves x, L, R only: the N×r² middle is recomputed in
+    backward (one extra N·I·r² GEMM), so this path keeps less than the rebuild's O×I ΔW alive."""
+
+    @staticmethod
+    def forward(ctx, x, left, right):  # type: ignore[override]
+        ctx.save_for_backward(x, left, right)
+        save_autocast_state(ctx, x)
+        return F.linear(F.linear(x, right), left)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        x, left, right = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dx = dleft = dright = None
+        with autocast_like_forward(ctx):
+            g2 = grad_out.reshape(-1, grad_out.shape[-1])
+            if need[1]:
+                h = F.linear(x, right).reshape(-1, right.shape[0])  # recomputed middle
+                dleft = g2.transpose(0, 1) @ h
+                del h
+            if need[0] or need[2]:
+                dh = g2 @ left
+                if need[0]:
+                    dx = (dh @ right).reshape(x.shape)
+                if need[2]:
+                    dright = dh.transpose(0, 1) @ x.reshape(-1, x.shape[-1])
+        return dx, dleft, dright
+
+
 def loha_khatri_rao_linear(
     x: torch.Tensor, w1a: torch.Tensor, w1b: torch.Tensor, w2a: torch.Tensor, w2b: torch.Tensor, scale: Scale
 ) -> torch.Tensor:
     """s·x·ΔWᵀ for a linear LoHa without building ΔW: (A1B1)⊙(A2B2) = (A1∗A2)(B1•B2).
 
-    Costs 2N·r²(O+I) FLOPs; worthwhile when r² < O·I/(O+I). x: (..., I) → (..., O).
+    Costs 2N·r²(O+I) FLOPs forward (+ a recompute of the N×r² middle in backward); worthwhile when
+    r² < O·I/(O+I). x: (..., I) → (..., O).
     """
     left, right = khatri_rao_factors(w1a, w1b, w2a, w2b, scale)
-    return torch.nn.functional.linear(torch.nn.functional.linear(x, right), left)
+    return KhatriRaoLinear.apply(x, left, right)
 
 
 def loha_khatri_rao_conv(
@@ -233,6 +265,7 @@ def loha_khatri_rao_conv(
 __all__ = [
     "HadaWeight",
     "HadaWeightTucker",
+    "KhatriRaoLinear",
     "khatri_rao_factors",
     "loha_delta_weight",
     "loha_khatri_rao_conv",
