@@ -160,7 +160,7 @@ class LoHaModule(AdapterModule):
         hit = self._path_cache.get(tokens)
         if hit is None:
             k = math.prod(self.kernel_size)
-            choice = select_loha_path(max(tokens, 1), self.out_dim, self.in_dim * k, self.rank)
+            choice = select_loha_path(max(tokens, 1), self.out_dim, self.in_dim * k, self.rank, self.is_conv)
             hit = self._path_cache[tokens] = choice == "khatri_rao"
         return hit
 
