@@ -9,6 +9,7 @@ with one clear error and leaves no output.
 from __future__ import annotations
 
 import importlib
+import json
 import re
 from pathlib import Path
 
@@ -222,7 +223,10 @@ def _tb_scalars(logdir: Path, tag: str) -> dict[int, float]:
 
 
 def test_resume_from_save_state_is_bit_identical(tiny, tmp_path):
-    common = ["--network_module", "networks.lora", "--network_dim", "4", "--learning_rate", "1e-3",
+    # batch size 2: two batches per epoch, so the step-3 state sits in the middle of epoch 2
+    toml_path = tmp_path / "bs2.toml"
+    toml_path.write_text(tiny["toml"].read_text().replace(f"batch_size = {N_IMAGES}", "batch_size = 2"))
+    common = ["--dataset_config", str(toml_path), "--network_module", "networks.lora", "--network_dim", "4", "--learning_rate", "1e-3",
               "--max_train_steps", "6", "--lr_scheduler", "cosine", "--lr_warmup_steps", "2"]  # fmt: skip
     full = sdxl_train_network.main(
         _argv(
@@ -237,7 +241,8 @@ def test_resume_from_save_state_is_bit_identical(tiny, tmp_path):
         )  # fmt: skip
     )
     state = tmp_path / "full" / "net-step00000003-state"
-    assert (state / "train_state.json").is_file()
+    assert json.loads((state / "train_state.json").read_text()) == {"current_epoch": 1, "current_step": 3}
+    assert (state / "loop_position.txt").read_text() == "1"  # one batch of epoch 2 was done
     resumed = sdxl_train_network.main(
         _argv(
             tiny,
