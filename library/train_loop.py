@@ -347,8 +347,9 @@ def _train(args: argparse.Namespace, arch: TrainingArchitecture) -> TrainResult 
             sd = {k: v.detach().contiguous().cpu() for k, v in network.state_dict().items()}
             saving.atomic_write(state_dir / NETWORK_STATE_FILE, lambda tmp: save_file(sd, tmp))
             saving.write_train_state(state_dir, epoch_done, steps)
-            info = state_dir / "loop_position.txt"
-            info.write_text(str(batches_in_epoch), encoding="utf-8")
+            saving.atomic_write(  # batches already done in the current epoch (resume skips them)
+                state_dir / "loop_position.txt", lambda tmp: Path(tmp).write_text(str(batches_in_epoch))
+            )
         accelerator.wait_for_everyone()
 
     # resume

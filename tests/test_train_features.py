@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from PIL import Image
@@ -27,6 +29,8 @@ def _with_toml(argv, toml_path):
 
 def test_epochs_accumulation_rotation_and_tensorboard(tiny, bs2_toml, tmp_path):  # noqa: F811
     out, logs = tmp_path / "out", tmp_path / "logs"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# skipped\na photo of sks thing0 --w 64 --h 64 --s 2 --d 5\n")
     # 2 batches per epoch, accumulation 2 -> one optimizer step per epoch; 3 epochs -> 3 steps
     result = sdxl_train_network.main(
         _with_toml(
@@ -50,6 +54,12 @@ def test_epochs_accumulation_rotation_and_tensorboard(tiny, bs2_toml, tmp_path):
                 "--text_encoder_lr",
                 "5e-4",
                 "--cache_latents",
+                "--sample_prompts",
+                str(prompts),
+                "--sample_every_n_epochs",
+                "2",
+                "--sample_every_n_steps",
+                "1",
             ),
             bs2_toml,
         )  # fmt: skip
@@ -57,7 +67,10 @@ def test_epochs_accumulation_rotation_and_tensorboard(tiny, bs2_toml, tmp_path):
     assert result.global_step == 3
     names = sorted(p.name for p in out.iterdir())
     # epoch 1 was rotated out by --save_last_n_epochs 1; epoch 3 is the final file
-    assert names == ["net-000002.safetensors", "net.safetensors"]
+    assert names == ["net-000002.safetensors", "net.safetensors", "sample"]
+    # --sample_every_n_epochs wins over --sample_every_n_steps: one sample, after epoch 2
+    samples = [p.name for p in (out / "sample").iterdir()]
+    assert len(samples) == 1 and re.fullmatch(r"net_e000002_00_\d{14}_5\.png", samples[0])
     with safe_open(str(out / "net-000002.safetensors"), "pt") as f:
         md = f.metadata()
     assert md["ss_epoch"] == "2" and md["ss_steps"] == "2" and md["ss_num_epochs"] == "3"
