@@ -137,14 +137,16 @@ class SdxlArchitecture(TrainingArchitecture):
         for model in (m.unet, *m.text_encoders):
             model.requires_grad_(False)
         # the frozen base runs in the mixed-precision dtype; fp8 weights stay fp8
+        # cached TE outputs: the encoders wait on the CPU (only samples need them) to save device memory
+        te_device = "cpu" if self.text_cached else device
         if args.fp8_base:
             m.unet.to(device)
             for te in m.text_encoders:
-                te.to(device)
+                te.to(te_device)
         else:
             m.unet.to(device, weight_dtype)
             for te in m.text_encoders:
-                te.to(device, weight_dtype)
+                te.to(te_device, weight_dtype)
         if not args.cache_latents:
             m.vae.to(device, self.vae_dtype)
         if args.gradient_checkpointing:
@@ -217,7 +219,7 @@ class SdxlArchitecture(TrainingArchitecture):
         from library.sdxl_generate import generate_sdxl
 
         m = self.models
-        vae_device = m.vae.device
+        homes = [(mod, next(mod.parameters()).device) for mod in (m.vae, *m.text_encoders)]
         written = []
         for line, base in zip(prompt_lines, out_paths):
             opts = parse_prompt_line(line)
@@ -239,5 +241,6 @@ class SdxlArchitecture(TrainingArchitecture):
                     "sampler": sampler, "steps": str(steps), "scale": str(scale)}  # fmt: skip
             save_png(image, path, text)
             written.append(path)
-        m.vae.to(vae_device)
+        for mod, home in homes:  # generation moved everything to the device; put parked models back
+            mod.to(home)
         return written
