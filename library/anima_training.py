@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
+from PIL import Image
 from torch import nn
 
-from library.train_loop import DatasetInfo, TrainingArchitecture
+from library.train_arch import DatasetInfo, RunContext, SampleRequest, TrainingArchitecture
 
 logger = logging.getLogger(__name__)
 
@@ -230,10 +230,12 @@ class AnimaArchitecture(TrainingArchitecture):
     base_model_version = "anima"
     modelspec_architecture = "anima-preview"
     modelspec_implementation = "https://github.com/circlestone-labs/Anima"
+    bucket_step_multiple = 16
+    sample_size_multiple = 16
+    sample_min_size = 64
 
     def __init__(self) -> None:
-        self.models: Any = None
-        self.dataset: Any = None
+        super().__init__()
         self.text_cached = False
         self.dropout_rates: dict[str, float] = {}  # image key -> caption_dropout_rate of its subset
         self.caption_rates: dict[str, float] = {}  # cached caption -> rate (written into the npz)
@@ -274,31 +276,8 @@ class AnimaArchitecture(TrainingArchitecture):
                 "sigmoid_scale", "discrete_flow_shift")  # fmt: skip
         return {f"ss_{k}": str(getattr(args, k)) for k in keys}
 
-    # ------------------------------------------------------------------ data
-    def build_dataset(self, args: argparse.Namespace) -> DatasetInfo:
-        from library import dataset as ds
-
-        self.dataset = ds.build_dataset_group(args, bucket_step_multiple=16)
-        md = ds.dataset_metadata(self.dataset, args) if hasattr(ds, "dataset_metadata") else {}
-        hooks = {
-            "set_step": self.dataset.set_current_step,
-            "set_max_train_steps": self.dataset.set_max_train_steps,
-        }
-        fields = getattr(DatasetInfo, "__dataclass_fields__", {})
-        return DatasetInfo(
-            dataset=self.dataset,
-            collate_fn=ds.collate_unwrap,
-            num_train_images=self.dataset.num_train_images,
-            num_reg_images=self.dataset.num_reg_images,
-            metadata=md,
-            set_epoch=self.dataset.set_current_epoch,
-            **{k: v for k, v in hooks.items() if k in fields},  # token-warmup hooks of the shared loop
-        )
-
     # ------------------------------------------------------------------ models
-    def load_models(
-        self, args: argparse.Namespace, accelerator: Accelerator, weight_dtype: torch.dtype
-    ) -> None:
+    def load_models(self, ctx: RunContext) -> None:
         from library.anima_loading import (
             AnimaModels,
             load_anima_dit,
@@ -307,6 +286,7 @@ class AnimaArchitecture(TrainingArchitecture):
             load_qwen3_text_encoder,
         )
 
+        args = ctx.args
         te_path = Path(args.qwen3)
         dit = load_anima_dit(args.pretrained_model_name_or_path, torch.float32)
         te = load_qwen3_text_encoder(args.qwen3, torch.float32)
@@ -356,20 +336,13 @@ class AnimaArchitecture(TrainingArchitecture):
         with torch.no_grad():
             return anima_encode_latents(vae, images.to(vae.device, vae.dtype)).float()
 
-    def cache(
-        self, args: argparse.Namespace, accelerator: Accelerator, data: DatasetInfo, weight_dtype: torch.dtype
-    ) -> None:
+    def cache(self, ctx: RunContext, data: DatasetInfo) -> None:
         from library.dataset import cache as dcache
         from library.dataset.captions import deterministic_caption
         from library.dataset.dataset import caption_options
 
-        m = self.models
-        common = dict(
-            process_index=accelerator.process_index,
-            num_processes=accelerator.num_processes,
-            wait_for_everyone=accelerator.wait_for_everyone,
-            skip_cache_check=getattr(args, "skip_cache_check", False),
-        )
+        m, args, accelerator = self.models, ctx.args, ctx.accelerator
+        common = self.cache_kwargs(ctx)
         if args.cache_latents:
             m.vae.to(accelerator.device)
             dcache.cache_latents(
@@ -378,7 +351,7 @@ class AnimaArchitecture(TrainingArchitecture):
             )  # fmt: skip
             m.vae.to("cpu")
         if args.cache_text_encoder_outputs:
-            m.text_encoder.to(accelerator.device, weight_dtype)
+            m.text_encoder.to(accelerator.device, ctx.weight_dtype)
             settings = f"anima-qwen3:{args.qwen3_max_token_length}:{args.t5_max_token_length}"
             # caption dropout survives caching: applied per sample on the cached outputs (spec §2)
             for info in self.dataset.image_infos():
@@ -400,16 +373,9 @@ class AnimaArchitecture(TrainingArchitecture):
             m.text_encoder.to("cpu")  # not needed any more (TE LoRA is impossible with a cache)
         accelerator.wait_for_everyone()
 
-    def prepare_models(
-        self,
-        args: argparse.Namespace,
-        accelerator: Accelerator,
-        weight_dtype: torch.dtype,
-        train_unet: bool,
-        train_text_encoder: bool,
-    ) -> None:
-        m = self.models
-        device = accelerator.device
+    def prepare_models(self, ctx: RunContext) -> None:
+        m, args, device, weight_dtype = self.models, ctx.args, ctx.device, ctx.weight_dtype
+        train_text_encoder = ctx.train_text_encoder
         for model in (m.dit, m.text_encoder, m.vae):
             model.requires_grad_(False)
         m.dit.to(device, weight_dtype)
@@ -452,77 +418,45 @@ class AnimaArchitecture(TrainingArchitecture):
         # the adapter is part of the DiT (it may carry LoRA modules), so it runs with grad
         return dit.run_llm_adapter(states, t5_ids, t5_mask, qmask)
 
-    def per_sample_loss(
-        self,
-        args: argparse.Namespace,
-        accelerator: Accelerator,
-        batch: dict[str, Any],
-        weight_dtype: torch.dtype,
-        train_text_encoder: bool,
-    ) -> torch.Tensor:
-        device = accelerator.device
-        if batch.get("latents") is not None:
-            latents = batch["latents"].to(device, torch.float32)
-        else:
-            latents = self.encode_latents(batch["images"]).to(device)
-        weights = batch["loss_weights"].to(device, torch.float32)
+    def per_sample_loss(self, ctx: RunContext, batch: dict[str, Any]) -> torch.Tensor:
+        args, weight_dtype = ctx.args, ctx.weight_dtype
+        weights = batch["loss_weights"].to(ctx.device, torch.float32)
         return flow_matching_loss(
-            self.models.dit, latents, lambda: self._context(args, batch, weight_dtype, train_text_encoder),
-            args, weights, weight_dtype,
+            self.models.dit, self.batch_latents(ctx, batch),
+            lambda: self._context(args, batch, weight_dtype, ctx.train_text_encoder), args, weights, weight_dtype,
         )  # fmt: skip
 
     # ------------------------------------------------------------------ samples
-    def sample_images(
-        self,
-        args: argparse.Namespace,
-        accelerator: Accelerator,
-        prompt_lines: list[str],
-        out_paths: list[Path],
-    ) -> list[Path]:
+    def sample_modules(self) -> list[nn.Module]:
+        return [self.models.text_encoder, self.models.vae]
+
+    def split_sample_line(self, line: str) -> tuple[str, dict[str, str]]:
+        """Anima's flow-shift option ``--fs`` (default 3.0); the shared prompt parser does not know it."""
+        fs = re.search(r"\s--fs\s+([0-9.eE+-]+)", line)
+        if not fs:
+            return line, {"flow-shift": "3.0"}
+        return line[: fs.start()] + line[fs.end() :], {"flow-shift": str(float(fs.group(1)))}
+
+    def generate_sample(self, ctx: RunContext, req: SampleRequest) -> tuple[Image.Image, dict[str, str]]:
         from library.anima_loading import anima_decode_latents
         from library.anima_sampling import euler_sample, initial_noise, latents_to_pil
-        from library.png_metadata import save_png
-        from library.prompt_options import parse_prompt_line
 
-        m = self.models
-        dit, vae, te = m.dit, m.vae, m.text_encoder
-        te_device, vae_device = next(te.parameters()).device, vae.device
-        te.to(accelerator.device)
-        vae.to(accelerator.device)
-        dtype = dit.dtype
-        written = []
-        for line, base in zip(prompt_lines, out_paths):
-            flow_shift = 3.0
-            fs = re.search(r"\s--fs\s+([0-9.eE+-]+)", line)
-            if fs:  # Anima's flow-shift option; the shared parser does not know it
-                flow_shift = float(fs.group(1))
-                line = line[: fs.start()] + line[fs.end() :]
-            opts = parse_prompt_line(line)
-            width = max(64, ((opts.width or 512) // 16) * 16)
-            height = max(64, ((opts.height or 512) // 16) * 16)
-            steps = opts.steps or 30
-            scale = opts.scale if opts.scale is not None else 7.5
-            seed = opts.seeds[0] if opts.seeds else None
-            run_seed = seed if seed is not None else int(torch.randint(0, 2**31 - 1, (1,)).item())
+        dit, args = self.models.dit, ctx.args
+        dtype, dev = dit.dtype, dit.device
 
-            def ctx(text: str) -> torch.Tensor:
-                toks = self._tokens(args, [text])
-                states = self._qwen3_states(toks.qwen_ids, toks.qwen_mask, grad=False)
-                dev = dit.device
-                return dit.run_llm_adapter(
-                    states.to(dev, dtype), toks.t5_ids.to(dev), toks.t5_mask.to(dev), toks.qwen_mask.to(dev)
-                )
+        def context(text: str) -> torch.Tensor:
+            toks = self._tokens(args, [text])
+            states = self._qwen3_states(toks.qwen_ids, toks.qwen_mask, grad=False)
+            return dit.run_llm_adapter(
+                states.to(dev, dtype), toks.t5_ids.to(dev), toks.t5_mask.to(dev), toks.qwen_mask.to(dev)
+            )
 
-            with torch.no_grad():
-                pos, neg = ctx(opts.prompt), ctx(opts.negative_prompt or "")
-                noise = initial_noise(height, width, run_seed, dtype).to(dit.device)
-                lat = euler_sample(dit, noise, pos, neg, steps, scale, flow_shift, use_cfg=scale > 1.0)
-                image = latents_to_pil(anima_decode_latents(vae, lat))[0]
-            path = base.with_name(base.name + (f"_{seed}" if seed is not None else "") + ".png")
-            save_png(image, path, {"prompt": opts.prompt, "negative-prompt": opts.negative_prompt or "",
-                                   "seed": str(run_seed), "steps": str(steps), "scale": str(scale),
-                                   "flow-shift": str(flow_shift)})  # fmt: skip
-            written.append(path)
-        te.to(te_device)
-        vae.to(vae_device)
-        return written
+        flow_shift = float(req.extra["flow-shift"])
+        with torch.no_grad():
+            pos, neg = context(req.prompt), context(req.negative_prompt)
+            noise = initial_noise(req.height, req.width, req.run_seed, dtype).to(dev)
+            lat = euler_sample(
+                dit, noise, pos, neg, req.steps, req.scale, flow_shift, use_cfg=req.scale > 1.0
+            )
+            image = latents_to_pil(anima_decode_latents(self.models.vae, lat))[0]
+        return image, {"flow-shift": str(flow_shift)}

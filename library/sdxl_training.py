@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import random
-from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
+from PIL import Image
 
-from library.train_loop import DatasetInfo, TrainingArchitecture
+from library.train_arch import DatasetInfo, RunContext, SampleRequest, TrainingArchitecture
 from library.train_utils import apply_fp8_base
 
 logger = logging.getLogger(__name__)
@@ -24,10 +22,10 @@ TE_CACHE_SUFFIX = "_te_outputs"
 class SdxlArchitecture(TrainingArchitecture):
     base_model_version = "sdxl_base_v1-0"
     modelspec_architecture = "stable-diffusion-xl-v1-base"
+    bucket_step_multiple = 32
 
     def __init__(self) -> None:
-        self.models: Any = None
-        self.dataset: Any = None
+        super().__init__()
         self.vae_dtype = torch.float32
         self.text_cached = False
         self.max_token_length: int | None = None
@@ -40,30 +38,11 @@ class SdxlArchitecture(TrainingArchitecture):
             raise ValueError("--v2 is an SD2 flag; SDXL training does not use it")
         self.max_token_length = args.max_token_length
 
-    # ------------------------------------------------------------------ data
-    def build_dataset(self, args: argparse.Namespace) -> DatasetInfo:
-        from library.dataset import build_dataset_group, collate_unwrap, dataset_metadata
-
-        group = build_dataset_group(args, bucket_step_multiple=32)
-        self.dataset = group
-        batch = getattr(args, "train_batch_size", 1)
-        return DatasetInfo(
-            dataset=group,
-            collate_fn=collate_unwrap,
-            num_train_images=group.num_train_images,
-            num_reg_images=group.num_reg_images,
-            metadata=dataset_metadata(group, args, batch),
-            set_epoch=group.set_current_epoch,
-            set_step=group.set_current_step,
-            set_max_train_steps=group.set_max_train_steps,
-        )
-
     # ------------------------------------------------------------------ models
-    def load_models(
-        self, args: argparse.Namespace, accelerator: Accelerator, weight_dtype: torch.dtype
-    ) -> None:
+    def load_models(self, ctx: RunContext) -> None:
         from library.sdxl_models import load_sdxl_models
 
+        args, weight_dtype = ctx.args, ctx.weight_dtype
         self.models = load_sdxl_models(
             args.pretrained_model_name_or_path, vae=args.vae, tokenizer_dir=args.tokenizer_cache_dir
         )
@@ -97,17 +76,11 @@ class SdxlArchitecture(TrainingArchitecture):
         return {"hidden_state1": context[..., :c1].float(), "hidden_state2": context[..., c1:].float(),
                 "pool2": pooled.float()}  # fmt: skip
 
-    def cache(
-        self, args: argparse.Namespace, accelerator: Accelerator, data: DatasetInfo, weight_dtype: torch.dtype
-    ) -> None:
+    def cache(self, ctx: RunContext, data: DatasetInfo) -> None:
         from library.dataset import cache_latents, cache_text_encoder_outputs
 
-        m = self.models
-        common = dict(
-            skip_cache_check=args.skip_cache_check, process_index=accelerator.process_index,
-            num_processes=accelerator.num_processes, wait_for_everyone=accelerator.wait_for_everyone,
-            show_progress=accelerator.is_local_main_process,
-        )  # fmt: skip
+        m, args, accelerator = self.models, ctx.args, ctx.accelerator
+        common = self.cache_kwargs(ctx)
         if args.cache_latents:
             m.vae.to(accelerator.device, self.vae_dtype)
             cache_latents(self.dataset, self.encode_latents, to_disk=args.cache_latents_to_disk,
@@ -121,18 +94,12 @@ class SdxlArchitecture(TrainingArchitecture):
                 self.dataset, self.encode_text_for_cache, to_disk=args.cache_text_encoder_outputs_to_disk,
                 suffix=TE_CACHE_SUFFIX, settings=f"max_token_length={args.max_token_length}", **common,
             )  # fmt: skip
+            self.text_cached = True  # prepare_models parks the encoders on the CPU
         accelerator.wait_for_everyone()
 
-    def prepare_models(
-        self,
-        args: argparse.Namespace,
-        accelerator: Accelerator,
-        weight_dtype: torch.dtype,
-        train_unet: bool,
-        train_text_encoder: bool,
-    ) -> None:
-        m = self.models
-        device = accelerator.device
+    def prepare_models(self, ctx: RunContext) -> None:
+        m, args, device, weight_dtype = self.models, ctx.args, ctx.device, ctx.weight_dtype
+        train_text_encoder = ctx.train_text_encoder
         self.weight_dtype = weight_dtype
         for model in (m.unet, *m.text_encoders):
             model.requires_grad_(False)
@@ -172,30 +139,19 @@ class SdxlArchitecture(TrainingArchitecture):
         with torch.set_grad_enabled(grad):
             return encode_sdxl_text(m, ids1, ids2)
 
-    def per_sample_loss(
-        self,
-        args: argparse.Namespace,
-        accelerator: Accelerator,
-        batch: dict[str, Any],
-        weight_dtype: torch.dtype,
-        train_text_encoder: bool,
-    ) -> torch.Tensor:
+    def per_sample_loss(self, ctx: RunContext, batch: dict[str, Any]) -> torch.Tensor:
         from library.diffusion_loss import make_noise_scheduler, sdxl_time_ids, sdxl_training_step_loss
 
+        args, device, weight_dtype = ctx.args, ctx.device, ctx.weight_dtype
         if self.noise_scheduler is None:
             self.noise_scheduler = make_noise_scheduler(args.v_parameterization, args.zero_terminal_snr)
-        device = accelerator.device
-        if batch.get("latents") is not None:
-            latents = batch["latents"].to(device, torch.float32)
-        else:
-            latents = self.encode_latents(batch["images"])
-        latents = latents * VAE_SCALE
+        latents = self.batch_latents(ctx, batch) * VAE_SCALE
         te_out = batch.get("text_encoder_outputs")
         if te_out is not None:
             context = torch.cat([te_out["hidden_state1"], te_out["hidden_state2"]], dim=2).to(device)
             pooled = te_out["pool2"].to(device)
         else:
-            context, pooled = self._encode_text(batch["captions"], grad=train_text_encoder)
+            context, pooled = self._encode_text(batch["captions"], grad=ctx.train_text_encoder)
         time_ids = sdxl_time_ids(
             batch["original_sizes_hw"], batch["crop_top_lefts"], batch["target_sizes_hw"]
         )
@@ -206,41 +162,18 @@ class SdxlArchitecture(TrainingArchitecture):
         )  # fmt: skip
 
     # ------------------------------------------------------------------ samples
-    def sample_images(
-        self,
-        args: argparse.Namespace,
-        accelerator: Accelerator,
-        prompt_lines: list[str],
-        out_paths: list[Path],
-    ) -> list[Path]:
-        """sd-scripts sample rules: default 512×512 (floored to /8), 30 steps, CFG 7.5, --d seed."""
-        from library.png_metadata import save_png
-        from library.prompt_options import parse_prompt_line
+    def sample_modules(self) -> list[torch.nn.Module]:
+        return [self.models.vae, *self.models.text_encoders]
+
+    def generate_sample(self, ctx: RunContext, req: SampleRequest) -> tuple[Image.Image, dict[str, str]]:
+        """sd-scripts sample rules (sizes floored to /8); the sampler comes from --ss or --sample_sampler."""
         from library.sdxl_generate import generate_sdxl
 
-        m = self.models
-        homes = [(mod, next(mod.parameters()).device) for mod in (m.vae, *m.text_encoders)]
-        written = []
-        for line, base in zip(prompt_lines, out_paths):
-            opts = parse_prompt_line(line)
-            width = max(8, ((opts.width or 512) // 8) * 8)
-            height = max(8, ((opts.height or 512) // 8) * 8)
-            seed = opts.seeds[0] if opts.seeds else None
-            run_seed = seed if seed is not None else random.randint(0, 2**31 - 1)
-            steps = opts.steps or 30
-            scale = opts.scale if opts.scale is not None else 7.5
-            sampler = opts.sampler or args.sample_sampler
-            image = generate_sdxl(
-                m, [opts.prompt], [opts.negative_prompt or ""], width, height, steps, scale, [run_seed], sampler,
-                dtype=self.weight_dtype, device=accelerator.device, max_token_length=args.max_token_length,
-                v_parameterization=args.v_parameterization,
-            )[0]  # fmt: skip
-            m.vae.to(self.vae_dtype)
-            path = base.with_name(base.name + (f"_{seed}" if seed is not None else "") + ".png")
-            text = {"prompt": opts.prompt, "negative-prompt": opts.negative_prompt or "", "seed": str(run_seed),
-                    "sampler": sampler, "steps": str(steps), "scale": str(scale)}  # fmt: skip
-            save_png(image, path, text)
-            written.append(path)
-        for mod, home in homes:  # generation moved everything to the device; put parked models back
-            mod.to(home)
-        return written
+        args = ctx.args
+        image = generate_sdxl(
+            self.models, [req.prompt], [req.negative_prompt], req.width, req.height, req.steps, req.scale,
+            [req.run_seed], req.sampler, dtype=self.weight_dtype, device=ctx.device,
+            max_token_length=args.max_token_length, v_parameterization=args.v_parameterization,
+        )[0]  # fmt: skip
+        self.models.vae.to(self.vae_dtype)
+        return image, {"sampler": req.sampler}

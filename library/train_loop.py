@@ -12,7 +12,6 @@ batches already seen and continue bit-identically (CPU, ``max_data_loader_n_work
 
 from __future__ import annotations
 
-import abc
 import argparse
 import logging
 import math
@@ -20,7 +19,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,95 +33,21 @@ from tqdm import tqdm
 
 from library import saving
 from library.optimizers import build_optimizer, build_scheduler
-from library.train_utils import LossRecorder, import_network_module, parse_network_args, sample_file_name
+from library.train_arch import DatasetInfo, RunContext, SampleRequest, TrainingArchitecture
+from library.train_utils import (
+    LossRecorder,
+    import_network_module,
+    lr_log_names,
+    parse_network_args,
+    sample_file_name,
+)
 
 logger = logging.getLogger(__name__)
 
+__all__ = ["DatasetInfo", "RunContext", "SampleRequest", "TrainResult", "TrainingArchitecture", "train"]
+
 NETWORK_STATE_FILE = "network.safetensors"
-
-
-@dataclass
-class DatasetInfo:
-    """What the loop needs from a dataset: item i is one ready batch (dict); plus counts and metadata."""
-
-    dataset: torch.utils.data.Dataset
-    collate_fn: Any
-    num_train_images: int
-    num_reg_images: int
-    metadata: dict[str, str] = field(default_factory=dict)
-    set_epoch: Any = None  # callable(epoch: int) -> None, reshuffles buckets/captions for that epoch
-    set_step: Any = None  # callable(global_step: int) -> None (token warmup)
-    set_max_train_steps: Any = None  # callable(max_train_steps: int) -> None
-
-
-class TrainingArchitecture(abc.ABC):
-    """The architecture-specific half of a trainer (SDXL, Anima)."""
-
-    base_model_version: str  # ss_base_model_version
-    modelspec_architecture: str  # e.g. "stable-diffusion-xl-v1-base"
-    modelspec_implementation: str = saving.IMPLEMENTATION_SGM
-
-    def add_arguments(self, parser: argparse.ArgumentParser) -> None:  # noqa: B027 - optional hook
-        """Architecture flags (added before the shared ones)."""
-
-    def verify_args(self, args: argparse.Namespace) -> None:  # noqa: B027 - optional hook
-        """Architecture-specific checks of the parsed args."""
-
-    def extra_metadata(self, args: argparse.Namespace) -> dict[str, str]:
-        """Architecture-specific ``ss_*`` metadata added to every saved network (e.g. Anima's sampling)."""
-        return {}
-
-    @abc.abstractmethod
-    def build_dataset(self, args: argparse.Namespace) -> DatasetInfo:
-        """Read the dataset config/folders (no model needed yet): bad data fails before loading models."""
-
-    @abc.abstractmethod
-    def load_models(
-        self, args: argparse.Namespace, accelerator: Accelerator, weight_dtype: torch.dtype
-    ) -> None:
-        """Load the base model (stays on CPU until :meth:`prepare_models`)."""
-
-    @abc.abstractmethod
-    def network_targets(self) -> tuple[Any, Any, Any]:
-        """``(vae, text_encoder_or_list, unet)`` as passed to ``create_network``."""
-
-    @abc.abstractmethod
-    def cache(
-        self, args: argparse.Namespace, accelerator: Accelerator, data: DatasetInfo, weight_dtype: torch.dtype
-    ) -> None:
-        """Cache latents / text-encoder outputs as requested by the flags."""
-
-    @abc.abstractmethod
-    def prepare_models(
-        self,
-        args: argparse.Namespace,
-        accelerator: Accelerator,
-        weight_dtype: torch.dtype,
-        train_unet: bool,
-        train_text_encoder: bool,
-    ) -> None:
-        """Freeze, cast and move the base models; enable gradient checkpointing."""
-
-    @abc.abstractmethod
-    def per_sample_loss(
-        self,
-        args: argparse.Namespace,
-        accelerator: Accelerator,
-        batch: dict[str, Any],
-        weight_dtype: torch.dtype,
-        train_text_encoder: bool,
-    ) -> torch.Tensor:
-        """Loss per sample (B,), already weighted (prior loss weight, min-SNR, ...)."""
-
-    @abc.abstractmethod
-    def sample_images(
-        self,
-        args: argparse.Namespace,
-        accelerator: Accelerator,
-        prompt_lines: list[str],
-        out_paths: list[Path],
-    ) -> list[Path]:
-        """Generate one PNG per prompt line at the given base path (seed/suffix added); return written paths."""
+STEP_STARTS_FILE = "network_step_starts.txt"
 
 
 def make_accelerator(args: argparse.Namespace) -> Accelerator:
@@ -214,10 +139,14 @@ def _train(args: argparse.Namespace, arch: TrainingArchitecture) -> TrainResult 
     logger.info("accelerate: %d process(es), %s, device %s, mixed precision %s", accelerator.num_processes,
                 accelerator.distributed_type, accelerator.device, accelerator.mixed_precision)  # fmt: skip
     weight_dtype, save_dtype = dtypes(args)
-    data = arch.build_dataset(args)
+    ctx = RunContext(args, accelerator, weight_dtype, train_unet=not args.network_train_text_encoder_only,
+                     train_text_encoder=not args.network_train_unet_only)  # fmt: skip
+    # sd-scripts' ss_total_batch_size: per-device batch x processes x accumulation
+    total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    data = arch.build_dataset(args, total_batch_size)
     if len(data.dataset) == 0:
         raise ValueError("the dataset has no images: check --dataset_config / --train_data_dir")
-    arch.load_models(args, accelerator, weight_dtype)
+    arch.load_models(ctx)
     vae, text_encoder, unet = arch.network_targets()
 
     # (1) merge --base_weights into the base model
@@ -229,7 +158,7 @@ def _train(args: argparse.Namespace, arch: TrainingArchitecture) -> TrainResult 
         module.merge_to(text_encoder, unet, weights_sd, weight_dtype, "cpu")
         logger.info("merged base weights %s (multiplier %s)", path, mult)
 
-    arch.cache(args, accelerator, data, weight_dtype)
+    arch.cache(ctx, data)
 
     # (2) create the network
     net_kwargs = parse_network_args(args.network_args)
@@ -252,20 +181,21 @@ def _train(args: argparse.Namespace, arch: TrainingArchitecture) -> TrainResult 
         if not callable(getattr(network, "set_loraplus_lr_ratio", None)):
             raise ValueError(f"--loraplus_*_lr_ratio: {args.network_module} does not support LoRA+")
         network.set_loraplus_lr_ratio(*ratios)
+    if hasattr(network, "set_dropout_seed"):  # rank/module/neuron dropout draws follow the run's seed
+        network.set_dropout_seed(args.seed)
     # (3) optional hooks
     if hasattr(network, "prepare_network"):
         network.prepare_network(args)
     if args.scale_weight_norms and not hasattr(network, "apply_max_norm_regularization"):
         logger.warning("--scale_weight_norms: %s does not support it; disabled", args.network_module)
         args.scale_weight_norms = None
-    train_unet = not args.network_train_text_encoder_only
-    train_text_encoder = not args.network_train_unet_only
+    train_unet, train_text_encoder = ctx.train_unet, ctx.train_text_encoder
     # (4) attach, (5) start weights, (6) checkpointing
     network.apply_to(text_encoder, unet, train_text_encoder, train_unet)
     if args.network_weights:
         info = network.load_weights(args.network_weights)
         logger.info("loaded network weights %s: %s", args.network_weights, info)
-    arch.prepare_models(args, accelerator, weight_dtype, train_unet, train_text_encoder)
+    arch.prepare_models(ctx)
     if args.gradient_checkpointing and hasattr(network, "enable_gradient_checkpointing"):
         network.enable_gradient_checkpointing()
 
@@ -283,9 +213,7 @@ def _train(args: argparse.Namespace, arch: TrainingArchitecture) -> TrainResult 
         results = network.prepare_optimizer_params(te_lr_first, args.unet_lr)
     params, descriptions = results if isinstance(results, tuple) else (results, None)
     optimizer_name, optimizer_desc, optimizer = build_optimizer(args, params)
-    lr_names = (
-        list(descriptions) if descriptions else [f"group{i}" for i in range(len(optimizer.param_groups))]
-    )
+    lr_names = lr_log_names(descriptions, len(optimizer.param_groups), train_unet, train_text_encoder)
 
     # schedule length
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -342,7 +270,7 @@ def _train(args: argparse.Namespace, arch: TrainingArchitecture) -> TrainResult 
 
     def save_state(dirname: str, epoch_done: int, steps: int, batches_in_epoch: int) -> None:
         state_dir = output_dir / dirname
-        accelerator.save_state(str(state_dir))
+        accelerator.save_state(str(state_dir))  # optimizer, scheduler, RNG (tensors and plain values only)
         if accelerator.is_main_process:
             sd = {k: v.detach().contiguous().cpu() for k, v in network.state_dict().items()}
             saving.atomic_write(state_dir / NETWORK_STATE_FILE, lambda tmp: save_file(sd, tmp))
@@ -350,18 +278,28 @@ def _train(args: argparse.Namespace, arch: TrainingArchitecture) -> TrainResult 
             saving.atomic_write(  # batches already done in the current epoch (resume skips them)
                 state_dir / "loop_position.txt", lambda tmp: Path(tmp).write_text(str(batches_in_epoch))
             )
+            saving.atomic_write(  # the network's dropout clock: how many micro-steps it has seen
+                state_dir / STEP_STARTS_FILE, lambda tmp: Path(tmp).write_text(str(step_starts))
+            )
         accelerator.wait_for_everyone()
 
     # resume
-    global_step, first_epoch, skip_batches, resume_rng = 0, 0, 0, None
+    global_step, first_epoch, skip_batches, resume_rng, step_starts = 0, 0, 0, None, 0
     if args.resume:
-        accelerator.load_state(args.resume)
+        # every file is read with weights_only=True (numpy RNG arrays are allow-listed by accelerate)
+        accelerator.load_state(args.resume, load_kwargs={"weights_only": True})
         sd = load_file(str(Path(args.resume) / NETWORK_STATE_FILE))
         network.load_state_dict({k: v.to(accelerator.device) for k, v in sd.items()}, strict=True)
         state = saving.read_train_state(args.resume)
         first_epoch, global_step = state["current_epoch"], state["current_step"]
         pos_file = Path(args.resume) / "loop_position.txt"
         skip_batches = int(pos_file.read_text()) if pos_file.is_file() else 0
+        starts_file = Path(args.resume) / STEP_STARTS_FILE
+        if starts_file.is_file() and hasattr(network, "on_step_start"):
+            # replay the step starts so dropout continues with the draws the interrupted run would make
+            for _ in range(int(starts_file.read_text())):
+                network.on_step_start(text_encoder, unet)
+                step_starts += 1
         resume_rng = _rng_snapshot()
         logger.info("resumed from %s: epoch %d, step %d", args.resume, first_epoch, global_step)
 
@@ -391,7 +329,7 @@ def _train(args: argparse.Namespace, arch: TrainingArchitecture) -> TrainResult 
             for i in range(len(prompt_lines))
         ]
         with torch.no_grad():
-            arch.sample_images(args, accelerator, prompt_lines, bases)
+            arch.sample_images(ctx, prompt_lines, bases)
         network.train()
         _rng_restore(snap)
 
@@ -432,10 +370,9 @@ def _train(args: argparse.Namespace, arch: TrainingArchitecture) -> TrainResult 
             with accelerator.accumulate(network):
                 if hasattr(network, "on_step_start"):
                     network.on_step_start(text_encoder, unet)
+                    step_starts += 1
                 with accelerator.autocast():
-                    per_sample = arch.per_sample_loss(
-                        args, accelerator, batch, weight_dtype, train_text_encoder
-                    )
+                    per_sample = arch.per_sample_loss(ctx, batch)
                 loss = per_sample.float().mean()
                 _check_finite(loss, accelerator, global_step + 1, epoch + 1, last_saved)
                 accelerator.backward(loss)
@@ -463,8 +400,10 @@ def _train(args: argparse.Namespace, arch: TrainingArchitecture) -> TrainResult 
             progress.set_postfix(loss=f"{recorder.moving_average:.4f}", lr=f"{lrs[0]:.2e}" if lrs else "-")
             if args.log_with:
                 logs.update({"loss/current": current, "loss/average": recorder.moving_average})
-                for name, lr in zip(lr_names, lrs):
-                    logs[f"lr/{name}"] = lr
+                for name, group in zip(lr_names, optimizer.param_groups):
+                    logs[f"lr/{name}"] = group["lr"]
+                    if "d" in group:  # D-Adaptation / Prodigy: the effective step size
+                        logs[f"lr/d*lr/{name}"] = group["d"] * group["lr"]
                 accelerator.log(logs, step=global_step)
             if (
                 args.sample_every_n_steps

@@ -1,4 +1,5 @@
-"""Small helpers of the training loop: network module import, --network_args, loss averages, sample names."""
+"""Small helpers of the training loop: network module import, --network_args, loss averages, log and sample
+names, --fp8_base."""
 
 from __future__ import annotations
 
@@ -63,6 +64,26 @@ class LossRecorder:
     @property
     def moving_average(self) -> float:
         return self.total / len(self.slots) if self.slots else 0.0
+
+
+def lr_log_names(
+    descriptions: list[str] | None, n_groups: int, train_unet: bool, train_te: bool
+) -> list[str]:
+    """TensorBoard names ``lr/<name>`` of the optimizer groups, unique even if a module repeats one.
+
+    Our networks describe groups (``textencoder 1``, ``textencoder 2``, ``unet``, ``... plus``); a module
+    without descriptions gets ``textencoder``/``unet`` for the usual one- or two-group layouts, else
+    ``group<i>``. A repeated description gets `` group<i>`` appended so no two groups share a key.
+    """
+    if descriptions and len(descriptions) == n_groups:
+        names = [str(d) for d in descriptions]
+    elif n_groups == 2 and train_unet and train_te:
+        names = ["textencoder", "unet"]
+    elif n_groups == 1:
+        names = ["unet" if train_unet else "textencoder"]
+    else:
+        names = [f"group{i}" for i in range(n_groups)]
+    return [n if names.count(n) == 1 else f"{n} group{i}" for i, n in enumerate(names)]
 
 
 def sample_file_name(output_name: str | None, epoch: int | None, step: int, index: int, stamp: str) -> str:
