@@ -178,8 +178,8 @@ def test_adapter_paths_compile_fullgraph_and_match_eager():
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_khatri_rao_linear_function_equals_rebuild(dtype):
-    """KhatriRaoLinear (recomputes the N×r² middle) == x·ΔWᵀ with ΔW from the LoHa rebuild: output and
-    the grads of x and all four factors."""
+    """KhatriRaoLinear (rebuilds everything in backward) == x·ΔWᵀ with ΔW from the LoHa rebuild:
+    output and the grads of x, all four factors and a trainable scale (use_scalar σ)."""
     from networks.functional import loha_delta_weight, loha_khatri_rao_linear
 
     gen = torch.Generator().manual_seed(4)
@@ -187,10 +187,11 @@ def test_khatri_rao_linear_function_equals_rebuild(dtype):
     w = [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype).requires_grad_(True) for s in shapes]
     x = torch.randn(2, 4, 5, generator=gen, dtype=torch.float64).to(dtype).requires_grad_(True)
     gy = torch.randn(2, 4, 7, generator=gen, dtype=torch.float64).to(dtype)
-    fast = loha_khatri_rao_linear(x, *w, 0.3)
-    g_fast = torch.autograd.grad(fast, [x, *w], gy)
-    slow = torch.nn.functional.linear(x, loha_delta_weight(*w, 0.3))
-    g_slow = torch.autograd.grad(slow, [x, *w], gy)
+    sigma = torch.tensor(0.3, dtype=dtype, requires_grad=True)
+    fast = loha_khatri_rao_linear(x, *w, sigma)
+    g_fast = torch.autograd.grad(fast, [x, *w, sigma], gy)
+    slow = torch.nn.functional.linear(x, loha_delta_weight(*w, sigma))
+    g_slow = torch.autograd.grad(slow, [x, *w, sigma], gy)
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     assert (fast - slow).abs().max() <= tol * slow.abs().max()
     for a, b in zip(g_fast, g_slow):
@@ -198,7 +199,7 @@ def test_khatri_rao_linear_function_equals_rebuild(dtype):
 
 
 def test_khatri_rao_linear_keeps_no_middle_for_backward():
-    """Only x and the (O, r²), (r², I) factors are saved: no N×r² tensor stays alive."""
+    """Only x and the thin factors are saved: no N×r² middle and no (O, r²) / (r², I) Khatri–Rao factor."""
     from networks.functional import loha_khatri_rao_linear
 
     n, i, o, r = 512, 24, 16, 4
@@ -208,4 +209,5 @@ def test_khatri_rao_linear_keeps_no_middle_for_backward():
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
         loha_khatri_rao_linear(x, *w, 1.0)
     assert max(saved) == n * i  # x itself; the middle would be n·r² = 8192 values
-    assert n * r * r not in saved
+    assert n * r * r not in saved and o * r * r not in saved and r * r * i not in saved
+    assert sorted(saved) == sorted([n * i, o * r, r * i, o * r, r * i])

@@ -202,33 +202,57 @@ def khatri_rao_factors(
 
 
 class KhatriRaoLinear(torch.autograd.Function):
-    """out = (x·Rᵀ)·Lᵀ with L (O, r²), R (r², I). Saves x, L, R only: the N×r² middle is recomputed in
-    backward (one extra N·I·r² GEMM), so this path keeps less than the rebuild's O×I ΔW alive."""
+    """out = s·x·((A1∗A2)(B1•B2))ᵀ for a linear LoHa, saving only x and the four thin factors.
+
+    Backward rebuilds the (O, r²) and (r², I) Khatri–Rao factors and the N×r² middle, so this path
+    keeps less alive than the rebuild's O×I ΔW (and much less than plain autograd, which would keep
+    both r²-wide factors and the middle)."""
 
     @staticmethod
-    def forward(ctx, x, left, right):  # type: ignore[override]
-        ctx.save_for_backward(x, left, right)
+    def forward(ctx, x, w1a, w1b, w2a, w2b, scale):  # type: ignore[override]
+        if isinstance(scale, torch.Tensor):
+            ctx.save_for_backward(x, w1a, w1b, w2a, w2b, scale)
+            ctx.scale_is_tensor = True
+        else:
+            ctx.save_for_backward(x, w1a, w1b, w2a, w2b)
+            ctx.scale_is_tensor = False
+            ctx.scale = scale
         save_autocast_state(ctx, x)
+        left, right = khatri_rao_factors(w1a, w1b, w2a, w2b, scale)
         return F.linear(F.linear(x, right), left)
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
-        x, left, right = ctx.saved_tensors
+        if ctx.scale_is_tensor:
+            x, w1a, w1b, w2a, w2b, scale = ctx.saved_tensors
+        else:
+            x, w1a, w1b, w2a, w2b = ctx.saved_tensors
+            scale = ctx.scale
         need = ctx.needs_input_grad
-        dx = dleft = dright = None
+        r1, r2 = w1a.shape[1], w2a.shape[1]
+        dx = d1a = d1b = d2a = d2b = dscale = None
         with autocast_like_forward(ctx):
+            left, right = khatri_rao_factors(w1a, w1b, w2a, w2b, scale)
             g2 = grad_out.reshape(-1, grad_out.shape[-1])
-            if need[1]:
-                h = F.linear(x, right).reshape(-1, right.shape[0])  # recomputed middle
-                dleft = g2.transpose(0, 1) @ h
-                del h
-            if need[0] or need[2]:
+            x2 = x.reshape(-1, x.shape[-1])
+            if need[1] or need[3] or need[5]:  # grads through the (O, r²) side: w1a, w2a, scale
+                dleft = (g2.transpose(0, 1) @ F.linear(x2, right)).reshape(-1, r1, r2)  # middle recomputed
+                if need[1]:
+                    d1a = scaled_grad(torch.einsum("opq,oq->op", dleft, w2a), scale)
+                if need[3]:
+                    d2a = torch.einsum("opq,op->oq", dleft, w1a * scale)
+                if len(need) > 5 and need[5]:
+                    dscale = torch.einsum("opq,op,oq->", dleft, w1a, w2a).reshape(scale.shape).to(scale.dtype)
+                del dleft
+            if need[0] or need[2] or need[4]:
                 dh = g2 @ left
                 if need[0]:
                     dx = (dh @ right).reshape(x.shape)
-                if need[2]:
-                    dright = dh.transpose(0, 1) @ x.reshape(-1, x.shape[-1])
-        return dx, dleft, dright
+                if need[2] or need[4]:
+                    dright = (dh.transpose(0, 1) @ x2).reshape(r1, r2, -1)
+                    d1b = torch.einsum("pqi,qi->pi", dright, w2b) if need[2] else None
+                    d2b = torch.einsum("pqi,pi->qi", dright, w1b) if need[4] else None
+        return dx, d1a, d1b, d2a, d2b, dscale
 
 
 def loha_khatri_rao_linear(
@@ -239,8 +263,13 @@ def loha_khatri_rao_linear(
     Costs 2N·r²(O+I) FLOPs forward (+ a recompute of the N×r² middle in backward); worthwhile when
     r² < O·I/(O+I). x: (..., I) → (..., O).
     """
-    left, right = khatri_rao_factors(w1a, w1b, w2a, w2b, scale)
-    return KhatriRaoLinear.apply(x, left, right)
+    if w1a.shape[1] != w1b.shape[0] or w2a.shape[1] != w2b.shape[0] or w1b.shape[1] != x.shape[-1]:
+        raise ValueError(
+            "loha_khatri_rao_linear: factor shapes do not chain with the input: "
+            f"w1a {tuple(w1a.shape)}, w1b {tuple(w1b.shape)}, w2a {tuple(w2a.shape)}, w2b {tuple(w2b.shape)}, "
+            f"x (..., {x.shape[-1]}); expected (O, r1), (r1, I), (O, r2), (r2, I)"
+        )
+    return KhatriRaoLinear.apply(x, w1a, w1b, w2a, w2b, scale)
 
 
 def loha_khatri_rao_conv(
