@@ -212,9 +212,15 @@ def enable_block_swap(
     Returns the hook handles.
     """
     blocks = dit.blocks
-    if not 0 < n <= len(blocks) - 2:
+    max_swap = len(blocks) - 2  # the first two blocks always stay on the device (as in sd-scripts)
+    if max_swap < 1:
         raise ValueError(
-            f"--blocks_to_swap {n}: must be between 1 and {len(blocks) - 2} for {len(blocks)} blocks"
+            f"--blocks_to_swap {n}: this DiT has only {len(blocks)} blocks and block swap needs at least 3 "
+            "(2 always stay on the device); remove --blocks_to_swap"
+        )
+    if not 0 < n <= max_swap:
+        raise ValueError(
+            f"--blocks_to_swap {n}: must be between 1 and {max_swap} for a DiT with {len(blocks)} blocks"
         )
     handles = []
     for blk in list(blocks)[len(blocks) - n :]:
