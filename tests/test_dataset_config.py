@@ -139,8 +139,9 @@ def test_dreambooth_folders_cli(tmp_path: Path) -> None:
     assert subs["10_sks dog"].num_repeats == 10 and subs["10_sks dog"].class_tokens == "sks dog"
     assert subs["1_dog"].is_reg
     assert d.num_train_images == 3 * 10 + 2
-    # reg: 3 images registered once (n=3), then +1 round-robin r0,r1,r2,r0,... until n=32 (29 more)
-    assert d.num_reg_images == 32
+    # reg: 3 images registered once (n=3), then +1 round-robin r0,r1,r2,r0,... until n=32 (29 more);
+    # num_reg_images is the count before that fill, as sd-scripts writes it to ss_num_reg_images
+    assert d.num_reg_images == 3
     reg_repeats = {i.path.name: i.num_repeats for i in d.image_data.values() if i.is_reg}
     assert reg_repeats == {"r0.png": 11, "r1.png": 11, "r2.png": 10}
     captions = {i.path.name: i.caption for i in d.image_data.values()}
@@ -153,7 +154,7 @@ def test_dreambooth_folders_cli(tmp_path: Path) -> None:
 
     md = dataset_metadata(g, args, total_batch_size=1)
     assert all(isinstance(v, str) for v in md.values())
-    assert md["ss_num_train_images"] == "32" and md["ss_num_reg_images"] == "32"
+    assert md["ss_num_train_images"] == "32" and md["ss_num_reg_images"] == "3"
     assert (
         md["ss_resolution"] == "(64, 64)"
         and md["ss_enable_bucket"] == "False"

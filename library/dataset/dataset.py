@@ -187,7 +187,11 @@ class BucketDataset(Dataset):
             raise DatasetConfigError(f"{self.name}: no training images found")
 
     def _add_reg_images(self, reg_infos: list[ImageInfo]) -> None:
-        """Round-robin reg images until they match the number of train images (with repeats)."""
+        """Round-robin reg images until they match the number of train images (with repeats).
+
+        `num_reg_images` is the count before this fill (with repeats), as sd-scripts reports it in
+        `ss_num_reg_images`."""
+        self.num_reg_images = sum(info.num_repeats for info in reg_infos)
         n = 0
         first = True
         while n < self.num_train_images:
@@ -201,7 +205,6 @@ class BucketDataset(Dataset):
                 if n >= self.num_train_images:
                     break
             first = False
-        self.num_reg_images = n
 
     def _dreambooth_infos(self, s: SubsetParams) -> list[ImageInfo]:
         assert s.image_dir is not None
