@@ -17,17 +17,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from library.anima_training import AnimaArchitecture  # noqa: E402
-from library.dataset.config import add_dataset_arguments  # noqa: E402
-from library.train_args import add_training_arguments  # noqa: E402
-from library.train_loop import main_entry  # noqa: E402
+from library.train_loop import main_entry, run_cli, training_parser  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Anima LoRA/LoHa/LoKr network training")
-    AnimaArchitecture().add_arguments(parser)
-    add_dataset_arguments(parser, text_encoder_caching=True)
-    add_training_arguments(parser)
-    return parser
+    return training_parser(AnimaArchitecture(), "Anima LoRA/LoHa/LoKr network training")
 
 
 def main(argv: list[str] | None = None) -> Path | None:
@@ -37,8 +31,4 @@ def main(argv: list[str] | None = None) -> Path | None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError, PermissionError, ImportError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_cli(main)

@@ -7,19 +7,13 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from library.dataset.config import add_dataset_arguments
 from library.sdxl_training import SdxlArchitecture
-from library.train_args import add_training_arguments
-from library.train_loop import TrainResult, main_entry
+from library.train_loop import TrainResult, main_entry, run_cli, training_parser
 
 
 def setup_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="SDXL network (LoRA/LoHa/LoKr) training")
-    add_dataset_arguments(parser, text_encoder_caching=True)
-    add_training_arguments(parser)
-    return parser
+    return training_parser(SdxlArchitecture(), "SDXL network (LoRA/LoHa/LoKr) training")
 
 
 def main(argv: list[str] | None = None) -> TrainResult | None:
@@ -27,8 +21,4 @@ def main(argv: list[str] | None = None) -> TrainResult | None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError, PermissionError, ImportError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_cli(main)

@@ -511,6 +511,30 @@ def _remove_old_step(args: argparse.Namespace, out: Path, ext: str, step: int, a
             saving.remove_path(out / saving.state_dir_name(args.output_name, step=old))
 
 
+CLI_ERRORS = (ValueError, FileNotFoundError, PermissionError, ImportError, FloatingPointError)
+
+
+def training_parser(arch: TrainingArchitecture, description: str) -> argparse.ArgumentParser:
+    """The trainer's command line: architecture flags, then the dataset and shared training flags."""
+    from library.dataset.config import add_dataset_arguments
+    from library.train_args import add_training_arguments
+
+    parser = argparse.ArgumentParser(description=description)
+    arch.add_arguments(parser)
+    add_dataset_arguments(parser, text_encoder_caching=True)
+    add_training_arguments(parser)
+    return parser
+
+
+def run_cli(main: Any) -> None:
+    """``if __name__ == "__main__"`` of a trainer script: bad input prints one ``error:`` line, exit 1."""
+    try:
+        main()
+    except CLI_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
 def main_entry(arch: TrainingArchitecture, build_parser: Any, argv: list[str] | None) -> TrainResult | None:
     """Thin-script helper: parse, handle --output_config, train; errors print one clear line."""
     from library.train_args import parse_args, write_config_file
