@@ -206,7 +206,7 @@ def _png_text(job: Job, args: argparse.Namespace) -> dict[str, str]:
         "scale": str(job.guidance_scale),
         "flow-shift": str(job.flow_shift),
         "sampler": "flow-euler",
-        "size": f"{job.height}x{job.width}",
+        "size": f"{job.width}x{job.height}",  # width x height, as image viewers and A1111 write it
         "networks": json.dumps(
             [
                 {"weights": Path(w).name, "multiplier": m}

@@ -112,3 +112,17 @@ def test_block_swap_on_a_dit_too_small_to_swap_is_one_clear_error(tokenizers_dir
     assert len(dit.blocks) == 2
     with pytest.raises(ValueError, match=r"only 2 blocks .* needs at least 3 .*remove --blocks_to_swap"):
         enable_block_swap(dit, 1, "cpu")
+
+
+def test_anima_png_size_metadata_is_width_x_height():
+    """Flow: `anima_minimal_inference.py --from_file` line `--w 64 --h 48` wrote a 64×48 PNG whose
+    `size` text said 48x64 (height first)."""
+    import argparse
+
+    import anima_minimal_inference as inf
+
+    base = inf.Job("p", "", height=1024, width=1024, steps=2, guidance_scale=3.5, flow_shift=5.0, seed=1)
+    job = inf._parse_prompt_line("a cat --w 64 --h 48", base)
+    assert (job.width, job.height) == (64, 48)
+    text = inf._png_text(job, argparse.Namespace(lora_weight=[], resolved_mults=[]))
+    assert text["size"] == "64x48"
