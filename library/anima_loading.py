@@ -12,7 +12,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,11 +19,12 @@ from typing import Any
 import torch
 from accelerate import init_empty_weights
 from diffusers import AutoencoderKLQwenImage
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, Qwen3Config, Qwen3ForCausalLM, Qwen3Model
 
 from library.anima_models import OPTIONAL_DIT_BUFFERS, Anima, anima_config_from_state_dict, tiny_anima_config
+from library.atomic_io import save_safetensors_atomic
 
 LATENTS_MEAN = [-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
                 0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921]  # fmt: skip
@@ -58,23 +58,6 @@ def _read_state_dict(path: PathLike, what: str) -> dict[str, torch.Tensor]:
     if not isinstance(sd, dict):
         raise ValueError(f"{what} file {p} does not hold a state dict")
     return sd
-
-
-def save_safetensors_atomic(
-    tensors: dict[str, torch.Tensor], path: PathLike, metadata: dict[str, str] | None = None
-) -> Path:
-    """Write to a temp file in the same folder, then rename, so a crash never leaves a half file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
 
 
 def _cast(sd: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:

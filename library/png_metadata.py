@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
+
+from library.atomic_io import atomic_write
 
 
 @dataclass(frozen=True)
@@ -89,17 +90,7 @@ def save_png(image: Image.Image, path: str | Path, text: Mapping[str, str]) -> P
     for key, value in text.items():
         # iTXt keeps non-Latin-1 prompts (Japanese, emoji) intact; tEXt would fail to encode them
         info.add_itxt(key, value)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".png", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
 
 
 def read_png_text(path: str | Path) -> dict[str, str]:

@@ -10,9 +10,10 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from library.atomic_io import atomic_write  # noqa: F401  (re-exported: trainers call saving.atomic_write)
 
 MODELSPEC_VERSION = "1.0.1"
 IMPLEMENTATION_SGM = "https://github.com/Stability-AI/generative-models"
@@ -21,27 +22,6 @@ TRAIN_STATE_FILE = "train_state.json"
 
 
 # ----------------------------------------------------------------------------------------- atomic writes
-def atomic_write(path: str | Path, writer: Callable[[str], None], suffix: str | None = None) -> Path:
-    """Call ``writer(tmp_path)`` on a temp file in the target folder, then rename it over ``path``.
-
-    A crash mid-write leaves the previous file intact (rename is atomic on one filesystem). The temp
-    name keeps the final extension because network modules choose the format from it.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = path.suffix if suffix is None else suffix
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp" + suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        writer(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 def check_output_dir_writable(output_dir: str | Path) -> Path:
     """Create ``output_dir`` and prove a file can be written there, before any training work."""
     out = Path(output_dir)

@@ -23,10 +23,10 @@ import torch
 from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors import safe_open
-from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from library import sdxl_config
+from library.atomic_io import save_safetensors_atomic
 from library.sdxl_keymap import (
     DEFAULT_ARCH,
     TE1_PREFIX,
@@ -205,19 +205,6 @@ def hf_text_state(te: torch.nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
-def _atomic_save_safetensors(sd: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=str(path.parent))
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_sdxl_single_file(
     models: SdxlModels,
     path: str | Path,
@@ -234,7 +221,7 @@ def save_sdxl_single_file(
     defaults = {**DEFAULT_ARCH, "te1_head_dim": 64, "te2_head_dim": 64}
     if any(arch[k] != defaults[k] for k in arch):
         meta[ARCH_METADATA_KEY] = json.dumps(arch, sort_keys=True)
-    _atomic_save_safetensors(sd, Path(path), meta)
+    save_safetensors_atomic(sd, path, meta)
 
 
 def save_sdxl_diffusers(models: SdxlModels, folder: str | Path) -> None:

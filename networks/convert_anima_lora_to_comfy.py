@@ -20,19 +20,14 @@ from __future__ import annotations
 
 import argparse
 import functools
-import hashlib
-import io
 import logging
 import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save as st_save
-from safetensors.torch import save_file
 from torch import nn
 
 logger = logging.getLogger(__name__)
@@ -222,18 +217,6 @@ def from_comfy(sd: dict[str, torch.Tensor], tables: tuple[NameTable, NameTable] 
     return out
 
 
-def sshs_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[str, str]:
-    """(sshs_model_hash, sshs_legacy_hash) of a serialisation carrying only the ss_* metadata."""
-    ss_meta = {k: v for k, v in metadata.items() if k.startswith("ss_")}
-    blob = st_save(tensors, metadata=ss_meta or None)
-    header_len = int.from_bytes(blob[:8], "little")
-    model_hash = hashlib.sha256(blob[8 + header_len :]).hexdigest()
-    legacy = io.BytesIO(blob)
-    legacy.seek(0x100000)
-    legacy_hash = hashlib.sha256(legacy.read(0x10000)).hexdigest()[:8]
-    return model_hash, legacy_hash
-
-
 def read_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     path = Path(path)
     if not path.is_file():
@@ -248,20 +231,15 @@ def read_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], di
 
 def write_lora_file(path: str | os.PathLike, sd: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """Atomic save (temp file + rename) with the sshs hashes recomputed for the new keys."""
+    # imported here: run as a script, the project root joins sys.path only in __main__
+    from library.atomic_io import save_safetensors_atomic
+    from networks.network_io import sshs_hashes
+
     path = Path(path)
     meta = dict(metadata)
     sd = {k: v.contiguous() for k, v in sd.items()}
     meta["sshs_model_hash"], meta["sshs_legacy_hash"] = sshs_hashes(sd, meta)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(sd, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    save_safetensors_atomic(sd, path, meta)
 
 
 def convert_file(

@@ -6,13 +6,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 from io import BytesIO
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save, save_file
+
+from library.atomic_io import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ def detect_algorithm(lora_name: str, keys: set[str] | dict[str, Any]) -> str:
     )
 
 
-def _addnet_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[str, str]:
+def sshs_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[str, str]:
     """sshs_model_hash / sshs_legacy_hash over an in-memory serialisation with only `ss_*` metadata."""
     ss_meta = {k: v for k, v in metadata.items() if k.startswith("ss_")}
     data = save(tensors, ss_meta)
@@ -83,22 +84,12 @@ def write_weights(
     path = Path(file)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=str(path.parent))
-    os.close(fd)
-    try:
-        if path.suffix == ".safetensors":
-            meta = {str(k): str(v) for k, v in (metadata or {}).items()}
-            model_hash, legacy = _addnet_hashes(tensors, meta)
-            meta["sshs_model_hash"] = model_hash
-            meta["sshs_legacy_hash"] = legacy
-            save_file(tensors, tmp, meta)
-        else:
-            torch.save(tensors, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    if path.suffix == ".safetensors":
+        meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+        meta["sshs_model_hash"], meta["sshs_legacy_hash"] = sshs_hashes(tensors, meta)
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, meta))
+    else:
+        atomic_write(path, lambda tmp: torch.save(tensors, tmp))
 
 
 class _DetachedLeaf(torch.nn.Module):

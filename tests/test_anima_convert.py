@@ -13,6 +13,7 @@ from transformers import Qwen3Config, Qwen3Model
 
 from library.anima_models import Anima, tiny_anima_config
 from networks import convert_anima_lora_to_comfy as conv
+from networks.network_io import sshs_hashes
 
 
 def _tiny_trees() -> tuple[nn.Module, nn.Module]:
@@ -83,7 +84,7 @@ def test_round_trip_identity_all_algorithms(tmp_path):
             assert {k: f.get_tensor(k).tolist() for k in f.keys()} == {k: v.tolist() for k, v in sd.items()}
         assert meta["ss_network_module"] == f"networks.{algo}"
         assert meta["sshs_model_hash"] != "stale" and len(meta["sshs_model_hash"]) == 64
-        assert meta["sshs_model_hash"] == conv.sshs_hashes(sd, meta)[0]
+        assert meta["sshs_model_hash"] == sshs_hashes(sd, meta)[0]
 
 
 def test_underscore_names_map_to_real_modules():

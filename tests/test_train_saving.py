@@ -96,3 +96,21 @@ def test_training_metadata_strings_and_no_metadata():
     small = saving.training_metadata(_args(no_metadata=True), **kw)
     assert set(small) == {"ss_v2", "ss_base_model_version", "ss_network_module", "ss_network_dim",
                           "ss_network_alpha", "ss_network_args"}  # fmt: skip
+
+
+def test_atomic_write_gives_default_permissions(tmp_path) -> None:
+    """Temp files start 0600; the renamed result must have the permissions a plain open() gives."""
+    import os
+    import stat
+
+    from library.atomic_io import atomic_write
+
+    mask = os.umask(0o022)
+    try:
+        target = atomic_write(tmp_path / "x.bin", lambda tmp: open(tmp, "wb").write(b"1"))
+    finally:
+        os.umask(mask)
+    import library.atomic_io as aio
+
+    assert stat.S_IMODE(target.stat().st_mode) == aio._FILE_MODE
+    assert aio._FILE_MODE & 0o044  # readable by group/others under the usual umask

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 from tqdm import tqdm
+
+from library.atomic_io import save_npz_atomic
 
 from .buckets import get_crop_ltrb
 from .captions import deterministic_caption
@@ -67,19 +67,6 @@ def latent_fingerprint(info: ImageInfo, flip: bool, settings: str) -> str:
 
 def te_fingerprint(caption: str, settings: str) -> str:
     return json.dumps({"v": _FP_VERSION, "caption": caption, "settings": settings}, sort_keys=True)
-
-
-def save_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Write to a temp file in the same folder, then rename (never a half-written cache)."""
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def npz_is_valid(path: Path, required: list[str], fingerprint: str, skip_check: bool) -> bool:
