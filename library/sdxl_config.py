@@ -97,9 +97,13 @@ def tiny_sdxl_configs() -> dict[str, dict[str, Any]]:
         norm_num_groups=16,
     )
     te1 = copy.deepcopy(SDXL_TE1_CONFIG)
-    te1.update(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, projection_dim=32)
+    te1.update(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, projection_dim=32
+    )
     te2 = copy.deepcopy(SDXL_TE2_CONFIG)
-    te2.update(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, projection_dim=32)
+    te2.update(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, projection_dim=32
+    )
     vae = copy.deepcopy(SDXL_VAE_CONFIG)
     vae.update(block_out_channels=[16, 32, 32, 32], layers_per_block=1, norm_num_groups=8, sample_size=64)
     return {"unet": unet, "text_encoder": te1, "text_encoder_2": te2, "vae": vae}
