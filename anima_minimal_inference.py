@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from library.anima_sampling import check_image_size, euler_sample, initial_noise, latents_to_pil
 from library.lora_merge import MergeReport, looks_like_sdxl, merge_into_modules
@@ -266,22 +266,24 @@ def run(args: argparse.Namespace) -> list[Path]:
     lora_sds = {w: read_lora_state_dict(w) for w in args.lora_weight}
 
     out_dir = Path(args.save_path)
-    out_dir.mkdir(parents=True, exist_ok=True)
     models = load_models(args, device, dtype)
     from library.anima_loading import anima_decode_latents
     from library.anima_text import encode_anima_prompts
+    from library.atomic_io import save_safetensors_atomic
 
     written: list[Path] = []
     if args.latent_path:
         lat = load_file(args.latent_path)["latent"].to(device, dtype)
         models.vae.to(device)
         img = latents_to_pil(anima_decode_latents(models.vae, lat))[0]
+        out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / (Path(args.latent_path).stem + ".png")
         _save_png(img, path, None)
         return [path]
 
     apply_lora_files(models.dit, models.text_encoder, args.lora_weight, args.lora_multiplier, loaded=lora_sds)
     del lora_sds
+    out_dir.mkdir(parents=True, exist_ok=True)  # only now: bad models or LoRA files leave no empty folder
     te_device = torch.device("cpu") if args.text_encoder_cpu else device
     models.text_encoder.to(te_device)
     models.dit.to(device)
@@ -313,9 +315,12 @@ def run(args: argparse.Namespace) -> list[Path]:
             progress=True,
         )
         stem = f"{stamp}_{idx:03d}_{job.seed}"
+        n_before = len(written)
         if args.output_type in ("latent", "latent_images"):
             lpath = out_dir / f"{stem}_latent.safetensors"
-            save_file({"latent": lat.float().cpu().contiguous()}, str(lpath), metadata={"prompt": job.prompt})
+            save_safetensors_atomic(
+                {"latent": lat.float().cpu().contiguous()}, lpath, metadata={"prompt": job.prompt}
+            )
             written.append(lpath)
         if args.output_type in ("images", "latent_images"):
             models.vae.to(device)
@@ -324,7 +329,7 @@ def run(args: argparse.Namespace) -> list[Path]:
             path = out_dir / f"{stem}.png"
             _save_png(img, path, None if args.no_metadata else _png_text(job, args))
             written.append(path)
-        logger.info("saved %s", ", ".join(str(p) for p in written[-2:]))
+        logger.info("saved %s", ", ".join(str(p) for p in written[n_before:]))
     return written
 
 

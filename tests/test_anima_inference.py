@@ -212,6 +212,7 @@ def test_bad_inputs(files, tmp_path):
     argv[argv.index("--text_encoder") + 1] = str(tmp_path / "missing_qwen3")
     with pytest.raises(FileNotFoundError, match="--text_encoder"):
         inf.main(argv)
+    assert not (tmp_path / "o").exists()  # no partial output, not even an empty --save_path folder
     with pytest.raises(SystemExit):  # argparse: --text_encoder is required
         inf.main(
             [
