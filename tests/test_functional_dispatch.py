@@ -45,12 +45,15 @@ def test_lokr_choice_matches_measured_crossovers(mode):
 
 
 def test_loha_choice_matches_measured_crossovers():
-    # Khatri–Rao r8 wins on every big layer (0.69 vs 2.87 ms at 8192×2048 graph); r32 loses at 1280²
-    # in graph mode (0.22 vs 0.17 ms) and wins at Anima's MLP size (2.08 vs 2.92 ms)
+    # H100 layer bench run 4 (final KhatriRaoLinear), layer incl. base: Khatri–Rao wins on big layers in
+    # both modes (8192×2048 r8 graph 2.43 vs 4.48 ms, r32 eager 3.91 vs 4.85); it loses at SDXL sizes in
+    # eager (1280² r32 1.66 vs 1.35 ms; 10240×1280 r8 3.17 vs 1.69) and at r32 in graph (0.33 vs 0.23)
     assert choose_loha_path(16384, 8192, 2048, 8, "graph") == "khatri_rao"
-    assert choose_loha_path(4096, 10240, 1280, 8, "eager") == "khatri_rao"
+    assert choose_loha_path(16384, 8192, 2048, 32, "eager") == "khatri_rao"
+    assert choose_loha_path(4096, 1280, 1280, 32, "eager") == "rebuild"
+    assert choose_loha_path(4096, 10240, 1280, 8, "eager") == "rebuild"
     assert choose_loha_path(4096, 1280, 1280, 32, "graph") == "rebuild"
-    assert choose_loha_path(16384, 8192, 2048, 32, "graph") == "khatri_rao"
+    assert choose_loha_path(4096, 1280, 1280, 8, "graph") == "khatri_rao"
 
 
 def test_costs_grow_with_tokens_and_bad_input():

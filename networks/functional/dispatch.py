@@ -123,8 +123,11 @@ def _loha_kr_kernels(n: int, o: int, i: int, r: int) -> list[Kernel]:
     ks += [_gemm(n, rr, i), _gemm(n, o, rr)]  # forward
     ks += [_gemm(n, rr, i)]  # the N×r² middle recomputed in backward (KhatriRaoLinear)
     ks += [_gemm(n, rr, o), _gemm(o, rr, n), _gemm(n, i, rr), _gemm(rr, i, n)]  # backward GEMMs
-    ks += [_ew(o * rr, PARAM_BYTES + ACT_BYTES), _ew(i * rr, PARAM_BYTES + ACT_BYTES)]  # grads → fp32
-    ks += [_ew(o * rr, 2 * PARAM_BYTES)] * 4 + [_ew(i * rr, 2 * PARAM_BYTES)] * 4  # outer-product grads
+    # backward rebuilds both KR factors and their casts, then four einsums for the factor grads
+    ks += [_ew(o * rr, PARAM_BYTES), _ew(i * rr, PARAM_BYTES)]
+    ks += [_ew(o * rr, PARAM_BYTES + ACT_BYTES), _ew(i * rr, PARAM_BYTES + ACT_BYTES)]
+    ks += [_ew(o * rr, 2 * ACT_BYTES)] * 2 + [_ew(i * rr, 2 * ACT_BYTES)] * 2
+    ks += [_ew(o * r, 8, small=True)] * 10  # w1a·s, scaled grad, grads → fp32 (measured: more ops)
     return ks
 
 

@@ -1,0 +1,59 @@
+"""CPU smoke runs of the benchmarks (tiny configs, 2 steps) so they never rot."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_train_step_bench_smoke(capsys):
+    bench = _load("bench_train_step")
+    variants = "anima-floor,anima-loha,anima-lokr:path=bypass,ours-lora"
+    results = bench.main(
+        [
+            "--tiny",
+            "--device",
+            "cpu",
+            "--dtype",
+            "fp32",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--variants",
+            variants,
+        ]
+    )
+    by = {r["variant"]: r for r in results}
+    assert list(by) == variants.split(","), results
+    for r in results:
+        assert "error" not in r, r["error"]
+        assert r["median_s"] > 0 and r["steps"] == 2 and r["loss"] > 0
+    assert by["anima-floor"]["ratio_to_floor"] == 1.0 and by["anima-floor"]["trainable_params"] == 0
+    # the tiny Anima DiT's 20 linears are adapted; the forced bypass reached every LoKr module
+    assert by["anima-loha"]["modules"] == 20 and by["anima-loha"]["trainable_params"] > 0
+    assert by["anima-lokr:path=bypass"]["fast_path_modules"] == 20
+    assert by["ours-lora"]["modules"] > 0 and by["ours-lora"]["fast_path_modules"] == 0  # LoRA has one path
+    assert "SUMMARY" in capsys.readouterr().out
+
+
+def test_layer_bench_smoke():
+    layers = _load("bench_layers")
+    rows = layers.main(["--device", "cpu", "--sizes", "40x24x16", "--iters", "1", "--no_graph"])
+    timed = [r for r in rows if "variant" in r]
+    names = {r["variant"] for r in timed}
+    assert {"base", "lora_r32", "lokr_f-1_full_bypass", "loha_r8_kr", "loha_r32_custom"} <= names
+    assert all("error" not in r and r["eager_ms"] > 0 for r in timed)
+    model = [r for r in rows if "model_lokr_f-1" in r][0]
+    assert set(model["model_loha_r8"]) == {"rebuild", "khatri_rao"}
