@@ -126,3 +126,33 @@ def test_anima_png_size_metadata_is_width_x_height():
     assert (job.width, job.height) == (64, 48)
     text = inf._png_text(job, argparse.Namespace(lora_weight=[], resolved_mults=[]))
     assert text["size"] == "64x48"
+
+
+@pytest.mark.parametrize(
+    "subset_key,flag",
+    [("shuffle_caption = true", "--cache_text_encoder_outputs"), ("random_crop = true", "--cache_latents")],
+)
+def test_cache_clash_is_refused_when_the_dataset_is_built(tmp_path: Path, subset_key: str, flag: str):
+    """Flow: the seed's SDXL command with `--cache_text_encoder_outputs` and a TOML with `shuffle_caption`
+    stopped only after the checkpoint was loaded, fp8-converted and the latents cached."""
+    import argparse
+
+    import numpy as np
+    from PIL import Image
+
+    from library.dataset import build_dataset_group
+    from library.dataset.config import add_dataset_arguments
+
+    img = tmp_path / "img"
+    img.mkdir()
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(img / "a.png")
+    toml_path = tmp_path / "d.toml"
+    toml_path.write_text(
+        f"[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = '{img}'\n{subset_key}\n"
+    )
+    parser = argparse.ArgumentParser()
+    add_dataset_arguments(parser, text_encoder_caching=True)
+    base = ["--dataset_config", str(toml_path), "--max_data_loader_n_workers", "0"]
+    assert len(build_dataset_group(parser.parse_args(base))) == 1  # fine without a cache
+    with pytest.raises(ValueError, match=f"{subset_key.split()[0]} cannot be used with"):
+        build_dataset_group(parser.parse_args(base + [flag]))

@@ -535,7 +535,13 @@ def build_dataset_group(args: argparse.Namespace, bucket_step_multiple: int = 32
                 "(or use enable_bucket)"
             )
         datasets.append(BucketDataset(p, seed, name=f"dataset #{i}"))
-    return DatasetGroup(datasets)
+    group = DatasetGroup(datasets)
+    # Refuse cache/augmentation clashes now, before any model is loaded. Caption dropout is checked
+    # later, per architecture (Anima applies it to cached outputs, SDXL cannot).
+    from library.dataset.cache import check_cache_args
+
+    check_cache_args(group, args, allow_caption_dropout=True)
+    return group
 
 
 def collate_unwrap(items: list[dict[str, Any]]) -> dict[str, Any]:
