@@ -156,3 +156,16 @@ def test_cache_clash_is_refused_when_the_dataset_is_built(tmp_path: Path, subset
     assert len(build_dataset_group(parser.parse_args(base))) == 1  # fine without a cache
     with pytest.raises(ValueError, match=f"{subset_key.split()[0]} cannot be used with"):
         build_dataset_group(parser.parse_args(base + [flag]))
+
+
+def test_min_bucket_reso_below_one_step_is_one_clear_error():
+    """Flow: `--resolution 64 --enable_bucket --min_bucket_reso 32` with the default step 64 rounded the
+    minimum down to 0 and crashed with ZeroDivisionError while making buckets."""
+    from library.dataset.buckets import adjust_min_max_bucket_reso
+
+    assert adjust_min_max_bucket_reso((64, 64), 64, 100, 64) == (64, 128)
+    assert adjust_min_max_bucket_reso((64, 64), 40, 128, 32) == (32, 128)
+    with pytest.raises(ValueError, match=r"min_bucket_reso \(32\) is smaller than bucket_reso_steps \(64\)"):
+        adjust_min_max_bucket_reso((64, 64), 32, 128, 64)
+    with pytest.raises(ValueError, match="bucket_reso_steps must be a positive integer, got 0"):
+        adjust_min_max_bucket_reso((64, 64), 64, 128, 0)

@@ -40,6 +40,13 @@ def adjust_min_max_bucket_reso(
     resolution: Size, min_reso: int, max_reso: int, steps: int, where: str = "dataset"
 ) -> tuple[int, int]:
     """Round min down and max up to `steps`; both must bracket the training resolution."""
+    if steps <= 0:
+        raise ValueError(f"{where}: bucket_reso_steps must be a positive integer, got {steps}")
+    if min_reso < steps:  # rounding down would give a 0-pixel bucket side (sd-scripts divides by zero)
+        raise ValueError(
+            f"{where}: min_bucket_reso ({min_reso}) is smaller than bucket_reso_steps ({steps}); "
+            f"use min_bucket_reso >= {steps} or a smaller bucket_reso_steps"
+        )
     if min_reso % steps != 0:
         min_reso -= min_reso % steps
     if max_reso % steps != 0:
