@@ -169,3 +169,44 @@ def test_min_bucket_reso_below_one_step_is_one_clear_error():
         adjust_min_max_bucket_reso((64, 64), 32, 128, 64)
     with pytest.raises(ValueError, match="bucket_reso_steps must be a positive integer, got 0"):
         adjust_min_max_bucket_reso((64, 64), 64, 128, 0)
+
+
+def test_caption_file_with_a_byte_order_mark(tmp_path: Path):
+    """Flow: a caption saved by a Windows editor (UTF-8 with BOM) trained on "\\ufeffbom caption" as its
+    first tag (visible in ss_tag_frequency)."""
+    from library.dataset.captions import read_caption_file
+
+    (tmp_path / "a.txt").write_bytes("\ufeffbom caption, x\nsecond".encode())
+    (tmp_path / "b.txt").write_text("plain, y", encoding="utf-8")
+    assert read_caption_file(tmp_path / "a.png", ".txt", False) == "bom caption, x"
+    assert read_caption_file(tmp_path / "a.png", ".txt", True) == "bom caption, x\nsecond"
+    assert read_caption_file(tmp_path / "b.png", ".txt", False) == "plain, y"
+
+
+def test_dataset_toml_and_metadata_json_with_a_byte_order_mark(tmp_path: Path):
+    """Flow: a dataset TOML / fine-tuning metadata JSON saved with a BOM failed to parse
+    ("invalid character in key name" / "Unexpected UTF-8 BOM")."""
+    import argparse
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from library.dataset import build_dataset_group
+    from library.dataset.config import add_dataset_arguments
+
+    img = tmp_path / "img"
+    img.mkdir()
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(img / "a.png")
+    meta = tmp_path / "meta.json"
+    meta.write_bytes(b"\xef\xbb\xbf" + json.dumps({"a": {"caption": "a cat"}}).encode())
+    cfg = tmp_path / "d.toml"
+    text = f"[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = '{img}'\nmetadata_file = '{meta}'\n"
+    cfg.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    parser = argparse.ArgumentParser()
+    add_dataset_arguments(parser)
+    group = build_dataset_group(
+        parser.parse_args(["--dataset_config", str(cfg), "--max_data_loader_n_workers", "0"])
+    )
+    (info,) = group.datasets[0].image_data.values()
+    assert info.caption == "a cat"

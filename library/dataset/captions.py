@@ -41,7 +41,8 @@ def read_caption_file(image_path: Path, caption_extension: str, enable_wildcard:
     if not cap_path.is_file():
         return None
     try:
-        lines = cap_path.read_text(encoding="utf-8").splitlines()
+        # utf-8-sig drops a byte-order mark (Windows editors write one); it would glue to the first tag
+        lines = cap_path.read_text(encoding="utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"caption file {cap_path} cannot be read as UTF-8 text: {e}") from e
     if not lines:

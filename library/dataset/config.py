@@ -214,9 +214,9 @@ def load_user_config(path: str | Path) -> dict[str, Any]:
         raise DatasetConfigError(f"dataset config {path} does not exist (expected a .toml or .json file)")
     try:
         if path.suffix.lower() == ".json":
-            raw = json.loads(path.read_text(encoding="utf-8"))
+            raw = json.loads(path.read_text(encoding="utf-8-sig"))
         else:
-            raw = toml.loads(path.read_text(encoding="utf-8"))
+            raw = toml.loads(path.read_text(encoding="utf-8-sig"))
     except (ValueError, toml.TomlDecodeError) as e:
         raise DatasetConfigError(
             f"dataset config {path} is not valid {path.suffix[1:] or 'TOML'}: {e}"

@@ -234,7 +234,7 @@ class BucketDataset(Dataset):
             raise DatasetConfigError(
                 f"{self.name}: image_dir {s.image_dir} does not exist or is not a directory"
             )
-        text = md_path.read_text(encoding="utf-8")
+        text = md_path.read_text(encoding="utf-8-sig")  # tolerate a BOM (Windows editors)
         try:
             if md_path.suffix.lower() == ".jsonl":
                 rows = [json.loads(line) for line in text.splitlines() if line.strip()]
