@@ -287,8 +287,10 @@ def check_sdxl_state(sd: dict[str, torch.Tensor], source: str) -> None:
         kind = "a VAE only"
     elif any(k.startswith(("lora_", "lycoris_")) for k in sd):
         kind = "a LoRA/LyCORIS network file"
+    elif any(k.startswith(("net.llm_adapter.", "llm_adapter.")) for k in sd):
+        kind = "an Anima DiT (use anima_train_network.py / anima_minimal_inference.py)"
     else:
-        kind = "not an SDXL layout"
+        kind = "another kind of model"
     missing = [p + "*" for p, ok in has.items() if not ok]
     raise ValueError(
         f"{source} is not an SDXL single-file checkpoint: it looks like {kind}; found {found}; "

@@ -210,3 +210,19 @@ def test_dataset_toml_and_metadata_json_with_a_byte_order_mark(tmp_path: Path):
     )
     (info,) = group.datasets[0].image_data.values()
     assert info.caption == "a cat"
+
+
+def test_anima_dit_given_to_an_sdxl_script_is_named():
+    """Flow: `gen_img.py --ckpt anima-preview.safetensors` said "it looks like not an SDXL layout"."""
+    from library.sdxl_models import check_sdxl_state
+
+    dit_like = {
+        "net.blocks.0.self_attn.q_proj.weight": torch.zeros(1),
+        "net.llm_adapter.embed.weight": torch.zeros(1),
+    }
+    with pytest.raises(
+        ValueError, match=r"is not an SDXL single-file checkpoint: it looks like an Anima DiT"
+    ):
+        check_sdxl_state(dit_like, "anima.safetensors")
+    with pytest.raises(ValueError, match="it looks like another kind of model"):
+        check_sdxl_state({"foo.weight": torch.zeros(1)}, "x.safetensors")
