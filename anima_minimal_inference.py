@@ -137,6 +137,12 @@ def read_lora_state_dict(path: str) -> dict[str, torch.Tensor]:
 
         logger.info("%s uses ComfyUI key names; converting to sd-scripts names", p.name)
         sd = from_comfy(sd)
+    if any(k.startswith("lora_te1_") for k in sd) and not any(k.startswith("lora_te2_") for k in sd):
+        # LyCORIS (`--network_module lycoris.kohya`) indexes the one Qwen3 encoder as te1
+        logger.info("%s names the text encoder lora_te1_; reading it as lora_te_", p.name)
+        sd = {
+            ("lora_te_" + k[len("lora_te1_") :] if k.startswith("lora_te1_") else k): v for k, v in sd.items()
+        }
     return sd
 
 

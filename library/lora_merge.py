@@ -106,8 +106,10 @@ def merge_into_modules(
     return report
 
 
+# `lora_te1_` alone is not SDXL: LyCORIS names Anima's single Qwen3 encoder `lora_te1_layers_…` when it
+# is handed a list of text encoders. SDXL's TE1 is a CLIP `text_model`.
 _SDXL_HINT = re.compile(
-    r"^lora_(te1|te2|unet_(input_blocks|output_blocks|middle_block|down_blocks|up_blocks))_"
+    r"^lora_(te1_text_model_|te2_|unet_(input_blocks|output_blocks|middle_block|down_blocks|up_blocks)_)"
 )
 
 

@@ -226,3 +226,33 @@ def test_anima_dit_given_to_an_sdxl_script_is_named():
         check_sdxl_state(dit_like, "anima.safetensors")
     with pytest.raises(ValueError, match="it looks like another kind of model"):
         check_sdxl_state({"foo.weight": torch.zeros(1)}, "x.safetensors")
+
+
+def test_anima_file_with_lycoris_te1_prefix_is_merged_not_called_sdxl(tmp_path: Path, tokenizers_dir: Path):
+    """Flow: `anima_train_network.py --network_module lycoris.kohya` writes the Qwen3 modules as
+    `lora_te1_layers_…` (LyCORIS indexes a list of encoders); anima_minimal_inference refused the file
+    as "an SDXL LoRA"."""
+    from safetensors.torch import save_file
+
+    import anima_minimal_inference as inf
+    from library.anima_loading import build_tiny_anima_models
+    from library.lora_merge import looks_like_sdxl
+
+    m = build_tiny_anima_models(tokenizers_dir)
+    net = lokr.create_network(1.0, 4, 1, None, [m.text_encoder], m.dit)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05)
+    sd = {k: v.detach() for k, v in net.state_dict().items()}
+    n_te = len({k.split(".")[0] for k in sd if k.startswith("lora_te_")})
+    assert n_te > 0
+    path = tmp_path / "lyco.safetensors"
+    save_file({("lora_te1_" + k[8:] if k.startswith("lora_te_") else k): v for k, v in sd.items()}, str(path))
+    te_before = {n: p.clone() for n, p in m.text_encoder.named_parameters()}
+    (rep,) = inf.apply_lora_files(m.dit, m.text_encoder, [str(path)], [1.0])
+    assert rep.matched == len({k.split(".")[0] for k in sd}) and not rep.unused
+    assert any(not torch.equal(p, te_before[n]) for n, p in m.text_encoder.named_parameters())
+    # real SDXL files, TE1-only ones included, are still recognised
+    assert looks_like_sdxl(["lora_te1_text_model_encoder_layers_0_mlp_fc1.alpha"])
+    assert looks_like_sdxl(["lora_unet_input_blocks_4_1_proj_in.alpha"])
+    assert not looks_like_sdxl(["lora_te1_layers_0_mlp_up_proj.alpha", "lora_unet_blocks_0_mlp_layer1.alpha"])
