@@ -330,10 +330,11 @@ class AdapterNetwork(NetworkOptimMixin, nn.Module):
         norms: list[torch.Tensor] = []
         ratios: list[torch.Tensor] = []
         for m in self.all_loras:
-            n = m.norm_for_max().float().clamp(min=max_norm_value / 2)
+            raw = m.norm_for_max().float()
+            n = raw.clamp(min=max_norm_value / 2)  # the clamp only keeps the ratio finite for ΔW = 0
             ratio = n.clamp(max=max_norm_value) / n
             m.scale_for_max(ratio)
-            norms.append(n * ratio)
+            norms.append(raw * ratio)  # the module's real norm after scaling, as sd-scripts reports it
             ratios.append(ratio)
         if not norms:
             return 0, 0.0, 0.0
