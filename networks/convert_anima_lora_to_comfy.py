@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 UNET_PREFIX = "lora_unet_"
 TE_PREFIX = "lora_te_"
+LYCORIS_TE_PREFIX = "lora_te1_"
 COMFY_DIT_PREFIX = "diffusion_model."
 COMFY_TE_PREFIX = "text_encoders.qwen3_06b.transformer.model."
 
@@ -169,6 +170,8 @@ def to_comfy(sd: dict[str, torch.Tensor], tables: tuple[NameTable, NameTable] | 
             table, prefix, head = dit_t, COMFY_DIT_PREFIX, UNET_PREFIX
         elif key.startswith(TE_PREFIX):
             table, prefix, head = te_t, COMFY_TE_PREFIX, TE_PREFIX
+        elif key.startswith(LYCORIS_TE_PREFIX):  # LyCORIS indexes Anima's one Qwen3 encoder as te1
+            table, prefix, head = te_t, COMFY_TE_PREFIX, LYCORIS_TE_PREFIX
         else:
             logger.warning("key %s has no lora_unet_/lora_te_ prefix; copied unchanged", key)
             out[key] = val

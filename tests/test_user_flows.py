@@ -256,3 +256,21 @@ def test_anima_file_with_lycoris_te1_prefix_is_merged_not_called_sdxl(tmp_path: 
     assert looks_like_sdxl(["lora_te1_text_model_encoder_layers_0_mlp_fc1.alpha"])
     assert looks_like_sdxl(["lora_unet_input_blocks_4_1_proj_in.alpha"])
     assert not looks_like_sdxl(["lora_te1_layers_0_mlp_up_proj.alpha", "lora_unet_blocks_0_mlp_layer1.alpha"])
+
+
+def test_converter_maps_lycoris_te1_keys_to_comfy_text_encoder_names():
+    """Flow: converting a LyCORIS-trained Anima file for ComfyUI left its `lora_te1_…` keys unconverted
+    (with a warning), so ComfyUI ignored the text-encoder part."""
+    from networks.convert_anima_lora_to_comfy import from_comfy, to_comfy
+
+    t = torch.ones(2, 2)
+    sd = {"lora_te1_layers_0_mlp_up_proj.lokr_w1": t, "lora_te_layers_1_self_attn_q_proj.alpha": t}
+    out = to_comfy(sd)
+    assert set(out) == {
+        "text_encoders.qwen3_06b.transformer.model.layers.0.mlp.up_proj.lokr_w1",
+        "text_encoders.qwen3_06b.transformer.model.layers.1.self_attn.q_proj.alpha",
+    }
+    assert set(from_comfy(out)) == {
+        "lora_te_layers_0_mlp_up_proj.lokr_w1",
+        "lora_te_layers_1_self_attn_q_proj.alpha",
+    }
