@@ -202,7 +202,8 @@ class AdapterModule(nn.Module):
                 self.scalar.fill_(1.0)
         if "alpha" in tensors:
             a = float(tensors["alpha"].float())
-            if a == 0.0:
+            if a == 0.0:  # ComfyUI renders an α = 0 file as nothing; we read it as α = r (spec §3.7)
+                logger.warning("%s.alpha is 0; treating it as the rank %d", self.lora_name, self.rank)
                 a = float(self.rank)
             if not self.alpha_is_ignored():
                 self._set_alpha(a, self.rank, a / self.rank)

@@ -190,7 +190,7 @@ def test_cross_algorithm_files_and_factor_from_shapes(tmp_path, model) -> None:
         )
 
 
-def test_alpha_missing_or_zero(model) -> None:
+def test_alpha_missing_or_zero(model, caplog) -> None:
     m, net = _leaf_net(model, lora)
     sd = net.file_state_dict()
     name = net.unet_loras[0].lora_name
@@ -200,6 +200,12 @@ def test_alpha_missing_or_zero(model) -> None:
     zero = {**sd, f"{name}.alpha": torch.tensor(0.0)}
     n3, _ = lora.create_network_from_weights(1.0, None, None, None, model.unet, weights_sd=zero)
     assert n3.unet_loras[0].scale == 1.0 and float(n3.file_state_dict()[f"{name}.alpha"]) == 4.0
+    assert f"{name}.alpha is 0" in caplog.text
+    # the resume path (load_weights into a created network) reads α = 0 as r with the same warning
+    caplog.clear()
+    net.load_weights(zero)
+    assert net.unet_loras[0].scale == 1.0 and net.unet_loras[0].alpha_value == 4.0
+    assert f"{name}.alpha is 0" in caplog.text
 
 
 @pytest.mark.parametrize("module", [lora, loha, lokr])
