@@ -512,3 +512,25 @@ def load_sdxl_models(
     for k in ("unet", "vae", "text_encoder_1", "text_encoder_2"):
         parts[k].eval().requires_grad_(False)
     return SdxlModels(tokenizer_1=toks[0], tokenizer_2=toks[1], **parts)
+
+
+# ------------------------------------------------------------------------------ network modules
+# Packages whose network modules name layers from sd-scripts' own SDXL U-Net classes (SGM layout). On
+# diffusers' UNet2DConditionModel, used here, LyCORIS 4.1.3 stops on a duplicated name; any names it did
+# produce would be diffusers paths that sd-scripts and ComfyUI cannot load.
+SGM_ONLY_NETWORK_PACKAGES = ("lycoris",)
+
+
+def is_sgm_only_network_module(name: str) -> bool:
+    """True for a `--network_module` that cannot target this project's diffusers SDXL U-Net."""
+    return name.split(".")[0] in SGM_ONLY_NETWORK_PACKAGES
+
+
+def check_sdxl_network_module(name: str) -> None:
+    """Refuse, with the replacement, a network module that cannot target the diffusers SDXL U-Net."""
+    if is_sgm_only_network_module(name):
+        raise ValueError(
+            f"--network_module {name}: LyCORIS names modules from sd-scripts' own SDXL U-Net classes and "
+            "cannot target the diffusers U-Net used here; use networks.loha, networks.lokr or networks.lora "
+            "(they write the same LyCORIS-compatible files, and read LyCORIS files)"
+        )

@@ -274,3 +274,15 @@ def test_converter_maps_lycoris_te1_keys_to_comfy_text_encoder_names():
         "lora_te_layers_0_mlp_up_proj.lokr_w1",
         "lora_te_layers_1_self_attn_q_proj.alpha",
     }
+
+
+def test_lycoris_network_module_on_sdxl_is_refused_with_the_replacement():
+    """Flow: the docs' `--network_module lycoris.kohya --network_args algo=loha` for SDXL ended in LyCORIS'
+    AssertionError "duplicated lora name: lora_unet_time_embedding_linear_1"."""
+    from library.sdxl_models import check_sdxl_network_module
+
+    check_sdxl_network_module("networks.loha")
+    with pytest.raises(
+        ValueError, match=r"lycoris\.kohya: .*use networks\.loha, networks\.lokr or networks\.lora"
+    ):
+        check_sdxl_network_module("lycoris.kohya")
