@@ -136,10 +136,22 @@ def test_text_encoder_only_and_detection_errors(tiny) -> None:
 
 
 def test_verbose_prints_table(tiny, capsys) -> None:
-    lokr.create_network(
+    net = lokr.create_network(
         1.0, 4, 2, None, tiny.tes, tiny.unet, verbose="true", conv_dim=2, exclude_patterns="[r'.*attn2.*']"
     )
     out = capsys.readouterr().out
+    # one row per module: name, shape, layout, rank, alpha, scale, params (mixed scales visible)
+    rows = {line.split()[0]: line for line in out.splitlines() if line.startswith("lora_")}
+    assert len(rows) == len(net.all_loras)
+    for m in net.all_loras:
+        row = rows[m.lora_name]
+        cells = row.split()
+        assert cells[1] == "x".join(map(str, m.layer_shape)) and m.layout() in row
+        assert cells[-1] == f"{sum(p.numel() for p in m.parameters()):,}"
+        assert (int(cells[-4]), float(cells[-3]), float(cells[-2])) == pytest.approx(
+            (m.rank, m.alpha_value, m.scale)
+        )
+    assert {float(r.split()[-2]) for r in rows.values()} >= {1.0, 0.5}  # full W2 at s = 1, low-rank at α/r
     assert "lora_unet_input_blocks_4_1_transformer_blocks_0_ff_net_0_proj" in out
     assert "excluded: lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_q" in out
     assert "⊗" in out and "scale" in out

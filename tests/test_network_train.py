@@ -80,6 +80,13 @@ def test_rank_dropout_keeps_the_mean_and_is_off_in_eval(model) -> None:
             net.on_step_start()
             acc += sub.delta_output(x)
     assert float((acc / n - ref).norm() / ref.norm()) < 0.1
+    # one step: whole output channels are dropped, the same ones for every row, the rest scaled by 1/(1-p)
+    with torch.no_grad():
+        net.on_step_start()
+        one = sub.delta_output(x)
+    kept = (one != 0).all(dim=0)
+    assert bool(((one == 0).all(dim=0) | kept).all()) and 0 < int(kept.sum()) < sub.out_dim
+    assert torch.allclose(one[:, kept], 2.0 * ref[:, kept], rtol=1e-6, atol=0)
     net.eval()
     with torch.no_grad():
         assert torch.equal(sub.delta_output(x), ref)
