@@ -7,7 +7,7 @@ import torch
 from lycoris.functional import loha as lyco_loha
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from networks.functional import HadaWeight, HadaWeightTucker, loha_delta_weight, tucker_half
+from networks.functional import HadaWeight, HadaWeightTucker, KhatriRaoLinear, loha_delta_weight, tucker_half
 
 F64 = torch.float64
 
@@ -95,6 +95,16 @@ def test_hada_weight_tucker_gradcheck() -> None:
     scale = torch.tensor(1.3, dtype=F64, requires_grad=True)
     assert torch.autograd.gradcheck(HadaWeightTucker.apply, (*fac, scale))
     assert torch.autograd.gradgradcheck(lambda *f: HadaWeightTucker.apply(*f, 1.3), fac)
+
+
+def test_khatri_rao_linear_gradcheck() -> None:
+    # the bypass Function of linear LoHa (rebuilds the Khatri–Rao factors in backward), r1 ≠ r2
+    gen = torch.Generator().manual_seed(6)
+    w = [_randn(*s, gen=gen, requires_grad=True) for s in [(5, 3), (3, 4), (5, 2), (2, 4)]]
+    x = _randn(2, 3, 4, gen=gen, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *t: KhatriRaoLinear.apply(*t, 0.7), (x, *w))
+    scale = torch.tensor(0.7, dtype=F64, requires_grad=True)  # use_scalar σ
+    assert torch.autograd.gradcheck(KhatriRaoLinear.apply, (x, *w, scale))
 
 
 def test_hada_weight_grads_equal_plain_autograd() -> None:
