@@ -121,6 +121,7 @@ def _randomize(params, seed: int) -> None:
 
 OURS = [
     (loha, 4, {"conv_dim": 3, "conv_alpha": 2}),
+    (loha, 2, {"conv_dim": 3, "use_tucker": True}),  # Tucker cores t1/t2 on the k×k convs
     (lokr, 2, {"conv_dim": 2, "conv_alpha": 5}),
     (lokr, 2, {"factor": 4, "decompose_both": True}),
     # mostly full W2 (both full: s = 1, α = r). Not with conv_dim: a full W2 of a 1×1 conv is written
@@ -153,6 +154,8 @@ def test_our_files_load_in_lycoris_with_same_delta(tmp_path, module, dim, kwargs
         assert (got - want).abs().max() <= 1e-6 * want.abs().max(), name
         layouts.add(m.layout().split(" (")[0] if module is not lokr else m.layout())
     assert len(layouts) >= 2  # several layouts were exercised
+    if kwargs.get("use_tucker"):
+        assert "loha tucker" in layouts
 
 
 LYCO = [
