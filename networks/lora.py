@@ -1,6 +1,8 @@
 """LoRA (LoCon for convs) on the shared network base: `--network_module networks.lora`.
 
 Keys per module: `lora_down.weight` (r, I) / (r, I, kh, kw), `lora_up.weight` (O, r) / (O, r, 1, 1), `alpha`.
+Files with a LoCon-Tucker core (`lora_mid.weight` (r, r, kh, kw), down (r, I, 1, 1); LyCORIS `use_tucker`)
+load and apply too (spec §4.3); we never create that layout.
 """
 
 from __future__ import annotations
@@ -30,13 +32,20 @@ class LoRAModule(AdapterModule):
         rank: int,
         alpha: float | None,
         use_scalar: bool = False,
+        tucker: bool = False,
         **dropouts: Any,
     ) -> None:
         super().__init__(lora_name, org_module, multiplier, **dropouts)
         if rank < 1:
             raise ValueError(f"{lora_name}: rank must be >= 1, got {rank}")
         dev = self._org_device()
-        if self.is_conv:
+        self.tucker = bool(tucker and self.is_kxk)
+        if self.tucker:  # 1×1 down, k×k core with the layer's stride/padding, 1×1 up
+            self.lora_down = nn.Conv2d(self.in_dim, rank, 1, bias=False, device=dev)
+            self.lora_mid = nn.Conv2d(rank, rank, self.kernel_size, bias=False, device=dev)
+            self.lora_up = nn.Conv2d(rank, self.out_dim, 1, bias=False, device=dev)
+            kaiming_(self.lora_mid.weight)
+        elif self.is_conv:
             self.lora_down = nn.Conv2d(self.in_dim, rank, self.kernel_size, bias=False, device=dev)
             self.lora_up = nn.Conv2d(rank, self.out_dim, 1, bias=False, device=dev)
         else:
@@ -75,9 +84,10 @@ class LoRAModule(AdapterModule):
         args: NetworkArgs,
     ) -> LoRAModule:
         for k in tensors:
-            if k not in ("lora_down.weight", "lora_up.weight", "alpha"):
+            if k not in ("lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha"):
                 raise KeyError(
-                    f"{lora_name}.{k}: unsupported LoRA key (expected lora_down.weight, lora_up.weight, alpha)"
+                    f"{lora_name}.{k}: unsupported LoRA key "
+                    "(expected lora_down.weight, lora_up.weight, optional lora_mid.weight, alpha)"
                 )
         down = tensors.get("lora_down.weight")
         if down is None or "lora_up.weight" not in tensors:
@@ -85,10 +95,21 @@ class LoRAModule(AdapterModule):
                 f"{lora_name}.lora_down.weight / lora_up.weight: both are needed for a LoRA module"
             )
         rank = int(down.shape[0])
+        tucker = "lora_mid.weight" in tensors
         module = cls(
-            lora_name, org, multiplier, rank, file_alpha(lora_name, tensors, rank), **dropout_kwargs(args)
+            lora_name,
+            org,
+            multiplier,
+            rank,
+            file_alpha(lora_name, tensors, rank),
+            tucker=tucker,
+            **dropout_kwargs(args),
         )
-        for key in ("lora_down.weight", "lora_up.weight"):
+        if tucker and not module.tucker:
+            raise ValueError(
+                f"{lora_name}.lora_mid.weight: a Tucker core given for a layer without a k×k kernel"
+            )
+        for key in ("lora_down.weight", "lora_up.weight") + (("lora_mid.weight",) if tucker else ()):
             want = tuple(module.get_parameter(key).shape)
             if tuple(tensors[key].shape) != want:
                 raise ValueError(
@@ -97,7 +118,8 @@ class LoRAModule(AdapterModule):
         return module
 
     def delta_weight_scaled(self, scale: float | torch.Tensor) -> torch.Tensor:
-        return lora_delta_weight(self.lora_down.weight, self.lora_up.weight, scale)
+        mid = self.lora_mid.weight if self.tucker else None
+        return lora_delta_weight(self.lora_down.weight, self.lora_up.weight, scale, mid)
 
     def branch(self, x: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
         # down then up: never builds ΔW; the scale goes on the small up matrix
@@ -105,6 +127,10 @@ class LoRAModule(AdapterModule):
         up = self.lora_up.weight * scale
         if down.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
             down, up = down.to(x.dtype), up.to(x.dtype)
+        if self.tucker:  # a 1×1 channel mix commutes with the layer's padding, so it goes first
+            mid = self.lora_mid.weight
+            mid = mid.to(down.dtype) if mid.dtype != down.dtype else mid
+            return F.conv2d(apply_weight(F.conv2d(x, down), mid, self.org_module), up)
         h = apply_weight(x, down, self.org_module)
         return F.conv2d(h, up) if self.is_conv else F.linear(h, up)
 
@@ -115,7 +141,7 @@ class LoRAModule(AdapterModule):
         return "lora_up.weight"
 
     def layout(self) -> str:
-        return "lora k×k" if self.is_kxk else "lora"
+        return "lora tucker" if self.tucker else ("lora k×k" if self.is_kxk else "lora")
 
 
 def create_network(

@@ -56,9 +56,7 @@ def detect_algorithm(lora_name: str, keys: set[str] | dict[str, Any]) -> str:
     if keys & {"lokr_w1", "lokr_w1_a", "lokr_w2", "lokr_w2_a"}:
         return "lokr"
     if "lora_down.weight" in keys or "lora_up.weight" in keys:
-        if "lora_mid.weight" in keys:
-            raise KeyError(f"{lora_name}.lora_mid.weight: LoCon-Tucker LoRA files are not supported")
-        return "lora"
+        return "lora"  # with or without a LoCon-Tucker lora_mid
     other = sorted(k for k in keys if k != "alpha")
     bad = other[0] if other else "alpha"
     raise KeyError(

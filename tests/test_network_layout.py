@@ -176,3 +176,37 @@ def test_lora_init_zero_up() -> None:
     assert _is_zero(m.lora_up.weight) and not _is_zero(m.lora_down.weight)
     s = LoRAModule("s", _leaf(0, 256, 256), 1.0, 8, 4.0, use_scalar=True)
     assert not _is_zero(s.lora_up.weight) and float(s.scalar.detach()) == 0.0 and _is_zero(s.delta_weight())
+
+
+@pytest.mark.parametrize("stride,padding,mode", [(1, 1, "zeros"), (2, 1, "zeros"), (1, 1, "reflect")])
+def test_lora_tucker_file_forward_equals_its_delta(stride, padding, mode) -> None:
+    # LoCon-Tucker files (LyCORIS use_tucker): down 1×1 → k×k core with the layer's stride/padding → up 1×1
+    torch.manual_seed(3)
+    conv = nn.Conv2d(6, 10, 3, stride=stride, padding=padding, padding_mode=mode).double()
+    r = 3
+    t = {
+        "lora_down.weight": torch.randn(r, 6, 1, 1, dtype=torch.float64),
+        "lora_mid.weight": torch.randn(r, r, 3, 3, dtype=torch.float64),
+        "lora_up.weight": torch.randn(10, r, 1, 1, dtype=torch.float64),
+        "alpha": torch.tensor(1.5),
+    }
+    from networks.network_args import NetworkArgs
+
+    m = LoRAModule.from_tensors("lora_unet_c", conv, t, 0.8, NetworkArgs(algo="lora")).double()
+    m.load_file_tensors(t)
+    assert m.tucker and m.layout() == "lora tucker" and m.scale == 0.5
+    want = torch.einsum(
+        "op,pqxy,qi->oixy",
+        t["lora_up.weight"][:, :, 0, 0],
+        t["lora_mid.weight"],
+        t["lora_down.weight"][:, :, 0, 0],
+    )
+    assert torch.allclose(m.delta_weight_scaled(1.0), want, rtol=1e-12, atol=1e-12)
+    x = torch.randn(2, 6, 7, 7, dtype=torch.float64)
+    dconv = nn.Conv2d(6, 10, 3, stride=stride, padding=padding, padding_mode=mode, bias=False).double()
+    with torch.no_grad():
+        dconv.weight.copy_(want * 0.5 * 0.8)
+    got = m(x) - conv(x)
+    assert torch.allclose(got, dconv(x), rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="lora_unet_l.lora_mid.weight"):
+        LoRAModule.from_tensors("lora_unet_l", nn.Linear(6, 10), t, 1.0, NetworkArgs(algo="lora"))

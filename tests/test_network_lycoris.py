@@ -163,6 +163,7 @@ LYCO = [
     ("lokr", 16, {}),  # full W2 everywhere, 4-D (b, d, 1, 1) on the 1×1 skip conv
     ("lokr", 2, {"use_scalar": True}),
     ("loha", 4, {"use_scalar": True}),
+    ("locon", 2, {"conv_dim": 2, "use_tucker": True}),  # LoCon-Tucker lora_mid on the k×k convs
 ]
 
 
@@ -180,7 +181,9 @@ def test_lycoris_files_load_in_ours_with_same_delta(tmp_path, algo, dim, kwargs)
     sd = load_file(str(path))
     if dim == 16:
         assert sd["lora_unet_input_blocks_1_0_skip_connection.lokr_w2"].dim() == 4
-    module = {"lokr": lokr, "loha": loha}[algo]
+    if algo == "locon":
+        assert any(k.endswith(".lora_mid.weight") for k in sd)
+    module = {"lokr": lokr, "loha": loha, "locon": lora}[algo]
     net, _ = module.create_network_from_weights(1.0, str(path), None, [nn.Module(), te2], unet)
     net.to(torch.float64)
     net.load_weights(str(path))
