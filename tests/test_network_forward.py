@@ -182,7 +182,21 @@ def test_two_networks_stack_and_unwind_in_any_order(model, inputs, base_out) -> 
     with pytest.raises(RuntimeError, match="already applied"):
         a.apply_to(None, m.unet)
     assert torch.equal(run_unet(m.unet, inputs), ya)
+    # the other unwinding order: b on top of a, then b removed first → exactly a alone again
+    b.apply_to(None, m.unet)
+    assert torch.equal(run_unet(m.unet, inputs), yab)
+    # per layer the chain is y = base(x) + Σ_k m_k·ΔW_k·x
+    sa, sb = a.unet_loras[0], next(x for x in b.unet_loras if x.org_module is a.unet_loras[0].org_module)
+    leaf = sa.org_module
+    x = torch.randn(3, leaf.in_features)
+    with torch.no_grad():
+        base = torch.nn.functional.linear(x, leaf.weight, leaf.bias)
+        want = base + x @ sa.delta_weight(1.0).T + x @ sb.delta_weight(0.5).T
+        assert torch.allclose(leaf(x), want, rtol=1e-5, atol=1e-6) and not torch.allclose(leaf(x), base)
+    b.remove_from()
+    assert torch.equal(run_unet(m.unet, inputs), ya)
     a.remove_from()
+    assert torch.equal(run_unet(m.unet, inputs), base_out[0])
 
 
 def test_apply_to_drops_disabled_half(model, tmp_path) -> None:
