@@ -157,11 +157,16 @@ class LoHaModule(AdapterModule):
             return self.use_khatri_rao
         # tokens from the shape only (capturable): rows of a linear input, B·H·W of a conv input
         tokens = x.numel() // max(x.shape[1] if self.is_conv else x.shape[-1], 1)
-        hit = self._path_cache.get(tokens)
+        # under torch.compile decide without the cache: a guard on each module's own dict would recompile
+        # the shared block graph once per block instance (the choice is a pure function of shapes)
+        compiling = torch.compiler.is_compiling()
+        hit = None if compiling else self._path_cache.get(tokens)
         if hit is None:
             k = math.prod(self.kernel_size)
             choice = select_loha_path(max(tokens, 1), self.out_dim, self.in_dim * k, self.rank, self.is_conv)
-            hit = self._path_cache[tokens] = choice == "khatri_rao"
+            hit = choice == "khatri_rao"
+            if not compiling:
+                self._path_cache[tokens] = hit
         return hit
 
     def branch(self, x: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:

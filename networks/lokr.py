@@ -264,10 +264,15 @@ class LoKrModule(AdapterModule):
         if self.use_bypass is not None:
             return self.use_bypass
         tokens = x.numel() // max(x.shape[-1], 1)  # a shape, never a tensor value: capturable
-        hit = self._path_cache.get(tokens)
+        # under torch.compile decide without the cache: a guard on each module's own dict would recompile
+        # the shared block graph once per block instance (the choice is a pure function of shapes)
+        compiling = torch.compiler.is_compiling()
+        hit = None if compiling else self._path_cache.get(tokens)
         if hit is None:
             L = self.lokr_layout
-            hit = self._path_cache[tokens] = select_lokr_path(max(tokens, 1), L.a, L.b, L.c, L.d) == "bypass"
+            hit = select_lokr_path(max(tokens, 1), L.a, L.b, L.c, L.d) == "bypass"
+            if not compiling:
+                self._path_cache[tokens] = hit
         return hit
 
     def branch(self, x: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
