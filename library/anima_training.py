@@ -265,6 +265,9 @@ class AnimaArchitecture(TrainingArchitecture):
                 "--fp8_base is not used for Anima (as in sd-scripts); training in bf16/fp32 instead"
             )
             args.fp8_base = False
+        if args.blocks_to_swap and getattr(args, "torch_compile", False):
+            # the swap hooks replace parameters inside the block call that --torch_compile compiles
+            raise ValueError("--blocks_to_swap cannot be combined with --torch_compile; remove one of them")
         if args.blocks_to_swap and getattr(args, "cpu_offload_checkpointing", False):
             raise ValueError("--blocks_to_swap cannot be combined with --cpu_offload_checkpointing")
         te_cache = args.cache_text_encoder_outputs or args.cache_text_encoder_outputs_to_disk
@@ -398,6 +401,10 @@ class AnimaArchitecture(TrainingArchitecture):
         m.dit.train(args.gradient_checkpointing)
         m.text_encoder.train(args.gradient_checkpointing and train_text_encoder)
         m.vae.eval()
+
+    def repeated_blocks(self) -> list[nn.Module]:
+        """The DiT's ``Block``s (the LLM adapter's blocks stay eager: small, run once per step)."""
+        return list(self.models.dit.blocks)
 
     # ------------------------------------------------------------------ loss
     def _context(

@@ -130,6 +130,12 @@ class SdxlArchitecture(TrainingArchitecture):
             te.train(args.gradient_checkpointing and train_text_encoder)
         m.vae.eval()
 
+    def repeated_blocks(self) -> list[torch.nn.Module]:
+        """The U-Net's ``BasicTransformerBlock``s (70 in SDXL): attention + FF, every adapted Linear."""
+        from diffusers.models.attention import BasicTransformerBlock
+
+        return [m for m in self.models.unet.modules() if isinstance(m, BasicTransformerBlock)]
+
     # ------------------------------------------------------------------ loss
     def _encode_text(self, captions: list[str], grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
         from library.sdxl_text import encode_sdxl_text, tokenize_sdxl

@@ -24,6 +24,8 @@ SAMPLERS = [
     "dpmsingle", "k_lms", "k_euler", "k_euler_a", "k_dpm_2", "k_dpm_2_a",
 ]  # fmt: skip
 
+COMPILE_MODES = ["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+
 # flag -> (action, reason). "error": refuse when set to a non-default value; "warn": accept, one warning.
 UNSUPPORTED: dict[str, tuple[str, str]] = {
     "v2": ("error", "SDXL trainer: --v2 is an SD2 flag and cannot be used with SDXL"),
@@ -39,7 +41,6 @@ UNSUPPORTED: dict[str, tuple[str, str]] = {
     "cpu_offload_checkpointing": ("error", "--cpu_offload_checkpointing is not implemented"),
     "fp8_base_unet": ("error", "--fp8_base_unet is not implemented; use --fp8_base"),
     "full_fp16": ("error", "--full_fp16 is not implemented; use --full_bf16 or --mixed_precision fp16"),
-    "torch_compile": ("warn", "--torch_compile is ignored (no compilation is done)"),
     "xformers": ("warn", "--xformers is ignored: attention uses PyTorch SDPA"),
     "mem_eff_attn": ("warn", "--mem_eff_attn is ignored: attention uses PyTorch SDPA"),
     "lowram": ("warn", "--lowram has no effect here (models load to CPU first, then move)"),
@@ -64,7 +65,6 @@ UNSUPPORTED: dict[str, tuple[str, str]] = {
         "warn",
         "--persistent_data_loader_workers: workers are re-created each epoch",
     ),
-    "dynamo_backend": ("warn", "--dynamo_backend is ignored (no compilation is done)"),
 }
 
 
@@ -227,8 +227,11 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     _add(parser, "--wandb_api_key", type=str, default=None)
     _add(parser, "--log_config", action="store_true")
     _add(parser, "--deepspeed", action="store_true")
-    _add(parser, "--torch_compile", action="store_true")
-    _add(parser, "--dynamo_backend", type=str, default="inductor")
+    _add(parser, "--torch_compile", action="store_true",
+         help="torch.compile each repeated transformer block (adapters compiled in)")  # fmt: skip
+    _add(parser, "--dynamo_backend", type=str, default="inductor", help="torch.compile backend")
+    _add(parser, "--compile_mode", type=str, default=None, choices=COMPILE_MODES,
+         help="torch.compile mode (default: torch's default)")  # fmt: skip
     _add(parser, "--ddp_timeout", type=int, default=None)
     _add(parser, "--ddp_gradient_as_bucket_view", action="store_true")
     _add(parser, "--ddp_static_graph", action="store_true")
@@ -383,10 +386,28 @@ def verify_training_args(args: argparse.Namespace, parser: argparse.ArgumentPars
         for token in args.optimizer_args:
             if token.count("=") != 1:
                 raise ValueError(f"--optimizer_args: {token!r} must be key=value with exactly one '='")
+    _verify_compile_args(args)
     if args.logging_dir and not args.log_with:
         args.log_with = "tensorboard"  # sd-scripts: a logging dir implies TensorBoard
     if args.log_with in ("tensorboard", "all") and not args.logging_dir:
         raise ValueError("--log_with tensorboard needs --logging_dir (where the event files go)")
+
+
+def _verify_compile_args(args: argparse.Namespace) -> None:
+    """--dynamo_backend / --compile_mode only mean something with --torch_compile; the backend must exist."""
+    if not getattr(args, "torch_compile", False):
+        if getattr(args, "compile_mode", None):
+            raise ValueError("--compile_mode needs --torch_compile")
+        return
+    import torch._dynamo
+
+    # sd-scripts takes accelerate's upper-case names (e.g. INDUCTOR); torch's registry is lower-case
+    args.dynamo_backend = (args.dynamo_backend or "inductor").lower()
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if args.dynamo_backend not in known:
+        raise ValueError(
+            f"--dynamo_backend {args.dynamo_backend!r}: not a torch.compile backend; expected one of {known}"
+        )
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:

@@ -33,7 +33,13 @@ from tqdm import tqdm
 
 from library import saving
 from library.optimizers import build_optimizer, build_scheduler
-from library.train_arch import DatasetInfo, RunContext, SampleRequest, TrainingArchitecture
+from library.train_arch import (
+    DatasetInfo,
+    RunContext,
+    SampleRequest,
+    TrainingArchitecture,
+    compile_repeated_blocks,
+)
 from library.train_utils import (
     LossRecorder,
     import_network_module,
@@ -111,19 +117,28 @@ class TrainResult:
     final_path: Path | None  # None on non-main processes
     network: torch.nn.Module
     global_step: int
+    losses: list[float]  # the loss of every micro-batch, in order (this process)
 
 
 def train(args: argparse.Namespace, arch: TrainingArchitecture) -> TrainResult | None:
     """Run training. Bad input fails before any file is written; an output dir created by this run
     is removed again when it fails before writing anything."""
+    from networks.functional.dispatch import path_policy, set_path_policy
+
     out = Path(args.output_dir)
     created = not out.exists()
+    policy = path_policy()
+    if getattr(args, "torch_compile", False):
+        # compiled blocks have little per-op host cost: our adapters pick their paths by the graph-mode model
+        set_path_policy(policy[0], "graph")
     try:
         return _train(args, arch)
     except BaseException:
         if created and out.is_dir() and not any(out.iterdir()):
             out.rmdir()
         raise
+    finally:
+        set_path_policy(*policy)
 
 
 def _train(args: argparse.Namespace, arch: TrainingArchitecture) -> TrainResult | None:
@@ -198,6 +213,11 @@ def _train(args: argparse.Namespace, arch: TrainingArchitecture) -> TrainResult 
     arch.prepare_models(ctx)
     if args.gradient_checkpointing and hasattr(network, "enable_gradient_checkpointing"):
         network.enable_gradient_checkpointing()
+    if args.torch_compile:  # after apply_to: the patched Linear forwards are traced into the block graphs
+        n_blocks = compile_repeated_blocks(
+            arch.repeated_blocks(), args.dynamo_backend, getattr(args, "compile_mode", None)
+        )
+        logger.info("--torch_compile: %d blocks compiled (backend %s)", n_blocks, args.dynamo_backend)
 
     # (7) parameter groups + optimizer
     te_lrs = args.text_encoder_lr or None
@@ -334,6 +354,7 @@ def _train(args: argparse.Namespace, arch: TrainingArchitecture) -> TrainResult 
         _rng_restore(snap)
 
     recorder = LossRecorder()
+    losses: list[float] = []
     n_workers = min(args.max_data_loader_n_workers if hasattr(args, "max_data_loader_n_workers") else 0,
                     os.cpu_count() or 1)  # fmt: skip
     progress = tqdm(range(args.max_train_steps), initial=global_step, smoothing=0, desc="steps",
@@ -392,6 +413,7 @@ def _train(args: argparse.Namespace, arch: TrainingArchitecture) -> TrainResult 
                              "max_norm/max_key_norm": float(max_norm)})  # fmt: skip
             current = loss.detach().item()
             recorder.add(epoch, batch_pos - 1, current)
+            losses.append(current)
             if not accelerator.sync_gradients:
                 continue
             global_step += 1
@@ -448,7 +470,7 @@ def _train(args: argparse.Namespace, arch: TrainingArchitecture) -> TrainResult 
     final = save_network(saving.model_file_name(args.output_name, ext), global_step, final_epoch)
     accelerator.end_training()
     progress.close()
-    return TrainResult(final if accelerator.is_main_process else None, network, global_step)
+    return TrainResult(final if accelerator.is_main_process else None, network, global_step, losses)
 
 
 def _read_prompts(args: argparse.Namespace) -> list[str]:
