@@ -210,3 +210,33 @@ def test_lora_tucker_file_forward_equals_its_delta(stride, padding, mode) -> Non
     assert torch.allclose(got, dconv(x), rtol=1e-10, atol=1e-10)
     with pytest.raises(ValueError, match="lora_unet_l.lora_mid.weight"):
         LoRAModule.from_tensors("lora_unet_l", nn.Linear(6, 10), t, 1.0, NetworkArgs(algo="lora"))
+
+
+@pytest.mark.parametrize("algo", ["loha", "lokr"])
+def test_file_alpha_missing_or_zero_means_scale_one(algo, caplog) -> None:
+    from networks.network_args import NetworkArgs
+
+    cls = {"loha": LoHaModule, "lokr": LoKrModule}[algo]
+    leaf = _leaf(0, 64, 48)
+    src = (
+        LoHaModule("lora_unet_x", leaf, 1.0, 4, 2.0)
+        if algo == "loha"
+        else LoKrModule("lora_unet_x", leaf, 1.0, plan_lokr(64, 48, (1, 1), 2, 4), 3.0)
+    )
+    with torch.no_grad():
+        for p in src.parameters():
+            p.normal_()
+    t = src.file_tensors()
+    assert src.scale != 1.0
+    for alpha in (None, torch.tensor(0.0)):
+        tensors = {k: v for k, v in t.items() if k != "alpha"}
+        if alpha is not None:
+            tensors["alpha"] = alpha
+        m = cls.from_tensors("lora_unet_x", leaf, tensors, 1.0, NetworkArgs(algo=algo))
+        m.load_file_tensors(tensors)
+        assert (
+            m.scale == 1.0 and m.alpha_value == float(m.rank) and float(m.file_tensors()["alpha"]) == m.rank
+        )
+        assert torch.allclose(m.delta_weight_scaled(1.0), src.delta_weight_scaled(1.0))
+        assert torch.allclose(m.delta_weight(), src.delta_weight() / src.scale)
+    assert "lora_unet_x.alpha is 0" in caplog.text
