@@ -127,6 +127,12 @@ def test_lokr_full_switch_warns_once(real_meta, caplog) -> None:
 def test_text_encoder_only_and_detection_errors(tiny) -> None:
     net = loha.create_network(1.0, 4, 1, None, tiny.tes, None)
     assert len(net.unet_loras) == 0 and len(net.text_encoder_loras) == 36
+    # one module instead of a list is TE 1; a None entry is skipped but keeps TE 2's prefix
+    one = loha.create_network(1.0, 4, 1, None, tiny.te1, tiny.unet)
+    assert {m.lora_name.split("_text_model")[0] for m in one.text_encoder_loras} == {"lora_te1"}
+    second = loha.create_network(1.0, 4, 1, None, [None, tiny.te2], None)
+    assert {m.lora_name.split("_text_model")[0] for m in second.text_encoder_loras} == {"lora_te2"}
+    assert len(one.text_encoder_loras) == len(second.text_encoder_loras) == 18
     with pytest.raises(ValueError, match="unet: model class Linear"):
         loha.create_network(1.0, 4, 1, None, None, nn.Linear(2, 2))
     with pytest.raises(ValueError, match="text_encoder: 3 text encoders"):
