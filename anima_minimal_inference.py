@@ -119,6 +119,15 @@ def _parse_prompt_line(line: str, base: Job) -> Job:
     return job
 
 
+def read_prompt_lines(path: str) -> list[str]:
+    """`--from_file` lines: stripped, blank and `#` lines skipped; a UTF-8 BOM is dropped."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"--from_file: {p} does not exist (a text file, one prompt per line)")
+    lines = [ln.strip() for ln in p.read_text(encoding="utf-8-sig").splitlines()]
+    return [ln for ln in lines if ln and not ln.startswith("#")]
+
+
 def read_lora_state_dict(path: str) -> dict[str, torch.Tensor]:
     """Load a LoRA file in sd-scripts names; ComfyUI names are converted; SDXL files are refused."""
     p = Path(path)
@@ -256,8 +265,7 @@ def run(args: argparse.Namespace) -> list[Path]:
         seed=args.seed if args.seed is not None else random.randint(0, 2**31 - 1),
     )
     if args.from_file:
-        lines = [ln.strip() for ln in Path(args.from_file).read_text(encoding="utf-8").splitlines()]
-        jobs = [_parse_prompt_line(ln, base) for ln in lines if ln and not ln.startswith("#")]
+        jobs = [_parse_prompt_line(ln, base) for ln in read_prompt_lines(args.from_file)]
     elif args.latent_path:
         jobs = []
     elif args.prompt is None:

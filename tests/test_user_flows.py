@@ -286,3 +286,14 @@ def test_lycoris_network_module_on_sdxl_is_refused_with_the_replacement():
         ValueError, match=r"lycoris\.kohya: .*use networks\.loha, networks\.lokr or networks\.lora"
     ):
         check_sdxl_network_module("lycoris.kohya")
+
+
+def test_anima_from_file_with_a_byte_order_mark(tmp_path: Path):
+    """Flow: an Anima `--from_file` saved with a BOM put "\\ufeff" in front of the first prompt."""
+    import anima_minimal_inference as inf
+
+    f = tmp_path / "p.txt"
+    f.write_bytes("\ufeff1girl --w 64\n# note\n\n  cat  \n".encode())
+    assert inf.read_prompt_lines(str(f)) == ["1girl --w 64", "cat"]
+    with pytest.raises(FileNotFoundError, match="--from_file"):
+        inf.read_prompt_lines(str(tmp_path / "missing.txt"))
