@@ -218,6 +218,9 @@ def _train(args: argparse.Namespace, arch: TrainingArchitecture) -> TrainResult 
             arch.repeated_blocks(), args.dynamo_backend, getattr(args, "compile_mode", None)
         )
         logger.info("--torch_compile: %d blocks compiled (backend %s)", n_blocks, args.dynamo_backend)
+        if _uses_dropout(network):
+            logger.warning("--torch_compile: network dropout draws from seeded generators that torch.compile "
+                           "cannot trace; results stay the same but the block graphs break at each adapter")  # fmt: skip
 
     # (7) parameter groups + optimizer
     te_lrs = args.text_encoder_lr or None
@@ -471,6 +474,14 @@ def _train(args: argparse.Namespace, arch: TrainingArchitecture) -> TrainResult 
     accelerator.end_training()
     progress.close()
     return TrainResult(final if accelerator.is_main_process else None, network, global_step, losses)
+
+
+def _uses_dropout(network: torch.nn.Module) -> bool:
+    """Whether any adapter applies neuron/rank/module dropout (our adapters keep the rates as numbers)."""
+    rates = (
+        getattr(m, a, None) for m in network.modules() for a in ("dropout", "rank_dropout", "module_dropout")
+    )
+    return any(isinstance(r, (int, float)) and not isinstance(r, bool) and r > 0 for r in rates)
 
 
 def _read_prompts(args: argparse.Namespace) -> list[str]:
