@@ -408,6 +408,10 @@ def _verify_compile_args(args: argparse.Namespace) -> None:
         raise ValueError(
             f"--dynamo_backend {args.dynamo_backend!r}: not a torch.compile backend; expected one of {known}"
         )
+    if getattr(args, "compile_mode", None) not in (None, "default") and args.dynamo_backend != "inductor":
+        raise ValueError(
+            f"--compile_mode is an inductor option; --dynamo_backend {args.dynamo_backend} does not use it"
+        )
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:

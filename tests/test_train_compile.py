@@ -26,7 +26,9 @@ import sdxl_train_network
 from library.anima_loading import build_tiny_anima_models, save_tiny_anima_files
 from library.anima_training import AnimaArchitecture
 from library.sdxl_models import build_tiny_sdxl_models, save_sdxl_single_file
+from library.train_arch import compile_repeated_blocks
 from library.train_loop import main_entry
+from networks.adapter import is_patched
 from networks.functional.dispatch import path_policy
 
 RECORDED: list[list[str]] = []  # graph-input names of every graph the recording backend received
@@ -171,6 +173,43 @@ def test_compile_flags_fail_clearly(sdxl, anima, tmp_path):
         sdxl_train_network.main(
             _sdxl_argv(sdxl, tmp_path / "b", "--compile_mode", "max-autotune-no-cudagraphs")
         )
+    with pytest.raises(ValueError, match="--compile_mode is an inductor option; --dynamo_backend eager"):
+        sdxl_train_network.main(
+            _sdxl_argv(
+                sdxl,
+                tmp_path / "d",
+                "--torch_compile",
+                "--dynamo_backend",
+                "eager",
+                "--compile_mode",
+                "max-autotune",
+            )
+        )
     with pytest.raises(ValueError, match="--blocks_to_swap cannot be combined with --torch_compile"):
         _anima_train(anima, tmp_path / "c", "--torch_compile", "--blocks_to_swap", "1")
-    assert not any((tmp_path / d).exists() for d in ("a", "b", "c"))
+    assert not any((tmp_path / d).exists() for d in ("a", "b", "c", "d"))
+
+
+def test_trainer_compiles_each_block_after_the_network_is_applied(sdxl, tmp_path, monkeypatch):
+    """Module.compile recorded, not run: which modules, with which options, and when (adapters attached)."""
+    seen = []
+
+    def record(self, **options):
+        block = isinstance(self, BasicTransformerBlock)
+        seen.append(
+            (type(self), options, block and is_patched(self.attn1.to_q) and is_patched(self.ff.net[2]))
+        )
+
+    monkeypatch.setattr(torch.nn.Module, "compile", record)
+    sdxl_train_network.main(
+        _sdxl_argv(sdxl, tmp_path / "o", "--torch_compile", "--compile_mode", "max-autotune-no-cudagraphs")
+    )
+    options = {"backend": "inductor", "fullgraph": False, "mode": "max-autotune-no-cudagraphs"}
+    assert seen == [(BasicTransformerBlock, options, True)] * sdxl["n_blocks"]
+    with pytest.raises(ValueError, match="no repeated blocks"):
+        compile_repeated_blocks([])
+    seen.clear()
+    compile_repeated_blocks(
+        [torch.nn.Linear(2, 2)], "aot_eager", "default"
+    )  # torch's default: no mode= passed
+    assert seen[0][1] == {"backend": "aot_eager", "fullgraph": False}
