@@ -246,6 +246,10 @@ def run_single(args: argparse.Namespace) -> dict:
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
     fast = None  # our modules: how many took the bypass / Khatri–Rao path (networks.functional.dispatch)
     if network is not None and not is_sd:
+        if compile_blocks:  # compiled modules choose without filling their cache: one eager pass fills it
+            with torch.compiler.set_stance("force_eager"), torch.no_grad():
+                with torch.autocast(device.type, dtype=dtype, enabled=autocast):
+                    call(unet, x0, timesteps, ctx, pooled, time_ids)
         caches = [
             m._path_cache for m in network.modules() if isinstance(getattr(m, "_path_cache", None), dict)
         ]
