@@ -225,6 +225,11 @@ def compile_repeated_blocks(
     """
     if not blocks:
         raise ValueError("--torch_compile: this model has no repeated blocks to compile")
+    import torch._dynamo.config as dynamo_config
+
+    # blocks of one shape share a graph; blocks that differ (per-block ranks, widths) each need their own,
+    # and past the recompile limit dynamo would silently run the rest eagerly
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, len(blocks))
     options: dict[str, Any] = {"backend": backend, "fullgraph": fullgraph}
     if mode and mode != "default":
         options["mode"] = mode

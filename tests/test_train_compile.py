@@ -206,6 +206,9 @@ def test_trainer_compiles_each_block_after_the_network_is_applied(sdxl, tmp_path
     )
     options = {"backend": "inductor", "fullgraph": False, "mode": "max-autotune-no-cudagraphs"}
     assert seen == [(BasicTransformerBlock, options, True)] * sdxl["n_blocks"]
+    assert (
+        torch._dynamo.config.recompile_limit >= sdxl["n_blocks"]
+    )  # differing blocks never fall back to eager
     with pytest.raises(ValueError, match="no repeated blocks"):
         compile_repeated_blocks([])
     seen.clear()
