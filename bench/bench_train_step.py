@@ -12,7 +12,8 @@ Variants (comma-separated; each may carry its own network args after colons, e.g
   anima-floor, anima-lora|loha|lokr   our Anima DiT (real config, random init; batch/resolution as given)
 Bench-only options (not network args): `path=auto|rebuild|bypass` forces our per-layer path choice
 (networks.functional.dispatch), `mode=eager|graph` picks its cost model, `compile=1` compiles the
-repeated transformer blocks (fullgraph).
+repeated transformer blocks (fullgraph), `cmode=reduce-overhead|max-autotune-no-cudagraphs|...` passes
+torch.compile's mode (the trainer's --compile_mode).
 
 Example (GPU):
   python bench/bench_train_step.py --sd_scripts_path baselines/sd-scripts \
@@ -154,6 +155,7 @@ def run_single(args: argparse.Namespace) -> dict:
     path = net_kwargs.pop("path", None)
     mode = net_kwargs.pop("mode", None)
     compile_blocks = net_kwargs.pop("compile", "0") not in ("0", "false", "False")
+    compile_mode = net_kwargs.pop("cmode", None)
     if path is not None or mode is not None:
         sys.path.insert(0, str(REPO_ROOT))
         from networks.functional.dispatch import set_path_policy
@@ -196,7 +198,7 @@ def run_single(args: argparse.Namespace) -> dict:
         # regional compile: one graph per distinct transformer-block shape, adapters traced inside
         blocks = [m for m in unet.modules() if type(m).__name__ in ("BasicTransformerBlock", "Block")]
         for blk in blocks:
-            blk.compile(fullgraph=True)
+            blk.compile(fullgraph=True, **({"mode": compile_mode} if compile_mode else {}))
 
     latent = 2 if args.tiny else args.resolution // 8
     if is_anima:
