@@ -11,8 +11,10 @@ Models load through the trainer's loader (`library.sdxl_models`); networks go th
 from __future__ import annotations
 
 import argparse
+import glob
 import importlib
 import logging
+import os
 import random
 import sys
 import time
@@ -170,6 +172,16 @@ def verify_args(args: argparse.Namespace) -> None:
             logger.warning(reason)
     if args.ckpt is None:
         raise ValueError("--ckpt is required (SDXL .safetensors file or diffusers folder)")
+    if not os.path.exists(args.ckpt):  # sd-scripts accepts a pattern that matches exactly one path
+        matches = glob.glob(args.ckpt)
+        if len(matches) == 1:
+            args.ckpt = matches[0]
+        elif len(matches) > 1:
+            raise ValueError(
+                f"--ckpt {args.ckpt!r} matches {len(matches)} paths; give one: {sorted(matches)[:5]}"
+            )
+    if os.path.exists(args.outdir) and not os.path.isdir(args.outdir):
+        raise ValueError(f"--outdir {args.outdir} exists and is not a folder")
     if args.prompt is None and args.from_file is None:
         raise ValueError("give --prompt or --from_file")
     if args.prompt is not None and args.from_file is not None:
@@ -316,6 +328,7 @@ def load_networks(
     args: argparse.Namespace, models: Any, dtype: torch.dtype, device: torch.device
 ) -> list[LoadedNetwork]:
     """Create each network from its file; merge it (`--network_merge[_n_models]`) or apply it live."""
+    from library.sdxl_models import is_sgm_only_network_module
     from networks.network_io import read_weights
 
     modules = args.network_module or []
@@ -331,6 +344,14 @@ def load_networks(
         path = args.network_weights[i]
         mul = 1.0 if args.network_mul is None else float(args.network_mul[i])
         kwargs = parse_network_kwargs(args.network_args[i] if args.network_args else None)
+        if is_sgm_only_network_module(module_name):
+            # LyCORIS cannot target the diffusers U-Net; our loader reads its files (algorithm per module)
+            logger.warning(
+                "--network_module %s: reading %s with networks.lora's loader (LoRA/LoHa/LoKr per module)",
+                module_name,
+                path,
+            )
+            module_name = "networks.lora"
         try:
             module = importlib.import_module(module_name)
         except ImportError as e:

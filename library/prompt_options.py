@@ -9,11 +9,14 @@ defaults and policy (which options a caller supports) stay with the caller.
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import toml
 
 logger = logging.getLogger(__name__)
 
@@ -150,15 +153,74 @@ def parse_prompt_line(line: str) -> PromptOptions:
     return opts
 
 
+# sd-scripts prompt-dict keys -> the inline option that carries the same value. `flow_shift` is Anima's
+# `--fs` (its sampler reads it off the line); `enum` is sd-scripts' own bookkeeping.
+_DICT_KEYS = {
+    "negative_prompt": "n",
+    "width": "w",
+    "height": "h",
+    "seed": "d",
+    "sample_steps": "s",
+    "scale": "l",
+    "sample_sampler": "ss",
+    "flow_shift": "fs",
+}
+
+
+def _dict_to_line(entry: object, where: str) -> str:
+    """One sd-scripts prompt dict ({"prompt": ..., "width": ..., ...}) as an inline-option line."""
+    if isinstance(entry, str):
+        return entry
+    if not isinstance(entry, dict) or not isinstance(entry.get("prompt"), str):
+        raise PromptOptionError(
+            f"{where}: expected a table with a string 'prompt' (or a prompt line), got {entry!r}"
+        )
+    parts = [entry["prompt"].strip()]
+    for key, value in entry.items():
+        if key in ("prompt", "enum", "subset"):
+            continue
+        opt = _DICT_KEYS.get(key)
+        if opt is None:
+            logger.warning("%s: prompt key %r is not supported here and is ignored", where, key)
+            continue
+        parts.append(f"--{opt} {value}")
+    return " ".join(parts)
+
+
 def read_prompt_file(path: str | Path) -> list[str]:
-    """Prompt lines of a text file: one per line, blank lines and `#` comments skipped."""
+    """Prompt lines of a prompt file, as sd-scripts reads `--sample_prompts`.
+
+    A text file has one prompt per line (blank lines and `#` comments skipped). A `.toml` file has a
+    `[prompt]` table of defaults and `[[prompt.subset]]` entries; a `.json` file is a list of prompt
+    dicts or lines. Dict entries become the equivalent inline-option line (`width` -> `--w` ...).
+    """
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(
-            f"prompt file not found: {p} (expected a UTF-8 text file, one prompt per line)"
+            f"prompt file not found: {p} (expected a text file with one prompt per line, or a .toml/.json)"
         )
-    lines = p.read_text(encoding="utf-8").splitlines()
-    return [ln for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    suffix = p.suffix.lower()
+    if suffix not in (".toml", ".json"):
+        lines = p.read_text(encoding="utf-8-sig").splitlines()  # a BOM must not reach the first prompt
+        return [ln for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    try:
+        if suffix == ".toml":
+            data = toml.loads(p.read_text(encoding="utf-8-sig"))
+            table = data.get("prompt")
+            subsets = table.get("subset") if isinstance(table, dict) else None
+            if not isinstance(subsets, list):
+                raise PromptOptionError(
+                    f"prompt file {p}: expected a [prompt] table with [[prompt.subset]] entries"
+                )
+            defaults = {k: v for k, v in table.items() if k != "subset"}
+            entries: list[object] = [{**defaults, **s} if isinstance(s, dict) else s for s in subsets]
+        else:
+            entries = json.loads(p.read_text(encoding="utf-8-sig"))
+            if not isinstance(entries, list):
+                raise PromptOptionError(f"prompt file {p}: expected a JSON list of prompt objects or lines")
+    except (toml.TomlDecodeError, json.JSONDecodeError, UnicodeDecodeError) as e:  # one clear error
+        raise PromptOptionError(f"prompt file {p} cannot be parsed: {e}") from e
+    return [_dict_to_line(e, f"prompt file {p}, entry {i + 1}") for i, e in enumerate(entries)]
 
 
 def expand_multipliers(values: list[float] | None, count: int, what: str = "--am") -> list[float] | None:

@@ -34,6 +34,9 @@ class SdxlArchitecture(TrainingArchitecture):
 
     # ------------------------------------------------------------------ args
     def verify_args(self, args: argparse.Namespace) -> None:
+        from library.sdxl_models import check_sdxl_network_module
+
+        check_sdxl_network_module(args.network_module or "")
         if args.v2:
             raise ValueError("--v2 is an SD2 flag; SDXL training does not use it")
         self.max_token_length = args.max_token_length

@@ -256,7 +256,7 @@ def read_config_file(
     if not path.is_file():
         raise FileNotFoundError(f"--config_file: {path} does not exist (expected a TOML file of flags)")
     try:
-        data = toml.load(path)
+        data = toml.loads(Path(path).read_text(encoding="utf-8-sig"))  # a BOM would glue to the first key
     except (toml.TomlDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"--config_file {path}: not valid TOML ({e})") from e
     flat: dict[str, Any] = {}

@@ -178,9 +178,12 @@ def _train(args: argparse.Namespace, arch: TrainingArchitecture) -> TrainResult 
     # (2) create the network
     net_kwargs = parse_network_args(args.network_args)
     if args.dim_from_weights:
-        network, _ = network_module.create_network_from_weights(
-            1, args.network_weights, vae, text_encoder, unet, **net_kwargs
-        )
+        try:
+            network, _ = network_module.create_network_from_weights(
+                1, args.network_weights, vae, text_encoder, unet, **net_kwargs
+            )
+        except KeyError as e:
+            raise ValueError(f"--network_weights {args.network_weights}: {e.args[0] if e.args else e}") from e
     else:
         if "dropout" not in net_kwargs:
             net_kwargs["dropout"] = args.network_dropout  # LyCORIS reads neuron dropout from kwargs
@@ -208,7 +211,13 @@ def _train(args: argparse.Namespace, arch: TrainingArchitecture) -> TrainResult 
     # (4) attach, (5) start weights, (6) checkpointing
     network.apply_to(text_encoder, unet, train_text_encoder, train_unet)
     if args.network_weights:
-        info = network.load_weights(args.network_weights)
+        try:
+            info = network.load_weights(args.network_weights)
+        except KeyError as e:  # the network names the offending key; keep its words, not KeyError's quotes
+            raise ValueError(
+                f"--network_weights {args.network_weights}: {e.args[0] if e.args else e} "
+                f"(was it trained with another --network_module, or for another model?)"
+            ) from e
         logger.info("loaded network weights %s: %s", args.network_weights, info)
     arch.prepare_models(ctx)
     if args.gradient_checkpointing and hasattr(network, "enable_gradient_checkpointing"):

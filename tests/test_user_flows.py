@@ -297,3 +297,117 @@ def test_anima_from_file_with_a_byte_order_mark(tmp_path: Path):
     assert inf.read_prompt_lines(str(f)) == ["1girl --w 64", "cat"]
     with pytest.raises(FileNotFoundError, match="--from_file"):
         inf.read_prompt_lines(str(tmp_path / "missing.txt"))
+
+
+def test_sample_prompt_files_in_toml_and_json(tmp_path: Path):
+    """Flow: `--sample_prompts prompts.toml` (sd-scripts' [prompt] + [[prompt.subset]] form) made one
+    sample per TOML *line*, with prompts such as "[[prompt.subset]]"."""
+    import json
+
+    from library.prompt_options import parse_prompt_line, read_prompt_file
+
+    t = tmp_path / "p.toml"
+    t.write_text(
+        '[prompt]\nnegative_prompt = "lowres"\nwidth = 64\nheight = 96\nsample_steps = 3\nscale = 5.5\n\n'
+        '[[prompt.subset]]\nprompt = "a cat"\nseed = 7\n\n[[prompt.subset]]\nprompt = "a dog"\nwidth = 128\n'
+    )
+    a, b = (parse_prompt_line(x) for x in read_prompt_file(t))
+    assert (a.prompt, a.negative_prompt, a.width, a.height, a.steps, a.scale, a.seeds) == (
+        "a cat", "lowres", 64, 96, 3, 5.5, [7]
+    )  # fmt: skip
+    assert (b.prompt, b.width, b.height, b.seeds) == ("a dog", 128, 96, None)
+    j = tmp_path / "p.json"
+    j.write_text(json.dumps([{"prompt": "x", "sample_sampler": "euler_a", "height": 32}, "y --w 48"]))
+    c, d = (parse_prompt_line(x) for x in read_prompt_file(j))
+    assert (c.prompt, c.sampler, c.height) == ("x", "euler_a", 32) and (d.prompt, d.width) == ("y", 48)
+    txt = tmp_path / "p.txt"
+    txt.write_bytes(b"\xef\xbb\xbfa bird --w 64\n# comment\n\nb\n")  # a BOM must not reach the prompt
+    assert read_prompt_file(txt) == ["a bird --w 64", "b"]
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[prompt]]\nprompt = "x"\n')
+    with pytest.raises(ValueError, match=r"\[\[prompt.subset\]\]"):
+        read_prompt_file(bad)
+
+
+def test_network_weights_of_another_kind_is_one_clear_error(tmp_path: Path, clip_tokenizer_dir: Path):
+    """Flow: `--network_module networks.lora --network_weights my-lokr.safetensors` (or an Anima file)
+    ended in a KeyError traceback instead of one `error:` line."""
+    import numpy as np
+    from PIL import Image
+
+    import sdxl_train_network
+    from library.sdxl_models import save_sdxl_single_file
+
+    models = build_tiny_sdxl_models(clip_tokenizer_dir)
+    ckpt = tmp_path / "ckpt.safetensors"
+    save_sdxl_single_file(models, ckpt)
+    lokr_file = tmp_path / "lokr.safetensors"
+    lokr.create_network(
+        1.0, 4, 1, None, [models.text_encoder_1, models.text_encoder_2], models.unet
+    ).save_weights(str(lokr_file), None, {})
+    img = tmp_path / "img"
+    img.mkdir()
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(img / "a.png")
+    toml_path = tmp_path / "d.toml"
+    toml_path.write_text(f"[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = '{img}'\n")
+    argv = ["--pretrained_model_name_or_path", str(ckpt), "--tokenizer_cache_dir", str(clip_tokenizer_dir),
+            "--dataset_config", str(toml_path), "--output_dir", str(tmp_path / "out"), "--max_train_steps", "1",
+            "--max_data_loader_n_workers", "0", "--network_module", "networks.lora", "--network_dim", "4",
+            "--network_weights", str(lokr_file)]  # fmt: skip
+    with pytest.raises(ValueError, match=r"--network_weights .*lokr\.safetensors: .*lokr_w1"):
+        sdxl_train_network.main(argv)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_gen_img_reads_a_file_given_with_lycoris_network_module(tmp_path: Path, clip_tokenizer_dir: Path):
+    """Flow: sd-scripts' LyCORIS inference line `gen_img.py --network_module lycoris.kohya
+    --network_weights my-loha.safetensors` crashed inside LyCORIS on the diffusers U-Net."""
+    import argparse
+
+    import gen_img
+
+    models = build_tiny_sdxl_models(clip_tokenizer_dir)
+    tes = [models.text_encoder_1, models.text_encoder_2]
+    path = tmp_path / "loha.safetensors"
+    loha.create_network(1.0, 4, 1, None, tes, models.unet).save_weights(str(path), None, {})
+    args = argparse.Namespace(
+        network_module=["lycoris.kohya"], network_weights=[str(path)], network_mul=None, network_args=None,
+        network_merge=False, network_merge_n_models=None, network_show_meta=False,
+    )  # fmt: skip
+    (net,) = gen_img.load_networks(args, models, torch.float32, torch.device("cpu"))
+    assert net.module_name == "networks.lora" and net.algorithms == {"loha": 228} and not net.merged
+
+
+def test_gen_img_ckpt_glob_with_one_match(tmp_path: Path, capsys):
+    """Flow: `gen_img.py --ckpt "models/sdxl*.safetensors"` (sd-scripts resolves a single-match glob)
+    said the model does not exist."""
+    import gen_img
+
+    (tmp_path / "sdxl_base.safetensors").write_bytes(b"x")
+    args = gen_img.parse_args(["--ckpt", str(tmp_path / "sdxl*.safetensors"), "--prompt", "x"])
+    assert args.ckpt == str(tmp_path / "sdxl_base.safetensors")
+    (tmp_path / "sdxl_refiner.safetensors").write_bytes(b"x")
+    with pytest.raises(SystemExit):
+        gen_img.parse_args(["--ckpt", str(tmp_path / "sdxl*.safetensors"), "--prompt", "x"])
+    assert "matches 2 paths" in capsys.readouterr().err
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(SystemExit):
+        gen_img.parse_args(["--ckpt", str(tmp_path / "sdxl_base.safetensors"), "--prompt", "x", "--outdir",
+                            str(tmp_path / "a_file")])  # fmt: skip
+    assert "exists and is not a folder" in capsys.readouterr().err
+
+
+def test_config_file_with_a_byte_order_mark(tmp_path: Path):
+    """Flow: `--config_file flags.toml` saved by a Windows editor failed with "unknown keys
+    ['\\ufeffpretrained_model_name_or_path']"."""
+    from library.train_args import parse_args
+    from sdxl_train_network import setup_parser
+
+    (tmp_path / "m.safetensors").write_bytes(b"x")
+    (tmp_path / "d.toml").write_text("[[datasets]]\n")
+    cfg = tmp_path / "flags.toml"
+    text = (f"pretrained_model_name_or_path = '{tmp_path / 'm.safetensors'}'\ndataset_config = '{tmp_path / 'd.toml'}'\n"
+            f"output_dir = '{tmp_path / 'out'}'\nnetwork_module = 'networks.loha'\nnetwork_dim = 8\n")  # fmt: skip
+    cfg.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    args = parse_args(setup_parser(), ["--config_file", str(cfg)])
+    assert args.network_module == "networks.loha" and args.network_dim == 8
