@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from networks.adapter import AdapterModule, dropout_kwargs, file_alpha
+from networks.entry_points import sd_scripts_entry_points
 from networks.functional import loha_delta_weight, loha_khatri_rao_conv, loha_khatri_rao_linear
 from networks.functional.dispatch import select_loha_path
 from networks.network_args import NetworkArgs
@@ -189,50 +190,4 @@ class LoHaModule(AdapterModule):
         return "loha tucker" if self.tucker else ("loha flat" if self.is_kxk else "loha")
 
 
-def create_network(
-    multiplier: float,
-    network_dim: int | None,
-    network_alpha: float | None,
-    vae: Any,
-    text_encoder: Any,
-    unet: Any,
-    neuron_dropout: float | None = None,
-    **kwargs: Any,
-):  # -> AdapterNetwork
-    from networks.network_base import create_network_for
-
-    return create_network_for(
-        ALGO, multiplier, network_dim, network_alpha, text_encoder, unet, neuron_dropout, kwargs
-    )
-
-
-def create_network_from_weights(
-    multiplier: float,
-    file: str | None,
-    vae: Any,
-    text_encoder: Any,
-    unet: Any,
-    weights_sd: dict[str, torch.Tensor] | None = None,
-    for_inference: bool = False,
-    **kwargs: Any,
-):  # -> (AdapterNetwork, weights_sd)
-    from networks.network_base import create_network_from_weights_for
-
-    return create_network_from_weights_for(
-        ALGO, multiplier, file, text_encoder, unet, weights_sd, for_inference, kwargs
-    )
-
-
-def merge_weights_to_tensor(
-    model_weight: torch.Tensor,
-    lora_name: str,
-    lora_sd: dict[str, torch.Tensor],
-    lora_weight_keys: set[str],
-    multiplier: float,
-    calc_device: torch.device | str,
-) -> torch.Tensor:
-    from networks.network_io import merge_weights_to_tensor_for
-
-    return merge_weights_to_tensor_for(
-        ALGO, model_weight, lora_name, lora_sd, lora_weight_keys, multiplier, calc_device
-    )
+create_network, create_network_from_weights, merge_weights_to_tensor = sd_scripts_entry_points(ALGO)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from networks.adapter import AdapterModule, dropout_kwargs, kaiming_
+from networks.entry_points import sd_scripts_entry_points
 from networks.functional import factorization, lokr_bypass_linear, lokr_delta_weight, make_w1, make_w2
 from networks.functional.dispatch import select_lokr_path
 from networks.network_args import NetworkArgs
@@ -305,50 +306,4 @@ def full_w2_count(modules: list[AdapterModule]) -> int:
     return sum(1 for m in modules if isinstance(m, LoKrModule) and m.lokr_layout.w2_mode == "full")
 
 
-def create_network(
-    multiplier: float,
-    network_dim: int | None,
-    network_alpha: float | None,
-    vae: Any,
-    text_encoder: Any,
-    unet: Any,
-    neuron_dropout: float | None = None,
-    **kwargs: Any,
-):  # -> AdapterNetwork
-    from networks.network_base import create_network_for
-
-    return create_network_for(
-        ALGO, multiplier, network_dim, network_alpha, text_encoder, unet, neuron_dropout, kwargs
-    )
-
-
-def create_network_from_weights(
-    multiplier: float,
-    file: str | None,
-    vae: Any,
-    text_encoder: Any,
-    unet: Any,
-    weights_sd: dict[str, torch.Tensor] | None = None,
-    for_inference: bool = False,
-    **kwargs: Any,
-):  # -> (AdapterNetwork, weights_sd)
-    from networks.network_base import create_network_from_weights_for
-
-    return create_network_from_weights_for(
-        ALGO, multiplier, file, text_encoder, unet, weights_sd, for_inference, kwargs
-    )
-
-
-def merge_weights_to_tensor(
-    model_weight: torch.Tensor,
-    lora_name: str,
-    lora_sd: dict[str, torch.Tensor],
-    lora_weight_keys: set[str],
-    multiplier: float,
-    calc_device: torch.device | str,
-) -> torch.Tensor:
-    from networks.network_io import merge_weights_to_tensor_for
-
-    return merge_weights_to_tensor_for(
-        ALGO, model_weight, lora_name, lora_sd, lora_weight_keys, multiplier, calc_device
-    )
+create_network, create_network_from_weights, merge_weights_to_tensor = sd_scripts_entry_points(ALGO)

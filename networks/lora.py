@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from networks.adapter import AdapterModule, dropout_kwargs, file_alpha, kaiming_
+from networks.entry_points import sd_scripts_entry_points
 from networks.functional import apply_weight, lora_delta_weight
 from networks.network_args import NetworkArgs
 
@@ -144,50 +145,4 @@ class LoRAModule(AdapterModule):
         return "lora tucker" if self.tucker else ("lora k×k" if self.is_kxk else "lora")
 
 
-def create_network(
-    multiplier: float,
-    network_dim: int | None,
-    network_alpha: float | None,
-    vae: Any,
-    text_encoder: Any,
-    unet: Any,
-    neuron_dropout: float | None = None,
-    **kwargs: Any,
-):  # -> AdapterNetwork
-    from networks.network_base import create_network_for
-
-    return create_network_for(
-        ALGO, multiplier, network_dim, network_alpha, text_encoder, unet, neuron_dropout, kwargs
-    )
-
-
-def create_network_from_weights(
-    multiplier: float,
-    file: str | None,
-    vae: Any,
-    text_encoder: Any,
-    unet: Any,
-    weights_sd: dict[str, torch.Tensor] | None = None,
-    for_inference: bool = False,
-    **kwargs: Any,
-):  # -> (AdapterNetwork, weights_sd)
-    from networks.network_base import create_network_from_weights_for
-
-    return create_network_from_weights_for(
-        ALGO, multiplier, file, text_encoder, unet, weights_sd, for_inference, kwargs
-    )
-
-
-def merge_weights_to_tensor(
-    model_weight: torch.Tensor,
-    lora_name: str,
-    lora_sd: dict[str, torch.Tensor],
-    lora_weight_keys: set[str],
-    multiplier: float,
-    calc_device: torch.device | str,
-) -> torch.Tensor:
-    from networks.network_io import merge_weights_to_tensor_for
-
-    return merge_weights_to_tensor_for(
-        ALGO, model_weight, lora_name, lora_sd, lora_weight_keys, multiplier, calc_device
-    )
+create_network, create_network_from_weights, merge_weights_to_tensor = sd_scripts_entry_points(ALGO)

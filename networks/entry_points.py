@@ -1,0 +1,69 @@
+"""The module-level functions of sd-scripts' network contract, made once for each algorithm.
+
+`networks.lora`, `networks.loha` and `networks.lokr` each expose `create_network`,
+`create_network_from_weights` and `merge_weights_to_tensor`; they differ only in the algorithm that a
+new module gets, so they are built here from the algorithm's name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+
+def sd_scripts_entry_points(algo: str) -> tuple[Callable[..., Any], Callable[..., Any], Callable[..., Any]]:
+    """`(create_network, create_network_from_weights, merge_weights_to_tensor)` for `algo`."""
+
+    # network_base imports the algorithm modules, so these imports wait until the first call
+    def create_network(
+        multiplier: float,
+        network_dim: int | None,
+        network_alpha: float | None,
+        vae: Any,
+        text_encoder: Any,
+        unet: Any,
+        neuron_dropout: float | None = None,
+        **kwargs: Any,
+    ):  # -> AdapterNetwork
+        """Build an unapplied network of `algo` adapters for the targets of `unet` and `text_encoder`."""
+        from networks.network_base import create_network_for
+
+        return create_network_for(
+            algo, multiplier, network_dim, network_alpha, text_encoder, unet, neuron_dropout, kwargs
+        )
+
+    def create_network_from_weights(
+        multiplier: float,
+        file: str | None,
+        vae: Any,
+        text_encoder: Any,
+        unet: Any,
+        weights_sd: dict[str, torch.Tensor] | None = None,
+        for_inference: bool = False,
+        **kwargs: Any,
+    ):  # -> (AdapterNetwork, weights_sd)
+        """Build a network whose modules, ranks and layouts come from a file's tensors (values not loaded)."""
+        from networks.network_base import create_network_from_weights_for
+
+        return create_network_from_weights_for(
+            algo, multiplier, file, text_encoder, unet, weights_sd, for_inference, kwargs
+        )
+
+    def merge_weights_to_tensor(
+        model_weight: torch.Tensor,
+        lora_name: str,
+        lora_sd: dict[str, torch.Tensor],
+        lora_weight_keys: set[str],
+        multiplier: float,
+        calc_device: torch.device | str,
+    ) -> torch.Tensor:
+        """Merge the adapter `lora_name` of `lora_sd` into `model_weight` in fp32 (see network_io)."""
+        from networks.network_io import merge_weights_to_tensor_for
+
+        return merge_weights_to_tensor_for(
+            algo, model_weight, lora_name, lora_sd, lora_weight_keys, multiplier, calc_device
+        )
+
+    return create_network, create_network_from_weights, merge_weights_to_tensor
