@@ -324,6 +324,22 @@ def check_file_names(file_algos: dict[str, str], available: set[str], module_nam
     )
 
 
+OUR_ALGORITHMS = {"networks.lora": "lora", "networks.loha": "loha", "networks.lokr": "lokr"}
+
+
+def check_algorithm_matches(module_name: str, file_algos: dict[str, str], path: str) -> None:
+    """A file with no module of the requested algorithm is a mismatch (mixed LyCORIS files still load)."""
+    wanted = OUR_ALGORITHMS.get(module_name)
+    found = sorted(set(file_algos.values()))
+    if wanted is None or not found or wanted in found:
+        return
+    suggestion = " or ".join(f"networks.{a}" for a in found)
+    raise ValueError(
+        f"--network_module {module_name} does not match --network_weights {path}: the file holds "
+        f"{'/'.join(a.upper() for a in found)} modules and no {wanted.upper()} module; use --network_module {suggestion}"
+    )
+
+
 def load_networks(
     args: argparse.Namespace, models: Any, dtype: torch.dtype, device: torch.device
 ) -> list[LoadedNetwork]:
@@ -344,7 +360,8 @@ def load_networks(
         path = args.network_weights[i]
         mul = 1.0 if args.network_mul is None else float(args.network_mul[i])
         kwargs = parse_network_kwargs(args.network_args[i] if args.network_args else None)
-        if is_sgm_only_network_module(module_name):
+        lycoris_file = is_sgm_only_network_module(module_name)
+        if lycoris_file:
             # LyCORIS cannot target the diffusers U-Net; our loader reads its files (algorithm per module)
             logger.warning(
                 "--network_module %s: reading %s with networks.lora's loader (LoRA/LoHa/LoKr per module)",
@@ -367,6 +384,8 @@ def load_networks(
             msg = e.args[0] if isinstance(e, KeyError) and e.args else e
             raise ValueError(f"--network_weights {path}: cannot be loaded as a network file: {msg}") from e
         check_file_names(file_algos, layer_names, module_name, path)
+        if not lycoris_file:
+            check_algorithm_matches(module_name, file_algos, path)
         try:
             network, weights_sd = module.create_network_from_weights(
                 mul,

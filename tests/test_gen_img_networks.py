@@ -178,10 +178,25 @@ def test_two_networks_stack_additively(files, base_outputs) -> None:
         assert _rel(live[part], base_outputs[part]) > 1e-2
 
 
-def test_lora_module_loads_a_loha_file_like_loha(files) -> None:
-    # our modules share one loader that picks the algorithm per module from the keys
-    a, _ = _load(files, "--network_module", "networks.lora", "--network_weights", str(files["loha"]))
-    b, _ = _load(files, "--network_module", "networks.loha", "--network_weights", str(files["loha"]))
+def test_module_algorithm_mismatch_is_an_error_but_mixed_files_load(files, tmp_path) -> None:
+    # issue 5: --network_module networks.lora with a pure LoHa file is a clear error naming the right module
+    with pytest.raises(
+        ValueError, match=r"networks\.lora does not match .*use --network_module networks\.loha"
+    ):
+        _load(files, "--network_module", "networks.lora", "--network_weights", str(files["loha"]))
+    # a file mixing algorithms per module (LyCORIS presets) loads through any of our modules, each module
+    # with its own algorithm (spec §4.3): half the LoHa modules replaced by the LoRA file's
+    from safetensors.torch import load_file, save_file
+
+    loha, lora = load_file(str(files["loha"])), load_file(str(files["lora"]))
+    names = sorted({k.split(".", 1)[0] for k in loha})
+    swap = set(names[::2])
+    mixed = {k: v for k, v in loha.items() if k.split(".", 1)[0] not in swap}
+    mixed.update({k: v for k, v in lora.items() if k.split(".", 1)[0] in swap})
+    mixed_path = tmp_path / "mixed.safetensors"
+    save_file(mixed, str(mixed_path))
+    a, _ = _load(files, "--network_module", "networks.lora", "--network_weights", str(mixed_path))
+    b, _ = _load(files, "--network_module", "networks.loha", "--network_weights", str(mixed_path))
     oa, ob = _outputs(a), _outputs(b)
     assert all(torch.equal(oa[k], ob[k]) for k in oa)
 
