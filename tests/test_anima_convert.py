@@ -178,3 +178,55 @@ def test_converted_file_loads_in_diffusers_anima_loader(tmp_path):
     # the adapter keys went to the text conditioner, the rest to the transformer
     owners = {k.split(".", 1)[0] for k in diff_sd}
     assert owners == {"transformer", "text_conditioner"}
+
+
+def test_converted_file_loads_into_diffusers_transformer_with_peft(tmp_path):
+    """A converted DiT LoRA goes through AnimaLoraLoaderMixin.load_lora_into_transformer (peft) with every
+    key consumed, and each adapted diffusers Linear then adds exactly our (alpha/r)·up·down to its output."""
+    from peft.utils import get_peft_model_state_dict
+
+    sd = {k: v for k, v in _make_file("lora").items() if k.startswith("lora_unet_blocks_")}
+    src, dst = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    save_file(sd, str(src))
+    assert conv.main(["--input", str(src), "--output", str(dst), "--bake_alpha"]) == 0
+    with safe_open(str(dst), "pt") as f:
+        comfy = {k: f.get_tensor(k) for k in f.keys()}
+    diff_sd = AnimaLoraLoaderMixin.lora_state_dict(comfy)
+    transformer_sd = {k.split(".", 1)[1]: v for k, v in diff_sd.items() if k.startswith("transformer.")}
+    assert len(transformer_sd) == len(comfy) == len(diff_sd)
+
+    torch.manual_seed(0)
+    transformer = CosmosTransformer3DModel(
+        num_attention_heads=4,
+        attention_head_dim=16,
+        num_layers=2,
+        text_embed_dim=32,
+        adaln_lora_dim=16,
+        max_size=(1, 64, 64),
+        extra_pos_embed_type=None,
+    )
+    AnimaLoraLoaderMixin.load_lora_into_transformer(
+        {"transformer." + k: v for k, v in transformer_sd.items()}, transformer=transformer
+    )
+    (adapter,) = transformer.peft_config  # diffusers names the first adapter itself
+    loaded = get_peft_model_state_dict(transformer, adapter_name=adapter)
+    assert len(loaded) == len(transformer_sd)  # every key of the file became a peft weight
+
+    # each adapted layer adds x·ΔWᵀ where ΔW is one of OUR modules' 0.75·up·down (alpha 1.5 / rank 2,
+    # baked by the converter), and every one of our modules is used exactly once
+    ours = {
+        n.split(".", 1)[0]: 0.75 * sd[n] @ sd[n.replace("lora_up", "lora_down")]
+        for n in sd
+        if n.endswith(".lora_up.weight")
+    }
+    used: set[str] = set()
+    for module in transformer.modules():
+        if not hasattr(module, "lora_A") or adapter not in module.lora_A:
+            continue
+        x = torch.randn(3, module.base_layer.in_features)
+        delta = module(x) - module.base_layer(x)
+        match = [n for n, w in ours.items() if w.shape == module.base_layer.weight.shape and n not in used
+                 and torch.allclose(delta, x @ w.T, rtol=1e-4, atol=1e-4)]  # fmt: skip
+        assert len(match) == 1, match
+        used.add(match[0])
+    assert used == set(ours)
