@@ -107,15 +107,19 @@ def load_sdxl_tokenizers(tokenizer_dir: str | Path | None = None) -> tuple[Any, 
         logger.warning("no CLIP tokenizer in %s; using the bundled/cached SDXL tokenizers", d)
     if SHARED_CLIP_TOKENIZER.is_dir():
         return load_sdxl_tokenizers(SHARED_CLIP_TOKENIZER)
+    where = f"{tokenizer_dir} has no CLIP tokenizer, " if tokenizer_dir is not None else ""
+    missing = FileNotFoundError(
+        f"{where}{SHARED_CLIP_TOKENIZER} is missing, and {HUB_TOKENIZER_1} / {HUB_TOKENIZER_2} are not "
+        "in the local Hugging Face cache; pass a folder holding a CLIP tokenizer (vocab.json, merges.txt)"
+    )
     try:
         t1 = CLIPTokenizer.from_pretrained(HUB_TOKENIZER_1, local_files_only=True)
         t2 = CLIPTokenizer.from_pretrained(HUB_TOKENIZER_2, local_files_only=True)
     except OSError as e:
-        where = f"{tokenizer_dir} has no CLIP tokenizer, " if tokenizer_dir is not None else ""
-        raise FileNotFoundError(
-            f"{where}{SHARED_CLIP_TOKENIZER} is missing, and {HUB_TOKENIZER_1} / {HUB_TOKENIZER_2} are not "
-            "in the local Hugging Face cache; pass a folder holding a CLIP tokenizer (vocab.json, merges.txt)"
-        ) from e
+        raise missing from e
+    # some transformers versions return a vocabulary-less tokenizer instead of raising when nothing is cached
+    if min(len(t1), len(t2)) < 1000:
+        raise missing
     return t1, _fix_tokenizer_2(t2)
 
 
