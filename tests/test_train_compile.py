@@ -185,9 +185,22 @@ def test_compile_flags_fail_clearly(sdxl, anima, tmp_path):
                 "max-autotune",
             )
         )
+    with pytest.raises(
+        ValueError, match="--compile_mode reduce-overhead uses CUDA graphs, which cannot replay"
+    ):
+        sdxl_train_network.main(
+            _sdxl_argv(
+                sdxl,
+                tmp_path / "e",
+                "--torch_compile",
+                "--compile_mode",
+                "reduce-overhead",
+                "--gradient_checkpointing",
+            )
+        )
     with pytest.raises(ValueError, match="--blocks_to_swap cannot be combined with --torch_compile"):
         _anima_train(anima, tmp_path / "c", "--torch_compile", "--blocks_to_swap", "1")
-    assert not any((tmp_path / d).exists() for d in ("a", "b", "c", "d"))
+    assert not any((tmp_path / d).exists() for d in ("a", "b", "c", "d", "e"))
 
 
 def test_trainer_compiles_each_block_after_the_network_is_applied(sdxl, tmp_path, monkeypatch):
