@@ -8,11 +8,13 @@ the keys the target module actually has, so saving and loading can never drift a
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from library import sdxl_config
+from networks.arch.sdxl import make_diffusers_to_sgm
 
 UNET_PREFIX = "model.diffusion_model."
 TE1_PREFIX = "conditioner.embedders.0.transformer."
@@ -21,85 +23,26 @@ VAE_PREFIX = "first_stage_model."
 # sizes no tensor reveals: SDXL's values (the tiny model writes its own into file metadata)
 DEFAULT_ARCH = {"head_dim": 64, "unet_groups": 32, "vae_groups": 32, "unet_sample": 128, "vae_sample": 1024}
 
-_RESNET_PARTS = {
-    "norm1": "in_layers.0",
-    "conv1": "in_layers.2",
-    "norm2": "out_layers.0",
-    "conv2": "out_layers.3",
-    "time_emb_proj": "emb_layers.1",
-    "conv_shortcut": "skip_connection",
-}
 
+def unet_key_mapper(up_block_types: list[str], layers_per_block: int) -> Callable[[str], str]:
+    """diffusers UNet2DConditionModel state-dict key -> SGM `model.diffusion_model` key (no prefix).
 
-def unet_key_to_sgm(key: str, layers_per_block: int) -> str:
-    """diffusers UNet2DConditionModel key -> SGM `model.diffusion_model` key (without prefix)."""
-    per_level = layers_per_block + 1  # resnets (+ attentions) of a level plus its downsampler
-    fixed = {
-        "time_embedding.linear_1": "time_embed.0",
-        "time_embedding.linear_2": "time_embed.2",
-        "add_embedding.linear_1": "label_emb.0.0",
-        "add_embedding.linear_2": "label_emb.0.2",
-        "conv_in": "input_blocks.0.0",
-        "conv_norm_out": "out.0",
-        "conv_out": "out.2",
-    }
-    for src, dst in fixed.items():
-        if key.startswith(src + "."):
-            return dst + key[len(src) :]
+    A key is a module path plus a parameter name, so this reuses the module-path map that network
+    naming uses (networks/arch/sdxl.py, sdxl.md §5): one table for both.
+    """
+    with_attention = {i for i, t in enumerate(up_block_types) if "CrossAttn" in t}
+    path_to_sgm = make_diffusers_to_sgm(layers_per_block, with_attention)
 
-    def resnet_tail(tail: str) -> str:
-        part, rest = tail.split(".", 1)
-        return _RESNET_PARTS.get(part, part) + "." + rest
+    def key_to_sgm(key: str) -> str:
+        path, _, param = key.rpartition(".")
+        return path_to_sgm(path) + "." + param
 
-    m = re.match(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", key)
-    if m:
-        i, kind, j, tail = int(m[1]), m[2], int(m[3]), m[4]
-        idx = per_level * i + j + 1
-        return (
-            f"input_blocks.{idx}.0.{resnet_tail(tail)}"
-            if kind == "resnets"
-            else f"input_blocks.{idx}.1.{tail}"
-        )
-    m = re.match(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.*)", key)
-    if m:
-        return f"input_blocks.{per_level * int(m[1]) + per_level}.0.op.{m[2]}"
-    m = re.match(r"mid_block\.resnets\.(\d+)\.(.*)", key)
-    if m:
-        return f"middle_block.{2 * int(m[1])}.{resnet_tail(m[2])}"
-    m = re.match(r"mid_block\.attentions\.0\.(.*)", key)
-    if m:
-        return f"middle_block.1.{m[1]}"
-    m = re.match(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", key)
-    if m:
-        i, kind, j, tail = int(m[1]), m[2], int(m[3]), m[4]
-        idx = per_level * i + j
-        return (
-            f"output_blocks.{idx}.0.{resnet_tail(tail)}"
-            if kind == "resnets"
-            else f"output_blocks.{idx}.1.{tail}"
-        )
-    raise KeyError(f"UNet key {key!r} has no SGM equivalent")
-
-
-def unet_upsampler_key_to_sgm(key: str, layers_per_block: int, level_has_attention: bool) -> str:
-    """Upsampler keys depend on whether the up level has attentions (slot 2) or not (slot 1)."""
-    m = re.match(r"up_blocks\.(\d+)\.upsamplers\.0\.(.*)", key)
-    if not m:
-        raise KeyError(key)
-    idx = (layers_per_block + 1) * int(m[1]) + layers_per_block
-    return f"output_blocks.{idx}.{2 if level_has_attention else 1}.{m[2]}"
+    return key_to_sgm
 
 
 def unet_state_to_sgm(sd: dict[str, torch.Tensor], up_block_types: list[str], layers_per_block: int) -> dict:
-    out = {}
-    for k, v in sd.items():
-        if ".upsamplers." in k:
-            level = int(k.split(".")[1])
-            sk = unet_upsampler_key_to_sgm(k, layers_per_block, "CrossAttn" in up_block_types[level])
-        else:
-            sk = unet_key_to_sgm(k, layers_per_block)
-        out[UNET_PREFIX + sk] = v
-    return out
+    key_to_sgm = unet_key_mapper(up_block_types, layers_per_block)
+    return {UNET_PREFIX + key_to_sgm(k): v for k, v in sd.items()}
 
 
 # ---------------------------------------------------------------- VAE (LDM first_stage_model)

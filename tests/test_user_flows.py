@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from library.sdxl_keymap import unet_key_to_sgm, unet_upsampler_key_to_sgm
+from library.sdxl_keymap import unet_key_mapper
 from library.sdxl_models import build_tiny_sdxl_models
 from networks import loha, lokr
 
@@ -27,7 +27,7 @@ def _sgm_mirror(unet: nn.Module) -> nn.Module:
     LyCORIS names modules from `named_modules()` of sd-scripts' own UNet; this mirror lets the
     oracle see the tiny diffusers UNet the way it would see a real SDXL checkpoint in sd-scripts.
     """
-    lpb = unet.config.layers_per_block
+    key_to_sgm = unet_key_mapper(list(unet.config.up_block_types), unet.config.layers_per_block)
     classes: dict[str, type] = {}
 
     def node_of(cls: str) -> nn.Module:
@@ -40,13 +40,7 @@ def _sgm_mirror(unet: nn.Module) -> nn.Module:
         for sname, leaf in block.named_modules():
             if not isinstance(leaf, (nn.Linear, nn.Conv2d)):
                 continue
-            key = f"{bname}.{sname}.weight"
-            if ".upsamplers." in key:
-                level = int(key.split(".")[1])
-                has_attn = "CrossAttn" in unet.config.up_block_types[level]
-                sgm = unet_upsampler_key_to_sgm(key, lpb, has_attn)
-            else:
-                sgm = unet_key_to_sgm(key, lpb)
+            sgm = key_to_sgm(f"{bname}.{sname}.weight")
             parts = sgm[: -len(".weight")].split(".")
             block_depth = 2 if parts[0] == "middle_block" else 3  # middle_block.1 / input_blocks.4.1
             node = root
