@@ -85,6 +85,8 @@ class AdapterModule(nn.Module):
         self.rank = 0
         self.scalar: nn.Parameter | None = None
         self._device_gens: dict[str, torch.Generator] = {}
+        self.rank_scale: torch.Tensor | None = None  # view into the network's per-step mask buffer
+        self.rank_scale_step = -1
         self._backup: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ set-up helpers
@@ -237,6 +239,20 @@ class AdapterModule(nn.Module):
             self._device_gens[key] = g
         return g
 
+    def rank_keep_scale_cpu(self) -> torch.Tensor:
+        """keep/(1−p) over the O output channels for this step, drawn on the CPU (spec §3.5)."""
+        p = float(self.rank_dropout or 0.0)
+        g = torch.Generator().manual_seed(self._seed(1))
+        return (torch.rand(self.out_dim, generator=g) >= p).float() / (1.0 - p)
+
+    def _rank_keep_scale(self, device: torch.device) -> torch.Tensor:
+        # The network fills `rank_scale` once per step (one copy for all modules, at a fixed address so a
+        # CUDA graph can replay it); a module used outside that (tests, a bare forward) draws its own.
+        clock = self.clock
+        if self.rank_scale is not None and clock is not None and self.rank_scale_step == clock.step:
+            return self.rank_scale
+        return self.rank_keep_scale_cpu().to(device, non_blocking=True)
+
     def _seed(self, kind: int) -> int:
         clock = self.clock
         seed, step = (clock.seed, clock.step) if clock is not None else (0, 0)
@@ -256,13 +272,9 @@ class AdapterModule(nn.Module):
         if training and (self.rank_dropout or self.dropout):
             ch_dim = 1 if self.is_conv else out.dim() - 1
             if self.rank_dropout:
-                p = self.rank_dropout
-                g = self._device_gen(out.device)
-                g.manual_seed(self._seed(1))
-                keep = torch.rand(self.out_dim, generator=g, device=out.device) >= p
                 shape = [1] * out.dim()
                 shape[ch_dim] = self.out_dim
-                out = out * (keep.to(out.dtype) / (1.0 - p)).view(shape)
+                out = out * self._rank_keep_scale(out.device).to(out.dtype).view(shape)
             if self.dropout:
                 p = self.dropout
                 g = self._device_gen(out.device)

@@ -151,6 +151,7 @@ class AdapterNetwork(NetworkOptimMixin, nn.Module):
         self.loraplus_text_encoder_lr_ratio = args.loraplus_text_encoder_lr_ratio
         self._trainable: list[nn.Parameter] | None = None
         self._backed_up = False
+        self._rank_mask_buffer: torch.Tensor | None = None
 
     # ---------------------------------------------------------------- building
     def add_adapter(self, m: AdapterModule, te_index: int | None, original_name: str) -> None:
@@ -197,6 +198,29 @@ class AdapterNetwork(NetworkOptimMixin, nn.Module):
 
     def on_step_start(self, text_encoder: Any = None, unet: Any = None) -> None:
         self.clock.step += 1
+        self.prepare_rank_dropout()
+
+    def prepare_rank_dropout(self) -> None:
+        """Draw this step's rank-dropout masks on the CPU and copy them to the device in one go.
+
+        Each module reads its slice of one buffer at a fixed address: no per-module generator or copy
+        in the forward, the same masks in gradient-checkpoint recomputation, and capturable by a CUDA graph.
+        """
+        mods = [m for m in self.all_loras if m.rank_dropout]
+        if not mods:
+            return
+        device = mods[0]._org_device()
+        sizes = [m.out_dim for m in mods]
+        buf = self._rank_mask_buffer
+        if buf is None or buf.device != device or buf.numel() != sum(sizes):
+            buf = torch.empty(sum(sizes), dtype=torch.float32, device=device)
+            self._rank_mask_buffer = buf
+            for m, view in zip(mods, torch.split(buf, sizes)):
+                m.rank_scale = view
+        host = torch.cat([m.rank_keep_scale_cpu() for m in mods])
+        buf.copy_(host)  # synchronous from pageable memory: the host tensor may be freed right after
+        for m in mods:
+            m.rank_scale_step = self.clock.step
 
     def on_epoch_start(self, text_encoder: Any = None, unet: Any = None) -> None:
         self.train()

@@ -92,6 +92,35 @@ def test_rank_dropout_keeps_the_mean_and_is_off_in_eval(model) -> None:
         assert torch.equal(sub.delta_output(x), ref)
 
 
+def test_rank_dropout_masks_come_from_one_buffer_at_a_fixed_address(model) -> None:
+    """on_step_start fills one buffer (a CUDA graph replays reads of it); it equals each module's own CPU draw."""
+    m, net = _leaf_net(model, rank_dropout="0.4")
+    net.set_dropout_seed(7)
+    net.train()
+    mods = net.unet_loras
+    net.on_step_start()
+    ptrs = [sub.rank_scale.data_ptr() for sub in mods]
+    buf_ptr = net._rank_mask_buffer.data_ptr()
+    seen = []
+    for _step in range(3):
+        for sub in mods:
+            assert sub.rank_scale_step == net.clock.step
+            assert torch.equal(sub.rank_scale, sub.rank_keep_scale_cpu())
+            assert set(sub.rank_scale.unique().tolist()) <= {0.0, float(torch.tensor(1.0) / 0.6)}
+        seen.append(mods[0].rank_scale.clone())
+        x = torch.randn(2, mods[0].in_dim)
+        with torch.no_grad():  # the forward reads the buffer: same as the lazily drawn mask
+            via_buffer = mods[0].delta_output(x)
+            mods[0].rank_scale_step = -1
+            lazy = mods[0].delta_output(x)
+            mods[0].rank_scale_step = net.clock.step
+        assert torch.equal(via_buffer, lazy)
+        net.on_step_start()
+        assert [sub.rank_scale.data_ptr() for sub in mods] == ptrs
+        assert net._rank_mask_buffer.data_ptr() == buf_ptr
+    assert not torch.equal(seen[0], seen[1])
+
+
 def test_module_dropout_rate(model) -> None:
     m, net = _leaf_net(model, module_dropout="0.25")
     net.train()
