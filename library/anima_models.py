@@ -465,6 +465,7 @@ class Anima(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_blocks))
         self.final_layer = FinalLayer(cfg)
         self.gradient_checkpointing = False
+        self.checkpoint_preserve_rng = True
 
     @property
     def dtype(self) -> torch.dtype:
@@ -474,8 +475,9 @@ class Anima(nn.Module):
     def device(self) -> torch.device:
         return self.x_embedder.proj[1].weight.device
 
-    def enable_gradient_checkpointing(self) -> None:
+    def enable_gradient_checkpointing(self, preserve_rng_state: bool = True) -> None:
         self.gradient_checkpointing = True
+        self.checkpoint_preserve_rng = preserve_rng_state  # False under --cuda_graph (nothing random inside)
 
     def disable_gradient_checkpointing(self) -> None:
         self.gradient_checkpointing = False
@@ -537,7 +539,10 @@ class Anima(nn.Module):
         context = context.to(self.dtype)
         for blk in self.blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                tokens = checkpoint(blk, tokens, emb, adaln_lora, context, rope, use_reentrant=False)
+                tokens = checkpoint(
+                    blk, tokens, emb, adaln_lora, context, rope,
+                    use_reentrant=False, preserve_rng_state=self.checkpoint_preserve_rng,
+                )  # fmt: skip
             else:
                 tokens = blk(tokens, emb, adaln_lora, context, rope)
         out = self.final_layer(tokens, emb, adaln_lora)  # (B, L, p*p*pt*C), index (r, m, n, c)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from library.cuda_graph import GraphedCall, enable_checkpointing_without_rng
 from library.train_arch import DatasetInfo, RunContext, SampleRequest, TrainingArchitecture
 
 logger = logging.getLogger(__name__)
@@ -243,6 +244,7 @@ class AnimaArchitecture(TrainingArchitecture):
     def __init__(self) -> None:
         super().__init__()
         self.text_cached = False
+        self.graphed_dit: GraphedCall | None = None
         self.dropout_rates: dict[str, float] = {}  # image key -> caption_dropout_rate of its subset
         self.caption_rates: dict[str, float] = {}  # cached caption -> rate (written into the npz)
 
@@ -268,6 +270,9 @@ class AnimaArchitecture(TrainingArchitecture):
         if args.blocks_to_swap and getattr(args, "torch_compile", False):
             # the swap hooks replace parameters inside the block call that --torch_compile compiles
             raise ValueError("--blocks_to_swap cannot be combined with --torch_compile; remove one of them")
+        if args.blocks_to_swap and getattr(args, "cuda_graph", False):
+            # the swap moves weights between devices on the host at every block, which a graph cannot replay
+            raise ValueError("--blocks_to_swap cannot be combined with --cuda_graph; remove one of them")
         if args.blocks_to_swap and getattr(args, "cpu_offload_checkpointing", False):
             raise ValueError("--blocks_to_swap cannot be combined with --cpu_offload_checkpointing")
         te_cache = args.cache_text_encoder_outputs or args.cache_text_encoder_outputs_to_disk
@@ -395,7 +400,10 @@ class AnimaArchitecture(TrainingArchitecture):
         if not args.cache_latents:
             m.vae.to(device)
         if args.gradient_checkpointing:
-            m.dit.enable_gradient_checkpointing()
+            if getattr(args, "cuda_graph", False):
+                enable_checkpointing_without_rng(m.dit)
+            else:
+                m.dit.enable_gradient_checkpointing()
             if train_text_encoder:
                 m.text_encoder.gradient_checkpointing_enable()
         m.dit.train(args.gradient_checkpointing)
@@ -431,11 +439,14 @@ class AnimaArchitecture(TrainingArchitecture):
         # the adapter is part of the DiT (it may carry LoRA modules), so it runs with grad
         return dit.run_llm_adapter(states, t5_ids, t5_mask, qmask)
 
+    def enable_cuda_graph(self, ctx: RunContext, params: list[nn.Parameter], state_key: Any) -> None:
+        self.graphed_dit = GraphedCall(self.models.dit, params, state_key)
+
     def per_sample_loss(self, ctx: RunContext, batch: dict[str, Any]) -> torch.Tensor:
         args, weight_dtype = ctx.args, ctx.weight_dtype
         weights = batch["loss_weights"].to(ctx.device, torch.float32)
         return flow_matching_loss(
-            self.models.dit, self.batch_latents(ctx, batch),
+            self.graphed_dit or self.models.dit, self.batch_latents(ctx, batch),
             lambda: self._context(args, batch, weight_dtype, ctx.train_text_encoder), args, weights, weight_dtype,
         )  # fmt: skip
 

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from library.cuda_graph import GraphedUNet, enable_checkpointing_without_rng
 from library.train_arch import DatasetInfo, RunContext, SampleRequest, TrainingArchitecture
 from library.train_utils import apply_fp8_base
 
@@ -31,6 +32,7 @@ class SdxlArchitecture(TrainingArchitecture):
         self.max_token_length: int | None = None
         self.noise_scheduler: Any = None
         self.weight_dtype = torch.float32
+        self.graphed_unet: GraphedUNet | None = None
 
     # ------------------------------------------------------------------ args
     def verify_args(self, args: argparse.Namespace) -> None:
@@ -120,7 +122,10 @@ class SdxlArchitecture(TrainingArchitecture):
         if not args.cache_latents:
             m.vae.to(device, self.vae_dtype)
         if args.gradient_checkpointing:
-            m.unet.enable_gradient_checkpointing()
+            if getattr(args, "cuda_graph", False):
+                enable_checkpointing_without_rng(m.unet)
+            else:
+                m.unet.enable_gradient_checkpointing()
             if train_text_encoder:
                 for te in m.text_encoders:  # transformers renamed the method; use whichever exists
                     (
@@ -138,6 +143,9 @@ class SdxlArchitecture(TrainingArchitecture):
         from diffusers.models.attention import BasicTransformerBlock
 
         return [m for m in self.models.unet.modules() if isinstance(m, BasicTransformerBlock)]
+
+    def enable_cuda_graph(self, ctx: RunContext, params: list[torch.nn.Parameter], state_key: Any) -> None:
+        self.graphed_unet = GraphedUNet(self.models.unet, params, state_key)
 
     # ------------------------------------------------------------------ loss
     def _encode_text(self, captions: list[str], grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,7 +173,7 @@ class SdxlArchitecture(TrainingArchitecture):
             batch["original_sizes_hw"], batch["crop_top_lefts"], batch["target_sizes_hw"]
         )
         return sdxl_training_step_loss(
-            self.models.unet, latents, context.to(weight_dtype), pooled.to(weight_dtype),
+            self.graphed_unet or self.models.unet, latents, context.to(weight_dtype), pooled.to(weight_dtype),
             time_ids.to(device, weight_dtype), args, noise_scheduler=self.noise_scheduler,
             loss_weights=batch["loss_weights"].to(device),
         )  # fmt: skip

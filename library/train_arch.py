@@ -154,6 +154,10 @@ class TrainingArchitecture(abc.ABC):
         """The repeated transformer blocks that ``--torch_compile`` compiles one by one (regional compile)."""
         return []
 
+    def enable_cuda_graph(self, ctx: RunContext, params: list[torch.nn.Parameter], state_key: Any) -> None:
+        """`--cuda_graph`: route the denoiser call through `library.cuda_graph.GraphedCall`."""
+        raise ValueError(f"--cuda_graph is not supported by the {type(self).__name__} trainer")
+
     @abc.abstractmethod
     def per_sample_loss(self, ctx: RunContext, batch: dict[str, Any]) -> torch.Tensor:
         """Loss per sample (B,), already weighted (prior loss weight, min-SNR, ...)."""

@@ -232,6 +232,8 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     _add(parser, "--dynamo_backend", type=str, default="inductor", help="torch.compile backend")
     _add(parser, "--compile_mode", type=str, default=None, choices=COMPILE_MODES,
          help="torch.compile mode (default: torch's default)")  # fmt: skip
+    _add(parser, "--cuda_graph", action="store_true",
+         help="replay the U-Net/DiT forward and backward as CUDA graphs (one capture per bucket shape)")  # fmt: skip
     _add(parser, "--ddp_timeout", type=int, default=None)
     _add(parser, "--ddp_gradient_as_bucket_view", action="store_true")
     _add(parser, "--ddp_static_graph", action="store_true")
@@ -387,10 +389,29 @@ def verify_training_args(args: argparse.Namespace, parser: argparse.ArgumentPars
             if token.count("=") != 1:
                 raise ValueError(f"--optimizer_args: {token!r} must be key=value with exactly one '='")
     _verify_compile_args(args)
+    _verify_cuda_graph_args(args)
     if args.logging_dir and not args.log_with:
         args.log_with = "tensorboard"  # sd-scripts: a logging dir implies TensorBoard
     if args.log_with in ("tensorboard", "all") and not args.logging_dir:
         raise ValueError("--log_with tensorboard needs --logging_dir (where the event files go)")
+
+
+def _verify_cuda_graph_args(args: argparse.Namespace) -> None:
+    """--cuda_graph conflicts that are known from the arguments alone (dropout is checked on the network)."""
+    if not getattr(args, "cuda_graph", False):
+        return
+    if getattr(args, "compile_mode", None) in ("reduce-overhead", "max-autotune"):
+        raise ValueError(
+            f"--cuda_graph captures the whole model; --compile_mode {args.compile_mode} would capture its own "
+            "CUDA graphs inside it: use --compile_mode default or max-autotune-no-cudagraphs"
+        )
+    if getattr(args, "deepspeed", False):
+        raise ValueError("--cuda_graph cannot be combined with --deepspeed")
+    if getattr(args, "network_dropout", None):
+        raise ValueError(
+            "--cuda_graph: --network_dropout draws a new element mask in every forward, which a replayed "
+            "graph cannot do; use rank_dropout in --network_args, or drop --cuda_graph"
+        )
 
 
 def _verify_compile_args(args: argparse.Namespace) -> None:

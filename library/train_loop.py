@@ -227,9 +227,10 @@ def _train(args: argparse.Namespace, arch: TrainingArchitecture) -> TrainResult 
             arch.repeated_blocks(), args.dynamo_backend, getattr(args, "compile_mode", None)
         )
         logger.info("--torch_compile: %d blocks compiled (backend %s)", n_blocks, args.dynamo_backend)
-        if _uses_dropout(network):
-            logger.warning("--torch_compile: network dropout draws from seeded generators that torch.compile "
-                           "cannot trace; results stay the same but the block graphs break at each adapter")  # fmt: skip
+        if _host_side_dropout(network):
+            logger.warning("--torch_compile: network %s draws from seeded generators that torch.compile "
+                           "cannot trace; results stay the same but the block graphs break at each adapter",
+                           " and ".join(_host_side_dropout(network)))  # fmt: skip
 
     # (7) parameter groups + optimizer
     te_lrs = args.text_encoder_lr or None
@@ -275,6 +276,8 @@ def _train(args: argparse.Namespace, arch: TrainingArchitecture) -> TrainResult 
     trainable = list(network.get_trainable_params()) if hasattr(network, "get_trainable_params") else [
         p for p in network.parameters() if p.requires_grad
     ]  # fmt: skip
+    if getattr(args, "cuda_graph", False):
+        _enable_cuda_graph(args, arch, ctx, network, trainable)
 
     # metadata
     base_md = saving.training_metadata(
@@ -415,7 +418,8 @@ def _train(args: argparse.Namespace, arch: TrainingArchitecture) -> TrainResult 
                         accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
                 optimizer.step()
                 lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                # --cuda_graph: grads stay bound to the buffers its backward graph accumulates into
+                optimizer.zero_grad(set_to_none=not getattr(args, "cuda_graph", False))
             logs: dict[str, float] = {}
             if args.scale_weight_norms:
                 keys_scaled, mean_norm, max_norm = network.apply_max_norm_regularization(
@@ -485,12 +489,38 @@ def _train(args: argparse.Namespace, arch: TrainingArchitecture) -> TrainResult 
     return TrainResult(final if accelerator.is_main_process else None, network, global_step, losses)
 
 
-def _uses_dropout(network: torch.nn.Module) -> bool:
-    """Whether any adapter applies neuron/rank/module dropout (our adapters keep the rates as numbers)."""
-    rates = (
-        getattr(m, a, None) for m in network.modules() for a in ("dropout", "rank_dropout", "module_dropout")
-    )
-    return any(isinstance(r, (int, float)) and not isinstance(r, bool) and r > 0 for r in rates)
+def _host_side_dropout(network: torch.nn.Module) -> list[str]:
+    """The dropout kinds in use that decide on the host per forward: neuron (`dropout`) and module dropout.
+
+    Rank dropout reads masks drawn once per step, so it traces and replays; these two do not.
+    """
+    kinds = []
+    for attr, label in (("dropout", "neuron dropout"), ("module_dropout", "module dropout")):
+        rates = (getattr(m, attr, None) for m in network.modules())
+        if any(isinstance(r, (int, float)) and not isinstance(r, bool) and r > 0 for r in rates):
+            kinds.append(label)
+    return kinds
+
+
+def _enable_cuda_graph(
+    args: argparse.Namespace, arch: TrainingArchitecture, ctx: RunContext, network: torch.nn.Module,
+    trainable: list[torch.nn.Parameter],
+) -> None:  # fmt: skip
+    """--cuda_graph: check what a replayed graph cannot do, then graph the denoiser call."""
+    unsafe = _host_side_dropout(network)
+    if unsafe:
+        raise ValueError(
+            f"--cuda_graph: network {' and '.join(unsafe)} decide on the host in every forward, which a "
+            "replayed graph cannot do; use rank_dropout, or drop --cuda_graph"
+        )
+    if ctx.device.type != "cuda":
+        raise ValueError(f"--cuda_graph needs a CUDA device; this run is on {ctx.device}")
+
+    def state_key() -> tuple[bool, float]:  # what the captured forward depends on besides the inputs
+        return bool(network.training), float(getattr(network, "multiplier", 1.0))
+
+    arch.enable_cuda_graph(ctx, trainable, state_key)
+    logger.info("--cuda_graph: forward and backward replay as CUDA graphs, one capture per input shape")
 
 
 def _read_prompts(args: argparse.Namespace) -> list[str]:

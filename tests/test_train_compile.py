@@ -203,6 +203,69 @@ def test_compile_flags_fail_clearly(sdxl, anima, tmp_path):
     assert not any((tmp_path / d).exists() for d in ("a", "b", "c", "d", "e"))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_cuda_graph_training_equals_eager_on_the_gpu(sdxl, anima, tmp_path, monkeypatch):
+    """Both trainers: --cuda_graph (alone and with --torch_compile) gives the eager loss curve and weights."""
+    extra = ("--network_args", "rank_dropout=0.25")
+    # TF32 rounds to 10 bits and eager and capture may pick different conv algorithms: compare in fp32
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    before = torch.backends.cuda.matmul.allow_tf32  # a property of a module object: no monkeypatch
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        _cuda_graph_runs(sdxl, anima, tmp_path, extra)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def _cuda_graph_runs(sdxl: dict, anima: dict, tmp_path: Path, extra: tuple[str, ...]) -> None:
+    eager = sdxl_train_network.main(_sdxl_argv(sdxl, tmp_path / "e", *extra))
+    graphed = sdxl_train_network.main(_sdxl_argv(sdxl, tmp_path / "g", "--cuda_graph", *extra))
+    _assert_same_run(eager, graphed, tmp_path / "e", tmp_path / "g", ".hada_w2_a")
+    _fresh_dynamo()
+    both = sdxl_train_network.main(
+        _sdxl_argv(sdxl, tmp_path / "gc", "--cuda_graph", "--torch_compile", *extra)
+    )
+    _assert_same_run(eager, both, tmp_path / "e", tmp_path / "gc", ".hada_w2_a")
+    eager = _anima_train(anima, tmp_path / "ae")
+    graphed = _anima_train(anima, tmp_path / "ag", "--cuda_graph")
+    _assert_same_run(eager, graphed, tmp_path / "ae", tmp_path / "ag", ".lokr_w2")
+
+
+def test_cuda_graph_flags_fail_clearly(sdxl, anima, tmp_path):
+    """--cuda_graph refuses what a replayed graph cannot do, before any training, with one clear error."""
+    import argparse
+
+    from library.train_args import _verify_cuda_graph_args
+
+    with pytest.raises(ValueError, match="--cuda_graph: --network_dropout draws a new element mask"):
+        sdxl_train_network.main(_sdxl_argv(sdxl, tmp_path / "a", "--cuda_graph", "--network_dropout", "0.1"))
+    with pytest.raises(ValueError, match="--cuda_graph: network module dropout decide on the host"):
+        sdxl_train_network.main(
+            _sdxl_argv(sdxl, tmp_path / "b", "--cuda_graph", "--network_args", "module_dropout=0.1")
+        )
+    with pytest.raises(ValueError, match="--cuda_graph: network neuron dropout decide on the host"):
+        sdxl_train_network.main(
+            _sdxl_argv(sdxl, tmp_path / "c", "--cuda_graph", "--network_args", "dropout=0.1")
+        )
+    if not torch.cuda.is_available():  # rank dropout is capturable: it gets as far as the device check
+        with pytest.raises(ValueError, match="--cuda_graph needs a CUDA device; this run is on cpu"):
+            sdxl_train_network.main(
+                _sdxl_argv(sdxl, tmp_path / "d", "--cuda_graph", "--network_args", "rank_dropout=0.1")
+            )
+    with pytest.raises(ValueError, match="--blocks_to_swap cannot be combined with --cuda_graph"):
+        _anima_train(anima, tmp_path / "e", "--cuda_graph", "--blocks_to_swap", "1")
+    for mode in ("reduce-overhead", "max-autotune"):
+        ns = argparse.Namespace(cuda_graph=True, compile_mode=mode, deepspeed=False, network_dropout=None)
+        with pytest.raises(ValueError, match=f"--compile_mode {mode} would capture its own CUDA graphs"):
+            _verify_cuda_graph_args(ns)
+    _verify_cuda_graph_args(  # the inductor modes without CUDA graphs are fine
+        argparse.Namespace(
+            cuda_graph=True, compile_mode="max-autotune-no-cudagraphs", deepspeed=False, network_dropout=None
+        )
+    )
+    assert not any((tmp_path / d).exists() for d in ("a", "b", "c", "d", "e"))
+
+
 def test_trainer_compiles_each_block_after_the_network_is_applied(sdxl, tmp_path, monkeypatch):
     """Module.compile recorded, not run: which modules, with which options, and when (adapters attached)."""
     seen = []

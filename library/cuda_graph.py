@@ -1,0 +1,229 @@
+"""`--cuda_graph`: replay a model's forward and backward as two captured CUDA graphs.
+
+Why: an SDXL training step launches tens of thousands of small kernels (722 adapted layers, each
+recomputed under gradient checkpointing) and the host, not the GPU, sets the pace. A replayed graph
+launches the whole forward (or backward) at once, so the step runs at the GPU's speed.
+
+What is captured is one call of `fn(*tensors) -> tensor` (the U-Net / DiT call) and its backward to the
+trainable parameters and to the inputs that require grad. The noise, timesteps and loss stay eager,
+so they draw the same random numbers and compute the same loss as without `--cuda_graph`.
+
+One capture per input signature (shapes, dtypes, autocast state, the caller's `state_key`); all
+captures share one memory pool, which is safe because a forward replay is always followed by its own
+backward before the next forward (checked: a stale backward raises). Parameter grads go into persistent
+buffers that the backward graph accumulates into, so gradient accumulation works and `.grad` keeps one
+address; the optimizer's `zero_grad(set_to_none=False)` keeps that binding, and a `None` grad is
+re-bound (after zeroing) before the next backward.
+
+What a graph cannot do: read tensor values on the host, draw from generators seeded on the host, or
+take a different Python branch per step. Our adapters' rank dropout reads precomputed masks (see
+`networks.adapter`); module and element dropout are refused by the trainer under `--cuda_graph`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Capture:
+    static_inputs: list[torch.Tensor]
+    static_out: torch.Tensor
+    static_grad_out: torch.Tensor
+    input_grads: list[torch.Tensor | None]  # grads of the inputs that require grad (None elsewhere)
+    fwd: torch.cuda.CUDAGraph
+    bwd: torch.cuda.CUDAGraph
+    param_index: list[int] = field(default_factory=list)  # params that receive a grad
+
+
+class GraphedCall:
+    """Call `fn` through captured CUDA graphs while grad is enabled; eagerly otherwise.
+
+    `params`: every trainable tensor `fn` may read (grads for the ones it uses are captured);
+    `state_key`: Python state that changes what `fn` does (multipliers, train/eval); a new value
+    captures anew. `warmup`: eager iterations before a capture (torch.compile and cuBLAS set up there).
+    """
+
+    def __init__(
+        self,
+        fn: Callable[..., torch.Tensor],
+        params: Sequence[torch.nn.Parameter],
+        state_key: Callable[[], Hashable] | None = None,
+        warmup: int = 2,
+    ) -> None:
+        self.fn = fn
+        self.params = [p for p in params if p.requires_grad]
+        self.state_key = state_key
+        self.warmup = max(1, int(warmup))
+        self.captures: dict[Hashable, _Capture] = {}
+        self._pool = None
+        self._grad_bufs = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.params]
+        self._anchor = torch.zeros(0, requires_grad=True)  # gives the autograd node an input to hang on
+        self._generation = 0
+        self.replays = 0
+
+    # ------------------------------------------------------------------ public
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            return self.fn(*inputs)
+        for i, x in enumerate(inputs):
+            if not isinstance(x, torch.Tensor) or x.device.type != "cuda":
+                raise ValueError(
+                    f"--cuda_graph: input {i} of the graphed call must be a CUDA tensor, got "
+                    f"{type(x).__name__ if not isinstance(x, torch.Tensor) else x.device}"
+                )
+        key = self._key(inputs)
+        cap = self.captures.get(key)
+        if cap is None:
+            cap = self._capture(inputs)
+            self.captures[key] = cap
+            logger.info("--cuda_graph: captured signature %d: %s", len(self.captures), key[0])
+        self._generation += 1
+        return _Replay.apply(self, cap, self._generation, self._anchor, *inputs)
+
+    # ------------------------------------------------------------------ internals
+    def _key(self, inputs: Sequence[torch.Tensor]) -> Hashable:
+        sig = tuple((tuple(x.shape), x.dtype, x.requires_grad) for x in inputs)
+        dev = inputs[0].device.type
+        amp = (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+        state = self.state_key() if self.state_key is not None else None
+        return (sig, amp, state)
+
+    def _capture(self, inputs: Sequence[torch.Tensor]) -> _Capture:
+        dev = inputs[0].device
+        static_inputs = [x.detach().clone().requires_grad_(x.requires_grad) for x in inputs]
+        in_need = [i for i, x in enumerate(static_inputs) if x.requires_grad]
+        amp_on, amp_dtype = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
+
+        def autocast():  # the weight-cast cache must be off: cached casts would be frozen into the graph
+            return torch.autocast("cuda", dtype=amp_dtype, enabled=amp_on, cache_enabled=False)
+
+        targets = [static_inputs[i] for i in in_need] + list(self.params)
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup):
+                with autocast():
+                    out = self.fn(*static_inputs)
+                grads = torch.autograd.grad(out, targets, torch.ones_like(out), allow_unused=True)
+            used = [i for i, g in enumerate(grads[len(in_need) :]) if g is not None]
+            del out, grads
+        torch.cuda.current_stream(dev).wait_stream(side)
+        if not used and not in_need:
+            raise RuntimeError("--cuda_graph: the graphed call has nothing that needs a gradient")
+
+        fwd, bwd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+        with torch.cuda.graph(fwd, pool=self._pool, capture_error_mode="thread_local"):
+            with autocast():
+                static_out = self.fn(*static_inputs)
+        if self._pool is None:
+            self._pool = fwd.pool()
+        static_grad_out = torch.zeros_like(static_out)
+        grad_targets = [static_inputs[i] for i in in_need] + [self.params[i] for i in used]
+        with torch.cuda.graph(bwd, pool=self._pool, capture_error_mode="thread_local"):
+            grads = torch.autograd.grad(static_out, grad_targets, static_grad_out)
+            param_grads = list(grads[len(in_need) :])
+            if param_grads:
+                torch._foreach_add_([self._grad_bufs[i] for i in used], param_grads)
+        input_grads: list[torch.Tensor | None] = [None] * len(static_inputs)
+        for k, i in enumerate(in_need):
+            input_grads[i] = grads[k]
+        return _Capture(static_inputs, static_out.detach(), static_grad_out, input_grads, fwd, bwd, used)
+
+    def _bind_grads(self, used: list[int]) -> None:
+        """Make `.grad` of every used param our persistent buffer (zeroed if the grad was None)."""
+        to_zero: list[torch.Tensor] = []
+        for i in used:
+            p, buf = self.params[i], self._grad_bufs[i]
+            g = p.grad
+            if g is buf:
+                continue
+            if g is None:
+                to_zero.append(buf)
+            else:
+                buf.copy_(g)
+            p.grad = buf
+        if to_zero:
+            torch._foreach_zero_(to_zero)
+
+
+class _Replay(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, runner: GraphedCall, cap: _Capture, generation: int, anchor, *inputs):  # type: ignore[override]
+        for s, x in zip(cap.static_inputs, inputs):
+            if s.data_ptr() != x.data_ptr():
+                s.copy_(x)
+        cap.fwd.replay()
+        runner.replays += 1
+        ctx.runner, ctx.cap, ctx.generation = runner, cap, generation
+        ctx.n_inputs = len(inputs)
+        return cap.static_out.clone()
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        runner, cap = ctx.runner, ctx.cap
+        if ctx.generation != runner._generation:
+            raise RuntimeError(
+                "--cuda_graph: backward of an older forward; the graphed model was called again before "
+                "this output's backward ran (one forward, then its backward, per graphed call)"
+            )
+        runner._bind_grads(cap.param_index)
+        cap.static_grad_out.copy_(grad_out)
+        cap.bwd.replay()
+        in_grads = [g.clone() if g is not None else None for g in cap.input_grads]
+        return (None, None, None, None, *in_grads)
+
+
+def enable_checkpointing_without_rng(model: torch.nn.Module) -> None:
+    """Gradient checkpointing that does not save and restore the RNG state around each block.
+
+    Saving the CUDA RNG state reads the generator on the host, which a graph capture cannot replay.
+    It is not needed here: the frozen models have no active dropout, and our adapters' dropout reads
+    masks drawn once per step, so a recomputed block draws nothing.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    if hasattr(model, "checkpoint_preserve_rng"):  # our Anima DiT
+        model.enable_gradient_checkpointing(preserve_rng_state=False)
+        return
+
+    def checkpoint_func(module, *args, **kwargs):  # type: ignore[no-untyped-def]
+        return checkpoint(module.__call__, *args, use_reentrant=False, preserve_rng_state=False, **kwargs)
+
+    model.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_func)
+
+
+class GraphedUNet:
+    """A diffusers-U-Net-shaped callable (`unet(x, t, ctx, added_cond_kwargs=...).sample`) over a GraphedCall."""
+
+    def __init__(
+        self, unet: torch.nn.Module, params: Sequence[torch.nn.Parameter], state_key: Callable[[], Hashable]
+    ) -> None:
+        def call(x, t, ctx, text_embeds, time_ids):  # type: ignore[no-untyped-def]
+            cond = {"text_embeds": text_embeds, "time_ids": time_ids}
+            return unet(x, t, ctx, added_cond_kwargs=cond).sample
+
+        self.graphed = GraphedCall(call, params, state_key)
+
+    def __call__(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        added_cond_kwargs: dict[str, torch.Tensor],
+    ) -> SimpleNamespace:
+        out = self.graphed(
+            sample,
+            timestep,
+            encoder_hidden_states,
+            added_cond_kwargs["text_embeds"],
+            added_cond_kwargs["time_ids"],
+        )
+        return SimpleNamespace(sample=out)
