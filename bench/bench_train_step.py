@@ -13,7 +13,9 @@ Variants (comma-separated; each may carry its own network args after colons, e.g
 Bench-only options (not network args): `path=auto|rebuild|bypass` forces our per-layer path choice
 (networks.functional.dispatch), `mode=eager|graph` picks its cost model, `compile=1` compiles the
 repeated transformer blocks (fullgraph), `cmode=reduce-overhead|max-autotune-no-cudagraphs|...` passes
-torch.compile's mode (the trainer's --compile_mode).
+torch.compile's mode (the trainer's --compile_mode), `graph=1` replays the model's forward and backward
+as CUDA graphs (`library/cuda_graph.py`, the trainer's --cuda_graph), `gcrng=0` checkpoints without
+saving the RNG state, `prof=1` adds the GPU time per kernel name of one step.
 
 Example (GPU):
   python bench/bench_train_step.py --sd_scripts_path baselines/sd-scripts \
@@ -156,6 +158,9 @@ def run_single(args: argparse.Namespace) -> dict:
     mode = net_kwargs.pop("mode", None)
     compile_blocks = net_kwargs.pop("compile", "0") not in ("0", "false", "False")
     compile_mode = net_kwargs.pop("cmode", None)
+    graph = net_kwargs.pop("graph", "0") not in ("0", "false", "False")
+    gc_rng = net_kwargs.pop("gcrng", "1") not in ("0", "false", "False")
+    profile = net_kwargs.pop("prof", "0") not in ("0", "false", "False")
     if path is not None or mode is not None:
         sys.path.insert(0, str(REPO_ROOT))
         from networks.functional.dispatch import set_path_policy
@@ -170,7 +175,13 @@ def run_single(args: argparse.Namespace) -> dict:
     unet.requires_grad_(False)
     unet.to(device=device, dtype=dtype)
     if not args.no_gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
+        if gc_rng or is_sd:
+            unet.enable_gradient_checkpointing()
+        else:  # gcrng=0: recompute without saving/restoring the RNG state (nothing random inside)
+            sys.path.insert(0, str(REPO_ROOT))
+            from library.cuda_graph import enable_checkpointing_without_rng
+
+            enable_checkpointing_without_rng(unet)
     unet.train()
 
     network = None
@@ -215,15 +226,21 @@ def run_single(args: argparse.Namespace) -> dict:
     if network is None:
         x0.requires_grad_(True)
     autocast = device.type == "cuda" and dtype != torch.float32
+    model_call = lambda *t: call(unet, *t)  # noqa: E731
+    if graph:  # forward and backward of the model replayed as CUDA graphs (the trainer's --cuda_graph)
+        sys.path.insert(0, str(REPO_ROOT))
+        from library.cuda_graph import GraphedCall
+
+        model_call = GraphedCall(model_call, params)
 
     def step():
         with torch.autocast(device.type, dtype=dtype, enabled=autocast):
-            pred = call(unet, x0, timesteps, ctx, pooled, time_ids)
+            pred = model_call(x0, timesteps, ctx, pooled, time_ids)
         loss = torch.nn.functional.mse_loss(pred.float(), noise.float())
         loss.backward()
         if optimizer is not None:
             optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=not graph)
         else:
             x0.grad = None
         return loss
@@ -238,7 +255,7 @@ def run_single(args: argparse.Namespace) -> dict:
     sync()
     warmup_s = time.perf_counter() - t_warm
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.reset_peak_memory_stats()  # reserved memory cannot be reset: it includes the warm-up
     times = []
     for _ in range(args.steps):
         t0 = time.perf_counter()
@@ -246,6 +263,10 @@ def run_single(args: argparse.Namespace) -> dict:
         sync()
         times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    # a replayed graph allocates nothing (its pool was filled at capture), so for graph=1 only the
+    # reserved memory shows its activations; it is recorded for every variant to compare like with like
+    reserved = torch.cuda.max_memory_reserved() / 2**30 if device.type == "cuda" else None
+    top_kernels = _profile_kernels(step, sync) if profile else None
     fast = None  # our modules: how many took the bypass / Khatri–Rao path (networks.functional.dispatch)
     if network is not None and not is_sd:
         if compile_blocks:  # compiled modules choose without filling their cache: one eager pass fills it
@@ -261,13 +282,32 @@ def run_single(args: argparse.Namespace) -> dict:
         "median_s": statistics.median(times),
         "min_s": min(times),
         "peak_gib": peak,
+        "peak_reserved_gib": reserved,
         "trainable_params": sum(p.numel() for p in params),
         "modules": n_modules,
         "fast_path_modules": fast,
         "loss": float(loss.detach().float().cpu()),
         "steps": args.steps,
         "warmup_s": round(warmup_s, 2),
+        **({"top_kernels": top_kernels} if top_kernels is not None else {}),
     }
+
+
+def _profile_kernels(step, sync, top: int = 30) -> list:
+    """GPU time per kernel name over one step: [name, total ms, calls], the largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        sync()
+    rows = []
+    for ev in prof.key_averages():
+        t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+        if t > 0:
+            rows.append([ev.key[:90], round(t / 1000.0, 3), ev.count])
+    rows.sort(key=lambda r: -r[1])
+    total = round(sum(r[1] for r in rows), 2)
+    return [["TOTAL", total, sum(r[2] for r in rows)]] + rows[:top]
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
