@@ -133,6 +133,13 @@ class AdapterModule(nn.Module):
     def delta_weight_scaled(self, scale: float | torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def linear_factors(
+        self, x: torch.Tensor, scale: float | torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(left, right) with ΔW_raw·x·scale = left·rightᵀ on a Linear layer, or None for a path that is
+        factored another way (LoKr bypass, LoHa Khatri–Rao). Default: the rebuild, (x, ΔW)."""
+        return x, self.delta_weight_scaled(scale).reshape(self.out_dim, -1)
+
     def norm_for_max(self) -> torch.Tensor:
         """‖ΔW‖_F with s and σ, without m (spec §1.5 max-norm step 1)."""
         return self.delta_weight_scaled(self.total_scale(1.0)).detach().float().norm()
@@ -283,10 +290,30 @@ class AdapterModule(nn.Module):
                 out = out * keep.to(out.dtype) / (1.0 - p)
         return out
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.org_module(x) if not is_patched(self.org_module) else _original_forward(self.org_module)(x)
+    def add_branch(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y + m·s·drop(ΔW_raw·x). On a Linear layer the branch's last GEMM accumulates into y (addmm, β = 1):
+        no N×O branch tensor is written and read back for a separate add (spec §6 rule 4)."""
+        if (
+            not self.is_conv
+            and self.enabled
+            and self.multiplier != 0.0
+            and not (self.training and (self.dropout or self.module_dropout))
+        ):
+            factors = self.linear_factors(x, self.total_scale(self.multiplier))
+            if factors is not None:
+                left, right = factors
+                if self.training and self.rank_dropout:  # an output-channel mask = a row mask on right
+                    right = right * self._rank_keep_scale(right.device).to(right.dtype).view(-1, 1)
+                if not torch.is_autocast_enabled(y.device.type):
+                    left, right = left.to(y.dtype), right.to(y.dtype)
+                out = torch.addmm(y.reshape(-1, self.out_dim), left.reshape(-1, left.shape[-1]), right.t())
+                return out.view(y.shape)
         d = self.delta_output(x)
         return y if d is None else y + d.to(y.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.org_module(x) if not is_patched(self.org_module) else _original_forward(self.org_module)(x)
+        return self.add_branch(x, y)
 
     # ------------------------------------------------------------------ merge
     @torch.no_grad()
@@ -348,9 +375,7 @@ def attach_adapter(leaf: nn.Module, adapter: AdapterModule) -> None:
         def patched_forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
             y = orig(x, *args, **kwargs)
             for a in stack:
-                d = a.delta_output(x)
-                if d is not None:
-                    y = y + d.to(y.dtype)
+                y = a.add_branch(x, y)
             return y
 
         leaf.__dict__[_STACK_ATTR] = stack

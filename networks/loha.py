@@ -180,6 +180,11 @@ class LoHaModule(AdapterModule):
             return loha_khatri_rao_conv(x, *w, scale, self.org_module)
         return loha_khatri_rao_linear(x, *w, scale)
 
+    def linear_factors(
+        self, x: torch.Tensor, scale: float | torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return None if self._khatri_rao_for(x) else super().linear_factors(x, scale)
+
     def max_norm_param_names(self) -> tuple[str, ...]:
         return ("hada_w1_a", "hada_w2_a")
 

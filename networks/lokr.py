@@ -284,6 +284,11 @@ class LoKrModule(AdapterModule):
             return lokr_bypass_linear(x, w1, w2, scale)
         return super().branch(x, scale)
 
+    def linear_factors(
+        self, x: torch.Tensor, scale: float | torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return None if self._bypass_for(x) else super().linear_factors(x, scale)
+
     def norm_for_max(self) -> torch.Tensor:
         # ‖kron(W1, W2)‖ = ‖W1‖·‖W2‖: no Kronecker product needed
         s = self.total_scale(1.0)

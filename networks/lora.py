@@ -135,6 +135,14 @@ class LoRAModule(AdapterModule):
         h = apply_weight(x, down, self.org_module)
         return F.conv2d(h, up) if self.is_conv else F.linear(h, up)
 
+    def linear_factors(
+        self, x: torch.Tensor, scale: float | torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        down = self.lora_down.weight
+        if down.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+            down = down.to(x.dtype)
+        return F.linear(x, down), self.lora_up.weight * scale
+
     def max_norm_param_names(self) -> tuple[str, ...]:
         return ("lora_down.weight", "lora_up.weight")
 

@@ -121,6 +121,43 @@ def test_rank_dropout_masks_come_from_one_buffer_at_a_fixed_address(model) -> No
     assert not torch.equal(seen[0], seen[1])
 
 
+@pytest.mark.parametrize(
+    "module,kw",
+    [(lora, {}), (loha, {}), (lokr, {}), (lokr, {"factor": "4"})],
+)
+def test_fused_add_equals_base_plus_branch_in_fp64(model, module, kw) -> None:
+    """The addmm (β = 1) accumulation of the branch into the base output equals base + drop(ΔW·x), grads too."""
+    from networks.functional.dispatch import path_policy, set_path_policy
+
+    before = path_policy()
+    set_path_policy("rebuild", "eager")  # the fused add is taken on the rebuild path (and always for LoRA)
+    try:
+        _fused_equals_plain(model, module, kw)
+    finally:
+        set_path_policy(*before)
+
+
+def _fused_equals_plain(model, module, kw) -> None:
+    m, net = _leaf_net(model, module, rank_dropout="0.5", **kw)
+    net.to(torch.float64).train()
+    net.on_step_start()
+    linears = [a for a in net.unet_loras if not a.is_conv]
+    assert linears
+    for sub in linears[:6]:
+        base = sub.org_module.double()
+        x = torch.randn(2, 3, sub.in_dim, dtype=torch.float64, requires_grad=True)
+        params = [p for p in sub.parameters() if p.requires_grad]
+        fused = sub.add_branch(x, torch.nn.functional.linear(x, base.weight, base.bias))
+        plain = torch.nn.functional.linear(x, base.weight, base.bias) + sub.delta_output(x)
+        assert float((fused - plain).abs().max()) <= 1e-12 * float(plain.abs().max())
+        g = torch.randn_like(plain)
+        gf = torch.autograd.grad(fused, [x, *params], g)
+        gp = torch.autograd.grad(plain, [x, *params], g)
+        for a, b in zip(gf, gp):
+            assert float((a - b).abs().max()) <= 1e-12 * (float(b.abs().max()) + 1e-30)
+        assert sub.linear_factors(x, 1.0) is not None  # the fused path was the one taken
+
+
 def test_module_dropout_rate(model) -> None:
     m, net = _leaf_net(model, module_dropout="0.25")
     net.train()
