@@ -125,7 +125,13 @@ def _build_sd_scripts_unet(args):
     sys.path.insert(0, str(Path(args.sd_scripts_path).resolve()))
     if args.tiny:
         raise SystemExit("sd-* variants need the real config (sd-scripts' U-Net class has fixed sizes)")
+    import library.sdxl_original_unet as sd_unet
     from library.sdxl_original_unet import SdxlUNet2DConditionModel
+
+    if args.graph_capture:
+        # sd-scripts checkpoints with use_reentrant=True, which torch.autograd.grad (used by the graph
+        # capture) refuses; its module switch turns on the non-reentrant form, same maths
+        sd_unet.USE_REENTRANT = False
 
     with _init_device(args):
         unet = SdxlUNet2DConditionModel()
@@ -140,6 +146,19 @@ def _build_sd_scripts_unet(args):
         return unet_(x, t, ctx, y)
 
     return unet, call, 2048, 1280
+
+
+def _load_cuda_graph_module():
+    """library/cuda_graph.py by path: sd-* variants put sd-scripts' own `library` package first on sys.path."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "lohakr_cuda_graph", REPO_ROOT / "library" / "cuda_graph.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def run_single(args: argparse.Namespace) -> dict:
@@ -170,6 +189,7 @@ def run_single(args: argparse.Namespace) -> dict:
     dtype = _dtype(args.dtype)
     torch.manual_seed(0)
 
+    args.graph_capture = graph
     builder = _build_sd_scripts_unet if is_sd else (_build_anima if is_anima else _build_diffusers_unet)
     unet, call, ctx_dim, pooled_dim = builder(args)
     unet.requires_grad_(False)
@@ -228,10 +248,7 @@ def run_single(args: argparse.Namespace) -> dict:
     autocast = device.type == "cuda" and dtype != torch.float32
     model_call = lambda *t: call(unet, *t)  # noqa: E731
     if graph:  # forward and backward of the model replayed as CUDA graphs (the trainer's --cuda_graph)
-        sys.path.insert(0, str(REPO_ROOT))
-        from library.cuda_graph import GraphedCall
-
-        model_call = GraphedCall(model_call, params)
+        model_call = _load_cuda_graph_module().GraphedCall(model_call, params)
 
     def step():
         with torch.autocast(device.type, dtype=dtype, enabled=autocast):

@@ -15,6 +15,10 @@ buffers that the backward graph accumulates into, so gradient accumulation works
 address; the optimizer's `zero_grad(set_to_none=False)` keeps that binding, and a `None` grad is
 re-bound (after zeroing) before the next backward.
 
+Capture happens on the first call of a new signature; at that moment no autograd graph of an eager
+backward through the same parameters may still be alive (its AccumulateGrad nodes sit on the default
+stream, which a capture cannot wait on). The trainers never keep one.
+
 What a graph cannot do: read tensor values on the host, draw from generators seeded on the host, or
 take a different Python branch per step. Our adapters' rank dropout reads precomputed masks (see
 `networks.adapter`); module and element dropout are refused by the trainer under `--cuda_graph`.
