@@ -10,6 +10,7 @@ Variants (comma-separated; each may carry its own network args after colons, e.g
   sd-floor         sd-scripts' own SDXL U-Net class, no adapter (the floor for sd-scripts' networks)
   sd-lora|loha|lokr     sd-scripts' networks (from --sd_scripts_path) on sd-scripts' U-Net
   anima-floor, anima-lora|loha|lokr   our Anima DiT (real config, random init; batch/resolution as given)
+  sdanima-floor, sdanima-lora|loha|lokr   sd-scripts' Anima DiT and networks (lora_anima for LoRA)
 Bench-only options (not network args): `path=auto|rebuild|bypass` forces our per-layer path choice
 (networks.functional.dispatch), `mode=eager|graph` picks its cost model, `compile=1` compiles the
 repeated transformer blocks (fullgraph), `cmode=reduce-overhead|max-autotune-no-cudagraphs|...` passes
@@ -161,14 +162,45 @@ def _load_cuda_graph_module():
     return mod
 
 
+# sd-scripts' fixed Anima DiT configuration (library/anima_utils.py of the baseline): the real 2B model
+SD_SCRIPTS_ANIMA_CONFIG = {
+    "max_img_h": 512, "max_img_w": 512, "max_frames": 128, "in_channels": 16, "out_channels": 16,
+    "patch_spatial": 2, "patch_temporal": 1, "model_channels": 2048, "concat_padding_mask": True,
+    "crossattn_emb_channels": 1024, "pos_emb_cls": "rope3d", "pos_emb_learnable": True,
+    "pos_emb_interpolation": "crop", "min_fps": 1, "max_fps": 30, "use_adaln_lora": True, "adaln_lora_dim": 256,
+    "num_blocks": 28, "num_heads": 16, "extra_per_block_abs_pos_emb": False, "rope_h_extrapolation_ratio": 4.0,
+    "rope_w_extrapolation_ratio": 4.0, "rope_t_extrapolation_ratio": 1.0, "extra_h_extrapolation_ratio": 1.0,
+    "extra_w_extrapolation_ratio": 1.0, "extra_t_extrapolation_ratio": 1.0, "rope_enable_fps_modulation": False,
+    "use_llm_adapter": True, "attn_mode": "torch", "split_attn": False,
+}  # fmt: skip
+
+
+def _build_sd_scripts_anima(args):
+    if not args.sd_scripts_path:
+        raise SystemExit("--sd_scripts_path is required for sdanima-* variants")
+    if args.tiny:
+        raise SystemExit("sdanima-* variants need the real config")
+    sys.path.insert(0, str(Path(args.sd_scripts_path).resolve()))
+    from library import anima_models as sd_anima
+
+    with _init_device(args):
+        dit = sd_anima.Anima(**SD_SCRIPTS_ANIMA_CONFIG)
+
+    def call(dit_, x, t, ctx, pooled, time_ids):
+        pad = x.new_zeros(x.shape[0], 1, x.shape[2], x.shape[3])
+        return dit_(x[:, :, None], (t.float() / 1000.0).to(x.dtype), ctx, padding_mask=pad)[:, :, 0]
+
+    return dit, call, 1024, 0
+
+
 def run_single(args: argparse.Namespace) -> dict:
     import torch
 
     variant = args.single
     name, *opts = variant.split(":")
     family, _, algo = name.partition("-")
-    is_sd = family == "sd"
-    is_anima = family == "anima"
+    is_sd = family in ("sd", "sdanima")
+    is_anima = family in ("anima", "sdanima")
     if name == "floor":
         algo = ""
     net_kwargs = _split_network_args(args.network_args)
@@ -190,7 +222,8 @@ def run_single(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
 
     args.graph_capture = graph
-    builder = _build_sd_scripts_unet if is_sd else (_build_anima if is_anima else _build_diffusers_unet)
+    builders = {"sd": _build_sd_scripts_unet, "sdanima": _build_sd_scripts_anima, "anima": _build_anima}
+    builder = builders.get(family, _build_diffusers_unet)
     unet, call, ctx_dim, pooled_dim = builder(args)
     unet.requires_grad_(False)
     unet.to(device=device, dtype=dtype)
@@ -208,7 +241,10 @@ def run_single(args: argparse.Namespace) -> dict:
     n_modules = 0
     params = []
     if algo and algo != "floor":
-        module = __import__(NETWORK_MODULES[algo], fromlist=["create_network"])
+        module_name = (
+            "networks.lora_anima" if family == "sdanima" and algo == "lora" else NETWORK_MODULES[algo]
+        )
+        module = __import__(module_name, fromlist=["create_network"])
         network = module.create_network(1.0, args.dim, args.alpha, None, [], unet, **net_kwargs)
         network.apply_to([], unet, apply_text_encoder=False, apply_unet=True)
         network.to(device)
@@ -358,13 +394,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
         results.append(result)
         print(json.dumps(result), flush=True)
     floors = {
-        r["variant"]: r["median_s"]
+        r["variant"].split(":")[0]: r["median_s"]
         for r in results
-        if r["variant"] in ("floor", "sd-floor", "anima-floor") and "median_s" in r
+        if r["variant"].split(":")[0] in ("floor", "sd-floor", "anima-floor", "sdanima-floor")
+        and "median_s" in r
     }
     for r in results:
         family = r["variant"].split("-")[0]
-        floor = floors.get({"sd": "sd-floor", "anima": "anima-floor"}.get(family, "floor"))
+        floor = floors.get(
+            {"sd": "sd-floor", "anima": "anima-floor", "sdanima": "sdanima-floor"}.get(family, "floor")
+        )
         if floor and "median_s" in r:
             r["ratio_to_floor"] = r["median_s"] / floor
     print("SUMMARY " + json.dumps(results), flush=True)
