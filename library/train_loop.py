@@ -128,8 +128,8 @@ def train(args: argparse.Namespace, arch: TrainingArchitecture) -> TrainResult |
     out = Path(args.output_dir)
     created = not out.exists()
     policy = path_policy()
-    if getattr(args, "torch_compile", False):
-        # compiled blocks have little per-op host cost: our adapters pick their paths by the graph-mode model
+    if getattr(args, "torch_compile", False) or getattr(args, "cuda_graph", False):
+        # compiled blocks and replayed graphs have little per-op host cost: paths by the graph-mode model
         set_path_policy(policy[0], "graph")
     try:
         return _train(args, arch)
