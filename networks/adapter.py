@@ -85,6 +85,7 @@ class AdapterModule(nn.Module):
         self.rank = 0
         self.scalar: nn.Parameter | None = None
         self._device_gens: dict[str, torch.Generator] = {}
+        self.merged_forward = False  # opt-in (network arg): y = x·(W + ΔW)ᵀ on rebuilt Linear layers
         self.rank_scale: torch.Tensor | None = None  # view into the network's per-step mask buffer
         self.rank_scale_step = -1
         self._backup: torch.Tensor | None = None
@@ -290,20 +291,49 @@ class AdapterModule(nn.Module):
                 out = out * keep.to(out.dtype) / (1.0 - p)
         return out
 
-    def add_branch(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """y + m·s·drop(ΔW_raw·x). On a Linear layer the branch's last GEMM accumulates into y (addmm, β = 1):
-        no N×O branch tensor is written and read back for a separate add (spec §6 rule 4)."""
-        if (
+    def _fusable(self) -> bool:
+        """A Linear branch with nothing decided on the host per call (neuron/module dropout)."""
+        return (
             not self.is_conv
             and self.enabled
             and self.multiplier != 0.0
             and not (self.training and (self.dropout or self.module_dropout))
-        ):
+        )
+
+    def _masked_right(self, right: torch.Tensor) -> torch.Tensor:
+        if self.training and self.rank_dropout:  # an output-channel mask = a row mask on right
+            return right * self._rank_keep_scale(right.device).to(right.dtype).view(-1, 1)
+        return right
+
+    def merged_output(self, x: torch.Tensor) -> torch.Tensor | None:
+        """`merged_forward`: the whole layer as x·(W + ΔW)ᵀ + b, one GEMM instead of two (and one for grad x).
+
+        W + ΔW is formed in fp32 and rounded once to the matmul dtype, so in bf16 ΔW is rounded against W:
+        opt-in only (docs/benchmarks.md has its measured effect). None when it does not apply: not set, a
+        factored path (LoKr bypass, LoHa Khatri–Rao), host-side dropout, or a base that is not a plain
+        floating-point nn.Linear of 16 bits or more (fp8 weights).
+        """
+        base = self.org_module
+        if not self.merged_forward or type(base) is not nn.Linear or not self._fusable():
+            return None
+        if not base.weight.dtype.is_floating_point or base.weight.element_size() < 2:  # fp8: keep it apart
+            return None
+        factors = self.linear_factors(x, self.total_scale(self.multiplier))
+        if factors is None or factors[0] is not x:
+            return None
+        acc = torch.promote_types(base.weight.dtype, torch.float32)  # fp32 at least (fp64 stays fp64)
+        w = base.weight.to(acc) + self._masked_right(factors[1]).to(acc)
+        if not torch.is_autocast_enabled(x.device.type):
+            w = w.to(x.dtype)
+        return torch.nn.functional.linear(x, w, base.bias)
+
+    def add_branch(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y + m·s·drop(ΔW_raw·x). On a Linear layer the branch's last GEMM accumulates into y (addmm, β = 1):
+        no N×O branch tensor is written and read back for a separate add (spec §6 rule 4)."""
+        if self._fusable():
             factors = self.linear_factors(x, self.total_scale(self.multiplier))
             if factors is not None:
-                left, right = factors
-                if self.training and self.rank_dropout:  # an output-channel mask = a row mask on right
-                    right = right * self._rank_keep_scale(right.device).to(right.dtype).view(-1, 1)
+                left, right = factors[0], self._masked_right(factors[1])
                 if not torch.is_autocast_enabled(y.device.type):
                     left, right = left.to(y.dtype), right.to(y.dtype)
                 out = torch.addmm(y.reshape(-1, self.out_dim), left.reshape(-1, left.shape[-1]), right.t())
@@ -312,6 +342,9 @@ class AdapterModule(nn.Module):
         return y if d is None else y + d.to(y.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        merged = self.merged_output(x)
+        if merged is not None:
+            return merged
         y = self.org_module(x) if not is_patched(self.org_module) else _original_forward(self.org_module)(x)
         return self.add_branch(x, y)
 
@@ -373,6 +406,10 @@ def attach_adapter(leaf: nn.Module, adapter: AdapterModule) -> None:
         orig = leaf.forward
 
         def patched_forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            if len(stack) == 1 and not args and not kwargs:  # merged_forward replaces the base call
+                merged = stack[0].merged_output(x)
+                if merged is not None:
+                    return merged
             y = orig(x, *args, **kwargs)
             for a in stack:
                 y = a.add_branch(x, y)

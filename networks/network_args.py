@@ -54,6 +54,7 @@ KNOWN_KEYS: dict[str, tuple[str, ...] | None] = {
     "factor": ("lokr",),
     "decompose_both": ("lokr",),
     "full_matrix": ("lokr",),
+    "merged_forward": ("loha", "lokr"),
     "train_llm_adapter": None,
     "loraplus_lr_ratio": None,
     "loraplus_unet_lr_ratio": None,
@@ -218,6 +219,7 @@ class NetworkArgs:
     factor: int = -1
     decompose_both: bool = False
     full_matrix: bool = False
+    merged_forward: bool = False  # opt-in: x·(W + ΔW)ᵀ as one GEMM (ΔW rounded against W)
     train_llm_adapter: bool = False
     loraplus_lr_ratio: float | None = None
     loraplus_unet_lr_ratio: float | None = None
@@ -292,6 +294,7 @@ def parse_network_args(algo: str, kwargs: dict[str, Any], neuron_dropout: float 
         )
     a.decompose_both = bool(parse_bool("decompose_both", g("decompose_both")))
     a.full_matrix = bool(parse_bool("full_matrix", g("full_matrix")))
+    a.merged_forward = bool(parse_bool("merged_forward", g("merged_forward")))
     a.train_llm_adapter = bool(parse_bool("train_llm_adapter", g("train_llm_adapter")))
     for k in ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio"):
         v = parse_float(k, g(k))

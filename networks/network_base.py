@@ -161,6 +161,7 @@ class AdapterNetwork(NetworkOptimMixin, nn.Module):
         m.original_name = original_name
         m.index = len(self.text_encoder_loras) + len(self.unet_loras)
         m.clock = self.clock
+        m.merged_forward = self.args.merged_forward
         self.add_module(m.lora_name, m)
         (self.unet_loras if te_index is None else self.text_encoder_loras).append(m)
 

@@ -1,0 +1,154 @@
+"""`merged_forward` (opt-in LoHa/LoKr network arg): y = x·(W + ΔW)ᵀ + b as one GEMM.
+
+Proves: in fp64 it equals base + drop(ΔW·x) with every grad (rank dropout on, rebuild path); it is refused
+for LoRA; it steps aside where it cannot apply (factored paths, fp8 weights, host-side dropout); and it
+measures its effect in bf16 training, where ΔW is rounded against W: the loss curve and the saved ΔW of a
+6-step bf16 run against the same run without it (numbers in docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from test_network_util import build_tiny_sdxl, one_thread, randomize  # noqa: F401
+
+import sdxl_train_network
+from library.sdxl_models import build_tiny_sdxl_models, save_sdxl_single_file
+from networks import loha, lokr, lora
+from networks.functional.dispatch import path_policy, set_path_policy
+from networks.network_args import NetworkArgError
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_tiny_sdxl()
+
+
+@pytest.fixture
+def rebuild_paths():
+    before = path_policy()
+    set_path_policy("rebuild", "eager")
+    yield
+    set_path_policy(*before)
+
+
+@pytest.mark.parametrize("module", [loha, lokr])
+def test_merged_equals_base_plus_branch_in_fp64(model, module, rebuild_paths) -> None:
+    m = model.clone()
+    net = module.create_network(1.0, 4, 2, None, None, m.unet, merged_forward="True", rank_dropout="0.5")
+    randomize(net)
+    net.to(torch.float64).train()
+    net.on_step_start()
+    subs = [a for a in net.unet_loras if not a.is_conv][:6]
+    assert subs and all(a.merged_forward for a in subs)
+    for sub in subs:
+        base = sub.org_module.double()
+        x = torch.randn(2, 3, sub.in_dim, dtype=torch.float64, requires_grad=True)
+        params = [p for p in sub.parameters() if p.requires_grad]
+        merged = sub.merged_output(x)
+        assert merged is not None
+        plain = torch.nn.functional.linear(x, base.weight, base.bias) + sub.delta_output(x)
+        assert float((merged - plain).abs().max()) <= 1e-12 * float(plain.abs().max())
+        assert torch.equal(sub(x), merged)  # the module forward takes the merged path
+        g = torch.randn_like(plain)
+        for a, b in zip(
+            torch.autograd.grad(merged, [x, *params], g), torch.autograd.grad(plain, [x, *params], g)
+        ):
+            assert float((a - b).abs().max()) <= 1e-12 * (float(b.abs().max()) + 1e-30)
+
+
+def test_merged_forward_is_refused_for_lora_and_steps_aside_where_it_cannot_apply(model) -> None:
+    with pytest.raises(
+        NetworkArgError,
+        match="merged_forward: only valid for networks.loha / networks.lokr, not networks.lora",
+    ):
+        lora.create_network(1.0, 4, 2, None, None, model.clone().unet, merged_forward="True")
+    m = model.clone()
+    net = loha.create_network(1.0, 4, 2, None, None, m.unet, merged_forward="True", module_dropout="0.5")
+    randomize(net)
+    sub = next(a for a in net.unet_loras if not a.is_conv)
+    x = torch.randn(2, sub.in_dim)
+    net.train()
+    assert sub.merged_output(x) is None  # module dropout decides on the host: the plain path
+    net.eval()
+    before = path_policy()
+    try:
+        set_path_policy("bypass", "eager")  # a factored path has no ΔW to merge
+        assert sub.merged_output(x) is None
+        set_path_policy("rebuild", "eager")
+        x = torch.randn(3, sub.in_dim)  # another token count: modules cache their choice per size
+        assert sub.merged_output(x) is not None
+        if hasattr(torch, "float8_e4m3fn"):  # fp8 base weights are never dequantised for it
+            w = sub.org_module.weight
+            sub.org_module.weight = torch.nn.Parameter(
+                w.detach().to(torch.float8_e4m3fn), requires_grad=False
+            )
+            assert sub.merged_output(x) is None
+            sub.org_module.weight = w
+    finally:
+        set_path_policy(*before)
+
+
+def _images(img_dir: Path, n: int) -> None:
+    img_dir.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        arr = np.clip(rng.random(3) * 255 + np.linspace(0, 80, 64)[None, :, None], 0, 255)
+        Image.fromarray((arr + np.zeros((64, 64, 3))).astype(np.uint8)).save(img_dir / f"{i}.png")
+        (img_dir / f"{i}.txt").write_text(f"a photo of sks thing{i}")
+
+
+def test_measured_effect_in_bf16_training(tmp_path, clip_tokenizer_dir) -> None:
+    """Same 6-step bf16 run with and without merged_forward; fp32 gives the same run to rounding."""
+    models = build_tiny_sdxl_models(clip_tokenizer_dir, seed=0)
+    save_sdxl_single_file(models, tmp_path / "tiny.safetensors")
+    _images(tmp_path / "img", 2)
+    (tmp_path / "data.toml").write_text(
+        f'[general]\nresolution = 64\ncaption_extension = ".txt"\n'
+        f"[[datasets]]\nbatch_size = 2\n[[datasets.subsets]]\nimage_dir = '{tmp_path / 'img'}'\n"
+    )
+
+    def run(name: str, precision: str, *extra: str):
+        out = tmp_path / name
+        result = sdxl_train_network.main([
+            "--pretrained_model_name_or_path", str(tmp_path / "tiny.safetensors"),
+            "--tokenizer_cache_dir", str(clip_tokenizer_dir), "--dataset_config", str(tmp_path / "data.toml"),
+            "--output_dir", str(out), "--output_name", "net", "--max_data_loader_n_workers", "0", "--seed", "1",
+            "--network_module", "networks.lokr", "--network_dim", "4", "--max_train_steps", "6",
+            "--optimizer_type", "AdamW", "--learning_rate", "3e-3", "--network_train_unet_only",
+            "--cache_text_encoder_outputs", "--mixed_precision", precision, "--save_precision", "float",
+            "--network_args", "factor=4", *extra,
+        ])  # fmt: skip
+        return result.losses, load_file(str(out / "net.safetensors"))
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a.float() - b.float()).norm() / b.float().norm())
+
+    def compare(a, b) -> tuple[float, float]:
+        (loss_a, sd_a), (loss_b, sd_b) = a, b
+        curve = max(abs(x - y) / abs(y) for x, y in zip(loss_a, loss_b))
+        factors = [k for k in sd_b if not k.endswith(".alpha") and float(sd_b[k].float().norm()) > 0]
+        assert factors
+        return curve, max(rel(sd_a[k], sd_b[k]) for k in factors)
+
+    runs = {p: run(f"plain-{p}", p) for p in ("no", "bf16")}
+    merged = {p: run(f"merged-{p}", p, "merged_forward=True") for p in ("no", "bf16")}
+    effects = {p: compare(merged[p], runs[p]) for p in ("no", "bf16")}
+    bf16_itself = compare(runs["bf16"], runs["no"])  # for scale: what bf16 mixed precision alone changes
+    for name, (curve, weights) in (
+        ("fp32", effects["no"]),
+        ("bf16", effects["bf16"]),
+        ("bf16 vs fp32", bf16_itself),
+    ):
+        print(
+            f"merged_forward effect, {name}: loss curve max rel diff {curve:.2e}, factors max rel diff {weights:.2e}"
+        )
+    assert effects["no"][0] <= 1e-4 and effects["no"][1] <= 1e-3  # fp32: the same run up to rounding
+    # bf16: a real effect, measured (not zero), and no larger than what bf16 itself does to this run
+    assert 0 < effects["bf16"][0] <= max(2 * bf16_itself[0], 1e-3), (effects, bf16_itself)
+    assert 0 < effects["bf16"][1] <= max(2 * bf16_itself[1], 0.05), (effects, bf16_itself)
