@@ -337,7 +337,9 @@ class AdapterModule(nn.Module):
                 if not torch.is_autocast_enabled(y.device.type):
                     left, right = left.to(y.dtype), right.to(y.dtype)
                 out = torch.addmm(y.reshape(-1, self.out_dim), left.reshape(-1, left.shape[-1]), right.t())
-                return out.view(y.shape)
+                # not a view (as matmul does for N-d inputs): a view with a `_base` reaching a compiled block
+                # from an eager layer (proj_in) makes dynamo guard on the base and compile the block again
+                return torch.ops.aten._unsafe_view(out, y.shape)
         d = self.delta_output(x)
         return y if d is None else y + d.to(y.dtype)
 
@@ -406,8 +408,8 @@ def attach_adapter(leaf: nn.Module, adapter: AdapterModule) -> None:
         orig = leaf.forward
 
         def patched_forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-            if len(stack) == 1 and not args and not kwargs:  # merged_forward replaces the base call
-                merged = stack[0].merged_output(x)
+            if len(stack) == 1 and stack[0].merged_forward and not args and not kwargs:
+                merged = stack[0].merged_output(x)  # merged_forward replaces the base call
                 if merged is not None:
                     return merged
             y = orig(x, *args, **kwargs)

@@ -78,9 +78,18 @@ def _close(a: torch.Tensor, b: torch.Tensor, tol: float) -> bool:
     return float((a.float() - b.float()).norm()) <= tol * float(b.float().norm()) + 1e-12
 
 
-@pytest.mark.parametrize("algo", ["loha", "lokr", "lora"])
-def test_graphed_steps_equal_eager_steps(algo: str) -> None:
-    unet, net, ctx_dim, pooled_dim = _unet_and_network(algo, rank_dropout="0.3")
+@pytest.mark.parametrize(
+    "algo,extra",
+    [
+        ("loha", {}),
+        ("lokr", {}),
+        ("lora", {}),
+        ("loha", {"merged_forward": "True"}),
+        ("lokr", {"merged_forward": "True"}),
+    ],
+)
+def test_graphed_steps_equal_eager_steps(algo: str, extra: dict) -> None:
+    unet, net, ctx_dim, pooled_dim = _unet_and_network(algo, rank_dropout="0.3", **extra)
     params = [p for p in net.parameters() if p.requires_grad]
     graphed = GraphedCall(_call(unet), params, state_key=lambda: net.training)
     eager = _call(unet)

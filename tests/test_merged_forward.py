@@ -103,6 +103,11 @@ def _images(img_dir: Path, n: int) -> None:
         (img_dir / f"{i}.txt").write_text(f"a photo of sks thing{i}")
 
 
+@pytest.mark.skipif(
+    torch.cuda.is_available(),
+    reason="measured on the CPU (CI), where two runs are deterministic; on a GPU, TF32 convolutions and "
+    "non-deterministic kernels add run-to-run noise that AdamW amplifies",
+)
 def test_measured_effect_in_bf16_training(tmp_path, clip_tokenizer_dir) -> None:
     """Same 6-step bf16 run with and without merged_forward; fp32 gives the same run to rounding."""
     models = build_tiny_sdxl_models(clip_tokenizer_dir, seed=0)
