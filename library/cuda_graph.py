@@ -30,6 +30,7 @@ import logging
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from types import SimpleNamespace
+from typing import Any
 
 import torch
 
@@ -231,3 +232,36 @@ class GraphedUNet:
             added_cond_kwargs["time_ids"],
         )
         return SimpleNamespace(sample=out)
+
+
+def host_side_dropout(network: torch.nn.Module) -> list[str]:
+    """The dropout kinds in use that decide on the host per forward: neuron (`dropout`) and module dropout.
+
+    Rank dropout reads masks drawn once per step, so it traces and replays; these two do not.
+    """
+    kinds = []
+    for attr, label in (("dropout", "neuron dropout"), ("module_dropout", "module dropout")):
+        rates = (getattr(m, attr, None) for m in network.modules())
+        if any(isinstance(r, (int, float)) and not isinstance(r, bool) and r > 0 for r in rates):
+            kinds.append(label)
+    return kinds
+
+
+def enable_cuda_graph_training(
+    arch: Any, ctx: Any, network: torch.nn.Module, trainable: list[torch.nn.Parameter]
+) -> None:
+    """--cuda_graph: check what a replayed graph cannot do, then graph the denoiser call."""
+    unsafe = host_side_dropout(network)
+    if unsafe:
+        raise ValueError(
+            f"--cuda_graph: network {' and '.join(unsafe)} decide on the host in every forward, which a "
+            "replayed graph cannot do; use rank_dropout, or drop --cuda_graph"
+        )
+    if ctx.device.type != "cuda":
+        raise ValueError(f"--cuda_graph needs a CUDA device; this run is on {ctx.device}")
+
+    def state_key() -> tuple[bool, float]:  # what the captured forward depends on besides the inputs
+        return bool(network.training), float(getattr(network, "multiplier", 1.0))
+
+    arch.enable_cuda_graph(ctx, trainable, state_key)
+    logger.info("--cuda_graph: forward and backward replay as CUDA graphs, one capture per input shape")

@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from library import saving
+from library.cuda_graph import enable_cuda_graph_training, host_side_dropout
 from library.optimizers import build_optimizer, build_scheduler
 from library.train_arch import (
     DatasetInfo,
@@ -227,10 +228,10 @@ def _train(args: argparse.Namespace, arch: TrainingArchitecture) -> TrainResult 
             arch.repeated_blocks(), args.dynamo_backend, getattr(args, "compile_mode", None)
         )
         logger.info("--torch_compile: %d blocks compiled (backend %s)", n_blocks, args.dynamo_backend)
-        if _host_side_dropout(network):
+        if host_side_dropout(network):
             logger.warning("--torch_compile: network %s draws from seeded generators that torch.compile "
                            "cannot trace; results stay the same but the block graphs break at each adapter",
-                           " and ".join(_host_side_dropout(network)))  # fmt: skip
+                           " and ".join(host_side_dropout(network)))  # fmt: skip
 
     # (7) parameter groups + optimizer
     te_lrs = args.text_encoder_lr or None
@@ -277,7 +278,7 @@ def _train(args: argparse.Namespace, arch: TrainingArchitecture) -> TrainResult 
         p for p in network.parameters() if p.requires_grad
     ]  # fmt: skip
     if getattr(args, "cuda_graph", False):
-        _enable_cuda_graph(args, arch, ctx, network, trainable)
+        enable_cuda_graph_training(arch, ctx, network, trainable)
 
     # metadata
     base_md = saving.training_metadata(
@@ -487,40 +488,6 @@ def _train(args: argparse.Namespace, arch: TrainingArchitecture) -> TrainResult 
     accelerator.end_training()
     progress.close()
     return TrainResult(final if accelerator.is_main_process else None, network, global_step, losses)
-
-
-def _host_side_dropout(network: torch.nn.Module) -> list[str]:
-    """The dropout kinds in use that decide on the host per forward: neuron (`dropout`) and module dropout.
-
-    Rank dropout reads masks drawn once per step, so it traces and replays; these two do not.
-    """
-    kinds = []
-    for attr, label in (("dropout", "neuron dropout"), ("module_dropout", "module dropout")):
-        rates = (getattr(m, attr, None) for m in network.modules())
-        if any(isinstance(r, (int, float)) and not isinstance(r, bool) and r > 0 for r in rates):
-            kinds.append(label)
-    return kinds
-
-
-def _enable_cuda_graph(
-    args: argparse.Namespace, arch: TrainingArchitecture, ctx: RunContext, network: torch.nn.Module,
-    trainable: list[torch.nn.Parameter],
-) -> None:  # fmt: skip
-    """--cuda_graph: check what a replayed graph cannot do, then graph the denoiser call."""
-    unsafe = _host_side_dropout(network)
-    if unsafe:
-        raise ValueError(
-            f"--cuda_graph: network {' and '.join(unsafe)} decide on the host in every forward, which a "
-            "replayed graph cannot do; use rank_dropout, or drop --cuda_graph"
-        )
-    if ctx.device.type != "cuda":
-        raise ValueError(f"--cuda_graph needs a CUDA device; this run is on {ctx.device}")
-
-    def state_key() -> tuple[bool, float]:  # what the captured forward depends on besides the inputs
-        return bool(network.training), float(getattr(network, "multiplier", 1.0))
-
-    arch.enable_cuda_graph(ctx, trainable, state_key)
-    logger.info("--cuda_graph: forward and backward replay as CUDA graphs, one capture per input shape")
 
 
 def _read_prompts(args: argparse.Namespace) -> list[str]:
