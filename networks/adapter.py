@@ -15,9 +15,11 @@ import math
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from networks.functional import apply_weight
+from networks.functional.common import conv_padded_input
 from networks.network_args import NetworkArgs
 
 logger = logging.getLogger(__name__)
@@ -291,40 +293,51 @@ class AdapterModule(nn.Module):
                 out = out * keep.to(out.dtype) / (1.0 - p)
         return out
 
-    def _fusable(self) -> bool:
-        """A Linear branch with nothing decided on the host per call (neuron/module dropout)."""
+    def _active_on_device(self) -> bool:
+        """A branch that is on and has nothing decided on the host per call (neuron/module dropout)."""
         return (
-            not self.is_conv
-            and self.enabled
+            self.enabled
             and self.multiplier != 0.0
             and not (self.training and (self.dropout or self.module_dropout))
         )
 
+    def _fusable(self) -> bool:
+        return not self.is_conv and self._active_on_device()
+
     def _masked_right(self, right: torch.Tensor) -> torch.Tensor:
         if self.training and self.rank_dropout:  # an output-channel mask = a row mask on right
-            return right * self._rank_keep_scale(right.device).to(right.dtype).view(-1, 1)
+            keep = self._rank_keep_scale(right.device).to(right.dtype)
+            return right * keep.view(-1, *([1] * (right.dim() - 1)))
         return right
 
     def merged_output(self, x: torch.Tensor) -> torch.Tensor | None:
-        """`merged_forward`: the whole layer as x·(W + ΔW)ᵀ + b, one GEMM instead of two (and one for grad x).
+        """`merged_forward`: the whole layer as x·(W + ΔW)ᵀ + b (or conv(x, W + ΔW) + b), one GEMM/conv instead
+        of two, also for grad x.
 
         W + ΔW is formed in fp32 and rounded once to the matmul dtype, so in bf16 ΔW is rounded against W:
         opt-in only (docs/benchmarks.md has its measured effect). It always rebuilds ΔW, also where the cost
         model would pick a factored path (LoKr bypass, LoHa Khatri–Rao): merged, the rebuild is the faster one
         (H100 run 10). None when it does not apply: not set, host-side dropout, or a base that is not a
-        plain floating-point nn.Linear of 16 bits or more (fp8 weights).
+        plain floating-point nn.Linear / nn.Conv2d of 16 bits or more (fp8 weights).
         """
         base = self.org_module
-        if not self.merged_forward or type(base) is not nn.Linear or not self._fusable():
+        if (
+            not self.merged_forward
+            or type(base) not in (nn.Linear, nn.Conv2d)
+            or not self._active_on_device()
+        ):
             return None
         if not base.weight.dtype.is_floating_point or base.weight.element_size() < 2:  # fp8: keep it apart
             return None
-        dw = self.delta_weight_scaled(self.total_scale(self.multiplier)).reshape(self.out_dim, -1)
+        dw = self.delta_weight_scaled(self.total_scale(self.multiplier)).reshape(base.weight.shape)
         acc = torch.promote_types(base.weight.dtype, torch.float32)  # fp32 at least (fp64 stays fp64)
         w = base.weight.to(acc) + self._masked_right(dw).to(acc)
         if not torch.is_autocast_enabled(x.device.type):
             w = w.to(x.dtype)
-        return torch.nn.functional.linear(x, w, base.bias)
+        if self.is_conv:
+            x, padding = conv_padded_input(x, base)
+            return F.conv2d(x, w, base.bias, base.stride, padding, base.dilation, base.groups)
+        return F.linear(x, w, base.bias)
 
     def add_branch(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y + m·s·drop(ΔW_raw·x). On a Linear layer the branch's last GEMM accumulates into y (addmm, β = 1):

@@ -38,29 +38,34 @@ def rebuild_paths():
     set_path_policy(*before)
 
 
-@pytest.mark.parametrize("module", [loha, lokr])
-def test_merged_equals_base_plus_branch_in_fp64(model, module, rebuild_paths) -> None:
+@pytest.mark.parametrize("module,extra", [(loha, {}), (lokr, {}), (loha, {"use_tucker": "True"})])
+def test_merged_equals_base_plus_branch_in_fp64(model, module, extra, rebuild_paths) -> None:
     m = model.clone()
-    net = module.create_network(1.0, 4, 2, None, None, m.unet, merged_forward="True", rank_dropout="0.5")
+    net = module.create_network(
+        1.0, 4, 2, None, None, m.unet, merged_forward="True", rank_dropout="0.5", conv_dim="2", **extra
+    )
     randomize(net)
     net.to(torch.float64).train()
     net.on_step_start()
-    subs = [a for a in net.unet_loras if not a.is_conv][:6]
-    assert subs and all(a.merged_forward for a in subs)
-    for sub in subs:
+    linears = [a for a in net.unet_loras if not a.is_conv][:4]
+    convs = [a for a in net.unet_loras if a.is_conv]
+    convs = [a for a in convs if a.is_kxk][:2] + [a for a in convs if not a.is_kxk][:1]
+    assert linears and len(convs) == 3 and all(a.merged_forward for a in linears + convs)
+    for sub in linears + convs:
         base = sub.org_module.double()
-        x = torch.randn(2, 3, sub.in_dim, dtype=torch.float64, requires_grad=True)
+        shape = (2, sub.in_dim, 6, 6) if sub.is_conv else (2, 3, sub.in_dim)
+        x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
         params = [p for p in sub.parameters() if p.requires_grad]
         merged = sub.merged_output(x)
         assert merged is not None
-        plain = torch.nn.functional.linear(x, base.weight, base.bias) + sub.delta_output(x)
-        assert float((merged - plain).abs().max()) <= 1e-12 * float(plain.abs().max())
+        plain = base(x) + sub.delta_output(x)  # the net is not applied: base(x) is the bare layer
+        assert float((merged - plain).abs().max()) <= 1e-12 * float(plain.abs().max()), sub.lora_name
         assert torch.equal(sub(x), merged)  # the module forward takes the merged path
         g = torch.randn_like(plain)
         for a, b in zip(
             torch.autograd.grad(merged, [x, *params], g), torch.autograd.grad(plain, [x, *params], g)
         ):
-            assert float((a - b).abs().max()) <= 1e-12 * (float(b.abs().max()) + 1e-30)
+            assert float((a - b).abs().max()) <= 1e-12 * (float(b.abs().max()) + 1e-30), sub.lora_name
 
 
 def test_merged_forward_is_refused_for_lora_and_steps_aside_for_fp8_and_host_dropout(model) -> None:
