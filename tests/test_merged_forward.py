@@ -9,14 +9,10 @@ measures its effect in bf16 training, where ΔW is rounded against W: the loss c
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
-from test_network_util import build_tiny_sdxl, one_thread, randomize  # noqa: F401
+from test_network_util import build_tiny_sdxl, one_thread, randomize, write_tiny_images  # noqa: F401
 
 import sdxl_train_network
 from library.sdxl_models import build_tiny_sdxl_models, save_sdxl_single_file
@@ -99,15 +95,6 @@ def test_merged_forward_is_refused_for_lora_and_steps_aside_for_fp8_and_host_dro
         set_path_policy(*before)
 
 
-def _images(img_dir: Path, n: int) -> None:
-    img_dir.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        arr = np.clip(rng.random(3) * 255 + np.linspace(0, 80, 64)[None, :, None], 0, 255)
-        Image.fromarray((arr + np.zeros((64, 64, 3))).astype(np.uint8)).save(img_dir / f"{i}.png")
-        (img_dir / f"{i}.txt").write_text(f"a photo of sks thing{i}")
-
-
 @pytest.mark.skipif(
     torch.cuda.is_available(),
     reason="measured on the CPU (CI), where two runs are deterministic; on a GPU, TF32 convolutions and "
@@ -117,7 +104,7 @@ def test_measured_effect_in_bf16_training(tmp_path, clip_tokenizer_dir) -> None:
     """Same 6-step bf16 run with and without merged_forward; fp32 gives the same run to rounding."""
     models = build_tiny_sdxl_models(clip_tokenizer_dir, seed=0)
     save_sdxl_single_file(models, tmp_path / "tiny.safetensors")
-    _images(tmp_path / "img", 2)
+    write_tiny_images(tmp_path / "img", 2)
     (tmp_path / "data.toml").write_text(
         f'[general]\nresolution = 64\ncaption_extension = ".txt"\n'
         f"[[datasets]]\nbatch_size = 2\n[[datasets.subsets]]\nimage_dir = '{tmp_path / 'img'}'\n"

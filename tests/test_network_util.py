@@ -79,6 +79,19 @@ def randomize(net: nn.Module, seed: int = 3, std: float = 0.05) -> None:
                 p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype) * std)
 
 
+def write_tiny_images(img_dir, n: int) -> None:
+    """n 64×64 gradient PNGs with captions, for tiny trainer runs."""
+    import numpy as np
+    from PIL import Image
+
+    img_dir.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        arr = np.clip(rng.random(3) * 255 + np.linspace(0, 80, 64)[None, :, None], 0, 255)
+        Image.fromarray((arr + np.zeros((64, 64, 3))).astype(np.uint8)).save(img_dir / f"{i}.png")
+        (img_dir / f"{i}.txt").write_text(f"a photo of sks thing{i}")
+
+
 def test_tiny_sdxl_builders_are_deterministic() -> None:
     a, b = build_tiny_sdxl(), build_tiny_sdxl()
     inputs = unet_inputs()

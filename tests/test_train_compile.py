@@ -12,12 +12,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from diffusers.models.attention import BasicTransformerBlock
-from PIL import Image
 from safetensors.torch import load_file
+from test_network_util import write_tiny_images
 from torch._dynamo import lookup_backend, register_backend
 from torch._dynamo.utils import counters
 
@@ -49,15 +48,6 @@ def one_thread():
     torch._dynamo.reset()
 
 
-def _images(img_dir: Path, n: int) -> None:
-    img_dir.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        arr = np.clip(rng.random(3) * 255 + np.linspace(0, 80, 64)[None, :, None], 0, 255)
-        Image.fromarray((arr + np.zeros((64, 64, 3))).astype(np.uint8)).save(img_dir / f"{i}.png")
-        (img_dir / f"{i}.txt").write_text(f"a photo of sks thing{i}")
-
-
 def _assert_same_run(eager, compiled, out_e: Path, out_c: Path, zero_init: str) -> None:
     assert len(eager.losses) == len(compiled.losses) == 3
     for a, b in zip(eager.losses, compiled.losses):
@@ -84,7 +74,7 @@ def sdxl(tmp_path_factory, clip_tokenizer_dir):
     models = build_tiny_sdxl_models(clip_tokenizer_dir, seed=0)
     n_blocks = sum(isinstance(m, BasicTransformerBlock) for m in models.unet.modules())
     save_sdxl_single_file(models, root / "tiny.safetensors")
-    _images(root / "img", 2)
+    write_tiny_images(root / "img", 2)
     (root / "data.toml").write_text(
         f'[general]\nresolution = 64\ncaption_extension = ".txt"\n'
         f"[[datasets]]\nbatch_size = 2\n[[datasets.subsets]]\nimage_dir = '{root / 'img'}'\n"
@@ -125,7 +115,7 @@ def anima(tmp_path_factory, tokenizers_dir):
     root = tmp_path_factory.mktemp("compile_anima")
     models = build_tiny_anima_models(tokenizers_dir, seed=0)
     files = save_tiny_anima_files(models, root / "models")
-    _images(root / "img", 2)
+    write_tiny_images(root / "img", 2)
     (root / "data.toml").write_text(
         '[general]\nresolution = 64\nenable_bucket = false\ncaption_extension = ".txt"\n'
         f'[[datasets]]\nbatch_size = 2\n[[datasets.subsets]]\nimage_dir = "{root / "img"}"\n'
