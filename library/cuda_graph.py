@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
@@ -45,7 +45,7 @@ class _Capture:
     input_grads: list[torch.Tensor | None]  # grads of the inputs that require grad (None elsewhere)
     fwd: torch.cuda.CUDAGraph
     bwd: torch.cuda.CUDAGraph
-    param_index: list[int] = field(default_factory=list)  # params that receive a grad
+    param_index: list[int]  # params that receive a grad
 
 
 class GraphedCall:
@@ -168,7 +168,6 @@ class _Replay(torch.autograd.Function):
         cap.fwd.replay()
         runner.replays += 1
         ctx.runner, ctx.cap, ctx.generation = runner, cap, generation
-        ctx.n_inputs = len(inputs)
         return cap.static_out.clone()
 
     @staticmethod

@@ -228,10 +228,11 @@ def _train(args: argparse.Namespace, arch: TrainingArchitecture) -> TrainResult 
             arch.repeated_blocks(), args.dynamo_backend, getattr(args, "compile_mode", None)
         )
         logger.info("--torch_compile: %d blocks compiled (backend %s)", n_blocks, args.dynamo_backend)
-        if host_side_dropout(network):
+        breaking = host_side_dropout(network)
+        if breaking:
             logger.warning("--torch_compile: network %s draws from seeded generators that torch.compile "
                            "cannot trace; results stay the same but the block graphs break at each adapter",
-                           " and ".join(host_side_dropout(network)))  # fmt: skip
+                           " and ".join(breaking))  # fmt: skip
 
     # (7) parameter groups + optimizer
     te_lrs = args.text_encoder_lr or None

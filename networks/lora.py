@@ -122,12 +122,17 @@ class LoRAModule(AdapterModule):
         mid = self.lora_mid.weight if self.tucker else None
         return lora_delta_weight(self.lora_down.weight, self.lora_up.weight, scale, mid)
 
-    def branch(self, x: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
-        # down then up: never builds ΔW; the scale goes on the small up matrix
+    def _down_up(self, x: torch.Tensor, scale: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """down and s·up (the scale on the small matrix), in x's dtype unless autocast casts them."""
         down = self.lora_down.weight
         up = self.lora_up.weight * scale
         if down.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
             down, up = down.to(x.dtype), up.to(x.dtype)
+        return down, up
+
+    def branch(self, x: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
+        # down then up: never builds ΔW
+        down, up = self._down_up(x, scale)
         if self.tucker:  # a 1×1 channel mix commutes with the layer's padding, so it goes first
             mid = self.lora_mid.weight
             mid = mid.to(down.dtype) if mid.dtype != down.dtype else mid
@@ -138,10 +143,8 @@ class LoRAModule(AdapterModule):
     def linear_factors(
         self, x: torch.Tensor, scale: float | torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        down = self.lora_down.weight
-        if down.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
-            down = down.to(x.dtype)
-        return F.linear(x, down), self.lora_up.weight * scale
+        down, up = self._down_up(x, scale)
+        return F.linear(x, down), up
 
     def max_norm_param_names(self) -> tuple[str, ...]:
         return ("lora_down.weight", "lora_up.weight")
