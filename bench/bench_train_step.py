@@ -346,7 +346,7 @@ def run_single(args: argparse.Namespace) -> dict:
     }
 
 
-def _profile_kernels(step, sync, top: int = 30) -> list:
+def _profile_kernels(step, sync, top: int = 60) -> list:
     """GPU time per kernel name over one step: [name, total ms, calls], the largest first."""
     from torch.profiler import ProfilerActivity, profile
 

@@ -20,6 +20,7 @@ from torch import nn
 
 from networks.functional import apply_weight
 from networks.functional.common import conv_padded_input
+from networks.functional.fused_linear import adapter_linear
 from networks.network_args import NetworkArgs
 
 logger = logging.getLogger(__name__)
@@ -138,10 +139,11 @@ class AdapterModule(nn.Module):
 
     def linear_factors(
         self, x: torch.Tensor, scale: float | torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(left, right) with ΔW_raw·x·scale = left·rightᵀ on a Linear layer, or None for a path that is
-        factored another way (LoKr bypass, LoHa Khatri–Rao). Default: the rebuild, (x, ΔW)."""
-        return x, self.delta_weight_scaled(scale).reshape(self.out_dim, -1)
+    ) -> tuple[torch.Tensor | None, torch.Tensor] | None:
+        """(down, right) with ΔW_raw·x·scale = (x·downᵀ)·rightᵀ on a Linear layer (down None: x·rightᵀ), or
+        None for a path that is factored another way (LoKr bypass, LoHa Khatri–Rao). Default: the rebuild,
+        (None, ΔW)."""
+        return None, self.delta_weight_scaled(scale).reshape(self.out_dim, -1)
 
     def norm_for_max(self) -> torch.Tensor:
         """‖ΔW‖_F with s and σ, without m (spec §1.5 max-norm step 1)."""
@@ -345,9 +347,13 @@ class AdapterModule(nn.Module):
         if self._fusable():
             factors = self.linear_factors(x, self.total_scale(self.multiplier))
             if factors is not None:
-                left, right = factors[0], self._masked_right(factors[1])
+                down, right = factors[0], self._masked_right(factors[1])
                 if not torch.is_autocast_enabled(y.device.type):
-                    left, right = left.to(y.dtype), right.to(y.dtype)
+                    right = right.to(y.dtype)
+                    down = down.to(y.dtype) if down is not None else None
+                left = x if down is None else F.linear(x, down)
+                if not torch.is_autocast_enabled(y.device.type):
+                    left = left.to(y.dtype)
                 out = torch.addmm(y.reshape(-1, self.out_dim), left.reshape(-1, left.shape[-1]), right.t())
                 # not a view (as matmul does for N-d inputs): a view with a `_base` reaching a compiled block
                 # from an eager layer (proj_in) makes dynamo guard on the base and compile the block again
@@ -355,10 +361,41 @@ class AdapterModule(nn.Module):
         d = self.delta_output(x)
         return y if d is None else y + d.to(y.dtype)
 
+    def fused_output(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The whole layer, base and branch, as one autograd node (functional/fused_linear.py): grad x is
+        accumulated in place instead of written twice and added. Exact (the same products as plain autograd).
+        None where it does not apply: a conv, a factored path, host-side dropout, a base that is not a plain
+        nn.Linear with a frozen float weight of 16 bits or more."""
+        base = self.org_module
+        if type(base) is not nn.Linear or not self._fusable():
+            return None
+        w, b = base.weight, base.bias
+        if (
+            w.requires_grad
+            or (b is not None and b.requires_grad)
+            or not w.dtype.is_floating_point
+            or w.element_size() < 2
+        ):
+            return None
+        factors = self.linear_factors(x, self.total_scale(self.multiplier))
+        if factors is None:
+            return None
+        down, up = factors[0], self._masked_right(factors[1])
+        dev = x.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        cast = [t if t is None or t.dtype == dtype else t.to(dtype) for t in (x, w, b, down, up)]
+        return adapter_linear(*cast)
+
+    def layer_output(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The layer's whole output when this adapter alone can compute it faster than base + branch
+        (merged_forward, or the fused node); None otherwise."""
+        out = self.merged_output(x)
+        return out if out is not None else self.fused_output(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        merged = self.merged_output(x)
-        if merged is not None:
-            return merged
+        out = self.layer_output(x)
+        if out is not None:
+            return out
         y = self.org_module(x) if not is_patched(self.org_module) else _original_forward(self.org_module)(x)
         return self.add_branch(x, y)
 
@@ -418,12 +455,14 @@ def attach_adapter(leaf: nn.Module, adapter: AdapterModule) -> None:
         stack: list[AdapterModule] = []
         had_instance_forward = "forward" in leaf.__dict__
         orig = leaf.forward
+        # an instance-level forward set by someone else may do more than the class's: keep calling it
+        plain_forward = not had_instance_forward
 
         def patched_forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-            if len(stack) == 1 and stack[0].merged_forward and not args and not kwargs:
-                merged = stack[0].merged_output(x)  # merged_forward replaces the base call
-                if merged is not None:
-                    return merged
+            if len(stack) == 1 and plain_forward and not args and not kwargs:
+                out = stack[0].layer_output(x)  # merged or fused: replaces the base call
+                if out is not None:
+                    return out
             y = orig(x, *args, **kwargs)
             for a in stack:
                 y = a.add_branch(x, y)

@@ -182,7 +182,7 @@ class LoHaModule(AdapterModule):
 
     def linear_factors(
         self, x: torch.Tensor, scale: float | torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    ) -> tuple[torch.Tensor | None, torch.Tensor] | None:
         return None if self._khatri_rao_for(x) else super().linear_factors(x, scale)
 
     def max_norm_param_names(self) -> tuple[str, ...]:

@@ -286,7 +286,7 @@ class LoKrModule(AdapterModule):
 
     def linear_factors(
         self, x: torch.Tensor, scale: float | torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    ) -> tuple[torch.Tensor | None, torch.Tensor] | None:
         return None if self._bypass_for(x) else super().linear_factors(x, scale)
 
     def norm_for_max(self) -> torch.Tensor:

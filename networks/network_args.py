@@ -54,7 +54,7 @@ KNOWN_KEYS: dict[str, tuple[str, ...] | None] = {
     "factor": ("lokr",),
     "decompose_both": ("lokr",),
     "full_matrix": ("lokr",),
-    "merged_forward": ("loha", "lokr"),
+    "merged_forward": None,
     "train_llm_adapter": None,
     "loraplus_lr_ratio": None,
     "loraplus_unet_lr_ratio": None,

@@ -86,6 +86,7 @@ def _close(a: torch.Tensor, b: torch.Tensor, tol: float) -> bool:
         ("lora", {}),
         ("loha", {"merged_forward": "True"}),
         ("lokr", {"merged_forward": "True"}),
+        ("lora", {"merged_forward": "True"}),
     ],
 )
 def test_graphed_steps_equal_eager_steps(algo: str, extra: dict) -> None:

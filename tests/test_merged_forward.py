@@ -1,10 +1,10 @@
-"""`merged_forward` (opt-in LoHa/LoKr network arg): y = x·(W + ΔW)ᵀ + b as one GEMM.
+"""`merged_forward` (opt-in network arg): y = x·(W + ΔW)ᵀ + b as one GEMM.
 
-Proves: in fp64 it equals base + drop(ΔW·x) with every grad (rank dropout on); it is refused for LoRA; it
-rebuilds ΔW even where a factored path would be chosen; it steps aside for fp8 weights and host-side
-dropout; and it
-measures its effect in bf16 training, where ΔW is rounded against W: the loss curve and the saved ΔW of a
-6-step bf16 run against the same run without it (numbers in docs/benchmarks.md).
+Proves: in fp64 it equals base + drop(ΔW·x) with every grad (rank dropout on), LoRA (Linear layers, its own
+node with thin-product grads) included; it rebuilds ΔW even where a factored path would be chosen; it steps
+aside for fp8 weights and host-side dropout; and it measures its effect in bf16 training, where ΔW is
+rounded against W: the loss curve and the saved ΔW of a 6-step bf16 run against the same run without it
+(numbers in docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import sdxl_train_network
 from library.sdxl_models import build_tiny_sdxl_models, save_sdxl_single_file
 from networks import loha, lokr, lora
 from networks.functional.dispatch import path_policy, set_path_policy
-from networks.network_args import NetworkArgError
 
 
 @pytest.fixture(scope="module")
@@ -64,12 +63,51 @@ def test_merged_equals_base_plus_branch_in_fp64(model, module, extra, rebuild_pa
             assert float((a - b).abs().max()) <= 1e-12 * (float(b.abs().max()) + 1e-30), sub.lora_name
 
 
-def test_merged_forward_is_refused_for_lora_and_steps_aside_for_fp8_and_host_dropout(model) -> None:
-    with pytest.raises(
-        NetworkArgError,
-        match="merged_forward: only valid for networks.loha / networks.lokr, not networks.lora",
-    ):
-        lora.create_network(1.0, 4, 2, None, None, model.clone().unet, merged_forward="True")
+@pytest.mark.parametrize("extra", [{}, {"use_scalar": "true"}])
+def test_merged_lora_equals_base_plus_branch_in_fp64(model, extra) -> None:
+    m = model.clone()
+    net = lora.create_network(
+        1.0, 4, 3, None, None, m.unet, merged_forward="True", rank_dropout="0.5", conv_dim="2", **extra
+    )
+    randomize(net)
+    m.unet.double().requires_grad_(False)
+    net.to(torch.float64).train()
+    net.on_step_start()
+    linears = [a for a in net.unet_loras if not a.is_conv][:5]
+    conv = next(a for a in net.unet_loras if a.is_conv)
+    assert conv.merged_output(torch.randn(1, conv.in_dim, 4, 4, dtype=torch.float64)) is None  # Linear only
+    for sub in linears:
+        base = sub.org_module
+        x = torch.randn(2, 3, sub.in_dim, dtype=torch.float64, requires_grad=True)
+        params = [p for p in sub.parameters() if p.requires_grad]
+        merged = sub.merged_output(x)
+        assert merged is not None and type(merged.grad_fn).__name__ == "MergedLoRALinearBackward"
+        plain = base(x) + sub.delta_output(x)
+        assert float((merged - plain).abs().max()) <= 1e-12 * float(plain.abs().max()), sub.lora_name
+        g = torch.randn_like(plain)
+        for a, b in zip(
+            torch.autograd.grad(merged, [x, *params], g), torch.autograd.grad(plain, [x, *params], g)
+        ):
+            assert float((a - b).abs().max()) <= 1e-12 * (float(b.abs().max()) + 1e-30), sub.lora_name
+
+
+def test_merged_lora_node_gradcheck_fp64() -> None:
+    from networks.functional.fused_linear import merged_lora_linear
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(5, 6, dtype=torch.float64, generator=g)
+    b = torch.randn(5, dtype=torch.float64, generator=g, requires_grad=True)
+    down = torch.randn(2, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    up = torch.randn(5, 2, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *t: merged_lora_linear(t[0], w, *t[1:]), (x, b, down, up))
+    with pytest.raises(ValueError, match="merged_lora_linear: weight"):
+        merged_lora_linear(x, w, b, down, up.t())
+    with pytest.raises(ValueError, match="must be frozen"):
+        merged_lora_linear(x, w.requires_grad_(), b, down, up)
+
+
+def test_merged_forward_steps_aside_for_fp8_and_host_dropout(model) -> None:
     m = model.clone()
     net = loha.create_network(1.0, 4, 2, None, None, m.unet, merged_forward="True", module_dropout="0.5")
     randomize(net)
@@ -100,7 +138,8 @@ def test_merged_forward_is_refused_for_lora_and_steps_aside_for_fp8_and_host_dro
     reason="measured on the CPU (CI), where two runs are deterministic; on a GPU, TF32 convolutions and "
     "non-deterministic kernels add run-to-run noise that AdamW amplifies",
 )
-def test_measured_effect_in_bf16_training(tmp_path, clip_tokenizer_dir) -> None:
+@pytest.mark.parametrize("algo,net_args", [("lokr", ("factor=4",)), ("lora", ())])
+def test_measured_effect_in_bf16_training(tmp_path, clip_tokenizer_dir, algo, net_args) -> None:
     """Same 6-step bf16 run with and without merged_forward; fp32 gives the same run to rounding."""
     models = build_tiny_sdxl_models(clip_tokenizer_dir, seed=0)
     save_sdxl_single_file(models, tmp_path / "tiny.safetensors")
@@ -116,10 +155,10 @@ def test_measured_effect_in_bf16_training(tmp_path, clip_tokenizer_dir) -> None:
             "--pretrained_model_name_or_path", str(tmp_path / "tiny.safetensors"),
             "--tokenizer_cache_dir", str(clip_tokenizer_dir), "--dataset_config", str(tmp_path / "data.toml"),
             "--output_dir", str(out), "--output_name", "net", "--max_data_loader_n_workers", "0", "--seed", "1",
-            "--network_module", "networks.lokr", "--network_dim", "4", "--max_train_steps", "6",
+            "--network_module", f"networks.{algo}", "--network_dim", "4", "--max_train_steps", "6",
             "--optimizer_type", "AdamW", "--learning_rate", "3e-3", "--network_train_unet_only",
             "--cache_text_encoder_outputs", "--mixed_precision", precision, "--save_precision", "float",
-            "--network_args", "factor=4", *extra,
+            "--network_args", *net_args, *extra,
         ])  # fmt: skip
         return result.losses, load_file(str(out / "net.safetensors"))
 
@@ -143,7 +182,7 @@ def test_measured_effect_in_bf16_training(tmp_path, clip_tokenizer_dir) -> None:
         ("bf16 vs fp32", bf16_itself),
     ):
         print(
-            f"merged_forward effect, {name}: loss curve max rel diff {curve:.2e}, factors max rel diff {weights:.2e}"
+            f"{algo} merged_forward effect, {name}: loss curve max rel diff {curve:.2e}, factors max rel diff {weights:.2e}"
         )
     assert effects["no"][0] <= 1e-4 and effects["no"][1] <= 1e-3  # fp32: the same run up to rounding
     # bf16: a real effect, measured (not zero), and no larger than what bf16 itself does to this run

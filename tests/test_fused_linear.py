@@ -1,0 +1,148 @@
+"""The fused Linear + adapter node (networks/functional/fused_linear.py).
+
+Proves: fp64 gradcheck of the custom Function in both forms (LoRA down/up, rebuilt ΔW), with and without
+bias and with every input differentiable; on the network, the patched layer takes the fused node and equals
+base + drop(ΔW·x) in fp64 with every grad (rank dropout, σ, α ≠ dim); it steps aside where it does not
+apply; under bf16 autocast it matches the unfused path to bf16 rounding and keeps fp32 grads.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_network_util import build_tiny_sdxl, one_thread, randomize  # noqa: F401
+
+from networks import loha, lokr, lora
+from networks.functional.dispatch import path_policy, set_path_policy
+from networks.functional.fused_linear import AdapterLinear, adapter_linear
+
+
+@pytest.mark.parametrize("with_down", [True, False])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_gradcheck_fp64(with_down: bool, with_bias: bool) -> None:
+    g = torch.Generator().manual_seed(0)
+
+    def t(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_()
+
+    o, i, r = 5, 6, 3
+    x, w = t(2, 4, i), t(o, i)
+    b = t(o) if with_bias else None
+    down = t(r, i) if with_down else None
+    up = t(o, r) if with_down else t(o, i)
+    assert torch.autograd.gradcheck(AdapterLinear.apply, (x, w, b, down, up))
+    # and the value is the plain formula
+    ref = torch.nn.functional.linear(x, w, b) + (x @ down.t() @ up.t() if with_down else x @ up.t())
+    assert torch.allclose(adapter_linear(x, w, b, down, up), ref, rtol=0, atol=1e-12)
+
+
+def test_gradcheck_only_some_inputs_need_grad() -> None:
+    x = torch.randn(7, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 6, dtype=torch.float64)
+    down = torch.randn(2, 6, dtype=torch.float64, requires_grad=True)
+    up = torch.randn(5, 2, dtype=torch.float64)  # frozen up: only x and down get grads
+    assert torch.autograd.gradcheck(lambda x, d: adapter_linear(x, w, None, d, up), (x, down))
+
+
+def test_shape_errors_name_the_inputs() -> None:
+    with pytest.raises(ValueError, match="adapter_linear: x .* do not fit"):
+        adapter_linear(torch.randn(2, 6), torch.randn(5, 6), None, torch.randn(3, 6), torch.randn(5, 4))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_tiny_sdxl()
+
+
+@pytest.fixture
+def rebuild_paths():
+    before = path_policy()
+    set_path_policy("rebuild", "eager")  # LoHa/LoKr are fused on the rebuild path (LoRA always)
+    yield
+    set_path_policy(*before)
+
+
+CASES = [
+    (lora, {}),
+    (lora, {"use_scalar": "true"}),
+    (loha, {}),
+    (lokr, {}),
+    (lokr, {"factor": "4", "use_scalar": "true"}),
+]
+
+
+@pytest.mark.parametrize("module,kw", CASES)
+def test_patched_layer_takes_the_fused_node_and_equals_plain_fp64(model, module, kw, rebuild_paths) -> None:
+    m = model.clone()
+    net = module.create_network(1.0, 4, 3, None, None, m.unet, rank_dropout="0.5", **kw)  # α 3 ≠ dim 4
+    randomize(net)
+    net.apply_to(None, m.unet, apply_text_encoder=False, apply_unet=True)
+    m.unet.double().requires_grad_(False)
+    net.to(torch.float64).train()
+    net.on_step_start()
+    linears = [a for a in net.unet_loras if not a.is_conv][:6]
+    assert linears
+    for sub in linears:
+        base = sub.org_module
+        x = torch.randn(2, 3, sub.in_dim, dtype=torch.float64, requires_grad=True)
+        params = [p for p in sub.parameters() if p.requires_grad]
+        fused = sub.fused_output(x)
+        assert fused is not None, sub.lora_name
+        assert fused.grad_fn is not None and type(fused.grad_fn).__name__ == "AdapterLinearBackward"
+        out = base(x)  # the patched forward
+        assert out.grad_fn is not None and type(out.grad_fn).__name__ == "AdapterLinearBackward"
+        plain = torch.nn.functional.linear(x, base.weight, base.bias) + sub.delta_output(x)
+        assert float((out - plain).abs().max()) <= 1e-12 * float(plain.abs().max()), sub.lora_name
+        g = torch.randn_like(plain)
+        for a, b in zip(
+            torch.autograd.grad(out, [x, *params], g), torch.autograd.grad(plain, [x, *params], g)
+        ):
+            assert float((a - b).abs().max()) <= 1e-12 * (float(b.abs().max()) + 1e-30), sub.lora_name
+
+
+def test_fused_node_steps_aside(model) -> None:
+    m = model.clone()
+    net = lora.create_network(1.0, 4, 2, None, None, m.unet, dropout="0.1", conv_dim="2")
+    randomize(net)
+    net.train()
+    lin = next(a for a in net.unet_loras if not a.is_conv)
+    conv = next(a for a in net.unet_loras if a.is_conv)
+    x = torch.randn(2, lin.in_dim)
+    lin.org_module.requires_grad_(False)
+    assert lin.fused_output(x) is None  # neuron dropout is drawn on the host per call
+    net.eval()
+    assert lin.fused_output(x) is not None
+    assert conv.fused_output(torch.randn(1, conv.in_dim, 4, 4)) is None  # convs keep their own path
+    lin.org_module.weight.requires_grad_(True)
+    assert lin.fused_output(x) is None  # a trained base weight: plain autograd owns its grad
+    lin.org_module.requires_grad_(False)
+    lin.multiplier = 0.0
+    assert lin.fused_output(x) is None
+
+
+@pytest.mark.parametrize("module", [lora, lokr])
+def test_bf16_autocast_matches_unfused(model, module, rebuild_paths) -> None:
+    """bf16 weights and autocast as in training: the fused node equals base + branch to bf16 rounding,
+    and the factors' grads stay fp32."""
+    m = model.clone()
+    net = module.create_network(1.0, 4, 2, None, None, m.unet)
+    randomize(net)
+    m.unet.to(torch.bfloat16).requires_grad_(False)
+    net.train()
+    net.on_step_start()
+    sub = next(a for a in net.unet_loras if not a.is_conv and a.in_dim >= 32)
+    base = sub.org_module
+    x = torch.randn(4, 8, sub.in_dim)
+    params = [p for p in sub.parameters() if p.requires_grad]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = sub.fused_output(x)
+        plain = torch.nn.functional.linear(x, base.weight, base.bias) + sub.delta_output(x)
+    assert fused.dtype == torch.bfloat16 and plain.dtype == torch.bfloat16
+    scale = float(plain.float().abs().max())
+    assert float((fused.float() - plain.float()).abs().max()) <= 2e-2 * scale
+    g = torch.randn_like(plain)
+    gf = torch.autograd.grad(fused, params, g)
+    gp = torch.autograd.grad(plain, params, g)
+    for a, b in zip(gf, gp):
+        assert a.dtype == torch.float32
+        assert float((a - b).abs().max()) <= 2e-2 * float(b.abs().max())
