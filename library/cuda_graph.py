@@ -20,8 +20,8 @@ backward through the same parameters may still be alive (its AccumulateGrad node
 stream, which a capture cannot wait on). The trainers never keep one.
 
 What a graph cannot do: read tensor values on the host, draw from generators seeded on the host, or
-take a different Python branch per step. Our adapters' rank dropout reads precomputed masks (see
-`networks.adapter`); module and element dropout are refused by the trainer under `--cuda_graph`.
+take a different Python branch per step. Our adapters' rank dropout and module dropout read values drawn
+once per step (see `networks.adapter`); neuron (element) dropout is refused by the trainer under `--cuda_graph`.
 """
 
 from __future__ import annotations
@@ -234,15 +234,21 @@ class GraphedUNet:
 
 
 def host_side_dropout(network: torch.nn.Module) -> list[str]:
-    """The dropout kinds in use that decide on the host per forward: neuron (`dropout`) and module dropout.
+    """The dropout kinds in use that decide on the host per forward: neuron (`dropout`), and module dropout
+    unless the network reads it from the device (`use_device_module_dropout`).
 
-    Rank dropout reads masks drawn once per step, so it traces and replays; these two do not.
+    Rank dropout reads masks drawn once per step, so it traces and replays; these do not.
     """
+
+    def rate(m: torch.nn.Module, attr: str) -> bool:
+        r = getattr(m, attr, None)
+        return isinstance(r, (int, float)) and not isinstance(r, bool) and r > 0
+
     kinds = []
-    for attr, label in (("dropout", "neuron dropout"), ("module_dropout", "module dropout")):
-        rates = (getattr(m, attr, None) for m in network.modules())
-        if any(isinstance(r, (int, float)) and not isinstance(r, bool) and r > 0 for r in rates):
-            kinds.append(label)
+    if any(rate(m, "dropout") for m in network.modules()):
+        kinds.append("neuron dropout")
+    if any(rate(m, "module_dropout") and not getattr(m, "module_dropout_on_device", False) for m in network.modules()):
+        kinds.append("module dropout")
     return kinds
 
 
@@ -250,6 +256,9 @@ def enable_cuda_graph_training(
     arch: Any, ctx: Any, network: torch.nn.Module, trainable: list[torch.nn.Parameter]
 ) -> None:
     """--cuda_graph: check what a replayed graph cannot do, then graph the denoiser call."""
+    if hasattr(network, "use_device_module_dropout"):
+        network.use_device_module_dropout()
+        network.prepare_step_masks()  # the buffer exists (at its fixed address) before the first capture
     unsafe = host_side_dropout(network)
     if unsafe:
         raise ValueError(

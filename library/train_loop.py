@@ -228,6 +228,8 @@ def _train(args: argparse.Namespace, arch: TrainingArchitecture) -> TrainResult 
             arch.repeated_blocks(), args.dynamo_backend, getattr(args, "compile_mode", None)
         )
         logger.info("--torch_compile: %d blocks compiled (backend %s)", n_blocks, args.dynamo_backend)
+        if hasattr(network, "use_device_module_dropout"):  # traced as a ×0/1 factor, not a graph break
+            network.use_device_module_dropout()
         breaking = host_side_dropout(network)
         if breaking:
             logger.warning("--torch_compile: network %s draws from seeded generators that torch.compile "

@@ -91,6 +91,11 @@ class AdapterModule(nn.Module):
         self.merged_forward = False  # opt-in (network arg): y = x·(W + ΔW)ᵀ on rebuilt Linear layers
         self.rank_scale: torch.Tensor | None = None  # view into the network's per-step mask buffer
         self.rank_scale_step = -1
+        # module dropout as a 0/1 factor read from the per-step buffer (CUDA graphs, torch.compile) instead of a
+        # Python branch; set by the network's use_device_module_dropout()
+        self.module_dropout_on_device = False
+        self.module_keep: torch.Tensor | None = None
+        self.module_keep_step = -1
         self._backup: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ set-up helpers
@@ -257,6 +262,17 @@ class AdapterModule(nn.Module):
         g = torch.Generator().manual_seed(self._seed(1))
         return (torch.rand(self.out_dim, generator=g) >= p).float() / (1.0 - p)
 
+    def module_keep_cpu(self) -> float:
+        """1.0 if this module is kept this step, 0.0 if module dropout drops it; decided on the CPU (spec §3.5)."""
+        g = torch.Generator().manual_seed(self._seed(0))
+        return 0.0 if float(torch.rand(1, generator=g)[0]) < float(self.module_dropout or 0.0) else 1.0
+
+    def _module_keep(self, device: torch.device) -> torch.Tensor:
+        clock = self.clock
+        if self.module_keep is not None and clock is not None and self.module_keep_step == clock.step:
+            return self.module_keep
+        return torch.tensor([self.module_keep_cpu()], device=device)
+
     def _rank_keep_scale(self, device: torch.device) -> torch.Tensor:
         # The network fills `rank_scale` once per step (one copy for all modules, at a fixed address so a
         # CUDA graph can replay it); a module used outside that (tests, a bare forward) draws its own.
@@ -275,12 +291,13 @@ class AdapterModule(nn.Module):
         if not self.enabled or self.multiplier == 0.0:
             return None
         training = self.training
-        if training and self.module_dropout:
-            # The decision comes from a CPU generator: no GPU sync, same on every rank and on recompute.
-            g = torch.Generator().manual_seed(self._seed(0))
-            if float(torch.rand(1, generator=g)[0]) < self.module_dropout:
-                return None
+        keep_on_device = training and bool(self.module_dropout) and self.module_dropout_on_device
+        # The decision comes from a CPU generator: no GPU sync, same on every rank and on recompute.
+        if training and self.module_dropout and not keep_on_device and self.module_keep_cpu() == 0.0:
+            return None
         out = self.branch(x, self.total_scale(self.multiplier))
+        if keep_on_device:
+            out = out * self._module_keep(out.device).to(out.dtype).view([1] * out.dim())
         if training and (self.rank_dropout or self.dropout):
             ch_dim = 1 if self.is_conv else out.dim() - 1
             if self.rank_dropout:
@@ -297,10 +314,11 @@ class AdapterModule(nn.Module):
 
     def _active_on_device(self) -> bool:
         """A branch that is on and has nothing decided on the host per call (neuron/module dropout)."""
+        host_module_dropout = bool(self.module_dropout) and not self.module_dropout_on_device
         return (
             self.enabled
             and self.multiplier != 0.0
-            and not (self.training and (self.dropout or self.module_dropout))
+            and not (self.training and (self.dropout or host_module_dropout))
         )
 
     def _fusable(self) -> bool:
@@ -309,7 +327,9 @@ class AdapterModule(nn.Module):
     def _masked_right(self, right: torch.Tensor) -> torch.Tensor:
         if self.training and self.rank_dropout:  # an output-channel mask = a row mask on right
             keep = self._rank_keep_scale(right.device).to(right.dtype)
-            return right * keep.view(-1, *([1] * (right.dim() - 1)))
+            right = right * keep.view(-1, *([1] * (right.dim() - 1)))
+        if self.training and self.module_dropout and self.module_dropout_on_device:  # ×0 drops the branch
+            right = right * self._module_keep(right.device).to(right.dtype).view([1] * right.dim())
         return right
 
     def merged_output(self, x: torch.Tensor) -> torch.Tensor | None:

@@ -199,29 +199,45 @@ class AdapterNetwork(NetworkOptimMixin, nn.Module):
 
     def on_step_start(self, text_encoder: Any = None, unet: Any = None) -> None:
         self.clock.step += 1
-        self.prepare_rank_dropout()
+        self.prepare_step_masks()
 
-    def prepare_rank_dropout(self) -> None:
-        """Draw this step's rank-dropout masks on the CPU and copy them to the device in one go.
+    def use_device_module_dropout(self) -> None:
+        """Module dropout as a 0/1 factor on the branch, read from the per-step buffer, instead of skipping the
+        branch in Python: what a CUDA graph can replay and torch.compile can trace. Same decisions and outputs;
+        a dropped module's factors get a zero grad instead of none (its branch is computed, then ×0)."""
+        for m in self.all_loras:
+            m.module_dropout_on_device = True
+
+    def prepare_step_masks(self) -> None:
+        """Draw this step's rank-dropout masks (and, on the device path, module-dropout keeps) on the CPU and
+        copy them to the device in one go.
 
         Each module reads its slice of one buffer at a fixed address: no per-module generator or copy
         in the forward, the same masks in gradient-checkpoint recomputation, and capturable by a CUDA graph.
         """
-        mods = [m for m in self.all_loras if m.rank_dropout]
-        if not mods:
+        rank_mods = [m for m in self.all_loras if m.rank_dropout]
+        keep_mods = [m for m in self.all_loras if m.module_dropout and m.module_dropout_on_device]
+        if not rank_mods and not keep_mods:
             return
-        device = mods[0]._org_device()
-        sizes = [m.out_dim for m in mods]
+        device = (rank_mods or keep_mods)[0]._org_device()
+        sizes = [m.out_dim for m in rank_mods] + [1] * len(keep_mods)
         buf = self._rank_mask_buffer
         if buf is None or buf.device != device or buf.numel() != sum(sizes):
             buf = torch.empty(sum(sizes), dtype=torch.float32, device=device)
             self._rank_mask_buffer = buf
-            for m, view in zip(mods, torch.split(buf, sizes)):
+            views = torch.split(buf, sizes)
+            for m, view in zip(rank_mods, views):
                 m.rank_scale = view
-        host = torch.cat([m.rank_keep_scale_cpu() for m in mods])
-        buf.copy_(host)  # synchronous from pageable memory: the host tensor may be freed right after
-        for m in mods:
+            for m, view in zip(keep_mods, views[len(rank_mods) :]):
+                m.module_keep = view
+        parts = [m.rank_keep_scale_cpu() for m in rank_mods]
+        if keep_mods:
+            parts.append(torch.tensor([m.module_keep_cpu() for m in keep_mods], dtype=torch.float32))
+        buf.copy_(torch.cat(parts))  # synchronous from pageable memory: the host tensor may be freed right after
+        for m in rank_mods:
             m.rank_scale_step = self.clock.step
+        for m in keep_mods:
+            m.module_keep_step = self.clock.step
 
     def on_epoch_start(self, text_encoder: Any = None, unet: Any = None) -> None:
         self.train()

@@ -158,6 +158,50 @@ def _fused_equals_plain(model, module, kw) -> None:
         assert sub.linear_factors(x, 1.0) is not None  # the fused path was the one taken
 
 
+@pytest.mark.parametrize("module,kw", [(lora, {}), (loha, {}), (lokr, {"factor": "4"})])
+def test_device_module_dropout_equals_host_decisions_fp64(model, module, kw) -> None:
+    """use_device_module_dropout (CUDA graphs, torch.compile): the same per-step decisions as the host path,
+    read from the step buffer as a ×0/1 factor; outputs equal, a dropped module's grads are zero (not none)."""
+    _, host = _leaf_net(model, module, module_dropout="0.5", rank_dropout="0.3", **kw)
+    m_dev, dev = _leaf_net(model, module, module_dropout="0.5", rank_dropout="0.3", **kw)
+    dev.use_device_module_dropout()
+    dev.apply_to(None, m_dev.unet, apply_text_encoder=False, apply_unet=True)
+    m_dev.unet.double().requires_grad_(False)
+    for net in (host, dev):
+        net.to(torch.float64).train()
+        net.set_dropout_seed(7)
+    seen = set()
+    for _step in range(8):
+        host.on_step_start()
+        dev.on_step_start()
+        for i in (0, 3, 7):
+            a, b = host.unet_loras[i], dev.unet_loras[i]
+            x = torch.randn(2, a.in_dim, 3, 3) if a.is_conv else torch.randn(2, 3, a.in_dim)
+            x = x.double()
+            want = a.delta_output(x)
+            seen.add(want is None)
+            params = [p for p in b.parameters() if p.requires_grad]
+            plain = (
+                torch.nn.functional.linear(x, b.org_module.weight, b.org_module.bias)
+                if not b.is_conv
+                else None
+            )
+            got = b.delta_output(x)
+            assert got is not None  # the device path always computes the branch
+            assert (
+                torch.equal(got, torch.zeros_like(got))
+                if want is None
+                else torch.allclose(got, want, atol=1e-12)
+            )
+            if plain is not None:  # the patched layer (fused node) agrees too
+                layer = b.org_module(x)
+                ref = plain if want is None else plain + want
+                assert torch.allclose(layer, ref, atol=1e-12)
+                grads = torch.autograd.grad(layer.square().sum(), params)
+                assert all(float(g.abs().max()) == 0.0 for g in grads) == (want is None)
+    assert seen == {True, False}  # both decisions happened
+
+
 def test_module_dropout_rate(model) -> None:
     m, net = _leaf_net(model, module_dropout="0.25")
     net.train()
