@@ -25,6 +25,13 @@ from networks.network_args import NetworkArgs
 
 logger = logging.getLogger(__name__)
 
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul on x runs in: autocast's when it is on, else x's own."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
 SUPPORTED_LEAVES = (nn.Linear, nn.Conv2d)
 
 
@@ -386,25 +393,27 @@ class AdapterModule(nn.Module):
         accumulated in place instead of written twice and added. Exact (the same products as plain autograd).
         None where it does not apply: a conv, a factored path, host-side dropout, a base that is not a plain
         nn.Linear with a frozen float weight of 16 bits or more."""
-        base = self.org_module
-        if type(base) is not nn.Linear or not self._fusable():
-            return None
-        w, b = base.weight, base.bias
-        if (
-            w.requires_grad
-            or (b is not None and b.requires_grad)
-            or not w.dtype.is_floating_point
-            or w.element_size() < 2
-        ):
+        base = self.frozen_linear_base()
+        if base is None or not self._fusable():
             return None
         factors = self.linear_factors(x, self.total_scale(self.multiplier))
         if factors is None:
             return None
         down, up = factors[0], self._masked_right(factors[1])
-        dev = x.device.type
-        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-        cast = [t if t is None or t.dtype == dtype else t.to(dtype) for t in (x, w, b, down, up)]
-        return adapter_linear(*cast)
+        dtype = compute_dtype(x)
+        tensors = (x, base.weight, base.bias, down, up)
+        return adapter_linear(*[t if t is None or t.dtype == dtype else t.to(dtype) for t in tensors])
+
+    def frozen_linear_base(self) -> nn.Linear | None:
+        """The base layer when it is a plain nn.Linear with a frozen float weight (and bias) of 16 bits or more:
+        what the fused and merged nodes take over. None otherwise (convs, subclasses, fp8, trained bases)."""
+        base = self.org_module
+        if type(base) is not nn.Linear:
+            return None
+        w, b = base.weight, base.bias
+        if w.requires_grad or (b is not None and b.requires_grad):
+            return None
+        return base if w.dtype.is_floating_point and w.element_size() >= 2 else None
 
     def layer_output(self, x: torch.Tensor) -> torch.Tensor | None:
         """The layer's whole output when this adapter alone can compute it faster than base + branch

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from networks.adapter import AdapterModule, dropout_kwargs, file_alpha, kaiming_
+from networks.adapter import AdapterModule, compute_dtype, dropout_kwargs, file_alpha, kaiming_
 from networks.entry_points import sd_scripts_entry_points
 from networks.functional import apply_weight, lora_delta_weight
 from networks.functional.fused_linear import merged_lora_linear
@@ -149,17 +149,13 @@ class LoRAModule(AdapterModule):
     def merged_output(self, x: torch.Tensor) -> torch.Tensor | None:
         """`merged_forward` on a Linear layer: x·(W + s·up·down)ᵀ + b as one GEMM, the factors' grads from thin
         products (functional/fused_linear.py). Convs keep the unmerged path."""
-        base = self.org_module
-        if not self.merged_forward or type(base) is not nn.Linear or not self._fusable():
-            return None
-        w, b = base.weight, base.bias
-        if w.requires_grad or not w.dtype.is_floating_point or w.element_size() < 2:
+        base = self.frozen_linear_base() if self.merged_forward else None
+        if base is None or not self._fusable():
             return None
         up = self._masked_right(self.lora_up.weight * self.total_scale(self.multiplier))
-        dev = x.device.type
-        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        dtype = compute_dtype(x)
         x = x if x.dtype == dtype else x.to(dtype)
-        return merged_lora_linear(x, w, b, self.lora_down.weight, up)
+        return merged_lora_linear(x, base.weight, base.bias, self.lora_down.weight, up)
 
     def max_norm_param_names(self) -> tuple[str, ...]:
         return ("lora_down.weight", "lora_up.weight")
