@@ -13,7 +13,9 @@ TOKENIZERS_DIR = PROJECT_ROOT.parent / "shared" / "data" / "tokenizers"
 @pytest.fixture(scope="session")
 def tokenizers_dir() -> Path:
     if not TOKENIZERS_DIR.is_dir():
-        raise FileNotFoundError(f"tokenizer data not found at {TOKENIZERS_DIR}; it ships in ../shared/data/tokenizers")
+        raise FileNotFoundError(
+            f"tokenizer data not found at {TOKENIZERS_DIR}; it ships in ../shared/data/tokenizers"
+        )
     return TOKENIZERS_DIR
 
 
@@ -31,3 +33,14 @@ def _single_intra_op_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def rebuild_paths():
+    """Force the rebuild path for LoHa/LoKr (where the fused and merged nodes apply), then restore the policy."""
+    from networks.functional.dispatch import path_policy, set_path_policy
+
+    before = path_policy()
+    set_path_policy("rebuild", "eager")
+    yield
+    set_path_policy(*before)

@@ -13,7 +13,6 @@ import torch
 from test_network_util import build_tiny_sdxl, one_thread, randomize  # noqa: F401
 
 from networks import loha, lokr, lora
-from networks.functional.dispatch import path_policy, set_path_policy
 from networks.functional.fused_linear import AdapterLinear, adapter_linear
 
 
@@ -52,14 +51,6 @@ def test_shape_errors_name_the_inputs() -> None:
 @pytest.fixture(scope="module")
 def model():
     return build_tiny_sdxl()
-
-
-@pytest.fixture
-def rebuild_paths():
-    before = path_policy()
-    set_path_policy("rebuild", "eager")  # LoHa/LoKr are fused on the rebuild path (LoRA always)
-    yield
-    set_path_policy(*before)
 
 
 CASES = [

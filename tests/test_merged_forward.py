@@ -25,14 +25,6 @@ def model():
     return build_tiny_sdxl()
 
 
-@pytest.fixture
-def rebuild_paths():
-    before = path_policy()
-    set_path_policy("rebuild", "eager")
-    yield
-    set_path_policy(*before)
-
-
 @pytest.mark.parametrize("module,extra", [(loha, {}), (lokr, {}), (loha, {"use_tucker": "True"})])
 def test_merged_equals_base_plus_branch_in_fp64(model, module, extra, rebuild_paths) -> None:
     m = model.clone()
