@@ -19,17 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from networks.functional import apply_weight
-from networks.functional.common import conv_padded_input
+from networks.functional.common import compute_dtype, conv_padded_input
 from networks.functional.fused_linear import adapter_linear
 from networks.network_args import NetworkArgs
 
 logger = logging.getLogger(__name__)
-
-
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype a matmul on x runs in: autocast's when it is on, else x's own."""
-    dev = x.device.type
-    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
 
 
 SUPPORTED_LEAVES = (nn.Linear, nn.Conv2d)
@@ -373,14 +367,12 @@ class AdapterModule(nn.Module):
         no N×O branch tensor is written and read back for a separate add (spec §6 rule 4)."""
         if self._fusable():
             factors = self.linear_factors(x, self.total_scale(self.multiplier))
+            autocast_on = torch.is_autocast_enabled(y.device.type)
             if factors is not None:
                 down, right = factors[0], self._masked_right(factors[1])
-                if not torch.is_autocast_enabled(y.device.type):
-                    right = right.to(y.dtype)
-                    down = down.to(y.dtype) if down is not None else None
-                left = x if down is None else F.linear(x, down)
-                if not torch.is_autocast_enabled(y.device.type):
-                    left = left.to(y.dtype)
+                left = x if down is None else F.linear(x, down if autocast_on else down.to(x.dtype))
+                if not autocast_on:  # autocast casts the operands itself
+                    left, right = left.to(y.dtype), right.to(y.dtype)
                 out = torch.addmm(y.reshape(-1, self.out_dim), left.reshape(-1, left.shape[-1]), right.t())
                 # not a view (as matmul does for N-d inputs): a view with a `_base` reaching a compiled block
                 # from an eager layer (proj_in) makes dynamo guard on the base and compile the block again

@@ -13,9 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from networks.adapter import AdapterModule, compute_dtype, dropout_kwargs, file_alpha, kaiming_
+from networks.adapter import AdapterModule, dropout_kwargs, file_alpha, kaiming_
 from networks.entry_points import sd_scripts_entry_points
 from networks.functional import apply_weight, lora_delta_weight
+from networks.functional.common import compute_dtype
 from networks.functional.fused_linear import merged_lora_linear
 from networks.network_args import NetworkArgs
 

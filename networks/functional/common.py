@@ -67,6 +67,12 @@ def scaled_grad(grad: torch.Tensor, scale: Scale) -> torch.Tensor:
     return grad
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul on x runs in: autocast's when it is on, else x's own."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
 def save_autocast_state(ctx, ref: torch.Tensor) -> None:
     """Record the forward's autocast state on a custom Function's ctx.
 

@@ -107,9 +107,9 @@ class MergedLoRALinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):  # type: ignore[override]
         x, w_eff, down, up = ctx.saved_tensors
-        need_x, _need_w, need_b, need_down, need_up = ctx.needs_input_grad
-        if _need_w:
-            raise RuntimeError("merged LoRA: the base weight must be frozen")
+        need_x, _, need_b, need_down, need_up = (
+            ctx.needs_input_grad
+        )  # the weight is frozen (checked on entry)
         g2 = grad_y.reshape(-1, grad_y.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])
         gx = gb = gdown = gup = None
