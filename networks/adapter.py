@@ -382,19 +382,37 @@ class AdapterModule(nn.Module):
 
     def fused_output(self, x: torch.Tensor) -> torch.Tensor | None:
         """The whole layer, base and branch, as one autograd node (functional/fused_linear.py): grad x is
-        accumulated in place instead of written twice and added. Exact (the same products as plain autograd).
-        None where it does not apply: a conv, a factored path, host-side dropout, a base that is not a plain
-        nn.Linear with a frozen float weight of 16 bits or more."""
+        accumulated in place instead of written twice and added, and the factors' casts and s run inside the
+        node. Exact (the same products as plain autograd). None where it does not apply: a conv, a factored
+        path, host-side dropout, a base that is not a plain nn.Linear with a frozen float weight of 16 bits or
+        more."""
         base = self.frozen_linear_base()
         if base is None or not self._fusable():
             return None
-        factors = self.linear_factors(x, self.total_scale(self.multiplier))
+        dtype = compute_dtype(x)
+        x, w, b = (t if t is None or t.dtype == dtype else t.to(dtype) for t in (x, base.weight, base.bias))
+        scale = self.total_scale(self.multiplier)
+        if isinstance(scale, float) and not self._step_masked():
+            out = self.factor_node_output(x, w, b, scale)
+            if out is not None:
+                return out
+        factors = self.linear_factors(x, scale)
         if factors is None:
             return None
-        down, up = factors[0], self._masked_right(factors[1])
-        dtype = compute_dtype(x)
-        tensors = (x, base.weight, base.bias, down, up)
-        return adapter_linear(*[t if t is None or t.dtype == dtype else t.to(dtype) for t in tensors])
+        return adapter_linear(x, w, b, factors[0], self._masked_right(factors[1]))
+
+    def factor_node_output(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: float
+    ) -> torch.Tensor | None:
+        """Subclass hook of fused_output: the layer as one node fed the raw factors and s (no mask to apply),
+        or None to build ΔW (or the factors) with autograd outside the node."""
+        return None
+
+    def _step_masked(self) -> bool:
+        """A per-step mask (rank dropout, module dropout read on the device) multiplies the branch."""
+        return self.training and bool(
+            self.rank_dropout or (self.module_dropout and self.module_dropout_on_device)
+        )
 
     def frozen_linear_base(self) -> nn.Linear | None:
         """The base layer when it is a plain nn.Linear with a frozen float weight (and bias) of 16 bits or more:

@@ -16,6 +16,8 @@ from networks.adapter import AdapterModule, dropout_kwargs, file_alpha
 from networks.entry_points import sd_scripts_entry_points
 from networks.functional import loha_delta_weight, loha_khatri_rao_conv, loha_khatri_rao_linear
 from networks.functional.dispatch import select_loha_path
+from networks.functional.fused_linear import rebuild_linear
+from networks.functional.loha import LOHA_RULE
 from networks.network_args import NetworkArgs
 
 ALGO = "loha"
@@ -184,6 +186,14 @@ class LoHaModule(AdapterModule):
         self, x: torch.Tensor, scale: float | torch.Tensor
     ) -> tuple[torch.Tensor | None, torch.Tensor] | None:
         return None if self._khatri_rao_for(x) else super().linear_factors(x, scale)
+
+    def factor_node_output(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: float
+    ) -> torch.Tensor | None:
+        if self.tucker or self._khatri_rao_for(x):
+            return None
+        factors = (self.hada_w1_a, self.hada_w1_b, self.hada_w2_a, self.hada_w2_b)
+        return rebuild_linear(x, weight, bias, LOHA_RULE, scale, factors)
 
     def max_norm_param_names(self) -> tuple[str, ...]:
         return ("hada_w1_a", "hada_w2_a")

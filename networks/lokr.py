@@ -17,6 +17,8 @@ from networks.adapter import AdapterModule, dropout_kwargs, kaiming_
 from networks.entry_points import sd_scripts_entry_points
 from networks.functional import factorization, lokr_bypass_linear, lokr_delta_weight, make_w1, make_w2
 from networks.functional.dispatch import select_lokr_path
+from networks.functional.fused_linear import rebuild_linear
+from networks.functional.lokr import LOKR_RULES
 from networks.network_args import NetworkArgs
 
 logger = logging.getLogger(__name__)
@@ -288,6 +290,17 @@ class LoKrModule(AdapterModule):
         self, x: torch.Tensor, scale: float | torch.Tensor
     ) -> tuple[torch.Tensor | None, torch.Tensor] | None:
         return None if self._bypass_for(x) else super().linear_factors(x, scale)
+
+    def factor_node_output(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: float
+    ) -> torch.Tensor | None:
+        L = self.lokr_layout
+        if L.w2_mode == "tucker" or self._bypass_for(x):
+            return None
+        names = ("lokr_w1",) if L.w1_rank is None else ("lokr_w1_a", "lokr_w1_b")
+        names += ("lokr_w2",) if L.w2_mode == "full" else ("lokr_w2_a", "lokr_w2_b")
+        rule = LOKR_RULES[(L.w1_rank is not None, L.w2_mode != "full")]
+        return rebuild_linear(x, weight, bias, rule, scale, [getattr(self, n) for n in names])
 
     def norm_for_max(self) -> torch.Tensor:
         # ‖kron(W1, W2)‖ = ‖W1‖·‖W2‖: no Kronecker product needed

@@ -17,7 +17,7 @@ from networks.adapter import AdapterModule, dropout_kwargs, file_alpha, kaiming_
 from networks.entry_points import sd_scripts_entry_points
 from networks.functional import apply_weight, lora_delta_weight
 from networks.functional.common import compute_dtype
-from networks.functional.fused_linear import merged_lora_linear
+from networks.functional.fused_linear import adapter_linear, merged_lora_linear
 from networks.network_args import NetworkArgs
 
 ALGO = "lora"
@@ -146,6 +146,11 @@ class LoRAModule(AdapterModule):
         self, x: torch.Tensor, scale: float | torch.Tensor
     ) -> tuple[torch.Tensor | None, torch.Tensor] | None:
         return self.lora_down.weight, self.lora_up.weight * scale
+
+    def factor_node_output(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: float
+    ) -> torch.Tensor | None:
+        return adapter_linear(x, weight, bias, self.lora_down.weight, self.lora_up.weight, scale)
 
     def merged_output(self, x: torch.Tensor) -> torch.Tensor | None:
         """`merged_forward` on a Linear layer: x·(W + s·up·down)ᵀ + b as one GEMM, the factors' grads from thin

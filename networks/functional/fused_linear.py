@@ -1,73 +1,101 @@
 """A Linear layer and its adapter branch as one autograd node (spec networks.md §6 rule 4).
 
-y = x·Wᵀ + b + L·Uᵀ with L = x·Dᵀ (LoRA: D = down, U = s·up) or L = x (a rebuilt ΔW: U = s·ΔW).
+y = x·Wᵀ + b + s·L·Uᵀ with L = x·Dᵀ (LoRA: D = down, U = up) or L = x (a rebuilt ΔW: U = ΔW, s = 1), and
+y = x·Wᵀ + b + x·ΔWᵀ with ΔW built from its factors inside the node (`rebuild_linear`, LoHa and LoKr).
 
 Plain autograd of `base(x) + branch(x)` writes grad x twice and adds them (one extra N×I pass per
 layer), keeps ~10 autograd nodes per layer, and for LoRA saves nothing useful for backward. Here the
 branch GEMM accumulates into the base output (addmm, β = 1) and, in backward, the branch's grad x
 accumulates into the base's grad x the same way; LoRA saves its N×r product L instead of recomputing it.
+
+The factors come in their own dtype (fp32 parameters) with s as a Python float: the casts to the compute
+dtype, with s folded into one of them, and the casts of their grads back run inside the node. In eager mode
+each autograd op costs host time (dispatch, an autograd node, a launch), and SDXL has ~800 adapted layers
+run twice a step under gradient checkpointing, so the branch is one node instead of five to twelve.
 Every term is the same product as in plain autograd, so results match it to rounding (fp64-exact).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
+Tensor = torch.Tensor
+
+
+def cast_scaled(t: Tensor, dtype: torch.dtype, scale: float = 1.0) -> Tensor:
+    """t·scale in `dtype` as one kernel (the multiply writes the cast result); no kernel for a plain cast of a
+    tensor already in `dtype`."""
+    if scale == 1.0:
+        return t if t.dtype == dtype else t.to(dtype)
+    return torch.mul(t, scale, out=torch.empty(t.shape, dtype=dtype, device=t.device))
+
 
 class AdapterLinear(torch.autograd.Function):
-    """See the module docstring. All tensor inputs share one dtype (the caller casts)."""
+    """See the module docstring. x, weight and bias share one dtype (the caller casts); down and up may be in
+    another (they are cast inside, and their grads come back in it)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, down, up):  # type: ignore[override]
+    def forward(ctx, x, weight, bias, down, up, scale):  # type: ignore[override]
+        dtype = x.dtype
+        ctx.down_dtype = None if down is None else down.dtype
+        ctx.up_dtype = up.dtype
+        ctx.scale = scale
+        down_c = None if down is None else cast_scaled(down, dtype)
+        up_c = cast_scaled(up, dtype, scale)  # s·U: s rides on the smallest tensor, in the cast kernel
         y = F.linear(x, weight, bias)
         x2 = x.reshape(-1, x.shape[-1])
-        left = x2 if down is None else x2 @ down.t()
-        y.view(-1, y.shape[-1]).addmm_(left, up.t())
-        ctx.has_down = down is not None
+        left = x2 if down_c is None else x2 @ down_c.t()
+        y.view(-1, y.shape[-1]).addmm_(left, up_c.t())
         ctx.x_shape = x.shape
         # L is x itself for a rebuilt ΔW; LoRA keeps its thin N×r product for grad up
-        ctx.save_for_backward(x2, weight, down, up, left if down is not None else None)
+        ctx.save_for_backward(x2, weight, down_c, up_c, left if down_c is not None else None)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):  # type: ignore[override]
-        x2, weight, down, up, left = ctx.saved_tensors
+        x2, weight, down_c, up_c, left = ctx.saved_tensors
+        has_down = down_c is not None
         if left is None:
             left = x2
-        need_x, need_w, need_b, need_down, need_up = ctx.needs_input_grad
+        need_x, need_w, need_b, need_down, need_up, _ = ctx.needs_input_grad
         g2 = grad_y.reshape(-1, grad_y.shape[-1])
         gx = gw = gb = gdown = gup = None
-        # grad of L: g·U (N×r for LoRA); for a rebuilt ΔW it feeds grad x directly
-        g_left = g2 @ up if ctx.has_down and (need_x or need_down) else None
+        # grad of L: g·(s·U) (N×r for LoRA); for a rebuilt ΔW it feeds grad x directly
+        g_left = g2 @ up_c if has_down and (need_x or need_down) else None
         if need_x:
             gx = g2 @ weight
-            if ctx.has_down:
-                gx.addmm_(g_left, down)
+            if has_down:
+                gx.addmm_(g_left, down_c)
             else:
-                gx.addmm_(g2, up)
+                gx.addmm_(g2, up_c)
             gx = gx.view(ctx.x_shape)
         if need_w:
             gw = g2.t() @ x2
         if need_b:
             gb = g2.sum(0)
-        if need_up:
-            gup = g2.t() @ left
+        if need_up:  # ∂/∂U = s·gᵀ·L; s rides on the cast back
+            gup = cast_scaled(g2.t() @ left, ctx.up_dtype, ctx.scale)
         if need_down:
-            gdown = g_left.t() @ x2
-        return gx, gw, gb, gdown, gup
+            gdown = cast_scaled(g_left.t() @ x2, ctx.down_dtype)
+        return gx, gw, gb, gdown, gup, None
 
 
 def adapter_linear(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    down: torch.Tensor | None,
-    up: torch.Tensor,
-) -> torch.Tensor:
-    """x·Wᵀ + b + (x·Dᵀ)·Uᵀ, or x·Wᵀ + b + x·Uᵀ with `down` None; one autograd node.
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    down: Tensor | None,
+    up: Tensor,
+    scale: float = 1.0,
+) -> Tensor:
+    """x·Wᵀ + b + s·(x·Dᵀ)·Uᵀ, or x·Wᵀ + b + s·x·Uᵀ with `down` None; one autograd node.
 
     x (..., I), weight (O, I), bias (O,) or None, down (r, I) or None, up (O, r) or (O, I) without down.
+    x, weight and bias share the compute dtype; down and up may be fp32 parameters (cast inside).
     """
     in_dim = weight.shape[1]
     inner = in_dim if down is None else down.shape[0]
@@ -81,7 +109,93 @@ def adapter_linear(
             f"down {None if down is None else tuple(down.shape)}, up {tuple(up.shape)} do not fit; expected "
             "x (..., I), weight (O, I), down (r, I) with up (O, r), or no down with up (O, I)"
         )
-    return AdapterLinear.apply(x, weight, bias, down, up)
+    if not isinstance(scale, float):
+        raise TypeError(f"adapter_linear: scale must be a Python float, got {type(scale).__name__}")
+    return AdapterLinear.apply(x, weight, bias, down, up, scale)
+
+
+@dataclass(frozen=True)
+class DeltaRule:
+    """How ΔW (O, I) comes from an algorithm's factors, as two pure functions of the factors already cast to
+    the compute dtype with s folded into factor `scaled_index`:
+
+    - build(factors) → ΔW;
+    - grads(grad_ΔW, factors, needs) → the grads of those cast factors (None where `needs` is False).
+    """
+
+    name: str
+    build: Callable[[Sequence[Tensor]], Tensor]
+    grads: Callable[[Tensor, Sequence[Tensor], Sequence[bool]], Sequence[Tensor | None]]
+    scaled_index: int = 0
+
+
+class RebuildLinear(torch.autograd.Function):
+    """y = x·Wᵀ + b + x·ΔWᵀ with ΔW = rule.build(factors) built inside the node; see the module docstring.
+
+    Saves ΔW (as the unfused path saves it for its grad-x product) and the cast factors; backward forms
+    grad ΔW = gᵀ·x once and hands it to the rule's pure gradient function.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, rule, scale, *factors):  # type: ignore[override]
+        dtype = x.dtype
+        ctx.rule, ctx.scale = rule, scale
+        ctx.factor_dtypes = [f.dtype for f in factors]
+        cast = [
+            cast_scaled(f, dtype, scale if i == rule.scaled_index else 1.0) for i, f in enumerate(factors)
+        ]
+        delta = rule.build(cast)
+        if delta.shape != weight.shape:
+            raise ValueError(
+                f"rebuild_linear: the {rule.name} factors give ΔW {tuple(delta.shape)}, the layer weight is "
+                f"{tuple(weight.shape)}"
+            )
+        y = F.linear(x, weight, bias)
+        x2 = x.reshape(-1, x.shape[-1])
+        y.view(-1, y.shape[-1]).addmm_(x2, delta.t())
+        ctx.x_shape = x.shape
+        ctx.save_for_backward(x2, weight, delta, *cast)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):  # type: ignore[override]
+        x2, weight, delta, *cast = ctx.saved_tensors
+        need_x, need_w, need_b, _, _, *need_f = ctx.needs_input_grad
+        g2 = grad_y.reshape(-1, grad_y.shape[-1])
+        gx = gw = gb = None
+        if need_x:
+            gx = (g2 @ weight).addmm_(g2, delta).view(ctx.x_shape)
+        if need_w:
+            gw = g2.t() @ x2
+        if need_b:
+            gb = g2.sum(0)
+        grads: list[Tensor | None] = [None] * len(cast)
+        if any(need_f):
+            rule = ctx.rule
+            raw = rule.grads(g2.t() @ x2, cast, need_f)
+            for i, (g, dt) in enumerate(zip(raw, ctx.factor_dtypes)):
+                # the factor that carried s: ∂/∂f = s·∂/∂(s·f); s rides on the cast back
+                grads[i] = (
+                    None if g is None else cast_scaled(g, dt, ctx.scale if i == rule.scaled_index else 1.0)
+                )
+        return (gx, gw, gb, None, None, *grads)
+
+
+def rebuild_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    rule: DeltaRule,
+    scale: float,
+    factors: Sequence[Tensor],
+) -> Tensor:
+    """x·Wᵀ + b + x·ΔWᵀ, ΔW = rule.build(factors cast, s folded), as one autograd node with grads to the factors.
+
+    x, weight and bias share the compute dtype; the factors may be fp32 parameters (cast inside).
+    """
+    if not isinstance(scale, float):
+        raise TypeError(f"rebuild_linear: scale must be a Python float, got {type(scale).__name__}")
+    return RebuildLinear.apply(x, weight, bias, rule, scale, *factors)
 
 
 class MergedLoRALinear(torch.autograd.Function):

@@ -7,11 +7,13 @@ The custom Functions save only the factors, not the O×I products: backward reco
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from .common import Scale, apply_weight, autocast_like_forward, save_autocast_state, scaled_grad
+from .fused_linear import DeltaRule
 
 
 def _scale_grad(grad_out: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, scale: torch.Tensor):
@@ -48,23 +50,40 @@ class HadaWeight(torch.autograd.Function):
             w1a, w1b, w2a, w2b = ctx.saved_tensors
             scale = ctx.scale
         need = ctx.needs_input_grad
-        g = scaled_grad(grad_out, scale)
-        d1a = d1b = d2a = d2b = dscale = None
-        p2 = w2a @ w2b
-        if need[0] or need[1]:
-            m1 = g * p2
-            d1a = m1 @ w1b.T if need[0] else None
-            d1b = w1a.T @ m1 if need[1] else None
-            del m1
-        p1 = w1a @ w1b
-        if need[2] or need[3]:
-            m2 = g * p1
-            d2a = m2 @ w2b.T if need[2] else None
-            d2b = w2a.T @ m2 if need[3] else None
-            del m2
+        d1a, d1b, d2a, d2b = hada_grads(scaled_grad(grad_out, scale), (w1a, w1b, w2a, w2b), need[:4])
+        dscale = None
         if len(need) > 4 and need[4]:
-            dscale = _scale_grad(grad_out, p1, p2, scale)
+            dscale = _scale_grad(grad_out, w1a @ w1b, w2a @ w2b, scale)
         return d1a, d1b, d2a, d2b, dscale
+
+
+def hada_delta(factors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """(w1a@w1b) ⊙ (w2a@w2b), with any scale already folded into w1a."""
+    w1a, w1b, w2a, w2b = factors
+    return (w1a @ w1b) * (w2a @ w2b)
+
+
+def hada_grads(
+    grad: torch.Tensor, factors: Sequence[torch.Tensor], need: Sequence[bool]
+) -> list[torch.Tensor | None]:
+    """Grads of Σ grad⊙hada_delta(factors) to (w1a, w1b, w2a, w2b); the O×I products are recomputed, one at a
+    time, rather than saved."""
+    w1a, w1b, w2a, w2b = factors
+    out: list[torch.Tensor | None] = [None] * 4
+    if need[0] or need[1]:
+        m1 = grad * (w2a @ w2b)
+        out[0] = m1 @ w1b.T if need[0] else None
+        out[1] = w1a.T @ m1 if need[1] else None
+        del m1
+    if need[2] or need[3]:
+        m2 = grad * (w1a @ w1b)
+        out[2] = m2 @ w2b.T if need[2] else None
+        out[3] = w2a.T @ m2 if need[3] else None
+    return out
+
+
+# the fused Linear node's rule (functional/fused_linear.py): s rides on w1a
+LOHA_RULE = DeltaRule("loha", hada_delta, hada_grads, scaled_index=0)
 
 
 def tucker_half(t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:

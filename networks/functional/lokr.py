@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .common import Scale, autocast_like_forward, conv_padded_input, save_autocast_state, scaled_grad
+from .fused_linear import DeltaRule
 
 
 def factorization(dim: int, factor: int = -1) -> tuple[int, int]:
@@ -120,6 +122,64 @@ def lokr_delta_weight(
             f"{tuple(delta.shape)}, which does not fit the layer weight shape {shape}"
         )
     return delta.reshape(shape)
+
+
+def kron_grads(
+    grad: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, need: tuple[bool, bool]
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Grads of Σ grad⊙kron(W1, W2) to W1 (a, c) and W2 (b, d), grad (a·b, c·d).
+
+    grad viewed as G[i, k, j, l] (ΔW[i·b + k, j·d + l] = W1[i, j]·W2[k, l]) is read in place by batched
+    products over its (i, k) row blocks, never permuted into a copy.
+    """
+    (a, c), (b, d) = w1.shape, w2.shape
+    blocks = grad.reshape(a * b, c, d)  # block (i, k): the c×d matrix G[i, k, :, :]
+    g1 = g2 = None
+    if need[0]:  # ∂W1[i, j] = Σ_k Σ_l G[i, k, j, l]·W2[k, l]
+        w2_cols = w2.unsqueeze(0).expand(a, b, d).reshape(a * b, d, 1)
+        g1 = torch.bmm(blocks, w2_cols).view(a, b, c).sum(1)
+    if need[1]:  # ∂W2[k, l] = Σ_i Σ_j W1[i, j]·G[i, k, j, l]
+        w1_rows = w1.unsqueeze(1).expand(a, b, c).reshape(a * b, 1, c)
+        g2 = torch.bmm(w1_rows, blocks).view(a, b, d).sum(0)
+    return g1, g2
+
+
+def _lokr_rule(w1_lowrank: bool, w2_lowrank: bool) -> DeltaRule:
+    """The fused Linear node's rule for one LoKr layout; factors in file order
+    (lokr_w1 | lokr_w1_a, lokr_w1_b), (lokr_w2 | lokr_w2_a, lokr_w2_b); s rides on the first."""
+    n1 = 2 if w1_lowrank else 1
+
+    def halves(f: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        w1 = f[0] @ f[1] if w1_lowrank else f[0]
+        w2 = f[n1] @ f[n1 + 1] if w2_lowrank else f[n1]
+        return w1, w2
+
+    def build(f: Sequence[torch.Tensor]) -> torch.Tensor:
+        return torch.kron(*halves(f))
+
+    def grads(
+        grad: torch.Tensor, f: Sequence[torch.Tensor], need: Sequence[bool]
+    ) -> list[torch.Tensor | None]:
+        w1, w2 = halves(f)
+        need1, need2 = any(need[:n1]), any(need[n1:])
+        g1, g2 = kron_grads(grad, w1, w2, (need1, need2))
+        out: list[torch.Tensor | None] = []
+        for lowrank, g, a_b, needs in (
+            (w1_lowrank, g1, f[:n1], need[:n1]),
+            (w2_lowrank, g2, f[n1:], need[n1:]),
+        ):
+            if not lowrank:
+                out.append(g)
+            else:  # W = A·B: ∂A = ∂W·Bᵀ, ∂B = Aᵀ·∂W
+                out.append(g @ a_b[1].T if needs[0] else None)
+                out.append(a_b[0].T @ g if needs[1] else None)
+        return out
+
+    name = f"lokr (w1 {'low-rank' if w1_lowrank else 'full'}, w2 {'low-rank' if w2_lowrank else 'full'})"
+    return DeltaRule(name, build, grads, scaled_index=0)
+
+
+LOKR_RULES = {(l1, l2): _lokr_rule(l1, l2) for l1 in (False, True) for l2 in (False, True)}
 
 
 def _check_linear_bypass(x: torch.Tensor, c: int, d: int) -> None:
