@@ -80,13 +80,14 @@ def test_rebuild_gradcheck_fp64(algo: str, key, with_bias: bool) -> None:
     assert torch.allclose(rebuild_linear(x, w, b, rule, scale, factors), ref, rtol=0, atol=1e-12)
 
 
-def test_kron_grads_equal_autograd_fp64() -> None:
+@pytest.mark.parametrize("reduce_form", [False, True], ids=["batched_products", "reduce"])
+def test_kron_grads_equal_autograd_fp64(reduce_form: bool) -> None:
     g = torch.Generator().manual_seed(2)
     w1 = torch.randn(3, 4, generator=g, dtype=torch.float64, requires_grad=True)
     w2 = torch.randn(5, 2, generator=g, dtype=torch.float64, requires_grad=True)
     grad = torch.randn(15, 8, generator=g, dtype=torch.float64)
     ref = torch.autograd.grad(torch.kron(w1, w2), [w1, w2], grad)
-    got = kron_grads(grad, w1.detach(), w2.detach(), (True, True))
+    got = kron_grads(grad, w1.detach(), w2.detach(), (True, True), reduce_form)
     for a, b in zip(got, ref):
         assert torch.allclose(a, b, rtol=0, atol=1e-12)
 

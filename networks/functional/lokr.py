@@ -125,20 +125,35 @@ def lokr_delta_weight(
 
 
 def kron_grads(
-    grad: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, need: tuple[bool, bool]
+    grad: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    need: tuple[bool, bool],
+    reduce_form: bool | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Grads of Σ grad⊙kron(W1, W2) to W1 (a, c) and W2 (b, d), grad (a·b, c·d).
 
-    grad viewed as G[i, k, j, l] (ΔW[i·b + k, j·d + l] = W1[i, j]·W2[k, l]) is read in place by batched
-    products over its (i, k) row blocks, never permuted into a copy.
+    grad is read in place as G[i, k, j, l] (ΔW[i·b + k, j·d + l] = W1[i, j]·W2[k, l]), never permuted into a
+    copy. Eager: batched products over its (i, k) row blocks. Under torch.compile (`reduce_form` None → auto)
+    a broadcast multiply and sum, which inductor fuses into one pass over G (H100 run 19: the batched products
+    were 2 % slower there).
     """
     (a, c), (b, d) = w1.shape, w2.shape
-    blocks = grad.reshape(a * b, c, d)  # block (i, k): the c×d matrix G[i, k, :, :]
+    if reduce_form is None:
+        reduce_form = torch.compiler.is_compiling()
     g1 = g2 = None
-    if need[0]:  # ∂W1[i, j] = Σ_k Σ_l G[i, k, j, l]·W2[k, l]
+    if reduce_form:
+        blocks4 = grad.reshape(a, b, c, d)
+        if need[0]:  # ∂W1[i, j] = Σ_k Σ_l G[i, k, j, l]·W2[k, l]
+            g1 = (blocks4 * w2.reshape(1, b, 1, d)).sum((1, 3))
+        if need[1]:  # ∂W2[k, l] = Σ_i Σ_j W1[i, j]·G[i, k, j, l]
+            g2 = (blocks4 * w1.reshape(a, 1, c, 1)).sum((0, 2))
+        return g1, g2
+    blocks = grad.reshape(a * b, c, d)  # block (i, k): the c×d matrix G[i, k, :, :]
+    if need[0]:
         w2_cols = w2.unsqueeze(0).expand(a, b, d).reshape(a * b, d, 1)
         g1 = torch.bmm(blocks, w2_cols).view(a, b, c).sum(1)
-    if need[1]:  # ∂W2[k, l] = Σ_i Σ_j W1[i, j]·G[i, k, j, l]
+    if need[1]:
         w1_rows = w1.unsqueeze(1).expand(a, b, c).reshape(a * b, 1, c)
         g2 = torch.bmm(w1_rows, blocks).view(a, b, d).sum(0)
     return g1, g2
