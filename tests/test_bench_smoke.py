@@ -57,3 +57,14 @@ def test_layer_bench_smoke():
     assert all("error" not in r and r["eager_ms"] > 0 for r in timed)
     model = [r for r in rows if "model_lokr_f-1" in r][0]
     assert set(model["model_loha_r8"]) == {"rebuild", "khatri_rao"}
+
+
+def test_host_overhead_bench_smoke():
+    bench = _load("bench_host_overhead")
+    rows = bench.main(
+        ["--device", "cpu", "--layers", "3", "--dim", "24", "--rank", "4", "--iters", "1", "--repeats", "1"]
+    )
+    by = {r["variant"]: r for r in rows}
+    assert list(by) == ["base", "ours-lora", "ours-loha", "ours-lokr", "plain-lora"], rows
+    assert by["base"]["extra_us"] == 0.0
+    assert all(r["us_per_layer"] > 0 for r in rows)
