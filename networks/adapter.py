@@ -326,10 +326,12 @@ class AdapterModule(nn.Module):
         return not self.is_conv and self._active_on_device()
 
     def _masked_right(self, right: torch.Tensor) -> torch.Tensor:
-        if self.training and self.rank_dropout:  # an output-channel mask = a row mask on right
+        if not self._step_masked():
+            return right
+        if self.rank_dropout:  # an output-channel mask = a row mask on right
             keep = self._rank_keep_scale(right.device).to(right.dtype)
             right = right * keep.view(-1, *([1] * (right.dim() - 1)))
-        if self.training and self.module_dropout and self.module_dropout_on_device:  # ×0 drops the branch
+        if self.module_dropout and self.module_dropout_on_device:  # ×0 drops the branch
             right = right * self._module_keep(right.device).to(right.dtype).view([1] * right.dim())
         return right
 

@@ -93,6 +93,10 @@ class LoKrModule(AdapterModule):
                 f"({self.out_dim} out, {self.in_dim} in)"
             )
         self.lokr_layout = L
+        # the fused node's rule and its factors in rule order (functional/lokr.py), fixed by the layout
+        names = ("lokr_w1",) if L.w1_rank is None else ("lokr_w1_a", "lokr_w1_b")
+        names += ("lokr_w2",) if L.w2_mode == "full" else ("lokr_w2_a", "lokr_w2_b")
+        self._node_rule = (LOKR_RULES[(L.w1_rank is not None, L.w2_mode != "full")], names)
         # per-layer path: None = choose by networks.functional.dispatch (per input size, cached);
         # True/False force the bypass / the rebuild
         self.use_bypass: bool | None = None
@@ -294,12 +298,9 @@ class LoKrModule(AdapterModule):
     def factor_node_output(
         self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: float
     ) -> torch.Tensor | None:
-        L = self.lokr_layout
-        if L.w2_mode == "tucker" or self._bypass_for(x):
+        if self.lokr_layout.w2_mode == "tucker" or self._bypass_for(x):
             return None
-        names = ("lokr_w1",) if L.w1_rank is None else ("lokr_w1_a", "lokr_w1_b")
-        names += ("lokr_w2",) if L.w2_mode == "full" else ("lokr_w2_a", "lokr_w2_b")
-        rule = LOKR_RULES[(L.w1_rank is not None, L.w2_mode != "full")]
+        rule, names = self._node_rule
         return rebuild_linear(x, weight, bias, rule, scale, [getattr(self, n) for n in names])
 
     def norm_for_max(self) -> torch.Tensor:

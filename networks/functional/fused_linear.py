@@ -165,14 +165,16 @@ class RebuildLinear(torch.autograd.Function):
         gx = gw = gb = None
         if need_x:
             gx = (g2 @ weight).addmm_(g2, delta).view(ctx.x_shape)
+        # grad W and grad ΔW are the same product gᵀ·x: formed once
+        g_delta = g2.t() @ x2 if need_w or any(need_f) else None
         if need_w:
-            gw = g2.t() @ x2
+            gw = g_delta
         if need_b:
             gb = g2.sum(0)
         grads: list[Tensor | None] = [None] * len(cast)
         if any(need_f):
             rule = ctx.rule
-            raw = rule.grads(g2.t() @ x2, cast, need_f)
+            raw = rule.grads(g_delta, cast, need_f)
             for i, (g, dt) in enumerate(zip(raw, ctx.factor_dtypes)):
                 # the factor that carried s: ∂/∂f = s·∂/∂(s·f); s rides on the cast back
                 grads[i] = (
