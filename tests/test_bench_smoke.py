@@ -68,3 +68,25 @@ def test_host_overhead_bench_smoke():
     assert list(by) == ["base", "ours-lora", "ours-loha", "ours-lokr", "plain-lora"], rows
     assert by["base"]["extra_us"] == 0.0
     assert all(r["us_per_layer"] > 0 for r in rows)
+
+
+def test_path_bench_smoke():
+    bench = _load("bench_paths")
+    rows = bench.main(["--device", "cpu", "--model", "tiny", "--rank", "4", "--iters", "1", "--repeats", "1"])
+    timed = [r for r in rows if "variant" in r]
+    assert [r["variant"] for r in timed[:6]] == [
+        "base",
+        "lora",
+        "lokr_rebuild",
+        "lokr_bypass",
+        "loha_rebuild",
+        "loha_khatri_rao",
+    ]
+    assert all("error" not in r and r["eager_us"] > 0 for r in timed)
+    assert all(r["model_eager"] in ("rebuild", "bypass", "khatri_rao") for r in timed if "model_eager" in r)
+    # one pick per shape and algorithm in eager (no graph timing on the CPU), and a step total per algorithm
+    picks = [r for r in rows if "shape" in r]
+    assert len(picks) == 2 * len(bench.SHAPES["tiny"]) and {r["mode"] for r in picks} == {"eager"}
+    totals = [r for r in rows if "step_extra_ms" in r]
+    assert {(r["algo"], r["mode"]) for r in totals} == {("lokr", "eager"), ("loha", "eager")}
+    assert all(r["step_extra_ms"]["best"] <= r["step_extra_ms"]["model"] for r in totals)

@@ -1,9 +1,13 @@
 """Per-layer path choice (spec §6 rule 1) and fast path == plain path through the module wrappers.
 
-The cost-model checks use crossovers measured on the H100 by bench/bench_layers.py (docs/benchmarks.md).
+The cost-model checks use crossovers measured on the H100: by bench/bench_layers.py (functions, older runs)
+and by bench/bench_paths.py (the modules as the network runs them, run 22; raw rows in bench/results).
 """
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -54,6 +58,43 @@ def test_loha_choice_matches_measured_crossovers():
     assert choose_loha_path(4096, 10240, 1280, 8, "eager") == "rebuild"
     assert choose_loha_path(4096, 1280, 1280, 32, "graph") == "rebuild"
     assert choose_loha_path(4096, 1280, 1280, 8, "graph") == "khatri_rao"
+
+
+RUN22 = [
+    json.loads(line)
+    for name in ("h100_run22_paths_sdxl.jsonl", "h100_run22_paths_anima.jsonl")
+    for line in (Path(__file__).resolve().parents[1] / "bench" / "results" / name).read_text().splitlines()
+]
+
+
+def _measured_winners(algo: str, mode: str, margin: float = 0.05) -> list[tuple[tuple[int, int, int], str]]:
+    """(O, I, N) → the path measured faster per training step in run 22, where the two differ by > margin."""
+    out = []
+    for shape in sorted({(r["O"], r["I"], r["N"]) for r in RUN22 if "variant" in r}):
+        t = {
+            r["variant"].split("_", 1)[1]: r[f"{mode}_extra_us"]
+            for r in RUN22
+            if (r.get("O"), r.get("I"), r.get("N")) == shape and r.get("variant", "").startswith(algo + "_")
+        }
+        (fast, t_fast), (_, t_slow) = sorted(t.items(), key=lambda kv: kv[1])
+        if t_slow > (1 + margin) * t_fast:
+            out.append((shape, fast))
+    return out
+
+
+@pytest.mark.parametrize("mode", ["eager", "graph"])
+def test_model_picks_the_path_measured_faster_at_real_sdxl_and_anima_shapes(mode):
+    # run 22: every LoKr (factor -1) / LoHa (r32) layer shape of SDXL (batch 4) and Anima (batch 2) at 1024²,
+    # forward + recompute + backward through the modules; near-ties (≤ 5 %) are left out
+    lokr, loha = _measured_winners("lokr", mode), _measured_winners("loha", mode)
+    assert len(lokr) >= 10 and len(loha) >= 10
+    for (o, i, n), fast in lokr:
+        assert _lokr_choice(o, i, n, -1, mode) == fast, (o, i, n)
+    for (o, i, n), fast in loha:
+        assert choose_loha_path(n, o, i, 32, mode) == fast, (o, i, n)
+    # both answers occur: the model is not a constant
+    assert {f for _, f in lokr} == {"rebuild", "bypass"}
+    assert {f for _, f in loha} == {"rebuild", "khatri_rao"}
 
 
 def test_costs_grow_with_tokens_and_bad_input():

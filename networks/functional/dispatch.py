@@ -4,11 +4,15 @@ Every path computes the same s·ΔW·x (tested to fp32 tolerance); they differ o
 The choice is a pure function of shapes (never of tensor values), so a module may call it once per
 input shape and cache the answer: nothing here syncs with the device or breaks graph capture.
 
-Cost model: each path is a list of kernels (FLOPs, bytes moved). GPU time is the sum over kernels of
-max(FLOPs / flops_per_s, bytes / bytes_per_s) + a small gap; host time is ops × a per-op overhead
-(Python dispatch, launch, autograd). The GPU runs behind the host, so a layer costs max(GPU, host).
-In eager mode the host side dominates at SDXL sizes (tens of µs per op); in graph mode (CUDA graphs /
-torch.compile) it vanishes and only the GPU term decides.
+Cost model: each path is its forward and backward kernels (FLOPs, bytes moved) and its host ops per training
+step, with the forward run twice (gradient checkpointing recomputes it). GPU time is the sum over kernels of
+max(FLOPs / flops_per_s, bytes / bytes_per_s) + a small gap; host time is ops × a per-op overhead (Python
+dispatch, launch, autograd). The GPU runs behind the host, so a layer costs max(GPU, host). In eager mode
+the host side dominates at SDXL sizes (tens of µs per op); in graph mode (CUDA graphs / torch.compile) it
+vanishes and only the GPU term decides. The kernel lists follow the code of each path (the fused
+RebuildLinear node, KronBypassLinear, KhatriRaoLinear); rates and host op counts are fitted to
+bench/bench_paths.py, and the tests check the picks against its measured winners at every SDXL and Anima
+layer shape.
 """
 
 from __future__ import annotations
@@ -23,11 +27,12 @@ Kernel = tuple[float, float]  # (flops, bytes)
 
 @dataclass(frozen=True)
 class DeviceModel:
-    """Achieved (not peak) rates; defaults calibrated on an H100 by bench/bench_layers.py."""
+    """Achieved (not peak) rates; calibrated on an H100 against the modules themselves by
+    bench/bench_paths.py (run 22, docs/benchmarks.md)."""
 
     flops_per_s: float = 700e12
-    bytes_per_s: float = 2.4e12
-    gap_s: float = 3e-6  # GPU idle between kernels
+    bytes_per_s: float = 2.8e12
+    gap_s: float = 3e-6  # GPU time of a launch that moves next to nothing, and the idle gap after it
     op_overhead_s: float = 45e-6  # host per op in eager (measured ~40-55 µs on the H100 host)
 
 
@@ -35,10 +40,24 @@ EAGER = DeviceModel()
 GRAPH = DeviceModel(op_overhead_s=0.0)
 MODES = {"eager": EAGER, "graph": GRAPH}
 
+# Training runs the forward of a checkpointed block twice per step (the forward, and its recompute in
+# backward); the models assume it, as the trainers' SDXL and Anima defaults do.
+FORWARDS_PER_STEP = 2
 
-def _cost(kernels: list[Kernel], model: DeviceModel) -> float:
+
+@dataclass(frozen=True)
+class PathCost:
+    """One path on one layer: its forward and backward kernels and its host ops per training step."""
+
+    forward: list[Kernel]
+    backward: list[Kernel]
+    host_ops: int  # eager ops per step (forward twice + backward), from bench/bench_paths.py at small N
+
+
+def _cost(path: PathCost, model: DeviceModel) -> float:
+    kernels = path.forward * FORWARDS_PER_STEP + path.backward
     gpu = sum(max(f / model.flops_per_s, b / model.bytes_per_s) + model.gap_s for f, b in kernels)
-    return max(gpu, len(kernels) * model.op_overhead_s)
+    return max(gpu, path.host_ops * model.op_overhead_s)
 
 
 def _gemm(m: float, n: float, k: float) -> Kernel:
@@ -46,97 +65,92 @@ def _gemm(m: float, n: float, k: float) -> Kernel:
     return 2.0 * m * n * k, ACT_BYTES * (m * k + k * n + m * n)
 
 
-def _ew(elems: float, bytes_per_elem: float, small: bool = False) -> Kernel:
-    return 0.0, (0.0 if small else elems * bytes_per_elem)
+def _ew(elems: float, bytes_per_elem: float) -> Kernel:
+    return 0.0, elems * bytes_per_elem
 
 
-def _lokr_rebuild_kernels(n: int, a: int, b: int, c: int, d: int, w2_rank: int | None) -> list[Kernel]:
+SMALL: Kernel = (0.0, 0.0)  # a launch on a factor-sized tensor: only its gap counts
+
+
+def _lokr_rebuild(n: int, a: int, b: int, c: int, d: int, w2_rank: int | None) -> PathCost:
+    """RebuildLinear: ΔW = kron(W1, W2) built in the node, x·ΔWᵀ accumulated into the base output."""
     o, i = a * b, c * d
-    oi = float(o * i)
-    ks: list[Kernel] = []
+    fwd: list[Kernel] = [SMALL] * (3 if w2_rank else 2)  # factor casts (s folded into W1's)
     if w2_rank is not None:
-        ks += [_gemm(b, d, w2_rank), _gemm(b, w2_rank, d), _gemm(w2_rank, d, b)]  # W2 build + its 2 grads
-    ks += [_ew(a * c, 8, small=True)]  # W1·s
-    ks += [_ew(oi, PARAM_BYTES), _ew(oi, PARAM_BYTES + ACT_BYTES)]  # kron, cast to bf16
-    ks += [_gemm(n, o, i)]  # forward
-    ks += [_gemm(n, i, o), _gemm(o, i, n)]  # grad x, grad ΔW
-    ks += [_ew(oi, ACT_BYTES + PARAM_BYTES)]  # grad ΔW → fp32
-    ks += [_ew(oi, 2 * PARAM_BYTES)] * 4  # kron backward: two products, two reductions
-    ks += [_ew(a * c, 8, small=True)]  # W1·s backward
-    return ks
+        fwd += [_gemm(b, d, w2_rank)]
+    fwd += [_ew(o * i, ACT_BYTES), _gemm(n, o, i), _ew(n * o, ACT_BYTES)]  # kron, addmm (reads y)
+    bwd = [_gemm(n, i, o), _ew(n * i, ACT_BYTES), _gemm(o, i, n)]  # grad x += g·ΔW, grad ΔW = gᵀ·x
+    # kron grads read grad ΔW in place, once per factor, as batched products (with their reshapes and sums)
+    bwd += [_ew(o * i, ACT_BYTES)] * 2 + [SMALL] * 4
+    if w2_rank is not None:
+        bwd += [_gemm(b, w2_rank, d), _gemm(w2_rank, d, b)]
+    bwd += [SMALL] * (3 if w2_rank else 2)  # casts back
+    return PathCost(fwd, bwd, host_ops=20)
 
 
-def _lokr_bypass_kernels(n: int, a: int, b: int, c: int, d: int, w2_rank: int | None) -> list[Kernel]:
-    m = n * c  # rows of X viewed (N·c, d)
+def _lokr_bypass(n: int, a: int, b: int, c: int, d: int) -> PathCost:
+    """KronBypassLinear (W2 built at (b, d)) beside the base layer, added to its output."""
     o, i = a * b, c * d
-    ks: list[Kernel] = [_ew(a * c, 8, small=True)] * 3  # W1·s, casts
-    # W1·Y is a batched product of tiny matrices (bandwidth-bound, ~half speed); the backward einsums
-    # permute gz, Y, grad Y and x into GEMM layout (copies). Calibrated on the H100 layer bench.
-    ks += [_ew(n * o + n * c * b, 2 * ACT_BYTES)] * 2
-    ks += [_ew(n * o + 2 * n * c * b + n * i, 2 * ACT_BYTES)]
-    if w2_rank is None:
-        y = _gemm(m, b, d)
-        ks += [y, _gemm(n, a * b, c)]  # Y = X·W2ᵀ, Z = W1·Y (forward)
-        ks += [y]  # Y recomputed in backward
-        ks += [_gemm(a, c, n * b), _gemm(n * c, b, a)]  # grad W1, grad Y
-        ks += [_gemm(m, d, b), _gemm(b, d, m)]  # grad x, grad W2
-        ks += [_ew(a * c, 8, small=True)] * 3  # scaled grad, casts back
-    else:
-        r = w2_rank
-        ks += [_gemm(m, r, d), _gemm(m, b, r), _gemm(n, a * b, c)]  # forward chain
-        ks += [_gemm(a, c, n * b), _gemm(n * c, b, a)]  # grads of W1·Y
-        ks += [_gemm(m, r, b), _gemm(b, r, m)]  # grads of w2a
-        ks += [_gemm(m, d, r), _gemm(r, d, m)]  # grads of w2b
-        ks += [_ew(a * c, 8, small=True)] * 4
-    return ks
+    fwd: list[Kernel] = [SMALL] * 3  # W1·s, casts
+    fwd += [_gemm(n * c, b, d)]  # Y = X·W2ᵀ
+    fwd += [_ew(n * c * b + n * o, 2 * ACT_BYTES)]  # Z = W1·Y: a batch of tiny products, bandwidth-bound
+    fwd += [_ew(n * o, 3 * ACT_BYTES)]  # y + Z
+    bwd = [_ew(n * i, 3 * ACT_BYTES)]  # grad x of the base and of the branch added
+    bwd += [_gemm(n * c, b, d)]  # Y recomputed
+    bwd += [_gemm(a, c, n * b), _gemm(n * c, b, a)]  # grad W1, grad Y
+    bwd += [_gemm(n * c, d, b), _gemm(b, d, n * c)]  # grad x, grad W2
+    # the backward products permute grad Z, Y, grad Y and x into GEMM layout (copies)
+    bwd += [_ew(n * o + 2 * n * c * b + n * i, 2 * ACT_BYTES)]
+    bwd += [SMALL] * 3  # scaled grad, casts back
+    return PathCost(fwd, bwd, host_ops=34)
 
 
 def lokr_linear_costs(
     n: int, a: int, b: int, c: int, d: int, w2_rank: int | None = None, mode: str = "eager"
 ) -> dict[str, float]:
-    """Modelled seconds of forward+backward of one LoKr branch on an (a·b)×(c·d) linear, N tokens."""
+    """Modelled seconds per training step (forward, recompute, backward) of one LoKr branch on an
+    (a·b)×(c·d) linear with N tokens, over the bare layer."""
     model = MODES[mode]
     return {
-        "rebuild": _cost(_lokr_rebuild_kernels(n, a, b, c, d, w2_rank), model),
-        "bypass": _cost(_lokr_bypass_kernels(n, a, b, c, d, w2_rank), model),
+        "rebuild": _cost(_lokr_rebuild(n, a, b, c, d, w2_rank), model),
+        "bypass": _cost(_lokr_bypass(n, a, b, c, d), model),
     }
 
 
-def _loha_rebuild_kernels(n: int, o: int, i: int, r: int) -> list[Kernel]:
-    oi = float(o * i)
-    ks: list[Kernel] = [_ew(o * r, 8, small=True)] * 5  # w1a·s and the autocast casts
-    ks += [_gemm(o, i, r)] * 2 + [_ew(oi, 3 * ACT_BYTES)]  # P1, P2, P1⊙P2
-    ks += [_gemm(n, o, i)]  # forward
-    ks += [_gemm(n, i, o), _gemm(o, i, n)]  # grad x, grad ΔW
-    ks += [_ew(oi, 2 * ACT_BYTES)]  # grad·s
-    # custom backward: recompute P2, P1; Ĝ⊙P; two rank-r GEMMs per half
-    ks += [_gemm(o, i, r), _ew(oi, 3 * ACT_BYTES), _gemm(o, r, i), _gemm(r, i, o)] * 2
-    ks += [_ew(o * r, 8, small=True)] * 8  # casts of the factors and their grads
-    return ks
+def _loha_rebuild(n: int, o: int, i: int, r: int) -> PathCost:
+    """RebuildLinear with LOHA_RULE: ΔW = (w1a·w1b)⊙(w2a·w2b) built in the node."""
+    oi = o * i
+    fwd: list[Kernel] = [SMALL] * 4  # factor casts
+    fwd += [_gemm(o, i, r)] * 2 + [_ew(oi, 3 * ACT_BYTES)]  # P1, P2, P1⊙P2
+    fwd += [_gemm(n, o, i), _ew(n * o, ACT_BYTES)]  # addmm into the base output
+    bwd = [_gemm(n, i, o), _ew(n * i, ACT_BYTES), _gemm(o, i, n)]  # grad x, grad ΔW
+    # per half: the other half's product recomputed, Ĝ⊙P, two rank-r products
+    bwd += [_gemm(o, i, r), _ew(oi, 3 * ACT_BYTES), _gemm(o, r, i), _gemm(r, i, o)] * 2
+    bwd += [SMALL] * 4  # casts back
+    return PathCost(fwd, bwd, host_ops=25)
 
 
-def _loha_kr_kernels(n: int, o: int, i: int, r: int) -> list[Kernel]:
+def _loha_khatri_rao(n: int, o: int, i: int, r: int) -> PathCost:
+    """KhatriRaoLinear beside the base layer: x·(B1•B2)ᵀ·(A1∗A2)ᵀ through an N×r² middle, added to y."""
     rr = r * r
-    ks: list[Kernel] = [_ew(o * r, 8, small=True)]  # w1a·s
-    ks += [_ew(o * rr, PARAM_BYTES), _ew(i * rr, PARAM_BYTES)]  # A1∗A2, B1•B2
-    ks += [_ew(o * rr, PARAM_BYTES + ACT_BYTES), _ew(i * rr, PARAM_BYTES + ACT_BYTES)]  # casts
-    ks += [_gemm(n, rr, i), _gemm(n, o, rr)]  # forward
-    ks += [_gemm(n, rr, i)]  # the N×r² middle recomputed in backward (KhatriRaoLinear)
-    ks += [_gemm(n, rr, o), _gemm(o, rr, n), _gemm(n, i, rr), _gemm(rr, i, n)]  # backward GEMMs
-    # backward rebuilds both KR factors and their casts, then four einsums for the factor grads
-    ks += [_ew(o * rr, PARAM_BYTES), _ew(i * rr, PARAM_BYTES)]
-    ks += [_ew(o * rr, PARAM_BYTES + ACT_BYTES), _ew(i * rr, PARAM_BYTES + ACT_BYTES)]
-    ks += [_ew(o * rr, 2 * ACT_BYTES)] * 2 + [_ew(i * rr, 2 * ACT_BYTES)] * 2
-    ks += [_ew(o * r, 8, small=True)] * 10  # w1a·s, scaled grad, grads → fp32 (measured: more ops)
-    return ks
+    kr_build = [_ew(o * rr, 2 * PARAM_BYTES + ACT_BYTES), _ew(i * rr, 2 * PARAM_BYTES + ACT_BYTES)]
+    fwd: list[Kernel] = [SMALL] + kr_build  # w1a·s; both Khatri–Rao factors built and cast
+    fwd += [_gemm(n, rr, i), _gemm(n, o, rr), _ew(n * o, 3 * ACT_BYTES)]  # middle, output, y + it
+    bwd = [_ew(n * i, 3 * ACT_BYTES)]  # grad x of the base and of the branch added
+    bwd += [_gemm(n, rr, i)]  # the middle recomputed
+    bwd += [_gemm(n, rr, o), _gemm(o, rr, n), _gemm(n, i, rr), _gemm(rr, i, n)]
+    bwd += kr_build  # rebuilt for backward
+    bwd += [_ew(o * rr, 2 * PARAM_BYTES)] * 2 + [_ew(i * rr, 2 * PARAM_BYTES)] * 2  # factor-grad einsums
+    bwd += [SMALL] * 10
+    return PathCost(fwd, bwd, host_ops=39)
 
 
 def loha_linear_costs(n: int, o: int, i: int, r: int, mode: str = "eager") -> dict[str, float]:
-    """Modelled seconds of forward+backward of one LoHa branch (rank r per half) on an O×I linear."""
+    """Modelled seconds per training step of one LoHa branch (rank r per half) on an O×I linear."""
     model = MODES[mode]
     return {
-        "rebuild": _cost(_loha_rebuild_kernels(n, o, i, r), model),
-        "khatri_rao": _cost(_loha_kr_kernels(n, o, i, r), model),
+        "rebuild": _cost(_loha_rebuild(n, o, i, r), model),
+        "khatri_rao": _cost(_loha_khatri_rao(n, o, i, r), model),
     }
 
 
