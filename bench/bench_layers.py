@@ -1,6 +1,7 @@
 """Single-layer microbench: one adapted Linear, forward + backward (incl. the base GEMM and grad x).
 
-Calibrates the per-layer path choice of `networks.functional.dispatch` (spec networks.md §6). Each row is
+Times the standalone functions (spec networks.md §6); the path choice of `networks.functional.dispatch` is
+calibrated against the modules themselves by bench/bench_paths.py. Each row is
 one (size, variant): eager ms/iter, CUDA-graph replay ms/iter (no launch overhead: the graph-mode cost),
 and the extra peak memory over the base layer. Params are fp32, activations bf16 under autocast, as in
 training.
