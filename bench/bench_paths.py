@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,6 +23,9 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_layers import _time_eager, _time_graph  # noqa: E402
 
 from networks.adapter import AdapterModule, attach_adapter  # noqa: E402
 from networks.functional.dispatch import select_loha_path, select_lokr_path  # noqa: E402
@@ -90,42 +92,6 @@ def _layer_step(lin: nn.Linear, x: torch.Tensor, gy: torch.Tensor, params: list[
     return step
 
 
-def _time_eager(step: Callable[[], None], iters: int, repeats: int, device: torch.device) -> float:
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(3):
-        step()
-    best = float("inf")
-    for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            step()
-        sync()
-        best = min(best, (time.perf_counter() - t0) / iters)
-    return best * 1e6
-
-
-def _time_graph(step: Callable[[], None], iters: int, repeats: int) -> float:
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        step()
-    best = float("inf")
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            g.replay()
-        torch.cuda.synchronize()
-        best = min(best, (time.perf_counter() - t0) / iters)
-    return best * 1e6
-
-
 def _model_choice(mod: AdapterModule, tokens: int, mode: str) -> str:
     from networks.functional import dispatch
 
@@ -166,9 +132,9 @@ def bench_shape(o: int, i: int, n: int, count: int, args: argparse.Namespace) ->
         gy = torch.randn(n, o, device=device, dtype=dtype)
         step = _layer_step(lin, x, gy, params)
         try:
-            row["eager_us"] = round(_time_eager(step, args.iters, args.repeats, device), 1)
+            row["eager_us"] = round(1e3 * _time_eager(step, args.iters, device, args.repeats), 1)
             if device.type == "cuda":
-                row["graph_us"] = round(_time_graph(step, args.iters, args.repeats), 1)
+                row["graph_us"] = round(1e3 * _time_graph(step, args.iters, args.repeats), 1)
         except Exception as e:  # one failing variant must not lose the rest of the table
             row["error"] = f"{type(e).__name__}: {e}"[:300]
         if name == "base":
