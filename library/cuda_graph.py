@@ -247,7 +247,10 @@ def host_side_dropout(network: torch.nn.Module) -> list[str]:
     kinds = []
     if any(rate(m, "dropout") for m in network.modules()):
         kinds.append("neuron dropout")
-    if any(rate(m, "module_dropout") and not getattr(m, "module_dropout_on_device", False) for m in network.modules()):
+    if any(
+        rate(m, "module_dropout") and not getattr(m, "module_dropout_on_device", False)
+        for m in network.modules()
+    ):
         kinds.append("module dropout")
     return kinds
 
