@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_layers import _time_eager, _time_graph  # noqa: E402
 
 from networks.adapter import AdapterModule, attach_adapter  # noqa: E402
-from networks.functional.dispatch import select_loha_path, select_lokr_path  # noqa: E402
+from networks.functional import dispatch  # noqa: E402
 from networks.loha import LoHaModule  # noqa: E402
 from networks.lokr import LoKrModule  # noqa: E402
 from networks.lora import LoRAModule  # noqa: E402
@@ -79,7 +79,7 @@ def _variants(rank: int, alpha: float) -> dict[str, Variant]:
     }
 
 
-def _layer_step(lin: nn.Linear, x: torch.Tensor, gy: torch.Tensor, params: list[torch.Tensor]) -> Callable:
+def _layer_step(lin: nn.Linear, x: torch.Tensor, gy: torch.Tensor) -> Callable:
     autocast = x.device.type == "cuda"
 
     def step() -> None:
@@ -93,15 +93,13 @@ def _layer_step(lin: nn.Linear, x: torch.Tensor, gy: torch.Tensor, params: list[
 
 
 def _model_choice(mod: AdapterModule, tokens: int, mode: str) -> str:
-    from networks.functional import dispatch
-
     saved = dispatch.path_policy()
     dispatch.set_path_policy("auto", mode)
     try:
         if isinstance(mod, LoKrModule):
             L = mod.lokr_layout
-            return select_lokr_path(tokens, L.a, L.b, L.c, L.d)
-        return select_loha_path(tokens, mod.out_dim, mod.in_dim, mod.rank)
+            return dispatch.select_lokr_path(tokens, L.a, L.b, L.c, L.d)
+        return dispatch.select_loha_path(tokens, mod.out_dim, mod.in_dim, mod.rank)
     finally:
         dispatch.set_path_policy(*saved)
 
@@ -114,7 +112,6 @@ def bench_shape(o: int, i: int, n: int, count: int, args: argparse.Namespace) ->
     for name, (make, attr, value) in _variants(args.rank, args.alpha).items():
         torch.manual_seed(0)
         lin = nn.Linear(i, o).to(device, dtype).requires_grad_(False)
-        params: list[torch.Tensor] = []
         row: dict = {"O": o, "I": i, "N": n, "count": count, "variant": name}
         if make is not None:
             mod = make(lin).to(device)
@@ -127,10 +124,9 @@ def bench_shape(o: int, i: int, n: int, count: int, args: argparse.Namespace) ->
                 row["model_graph"] = _model_choice(mod, n, "graph")
             attach_adapter(lin, mod)
             mod.train()
-            params = list(mod.parameters())
         x = torch.randn(n, i, device=device, dtype=dtype, requires_grad=True)
         gy = torch.randn(n, o, device=device, dtype=dtype)
-        step = _layer_step(lin, x, gy, params)
+        step = _layer_step(lin, x, gy)
         try:
             row["eager_us"] = round(1e3 * _time_eager(step, args.iters, device, args.repeats), 1)
             if device.type == "cuda":
