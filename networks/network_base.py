@@ -233,9 +233,8 @@ class AdapterNetwork(NetworkOptimMixin, nn.Module):
         parts = [m.rank_keep_scale_cpu() for m in rank_mods]
         if keep_mods:
             parts.append(torch.tensor([m.module_keep_cpu() for m in keep_mods], dtype=torch.float32))
-        buf.copy_(
-            torch.cat(parts)
-        )  # synchronous from pageable memory: the host tensor may be freed right after
+        host = torch.cat(parts)
+        buf.copy_(host)  # synchronous from pageable memory: the host tensor may be freed right after
         for m in rank_mods:
             m.rank_scale_step = self.clock.step
         for m in keep_mods:

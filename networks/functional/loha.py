@@ -50,11 +50,12 @@ class HadaWeight(torch.autograd.Function):
             w1a, w1b, w2a, w2b = ctx.saved_tensors
             scale = ctx.scale
         need = ctx.needs_input_grad
-        d1a, d1b, d2a, d2b = hada_grads(scaled_grad(grad_out, scale), (w1a, w1b, w2a, w2b), need[:4])
-        dscale = None
-        if len(need) > 4 and need[4]:
-            dscale = _scale_grad(grad_out, w1a @ w1b, w2a @ w2b, scale)
-        return d1a, d1b, d2a, d2b, dscale
+        factors = (w1a, w1b, w2a, w2b)
+        if len(need) > 4 and need[4]:  # a trained σ needs both products too: form them once
+            p1, p2 = w1a @ w1b, w2a @ w2b
+            grads = hada_grads(scaled_grad(grad_out, scale), factors, need[:4], products=(p1, p2))
+            return (*grads, _scale_grad(grad_out, p1, p2, scale))
+        return (*hada_grads(scaled_grad(grad_out, scale), factors, need[:4]), None)
 
 
 def hada_delta(factors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -64,19 +65,23 @@ def hada_delta(factors: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def hada_grads(
-    grad: torch.Tensor, factors: Sequence[torch.Tensor], need: Sequence[bool]
+    grad: torch.Tensor,
+    factors: Sequence[torch.Tensor],
+    need: Sequence[bool],
+    products: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> list[torch.Tensor | None]:
-    """Grads of Σ grad⊙hada_delta(factors) to (w1a, w1b, w2a, w2b); the O×I products are recomputed, one at a
-    time, rather than saved."""
+    """Grads of Σ grad⊙hada_delta(factors) to (w1a, w1b, w2a, w2b). The O×I products w1a@w1b and w2a@w2b are
+    recomputed one at a time rather than saved, unless the caller already holds them (`products`)."""
     w1a, w1b, w2a, w2b = factors
+    p1, p2 = products if products is not None else (None, None)
     out: list[torch.Tensor | None] = [None] * 4
     if need[0] or need[1]:
-        m1 = grad * (w2a @ w2b)
+        m1 = grad * (w2a @ w2b if p2 is None else p2)
         out[0] = m1 @ w1b.T if need[0] else None
         out[1] = w1a.T @ m1 if need[1] else None
         del m1
     if need[2] or need[3]:
-        m2 = grad * (w1a @ w1b)
+        m2 = grad * (w1a @ w1b if p1 is None else p1)
         out[2] = m2 @ w2b.T if need[2] else None
         out[3] = w2a.T @ m2 if need[3] else None
     return out
