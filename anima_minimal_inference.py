@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file
 
 from library.anima_sampling import check_image_size, euler_sample, initial_noise, latents_to_pil
+from library.console import setup_logging
 from library.lora_merge import MergeReport, looks_like_sdxl, merge_into_modules
 
 logger = logging.getLogger("anima_minimal_inference")
@@ -37,9 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dit", required=True, help="Anima DiT single file (net. prefix)")
     p.add_argument("--vae", required=True, help="Qwen-Image VAE (Wan or diffusers key names)")
     p.add_argument("--text_encoder", required=True, help="Qwen3-0.6B folder or single safetensors file")
-    p.add_argument("--t5_tokenizer_path", default=None, help="T5 tokenizer folder (default: hub cache)")
     p.add_argument(
-        "--qwen3_tokenizer_path", default=None, help="Qwen3 tokenizer folder when --text_encoder is a file"
+        "--t5_tokenizer_path", default=None, help="T5 tokenizer folder (default: the bundled T5 tokenizer)"
+    )
+    p.add_argument(
+        "--qwen3_tokenizer_path",
+        default=None,
+        help="Qwen3 tokenizer folder (default: the --text_encoder folder if it has one, else the bundled one)",
     )
     p.add_argument("--lora_weight", nargs="*", default=[], help="LoRA/LoHa/LoKr files, applied in order")
     p.add_argument(
@@ -207,8 +212,7 @@ def load_models(args: argparse.Namespace, device: torch.device, dtype: torch.dty
     dit = load_anima_dit(args.dit, dtype)
     te = load_qwen3_text_encoder(args.text_encoder, dtype)
     vae = load_anima_vae(args.vae, dtype)
-    qwen_dir = args.qwen3_tokenizer_path or (str(te_path) if te_path.is_dir() else None)
-    qwen_tok, t5_tok = load_anima_tokenizers(qwen_dir, args.t5_tokenizer_path)
+    qwen_tok, t5_tok = load_anima_tokenizers(args.qwen3_tokenizer_path, args.t5_tokenizer_path, te_path)
     return AnimaModels(dit=dit, text_encoder=te, vae=vae, qwen_tokenizer=qwen_tok, t5_tokenizer=t5_tok)
 
 
@@ -327,6 +331,7 @@ def run(args: argparse.Namespace) -> list[Path]:
             job.guidance_scale,
             job.flow_shift,
             progress=True,
+            progress_desc=f"image {idx + 1}/{len(jobs)}",
         )
         stem = f"{stamp}_{idx:03d}_{job.seed}"
         n_before = len(written)
@@ -348,7 +353,7 @@ def run(args: argparse.Namespace) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     args = build_parser().parse_args(argv)
     return run(args)
 

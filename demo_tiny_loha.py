@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
-SHARED_CLIP = ROOT.parent / "shared" / "data" / "tokenizers" / "clip"
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 80, 220), "yellow": (230, 210, 40)}
 
 
@@ -59,6 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output_dir", default="demo_out", help="where everything is written")
     parser.add_argument("--max_train_steps", type=int, default=32)
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument(
+        "--tokenizer_cache_dir",
+        default=None,
+        help="folder holding a CLIP tokenizer (default: the tokenizer bundled with the package)",
+    )
     opts = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))
 
@@ -72,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.time()
     out = Path(opts.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    tok_dir = str(SHARED_CLIP) if SHARED_CLIP.is_dir() else None  # else: the Hugging Face cache, offline
+    tok_dir = opts.tokenizer_cache_dir
 
     print(f"[1/3] building a tiny SDXL and writing {out / 'tiny_sdxl.safetensors'}")
     models = build_tiny_sdxl_models(tok_dir, seed=0)

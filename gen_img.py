@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from library.console import setup_logging
 from library.gen_img_planning import (
     ImageJob,
     job_key,
@@ -525,6 +526,8 @@ def run_batch(
         device=device,
         output_type="latent" if separate_vae else "pil",
         emb_normalize_mode=args.emb_normalize_mode,
+        show_progress=True,
+        progress_desc=_batch_label(counter[0], len(batch)),
     )
     if separate_vae:
         images = decode_latents(models.vae, images)
@@ -571,6 +574,11 @@ def _size_step(models: Any) -> int:
     return 2**vae_levels * 2**unet_levels
 
 
+def _batch_label(done: int, n: int) -> str:
+    """Progress-bar label of a batch: the number(s) of the image(s) it makes in this run."""
+    return f"image {done + 1}" if n == 1 else f"images {done + 1}-{done + n}"
+
+
 def generate(args: argparse.Namespace) -> list[Path]:
     """Everything after argument parsing; returns the written image paths."""
     parsed = parse_prompt_lines(args)  # prompt errors surface before minutes of model loading
@@ -597,7 +605,7 @@ def generate(args: argparse.Namespace) -> list[Path]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     args = parse_args(argv)
     try:
         generate(args)

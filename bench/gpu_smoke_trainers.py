@@ -2,7 +2,7 @@
 
 SDXL: LoHa with bf16 mixed precision, gradient checkpointing and `--torch_compile` (inductor), then the
 same eager, and the two loss curves compared. Anima: LoKr with bf16 and `--blocks_to_swap 1`. Prints one
-JSON line per run. Needs a CUDA device and the tokenizers at ../shared/data/tokenizers.
+JSON line per run. Needs a CUDA device; tokenizers are the package's bundled ones.
 
     python bench/gpu_smoke_trainers.py --out_dir /tmp/gpu_smoke
 """
@@ -19,19 +19,18 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 
-def _sdxl(out: Path, tok: Path, compile_: bool) -> dict:
+def _sdxl(out: Path, compile_: bool) -> dict:
     import demo_tiny_loha
     import sdxl_train_network
     from library.sdxl_models import build_tiny_sdxl_models, save_sdxl_single_file
 
     ckpt = out / "tiny_sdxl.safetensors"
     if not ckpt.exists():
-        save_sdxl_single_file(build_tiny_sdxl_models(tok / "clip", seed=0), ckpt)
+        save_sdxl_single_file(build_tiny_sdxl_models(seed=0), ckpt)
     toml_path = demo_tiny_loha.write_dataset(out / "sdxl_data")
     name = "compiled" if compile_ else "eager"
     argv = [
         "--pretrained_model_name_or_path", str(ckpt), "--dataset_config", str(toml_path),
-        "--tokenizer_cache_dir", str(tok / "clip"),
         "--network_module", "networks.loha", "--network_dim", "8", "--network_alpha", "4",
         "--optimizer_type", "AdamW", "--learning_rate", "1e-3", "--max_train_steps", "8",
         "--mixed_precision", "bf16", "--gradient_checkpointing", "--cache_latents",
@@ -45,12 +44,12 @@ def _sdxl(out: Path, tok: Path, compile_: bool) -> dict:
     return {"run": f"sdxl-loha-{name}", "seconds": time.perf_counter() - t0, "losses": result.losses}
 
 
-def _anima(out: Path, tok: Path) -> dict:
+def _anima(out: Path) -> dict:
     import anima_train_network
     from library.anima_loading import build_tiny_anima_models, save_tiny_anima_files
     from library.anima_models import Anima, tiny_anima_config
 
-    models = build_tiny_anima_models(tok, seed=0)
+    models = build_tiny_anima_models(seed=0)
     cfg = tiny_anima_config()
     cfg.num_blocks = 4  # block swap keeps two blocks on the device and needs at least three
     models.dit = Anima(cfg).eval().requires_grad_(False)
@@ -79,13 +78,12 @@ def _anima(out: Path, tok: Path) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--out_dir", default="/tmp/gpu_smoke")
-    p.add_argument("--tokenizers", default=str(REPO_ROOT.parent / "shared" / "data" / "tokenizers"))
     p.add_argument("--anima_only", action="store_true")
     a = p.parse_args()
-    out, tok = Path(a.out_dir), Path(a.tokenizers)
+    out = Path(a.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     runs = []
-    jobs = [lambda: _sdxl(out, tok, False), lambda: _sdxl(out, tok, True), lambda: _anima(out, tok)]
+    jobs = [lambda: _sdxl(out, False), lambda: _sdxl(out, True), lambda: _anima(out)]
     for fn in jobs[2:] if a.anima_only else jobs:
         try:
             runs.append(fn())

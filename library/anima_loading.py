@@ -3,7 +3,7 @@
 - DiT: one safetensors file, every key prefixed `net.` (LLM adapter inside); config inferred from tensors.
 - Text encoder: Qwen3-0.6B from an HF folder or one safetensors file (`model.` prefix stripped).
 - VAE: Qwen-Image VAE = diffusers `AutoencoderKLQwenImage`; original Wan key names are renamed.
-- Tokenizers: Qwen3's from the text-encoder folder, T5's from `--t5_tokenizer_path` or the hub cache.
+- Tokenizers: the given folders, else Qwen3's from the text-encoder folder, else the bundled copies.
 """
 
 from __future__ import annotations
@@ -23,15 +23,15 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, Qwen3Config, Qwen3ForCausalLM, Qwen3Model
 
+from library import bundled_tokenizers
 from library.anima_models import OPTIONAL_DIT_BUFFERS, Anima, anima_config_from_state_dict, tiny_anima_config
 from library.atomic_io import save_safetensors_atomic
+from library.bundled_tokenizers import load_bundled
 
 LATENTS_MEAN = [-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
                 0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921]  # fmt: skip
 LATENTS_STD = [2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
                3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160]  # fmt: skip
-QWEN_HUB_ID = "Qwen/Qwen3-0.6B"
-T5_HUB_ID = "google/t5-v1_1-xxl"
 PathLike = str | os.PathLike
 logger = logging.getLogger(__name__)
 
@@ -186,41 +186,49 @@ def load_qwen3_text_encoder(
 
 
 # ----------------------------------------------------------------------------------------------- tokenizers
-def _hub_cached_tokenizer(repo: str) -> PreTrainedTokenizerBase | None:
-    try:
-        return AutoTokenizer.from_pretrained(repo, local_files_only=True)
-    except (OSError, ValueError):
-        return None
+def _has_tokenizer_files(folder: Path) -> bool:
+    return folder.is_dir() and any((folder / f).is_file() for f in ("tokenizer.json", "vocab.json"))
+
+
+def _auto_tokenizer(folder: str | Path) -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
 
 
 def load_anima_tokenizers(
-    qwen_dir: PathLike | None, t5_path: PathLike | None
+    qwen3_tokenizer_path: PathLike | None = None,
+    t5_tokenizer_path: PathLike | None = None,
+    text_encoder_path: PathLike | None = None,
 ) -> tuple[PreTrainedTokenizerBase, PreTrainedTokenizerBase]:
-    """(Qwen3 tokenizer, T5 tokenizer). Never downloads; falls back to the local hub cache only."""
-    qwen = None
-    has_files = qwen_dir is not None and any(
-        (Path(qwen_dir) / f).is_file() for f in ("tokenizer.json", "vocab.json")
-    )
-    if has_files:
-        qwen = AutoTokenizer.from_pretrained(str(qwen_dir), local_files_only=True)
-    if qwen is None:
-        qwen = _hub_cached_tokenizer(QWEN_HUB_ID)
-    if qwen is None:
-        raise FileNotFoundError(
-            f"Qwen3 tokenizer not found: the text-encoder folder {qwen_dir} has no tokenizer.json/vocab.json and "
-            f"{QWEN_HUB_ID} is not in the local hub cache"
-        )
-    if t5_path is not None:
-        tp = Path(t5_path)
-        if not tp.exists():
-            raise FileNotFoundError(f"--t5_tokenizer_path {tp} does not exist")
-        t5 = AutoTokenizer.from_pretrained(str(tp if tp.is_dir() else tp.parent), local_files_only=True)
-    else:
-        t5 = _hub_cached_tokenizer(T5_HUB_ID)
-        if t5 is None:
+    """(Qwen3 tokenizer, T5 tokenizer), never from the network or the hub cache.
+
+    Qwen3: `--qwen3_tokenizer_path` when given, else the text encoder's own folder when it holds a
+    tokenizer, else the bundled copy. T5: `--t5_tokenizer_path` when given, else the bundled copy."""
+    if qwen3_tokenizer_path is not None:
+        qp = Path(qwen3_tokenizer_path)
+        if not _has_tokenizer_files(qp):
             raise FileNotFoundError(
-                f"T5 tokenizer not found: pass --t5_tokenizer_path (no {T5_HUB_ID} in the hub cache)"
+                f"--qwen3_tokenizer_path {qp}: expected a folder holding a Qwen3 tokenizer "
+                "(tokenizer.json or vocab.json + merges.txt)"
             )
+        qwen = _auto_tokenizer(qp)
+    elif text_encoder_path is not None and _has_tokenizer_files(Path(text_encoder_path)):
+        qwen = _auto_tokenizer(text_encoder_path)
+    else:
+        qwen = load_bundled(bundled_tokenizers.QWEN3, _auto_tokenizer)
+    if t5_tokenizer_path is not None:
+        tp = Path(t5_tokenizer_path)
+        folder = tp if tp.is_dir() else tp.parent
+        if (
+            not tp.exists()
+            or not (folder / "tokenizer.json").is_file()
+            and not (folder / "spiece.model").is_file()
+        ):
+            raise FileNotFoundError(
+                f"--t5_tokenizer_path {tp}: expected a folder holding a T5 tokenizer (tokenizer.json or spiece.model)"
+            )
+        t5 = _auto_tokenizer(folder)
+    else:
+        t5 = load_bundled(bundled_tokenizers.T5, _auto_tokenizer)
     if qwen.pad_token_id is None:
         qwen.pad_token = "<|endoftext|>"
     return qwen, t5
@@ -374,10 +382,10 @@ def tiny_qwen3_config(vocab_size: int = 151936) -> Qwen3Config:
 
 
 def build_tiny_anima_models(
-    tokenizers_dir: PathLike, seed: int = 0, dtype: torch.dtype = torch.float32
+    tokenizers_dir: PathLike | None = None, seed: int = 0, dtype: torch.dtype = torch.float32
 ) -> AnimaModels:
     """Tiny Anima (spec §5) with the real class names/key layout and the real tokenizers, random weights."""
-    td = Path(tokenizers_dir)
+    td = None if tokenizers_dir is None else Path(tokenizers_dir)
     torch.manual_seed(seed)
     dit = Anima(tiny_anima_config())
     with torch.no_grad():  # non-trivial norm weights so a wrong norm/weight order shows up in tests
@@ -386,7 +394,10 @@ def build_tiny_anima_models(
                 prm.copy_(1.0 + 0.1 * torch.randn_like(prm))
     text_encoder = Qwen3ForCausalLM(tiny_qwen3_config()).model
     vae = _vae_from_dims(8, 16)
-    qwen_tok, t5_tok = load_anima_tokenizers(td / "qwen3_06b", td / "t5_old")
+    if td is None:
+        qwen_tok, t5_tok = load_anima_tokenizers()
+    else:
+        qwen_tok, t5_tok = load_anima_tokenizers(td / "qwen3_06b", td / "t5_old")
     if dtype != torch.float32:  # diffusers warns on a no-op .to() of the VAE
         dit, text_encoder, vae = dit.to(dtype), text_encoder.to(dtype), vae.to(dtype)
     models = AnimaModels(dit.eval(), text_encoder.eval(), vae.eval(), qwen_tok, t5_tok)
@@ -438,11 +449,9 @@ def load_anima_models(
     vae_dtype: torch.dtype | None = torch.float32,
     device: str | torch.device = "cpu",
 ) -> AnimaModels:
-    """All five pieces from released files; the Qwen tokenizer comes from the text-encoder folder."""
+    """All five pieces from released files; tokenizers as load_anima_tokenizers finds them."""
     te = load_qwen3_text_encoder(text_encoder_path, te_dtype, device)
-    te_p = Path(text_encoder_path)  # type: ignore[arg-type]
-    qwen_dir = te_p if te_p.is_dir() else None
-    qwen_tok, t5_tok = load_anima_tokenizers(qwen_dir, t5_tokenizer_path)
+    qwen_tok, t5_tok = load_anima_tokenizers(None, t5_tokenizer_path, text_encoder_path)
     return AnimaModels(
         load_anima_dit(dit_path, dit_dtype, device),
         te,

@@ -60,6 +60,7 @@ def euler_sample(
     flow_shift: float,
     use_cfg: bool | None = None,
     progress: bool = False,
+    progress_desc: str = "sampling",
 ) -> torch.Tensor:
     """Integrate the velocity field from sigma 1 to 0; returns latents in noise's dtype.
 
@@ -74,7 +75,7 @@ def euler_sample(
     sigmas = shifted_sigmas(steps, flow_shift)
     x = noise
     b = x.shape[0]
-    for i in tqdm(range(steps), disable=not progress, desc="sampling"):
+    for i in tqdm(range(steps), disable=not progress, desc=progress_desc, unit="step"):
         t = torch.full((b,), float(sigmas[i]), device=x.device, dtype=dtype)
         v = dit(x, t, context).float()
         if use_cfg:

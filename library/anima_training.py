@@ -37,12 +37,17 @@ _NOT_FOR_FLOW = ("v_parameterization", "min_snr_gamma", "debiased_estimation_los
 def add_anima_arguments(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument
     a("--qwen3", type=str, default=None, help="Qwen3-0.6B text encoder: folder or single safetensors file")
-    a("--t5_tokenizer_path", type=str, default=None, help="T5 tokenizer folder (default: local hub cache)")
+    a(
+        "--t5_tokenizer_path",
+        type=str,
+        default=None,
+        help="T5 tokenizer folder (default: the bundled T5 tokenizer)",
+    )
     a(
         "--qwen3_tokenizer_path",
         type=str,
         default=None,
-        help="Qwen3 tokenizer folder (default: the --qwen3 folder)",
+        help="Qwen3 tokenizer folder (default: the --qwen3 folder if it has one, else the bundled one)",
     )
     a("--qwen3_max_token_length", type=int, default=512)
     a("--t5_max_token_length", type=int, default=512)
@@ -305,8 +310,7 @@ class AnimaArchitecture(TrainingArchitecture):
         dit = load_anima_dit(args.pretrained_model_name_or_path, torch.float32)
         te = load_qwen3_text_encoder(args.qwen3, torch.float32)
         vae = load_anima_vae(args.vae, torch.float32)
-        qwen_dir = args.qwen3_tokenizer_path or (str(te_path) if te_path.is_dir() else None)
-        qwen_tok, t5_tok = load_anima_tokenizers(qwen_dir, args.t5_tokenizer_path)
+        qwen_tok, t5_tok = load_anima_tokenizers(args.qwen3_tokenizer_path, args.t5_tokenizer_path, te_path)
         self.models = AnimaModels(
             dit=dit, text_encoder=te, vae=vae, qwen_tokenizer=qwen_tok, t5_tokenizer=t5_tok
         )

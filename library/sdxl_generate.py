@@ -76,6 +76,7 @@ def generate_sdxl(
     show_progress: bool = False,
     output_type: str = "pil",
     emb_normalize_mode: str | None = None,
+    progress_desc: str = "sampling",
 ) -> list[Image.Image] | torch.Tensor:
     """One image per prompt; sizes are (h, w) pairs as in sd-scripts (original defaults to the target).
 
@@ -108,7 +109,7 @@ def generate_sdxl(
         return _generate_on_device(
             models, prompts, negative_prompts, width, height, steps, guidance_scale, seeds, sampler,
             original_size, crop_top_left, dtype, device, max_token_length, v_parameterization,
-            negative_original_size, show_progress, output_type, emb_normalize_mode,
+            negative_original_size, (show_progress, progress_desc), output_type, emb_normalize_mode,
         )  # fmt: skip
     finally:
         for m, home in zip(modules, homes):
@@ -133,12 +134,12 @@ def _generate_on_device(
     max_token_length: int | None,
     v_parameterization: bool,
     negative_original_size: tuple[int, int] | None,
-    show_progress: bool,
+    progress: tuple[bool, str],
     output_type: str,
     emb_normalize_mode: str | None,
 ) -> list[Image.Image] | torch.Tensor:
     pipe = make_pipeline(models, sampler, v_parameterization)
-    pipe.set_progress_bar_config(disable=not show_progress)
+    pipe.set_progress_bar_config(disable=not progress[0], desc=progress[1])
     with torch.no_grad():
         ctx, pooled = encode_prompts(models, prompts, max_token_length, device, dtype, emb_normalize_mode)
         nctx, npooled = encode_prompts(

@@ -25,8 +25,9 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors import safe_open
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from library import sdxl_config
+from library import bundled_tokenizers, sdxl_config
 from library.atomic_io import save_safetensors_atomic
+from library.bundled_tokenizers import load_bundled
 from library.sdxl_keymap import (
     DEFAULT_ARCH,
     TE1_PREFIX,
@@ -43,8 +44,6 @@ from library.sdxl_keymap import (
 )
 
 logger = logging.getLogger(__name__)
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-SHARED_CLIP_TOKENIZER = PROJECT_ROOT.parent / "shared" / "data" / "tokenizers" / "clip"
 HUB_TOKENIZER_1 = "openai/clip-vit-large-patch14"
 HUB_TOKENIZER_2 = "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k"
 ARCH_METADATA_KEY = "sdxl_arch"  # JSON of the sizes that tensors cannot reveal
@@ -94,33 +93,22 @@ def _tokenizer_folders(d: Path) -> tuple[Path, Path] | None:
     return None
 
 
+def _clip_pair(t1_dir: Path | str, t2_dir: Path | str) -> tuple[Any, Any]:
+    t1 = CLIPTokenizer.from_pretrained(str(t1_dir), local_files_only=True)
+    return t1, _fix_tokenizer_2(CLIPTokenizer.from_pretrained(str(t2_dir), local_files_only=True))
+
+
 def load_sdxl_tokenizers(tokenizer_dir: str | Path | None = None) -> tuple[Any, Any]:
-    """Both SDXL tokenizers: from a local folder (see _tokenizer_folders), else the bundled
-    ../shared CLIP tokenizer, else the Hugging Face cache (never the network). A given folder
-    without tokenizers (an empty sd-scripts cache dir) falls back to the defaults with a warning."""
+    """Both SDXL tokenizers: from a given folder (see _tokenizer_folders), else the package's bundled
+    CLIP tokenizer. Never the network or the hub cache. A given folder without tokenizers (an empty
+    sd-scripts --tokenizer_cache_dir) falls back to the bundled copy with a warning."""
     if tokenizer_dir is not None:
         d = Path(tokenizer_dir)
         found = _tokenizer_folders(d) if d.is_dir() else None
         if found is not None:
-            t1 = CLIPTokenizer.from_pretrained(str(found[0]))
-            return t1, _fix_tokenizer_2(CLIPTokenizer.from_pretrained(str(found[1])))
-        logger.warning("no CLIP tokenizer in %s; using the bundled/cached SDXL tokenizers", d)
-    if SHARED_CLIP_TOKENIZER.is_dir():
-        return load_sdxl_tokenizers(SHARED_CLIP_TOKENIZER)
-    where = f"{tokenizer_dir} has no CLIP tokenizer, " if tokenizer_dir is not None else ""
-    missing = FileNotFoundError(
-        f"{where}{SHARED_CLIP_TOKENIZER} is missing, and {HUB_TOKENIZER_1} / {HUB_TOKENIZER_2} are not "
-        "in the local Hugging Face cache; pass a folder holding a CLIP tokenizer (vocab.json, merges.txt)"
-    )
-    try:
-        t1 = CLIPTokenizer.from_pretrained(HUB_TOKENIZER_1, local_files_only=True)
-        t2 = CLIPTokenizer.from_pretrained(HUB_TOKENIZER_2, local_files_only=True)
-    except OSError as e:
-        raise missing from e
-    # some transformers versions return a vocabulary-less tokenizer instead of raising when nothing is cached
-    if min(len(t1), len(t2)) < 1000:
-        raise missing
-    return t1, _fix_tokenizer_2(t2)
+            return _clip_pair(*found)
+        logger.warning("no CLIP tokenizer in %s; using the bundled SDXL tokenizer", d)
+    return load_bundled(bundled_tokenizers.CLIP, lambda folder: _clip_pair(folder, folder))
 
 
 # ------------------------------------------------------------------------------------------ building
@@ -144,7 +132,7 @@ def build_sdxl_from_configs(configs: dict[str, dict[str, Any]], tokenizers: tupl
     )
 
 
-def build_tiny_sdxl_models(tokenizer_dir: str | Path, seed: int = 0) -> SdxlModels:
+def build_tiny_sdxl_models(tokenizer_dir: str | Path | None = None, seed: int = 0) -> SdxlModels:
     """A tiny random SDXL with the real module tree and key layout (for tests and the demo)."""
     tokenizers = load_sdxl_tokenizers(tokenizer_dir)
     with torch.random.fork_rng(devices=[]):  # seed the init without disturbing the caller's RNG
@@ -506,9 +494,8 @@ def load_sdxl_models(
             "extra": {},
         }
         if tokenizer_dir is None and (folder / "tokenizer").is_dir():
-            t1 = CLIPTokenizer.from_pretrained(str(folder / "tokenizer"))
             t2_dir = folder / "tokenizer_2" if (folder / "tokenizer_2").is_dir() else folder / "tokenizer"
-            toks = (t1, _fix_tokenizer_2(CLIPTokenizer.from_pretrained(str(t2_dir))))
+            toks = _clip_pair(folder / "tokenizer", t2_dir)
         else:
             toks = load_sdxl_tokenizers(tokenizer_dir)
     if vae is not None:

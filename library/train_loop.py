@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from library import saving
+from library.console import setup_logging
 from library.cuda_graph import enable_cuda_graph_training, host_side_dropout
 from library.optimizers import build_optimizer, build_scheduler
 from library.train_arch import (
@@ -581,7 +582,7 @@ def main_entry(arch: TrainingArchitecture, build_parser: Any, argv: list[str] | 
     """Thin-script helper: parse, handle --output_config, train; errors print one clear line."""
     from library.train_args import parse_args, write_config_file
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     parser = build_parser()
     args = parse_args(parser, argv)
     if args.output_config:

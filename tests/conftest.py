@@ -1,4 +1,4 @@
-"""Shared test fixtures: paths to the real tokenizer data that ships beside the project."""
+"""Shared test fixtures: the package's bundled tokenizers unpacked as plain folders, one thread."""
 
 from __future__ import annotations
 
@@ -6,17 +6,16 @@ from pathlib import Path
 
 import pytest
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-TOKENIZERS_DIR = PROJECT_ROOT.parent / "shared" / "data" / "tokenizers"
+from library.bundled_tokenizers import BUNDLED, extract_bundled
 
 
 @pytest.fixture(scope="session")
-def tokenizers_dir() -> Path:
-    if not TOKENIZERS_DIR.is_dir():
-        raise FileNotFoundError(
-            f"tokenizer data not found at {TOKENIZERS_DIR}; it ships in ../shared/data/tokenizers"
-        )
-    return TOKENIZERS_DIR
+def tokenizers_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """clip/, qwen3_06b/, t5_old/ folders as a user would pass them with a tokenizer flag."""
+    root = tmp_path_factory.mktemp("tokenizers")
+    for name in BUNDLED:
+        extract_bundled(name, root / name)
+    return root
 
 
 @pytest.fixture(scope="session")
