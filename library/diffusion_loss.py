@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import random
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -19,6 +20,41 @@ from diffusers import DDPMScheduler
 LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")
 HUBER_SCHEDULES = ("constant", "exponential", "snr")
 SNR_CLAMP = 1000.0  # SNR-scale helpers clamp SNR so t≈0 stays finite
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """The training flags the SDXL loss reads, typed; defaults are sd-scripts' (flag names alike)."""
+
+    v_parameterization: bool = False
+    zero_terminal_snr: bool = False
+    noise_offset: float | None = None
+    noise_offset_random_strength: bool = False
+    adaptive_noise_scale: float | None = None
+    multires_noise_iterations: int | None = None
+    multires_noise_discount: float = 0.3
+    ip_noise_gamma: float | None = None
+    ip_noise_gamma_random_strength: bool = False
+    min_timestep: int = 0
+    max_timestep: int = 1000
+    loss_type: str = "l2"
+    huber_schedule: str = "snr"
+    huber_c: float = 0.1
+    huber_scale: float = 1.0
+    min_snr_gamma: float | None = None
+    scale_v_pred_loss_like_noise_pred: bool = False
+    v_pred_like_loss: float | None = None
+    debiased_estimation_loss: bool = False
+
+    @classmethod
+    def from_args(cls, args: Any) -> LossConfig:
+        """From a parsed namespace; absent flags, and None where the default is a value, keep the default."""
+        values = {}
+        for f in fields(cls):
+            v = getattr(args, f.name, None)
+            if v is not None:
+                values[f.name] = v
+        return cls(**values)
 
 
 def make_noise_scheduler(v_parameterization: bool = False, zero_terminal_snr: bool = False) -> DDPMScheduler:
@@ -179,16 +215,15 @@ def debiased_weight(snr: torch.Tensor) -> torch.Tensor:
     return 1.0 / torch.sqrt(snr.clamp(max=SNR_CLAMP))
 
 
-def apply_snr_weightings(loss: torch.Tensor, snr: torch.Tensor, args: Any) -> torch.Tensor:
+def apply_snr_weightings(loss: torch.Tensor, snr: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
     """Per-sample loss (B,) → reweighted by --min_snr_gamma and the other SNR options, in sd-scripts' order."""
-    v_pred = bool(_arg(args, "v_parameterization", False))
-    if _arg(args, "min_snr_gamma", None):
-        loss = loss * min_snr_weight(snr, float(args.min_snr_gamma), v_pred)
-    if _arg(args, "scale_v_pred_loss_like_noise_pred", False):
+    if cfg.min_snr_gamma:
+        loss = loss * min_snr_weight(snr, float(cfg.min_snr_gamma), cfg.v_parameterization)
+    if cfg.scale_v_pred_loss_like_noise_pred:
         loss = loss * scale_v_like_noise_weight(snr)
-    if _arg(args, "v_pred_like_loss", None):
-        loss = loss + loss / scale_v_like_noise_weight(snr) * float(args.v_pred_like_loss)
-    if _arg(args, "debiased_estimation_loss", False):
+    if cfg.v_pred_like_loss:
+        loss = loss + loss / scale_v_like_noise_weight(snr) * float(cfg.v_pred_like_loss)
+    if cfg.debiased_estimation_loss:
         loss = loss * debiased_weight(snr)
     return loss
 
@@ -210,18 +245,13 @@ def sdxl_time_ids(original_hw: Any, crop_tl: Any, target_hw: Any) -> torch.Tenso
     return torch.cat([o.expand(b, 2), c.expand(b, 2), t.expand(b, 2)], dim=1)
 
 
-def _arg(args: Any, name: str, default: Any) -> Any:
-    v = getattr(args, name, default) if args is not None else default
-    return default if v is None and default is not None else v
-
-
 def sdxl_training_step_loss(
     unet: torch.nn.Module,
     latents: torch.Tensor,
     context: torch.Tensor,
     pooled: torch.Tensor,
     time_ids: torch.Tensor,
-    args: Any,
+    cfg: LossConfig | None = None,
     noise_scheduler: DDPMScheduler | None = None,
     generator: torch.Generator | None = None,
     loss_weights: torch.Tensor | None = None,
@@ -231,35 +261,29 @@ def sdxl_training_step_loss(
 ) -> torch.Tensor:
     """Per-sample loss (B,) for one SDXL batch; latents are already ×0.13025.
 
-    args supplies the sd-scripts flags (missing attributes take their defaults): noise_offset,
-    noise_offset_random_strength, adaptive_noise_scale, multires_noise_iterations/discount,
-    ip_noise_gamma(_random_strength), min/max_timestep, v_parameterization, loss_type, huber_*,
-    min_snr_gamma, scale_v_pred_loss_like_noise_pred, v_pred_like_loss, debiased_estimation_loss.
+    cfg holds the noise, timestep, target and loss flags (None: sd-scripts' defaults).
     `timesteps` fixes t (validation); `dtype` casts the UNet inputs (else the caller's autocast rules).
     The caller averages the result over the batch and back-propagates.
     """
-    sched = noise_scheduler or make_noise_scheduler(
-        bool(_arg(args, "v_parameterization", False)), bool(_arg(args, "zero_terminal_snr", False))
-    )
+    cfg = cfg or LossConfig()
+    sched = noise_scheduler or make_noise_scheduler(cfg.v_parameterization, cfg.zero_terminal_snr)
     b = latents.shape[0]
     noise = sample_noise(
         latents,
-        noise_offset=_arg(args, "noise_offset", None),
-        noise_offset_random_strength=bool(_arg(args, "noise_offset_random_strength", False)),
-        adaptive_noise_scale=_arg(args, "adaptive_noise_scale", None),
-        multires_noise_iterations=_arg(args, "multires_noise_iterations", None),
-        multires_noise_discount=float(_arg(args, "multires_noise_discount", 0.3)),
+        noise_offset=cfg.noise_offset,
+        noise_offset_random_strength=cfg.noise_offset_random_strength,
+        adaptive_noise_scale=cfg.adaptive_noise_scale,
+        multires_noise_iterations=cfg.multires_noise_iterations,
+        multires_noise_discount=float(cfg.multires_noise_discount),
         generator=generator,
     )
     if timesteps is None:
         cpu_gen = generator if generator is not None and generator.device.type == "cpu" else None
-        timesteps = sample_timesteps(
-            b, int(_arg(args, "min_timestep", 0)), int(_arg(args, "max_timestep", 1000)), cpu_gen
-        )
+        timesteps = sample_timesteps(b, int(cfg.min_timestep), int(cfg.max_timestep), cpu_gen)
     timesteps = timesteps.to(latents.device).long()
-    gamma = _arg(args, "ip_noise_gamma", None)
+    gamma = cfg.ip_noise_gamma
     if gamma:
-        if _arg(args, "ip_noise_gamma_random_strength", False):
+        if cfg.ip_noise_gamma_random_strength:
             gamma = _rand(generator) * gamma
         noisy = add_noise(
             sched, latents, noise + gamma * _randn(tuple(latents.shape), latents, generator), timesteps
@@ -275,21 +299,14 @@ def sdxl_training_step_loss(
         added_cond_kwargs={"text_embeds": cast(pooled), "time_ids": cast(time_ids.to(latents.device))},
     ).sample
 
-    v_pred = bool(_arg(args, "v_parameterization", False))
-    target = v_target(sched, latents, noise, timesteps) if v_pred else noise
-    loss_type = _arg(args, "loss_type", "l2")
+    target = v_target(sched, latents, noise, timesteps) if cfg.v_parameterization else noise
     hc = huber_c_for(
-        sched,
-        timesteps,
-        loss_type,
-        _arg(args, "huber_schedule", "snr"),
-        float(_arg(args, "huber_c", 0.1)),
-        float(_arg(args, "huber_scale", 1.0)),
+        sched, timesteps, cfg.loss_type, cfg.huber_schedule, float(cfg.huber_c), float(cfg.huber_scale)
     )
-    loss = elementwise_loss(pred.float(), target.float(), loss_type, hc)
+    loss = elementwise_loss(pred.float(), target.float(), cfg.loss_type, hc)
     if alpha_mask is not None:
         loss = loss * alpha_mask.to(loss)
     loss = loss.mean(dim=list(range(1, loss.ndim)))
     if loss_weights is not None:
         loss = loss * loss_weights.to(loss)
-    return apply_snr_weightings(loss, snr_of(sched, timesteps), args)
+    return apply_snr_weightings(loss, snr_of(sched, timesteps), cfg)

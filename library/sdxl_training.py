@@ -31,6 +31,7 @@ class SdxlArchitecture(TrainingArchitecture):
         self.text_cached = False
         self.max_token_length: int | None = None
         self.noise_scheduler: Any = None
+        self.loss_config: Any = None  # LossConfig, built with the noise scheduler from the parsed flags
         self.weight_dtype = torch.float32
         self.graphed_unet: GraphedUNet | None = None
 
@@ -157,11 +158,17 @@ class SdxlArchitecture(TrainingArchitecture):
             return encode_sdxl_text(m, ids1, ids2)
 
     def per_sample_loss(self, ctx: RunContext, batch: dict[str, Any]) -> torch.Tensor:
-        from library.diffusion_loss import make_noise_scheduler, sdxl_time_ids, sdxl_training_step_loss
+        from library.diffusion_loss import (
+            LossConfig,
+            make_noise_scheduler,
+            sdxl_time_ids,
+            sdxl_training_step_loss,
+        )
 
         args, device, weight_dtype = ctx.args, ctx.device, ctx.weight_dtype
         if self.noise_scheduler is None:
             self.noise_scheduler = make_noise_scheduler(args.v_parameterization, args.zero_terminal_snr)
+            self.loss_config = LossConfig.from_args(args)
         latents = self.batch_latents(ctx, batch) * VAE_SCALE
         te_out = batch.get("text_encoder_outputs")
         if te_out is not None:
@@ -174,7 +181,7 @@ class SdxlArchitecture(TrainingArchitecture):
         )
         return sdxl_training_step_loss(
             self.graphed_unet or self.models.unet, latents, context.to(weight_dtype), pooled.to(weight_dtype),
-            time_ids.to(device, weight_dtype), args, noise_scheduler=self.noise_scheduler,
+            time_ids.to(device, weight_dtype), self.loss_config, noise_scheduler=self.noise_scheduler,
             loss_weights=batch["loss_weights"].to(device),
         )  # fmt: skip
 

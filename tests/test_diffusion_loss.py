@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from library.diffusion_loss import (
+    LossConfig,
     apply_snr_weightings,
     elementwise_loss,
     huber_c_for,
@@ -73,7 +74,7 @@ def test_min_snr_weights_at_known_timesteps() -> None:
     assert hand[0] > 5 and hand[2] < 5  # the clip is active at t=10, not at t=999
     assert w_eps[2].item() == pytest.approx(1.0)
     loss = torch.ones(3)
-    out = apply_snr_weightings(loss, snr, SimpleNamespace(min_snr_gamma=5.0, debiased_estimation_loss=True))
+    out = apply_snr_weightings(loss, snr, LossConfig(min_snr_gamma=5.0, debiased_estimation_loss=True))
     for i, h in enumerate(hand):
         assert out[i].item() == pytest.approx(min(h, 5.0) / h / math.sqrt(min(h, 1000.0)), rel=1e-5)
 
@@ -156,7 +157,7 @@ def test_training_step_loss_equals_manual(clip_tokenizer_dir: Path) -> None:
     pooled = torch.randn(2, 32, generator=torch.Generator().manual_seed(5))
     tid = sdxl_time_ids((64, 64), (0, 0), (64, 64)).expand(2, 6)
     t = torch.tensor([100, 900])
-    args = SimpleNamespace()
+    args = LossConfig()
     with torch.no_grad():
         loss = sdxl_training_step_loss(
             unet, lat, ctx, pooled, tid, args, generator=torch.Generator().manual_seed(7), timesteps=t
@@ -174,7 +175,7 @@ def test_training_step_loss_equals_manual(clip_tokenizer_dir: Path) -> None:
             ctx,
             pooled,
             tid,
-            SimpleNamespace(min_snr_gamma=5.0),
+            LossConfig(min_snr_gamma=5.0),
             generator=torch.Generator().manual_seed(7),
             timesteps=t,
             loss_weights=torch.tensor([1.0, 0.5]),
@@ -190,3 +191,13 @@ def test_training_step_loss_equals_manual(clip_tokenizer_dir: Path) -> None:
             unet, lat, ctx, pooled, tid, args, generator=torch.Generator().manual_seed(9)
         )
         assert torch.equal(a, b) and torch.isfinite(a).all() and a.shape == (2,)
+
+
+def test_loss_config_from_parsed_flags() -> None:
+    """Absent flags and None (argparse's unset) keep sd-scripts' defaults; given values pass through typed."""
+    cfg = LossConfig.from_args(
+        SimpleNamespace(min_snr_gamma=5.0, multires_noise_discount=None, loss_type="huber", unrelated=1)
+    )
+    assert cfg.min_snr_gamma == 5.0 and cfg.loss_type == "huber"
+    assert cfg.multires_noise_discount == 0.3 and cfg.max_timestep == 1000 and cfg.huber_schedule == "snr"
+    assert LossConfig.from_args(None) == LossConfig()
