@@ -356,8 +356,7 @@ class AnimaArchitecture(TrainingArchitecture):
 
     def cache(self, ctx: RunContext, data: DatasetInfo) -> None:
         from library.dataset import cache as dcache
-        from library.dataset.captions import deterministic_caption
-        from library.dataset.dataset import caption_options
+        from library.dataset.captions import caption_options, deterministic_caption
 
         m, args, accelerator = self.models, ctx.args, ctx.accelerator
         common = self.cache_kwargs(ctx)

@@ -1,16 +1,8 @@
 """sd-scripts compatible datasets: TOML config, DreamBooth/fine-tune subsets, buckets, captions, caches."""
 
 from .buckets import BucketManager, get_crop_ltrb, make_bucket_resolutions
-from .cache import (
-    cache_latents,
-    cache_text_encoder_outputs,
-    check_cache_args,
-    check_latent_cache_compat,
-    check_te_cache_compat,
-    latents_npz_path,
-    prepare_caches,
-    te_npz_path,
-)
+from .cache import cache_latents, cache_text_encoder_outputs, latents_npz_path, prepare_caches, te_npz_path
+from .cache_rules import check_cache_args, check_latent_cache_compat, check_te_cache_compat
 from .config import (
     DatasetConfigError,
     DatasetParams,

@@ -21,9 +21,10 @@ from tqdm import tqdm
 from library.atomic_io import save_npz_atomic
 
 from .buckets import get_crop_ltrb
-from .captions import deterministic_caption
+from .cache_rules import check_latent_cache_compat, check_te_cache_compat, wants_latent_cache, wants_te_cache
+from .captions import caption_options, deterministic_caption
 from .config import DatasetConfigError
-from .dataset import DatasetGroup, ImageInfo, caption_options
+from .dataset import DatasetGroup, ImageInfo
 from .images import load_image, mask_to_tensor, resize_and_crop, to_tensor
 
 logger = logging.getLogger(__name__)
@@ -83,46 +84,6 @@ def npz_is_valid(path: Path, required: list[str], fingerprint: str, skip_check: 
     except Exception as e:  # a truncated or foreign file is simply rebuilt
         logger.warning("cache %s is unreadable (%s); rebuilding it", path, e)
         return False
-
-
-def check_latent_cache_compat(group: DatasetGroup) -> None:
-    """sd-scripts refuses latent caching with per-fetch image randomness (colour jitter, random crop)."""
-    for d in group.datasets:
-        for s in d.subsets:
-            for flag in ("color_aug", "random_crop"):
-                if getattr(s, flag):
-                    raise DatasetConfigError(
-                        f"{d.name}, subset {s.image_dir or s.metadata_file}: {flag} cannot be used with "
-                        "latent caching (--cache_latents); turn one of them off"
-                    )
-
-
-def check_te_cache_compat(group: DatasetGroup, allow_caption_dropout: bool = False) -> None:
-    """Cached text-encoder outputs cannot follow per-fetch caption randomness."""
-    for d in group.datasets:
-        for s in d.subsets:
-            bad = []
-            if s.shuffle_caption:
-                bad.append("shuffle_caption")
-            if s.caption_tag_dropout_rate > 0:
-                bad.append("caption_tag_dropout_rate")
-            if s.token_warmup_step > 0:
-                bad.append("token_warmup_step")
-            if not allow_caption_dropout:
-                if s.caption_dropout_rate > 0:
-                    bad.append("caption_dropout_rate")
-                if s.caption_dropout_every_n_epochs > 0:
-                    bad.append("caption_dropout_every_n_epochs")
-            if bad:
-                raise DatasetConfigError(
-                    f"{d.name}, subset {s.image_dir or s.metadata_file}: {', '.join(bad)} cannot be used with "
-                    "--cache_text_encoder_outputs (the cached caption is fixed)"
-                )
-            if s.enable_wildcard:
-                logger.warning(
-                    "%s: enable_wildcard with cached text-encoder outputs: the first line/option is cached",
-                    d.name,
-                )
 
 
 def _check_unique_paths(items: list[tuple[ImageInfo, Path, str]]) -> None:
@@ -304,25 +265,6 @@ def cache_text_encoder_outputs(
 def _te_valid(path: Path, fp: str, skip_check: bool) -> bool:
     # the caller's keys are unknown here; a matching fingerprint proves the file was fully written by us
     return npz_is_valid(path, [], fp, skip_check)
-
-
-def wants_latent_cache(args: Any) -> tuple[bool, bool]:
-    """(cache?, to disk?) from sd-scripts flags; `--cache_latents_to_disk` implies `--cache_latents`."""
-    to_disk = bool(getattr(args, "cache_latents_to_disk", False))
-    return bool(getattr(args, "cache_latents", False)) or to_disk, to_disk
-
-
-def wants_te_cache(args: Any) -> tuple[bool, bool]:
-    to_disk = bool(getattr(args, "cache_text_encoder_outputs_to_disk", False))
-    return bool(getattr(args, "cache_text_encoder_outputs", False)) or to_disk, to_disk
-
-
-def check_cache_args(group: DatasetGroup, args: Any, allow_caption_dropout: bool = False) -> None:
-    """Refuse invalid cache/augmentation combinations early (before any model is loaded)."""
-    if wants_latent_cache(args)[0]:
-        check_latent_cache_compat(group)
-    if wants_te_cache(args)[0]:
-        check_te_cache_compat(group, allow_caption_dropout)
 
 
 def prepare_caches(

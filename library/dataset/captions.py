@@ -9,6 +9,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from .config import SubsetParams
+
 _WILDCARD = re.compile(r"\{([^}]+)\}")
 
 
@@ -151,3 +153,21 @@ def tag_frequency(captions: list[str]) -> dict[str, int]:
             if tag:
                 counts[tag.lower()] += 1
     return dict(counts)
+
+
+def caption_options(s: SubsetParams) -> CaptionOptions:
+    return CaptionOptions(
+        caption_prefix=s.caption_prefix,
+        caption_suffix=s.caption_suffix,
+        caption_separator=s.caption_separator,
+        shuffle_caption=s.shuffle_caption,
+        keep_tokens=s.keep_tokens,
+        keep_tokens_separator=s.keep_tokens_separator,
+        secondary_separator=s.secondary_separator,
+        enable_wildcard=s.enable_wildcard,
+        caption_dropout_rate=s.caption_dropout_rate,
+        caption_dropout_every_n_epochs=s.caption_dropout_every_n_epochs,
+        caption_tag_dropout_rate=s.caption_tag_dropout_rate,
+        token_warmup_min=s.token_warmup_min,
+        token_warmup_step=s.token_warmup_step,
+    )

@@ -18,8 +18,9 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from .buckets import BucketManager, Size, adjust_min_max_bucket_reso, crop_top_left_for, get_crop_ltrb
+from .cache_rules import check_cache_args
 from .captions import (
-    CaptionOptions,
+    caption_options,
     deterministic_caption,
     draw_caption_dropout,
     process_caption,
@@ -76,24 +77,6 @@ class _BatchIndex:
     bucket: int
     batch_size: int
     batch: int
-
-
-def caption_options(s: SubsetParams) -> CaptionOptions:
-    return CaptionOptions(
-        caption_prefix=s.caption_prefix,
-        caption_suffix=s.caption_suffix,
-        caption_separator=s.caption_separator,
-        shuffle_caption=s.shuffle_caption,
-        keep_tokens=s.keep_tokens,
-        keep_tokens_separator=s.keep_tokens_separator,
-        secondary_separator=s.secondary_separator,
-        enable_wildcard=s.enable_wildcard,
-        caption_dropout_rate=s.caption_dropout_rate,
-        caption_dropout_every_n_epochs=s.caption_dropout_every_n_epochs,
-        caption_tag_dropout_rate=s.caption_tag_dropout_rate,
-        token_warmup_min=s.token_warmup_min,
-        token_warmup_step=s.token_warmup_step,
-    )
 
 
 class BucketDataset(Dataset):
@@ -538,8 +521,6 @@ def build_dataset_group(args: argparse.Namespace, bucket_step_multiple: int = 32
     group = DatasetGroup(datasets)
     # Refuse cache/augmentation clashes now, before any model is loaded. Caption dropout is checked
     # later, per architecture (Anima applies it to cached outputs, SDXL cannot).
-    from library.dataset.cache import check_cache_args
-
     check_cache_args(group, args, allow_caption_dropout=True)
     return group
 
