@@ -25,15 +25,6 @@ from library.diffusion_loss import (
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models on a shared 2-core box: one intra-op thread is ~30x faster than two under load."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def hand_alphas_cumprod() -> list[float]:
     """scaled_linear: β_t = (√0.00085 + t/999·(√0.012 − √0.00085))², ᾱ_t = Π(1 − β)."""
     a, b = math.sqrt(0.00085), math.sqrt(0.012)

@@ -13,15 +13,6 @@ from library.sdxl_generate import generate_sdxl
 from library.sdxl_models import SdxlModels, build_tiny_sdxl_models
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models on a shared 2-core box: one intra-op thread is ~30x faster than two under load."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tiny(clip_tokenizer_dir: Path) -> SdxlModels:
     return build_tiny_sdxl_models(clip_tokenizer_dir, seed=0)

@@ -40,11 +40,9 @@ def h11_recording_aot_eager(gm: torch.fx.GraphModule, example_inputs: list) -> o
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _reset_dynamo():
+    """Compiled graphs of this module do not leak into the next (conftest already pins one thread)."""
     yield
-    torch.set_num_threads(before)
     torch._dynamo.reset()
 
 

@@ -9,7 +9,7 @@ import sys
 from safetensors import safe_open
 
 import sdxl_train_network
-from tests.test_train_sdxl import _argv, one_thread, tiny  # noqa: F401 - fixtures
+from tests.test_train_sdxl import _argv, tiny  # noqa: F401 - fixtures
 
 SPY = """
 import networks.lora as real

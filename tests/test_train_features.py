@@ -12,7 +12,7 @@ from safetensors import safe_open
 
 import sdxl_train_network
 from library.train_utils import FP8_DTYPE, apply_fp8_base
-from tests.test_train_sdxl import N_IMAGES, _argv, _tb_scalars, one_thread, tiny  # noqa: F401 - fixtures
+from tests.test_train_sdxl import N_IMAGES, _argv, _tb_scalars, tiny  # noqa: F401 - fixtures
 
 
 @pytest.fixture(scope="module")

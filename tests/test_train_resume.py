@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 import sdxl_train_network
 from library.train_utils import lr_log_names
 from networks.network_base import AdapterNetwork
-from tests.test_train_sdxl import N_IMAGES, _argv, _tb_scalars, one_thread, tiny  # noqa: F401 - fixtures
+from tests.test_train_sdxl import N_IMAGES, _argv, _tb_scalars, tiny  # noqa: F401 - fixtures
 
 DROPOUT = ["--network_args", "rank_dropout=0.5", "module_dropout=0.3", "--network_dropout", "0.3"]
 

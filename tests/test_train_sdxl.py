@@ -28,15 +28,6 @@ from library.sdxl_text import encode_prompts
 N_IMAGES = 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one intra-op thread (OpenMP spinning on a busy 2-core box is ~10x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, clip_tokenizer_dir):
     """A tiny SDXL single-file checkpoint (real key layout) and a 4-image DreamBooth dataset TOML."""
