@@ -27,11 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_layers import _time_eager, _time_graph  # noqa: E402
 
-from networks.adapter import AdapterModule, attach_adapter  # noqa: E402
 from networks.functional import dispatch  # noqa: E402
 from networks.loha import LoHaModule  # noqa: E402
 from networks.lokr import LoKrModule  # noqa: E402
 from networks.lora import LoRAModule  # noqa: E402
+from networks.modules.adapter import AdapterModule, attach_adapter  # noqa: E402
 from networks.network_args import NetworkArgs  # noqa: E402
 
 # (out, in, tokens, layers of this shape in the model): SDXL batch 4 at 1024², Anima batch 2 at 1024²

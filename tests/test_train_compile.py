@@ -27,8 +27,8 @@ from library.anima_training import AnimaArchitecture
 from library.sdxl_models import build_tiny_sdxl_models, save_sdxl_single_file
 from library.train_arch import compile_repeated_blocks
 from library.train_loop import main_entry
-from networks.adapter import is_patched
 from networks.functional.dispatch import path_policy
+from networks.modules.adapter import is_patched
 
 RECORDED: list[list[str]] = []  # graph-input names of every graph the recording backend received
 

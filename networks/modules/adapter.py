@@ -440,27 +440,6 @@ class AdapterModule(nn.Module):
         y = self.org_module(x) if not is_patched(self.org_module) else _original_forward(self.org_module)(x)
         return self.add_branch(x, y)
 
-    # ------------------------------------------------------------------ merge
-    @torch.no_grad()
-    def merge_into_base(self, multiplier: float, device: torch.device | str | None = None) -> None:
-        """W ← cast(W_fp32 + m·ΔW_fp32), cast once (spec §4.2)."""
-        w = self.org_module.weight
-        dev = torch.device(device) if device is not None else w.device
-        dw = self.delta_weight_fp32(multiplier, dev)
-        merged = w.detach().to(dev, torch.float32) + dw.reshape(w.shape)
-        w.data.copy_(merged.to(device=w.device, dtype=w.dtype))
-
-    @torch.no_grad()
-    def delta_weight_fp32(self, multiplier: float, device: torch.device) -> torch.Tensor:
-        saved = {n: p.data for n, p in self.named_parameters()}
-        try:
-            for _n, p in self.named_parameters():
-                p.data = p.data.to(device=device, dtype=torch.float32)
-            return self.delta_weight_scaled(self.total_scale(multiplier)).float()
-        finally:
-            for n, p in self.named_parameters():
-                p.data = saved[n]
-
     def describe(self) -> dict[str, Any]:
         """A row of the verbose table."""
         return {
@@ -475,6 +454,10 @@ class AdapterModule(nn.Module):
 
     def layout(self) -> str:
         return self.algo
+
+    @classmethod
+    def log_created(cls, modules: list[AdapterModule], args: NetworkArgs) -> None:
+        """Hook: a note about freshly created modules of this algorithm (LoKr reports its full-W2 layers)."""
 
 
 # ---------------------------------------------------------------------- patching

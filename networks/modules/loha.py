@@ -12,15 +12,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from networks.adapter import AdapterModule, dropout_kwargs, file_alpha
-from networks.entry_points import sd_scripts_entry_points
 from networks.functional import loha_delta_weight, loha_khatri_rao_conv, loha_khatri_rao_linear
 from networks.functional.dispatch import select_loha_path
 from networks.functional.fused_linear import rebuild_linear
 from networks.functional.loha import LOHA_RULE
+from networks.modules.adapter import AdapterModule, dropout_kwargs, file_alpha
 from networks.network_args import NetworkArgs
 
-ALGO = "loha"
 LOHA_KEYS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 
 
@@ -203,6 +201,3 @@ class LoHaModule(AdapterModule):
 
     def layout(self) -> str:
         return "loha tucker" if self.tucker else ("loha flat" if self.is_kxk else "loha")
-
-
-create_network, create_network_from_weights, merge_weights_to_tensor = sd_scripts_entry_points(ALGO)

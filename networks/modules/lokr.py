@@ -13,17 +13,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from networks.adapter import AdapterModule, dropout_kwargs, kaiming_
-from networks.entry_points import sd_scripts_entry_points
 from networks.functional import factorization, lokr_bypass_linear, lokr_delta_weight, make_w1, make_w2
 from networks.functional.dispatch import select_lokr_path
 from networks.functional.fused_linear import rebuild_linear
 from networks.functional.lokr import LOKR_RULES
+from networks.modules.adapter import AdapterModule, dropout_kwargs, kaiming_
 from networks.network_args import NetworkArgs
 
 logger = logging.getLogger(__name__)
-
-ALGO = "lokr"
 LOKR_KEYS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 
 
@@ -320,9 +317,17 @@ class LoKrModule(AdapterModule):
     def layout(self) -> str:
         return self.lokr_layout.describe(self.kernel_size)
 
+    @classmethod
+    def log_created(cls, modules: list[AdapterModule], args: NetworkArgs) -> None:
+        full = full_w2_count(modules)
+        if full:
+            logger.warning(
+                "LoKr: %d of %d modules use a full W2 (r ≥ max(b,d)/2 at factor %d); α is ignored there (scale 1)",
+                full,
+                len(modules),
+                args.factor,
+            )
+
 
 def full_w2_count(modules: list[AdapterModule]) -> int:
     return sum(1 for m in modules if isinstance(m, LoKrModule) and m.lokr_layout.w2_mode == "full")
-
-
-create_network, create_network_from_weights, merge_weights_to_tensor = sd_scripts_entry_points(ALGO)

@@ -1,4 +1,4 @@
-"""LoRA (LoCon for convs) on the shared network base: `--network_module networks.lora`.
+"""The LoRA (LoCon for convs) adapter module; `networks.lora` is its sd-scripts entry module.
 
 Keys per module: `lora_down.weight` (r, I) / (r, I, kh, kw), `lora_up.weight` (O, r) / (O, r, 1, 1), `alpha`.
 Files with a LoCon-Tucker core (`lora_mid.weight` (r, r, kh, kw), down (r, I, 1, 1); LyCORIS `use_tucker`)
@@ -13,14 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from networks.adapter import AdapterModule, dropout_kwargs, file_alpha, kaiming_
-from networks.entry_points import sd_scripts_entry_points
 from networks.functional import apply_weight, lora_delta_weight
 from networks.functional.common import compute_dtype
 from networks.functional.fused_linear import adapter_linear, merged_lora_linear
+from networks.modules.adapter import AdapterModule, dropout_kwargs, file_alpha, kaiming_
 from networks.network_args import NetworkArgs
-
-ALGO = "lora"
 
 
 class LoRAModule(AdapterModule):
@@ -171,6 +168,3 @@ class LoRAModule(AdapterModule):
 
     def layout(self) -> str:
         return "lora tucker" if self.tucker else ("lora k×k" if self.is_kxk else "lora")
-
-
-create_network, create_network_from_weights, merge_weights_to_tensor = sd_scripts_entry_points(ALGO)
