@@ -21,6 +21,7 @@ from networks.modules.adapter import AdapterModule, DropoutClock, attach_adapter
 from networks.network_args import NetworkArgError, NetworkArgs, parse_network_args
 from networks.network_io import detect_algorithm, group_by_module, read_weights, write_weights
 from networks.network_optim import NetworkOptimMixin
+from networks.paths import PathPolicy
 from networks.registry import module_class_for
 from networks.targeting import (  # noqa: F401  (gen_img reads layer names through this module)
     Root,
@@ -56,6 +57,7 @@ class AdapterNetwork(NetworkOptimMixin, nn.Module):
         self._trainable: list[nn.Parameter] | None = None
         self._backed_up = False
         self._rank_mask_buffer: torch.Tensor | None = None
+        self.path_policy = PathPolicy()  # which forward paths run (networks.paths); the modules share it
 
     # ---------------------------------------------------------------- building
     def add_adapter(self, m: AdapterModule, te_index: int | None, original_name: str) -> None:
@@ -66,6 +68,7 @@ class AdapterNetwork(NetworkOptimMixin, nn.Module):
         m.index = len(self.text_encoder_loras) + len(self.unet_loras)
         m.clock = self.clock
         m.merged_forward = self.args.merged_forward
+        m.set_path_policy(self.path_policy)
         self.add_module(m.lora_name, m)
         (self.unet_loras if te_index is None else self.text_encoder_loras).append(m)
 
@@ -96,6 +99,15 @@ class AdapterNetwork(NetworkOptimMixin, nn.Module):
     def set_enabled(self, is_enabled: bool) -> None:
         for m in self.all_loras:
             m.enabled = bool(is_enabled)
+
+    def set_path_policy(self, path: str | None = None, mode: str | None = None) -> None:
+        """Choose the forward paths of every module (networks.paths): `path` 'auto' (cost model), 'rebuild' or
+        'bypass'; `mode` 'eager', or 'graph' for compiled / graph-replayed steps. None keeps the current value.
+        Set it before the first forward: modules remember their choice per input size."""
+        p = self.path_policy
+        self.path_policy = PathPolicy(p.path if path is None else path, p.mode if mode is None else mode)
+        for m in self.all_loras:
+            m.set_path_policy(self.path_policy)
 
     def set_dropout_seed(self, seed: int) -> None:
         """Seed of every dropout draw (with the step counter and module index); same on all ranks."""
@@ -319,9 +331,7 @@ def create_network_for(
         raise ValueError(
             f"network_alpha={network_alpha!r} / multiplier={multiplier!r}: expected numbers"
         ) from None
-    # α = 0 means "α = r" per module (so reg_dims / conv modules get their own rank); None does that too
-    alpha_arg: float | None = alpha if alpha != 0 else None
-    conv_alpha: float | None = args.conv_alpha if args.conv_alpha else None
+    # α = 0 (or None) means "α = r" per module, so reg_dims / conv modules get their own rank (modules.alpha)
     tes = as_te_list(text_encoder)
     unet = unwrap_model(unet)
     arch = detect_architecture(tes, unet)
@@ -341,11 +351,11 @@ def create_network_for(
             if _fullmatch_any(excludes, original) and not _fullmatch_any(includes, original):
                 net.excluded_names.append(name)
                 continue
-            rank, a = (args.conv_dim, conv_alpha) if kxk else (dim, alpha_arg)
+            rank, a = (args.conv_dim, args.conv_alpha) if kxk else (dim, alpha)
             for i, (pat, d) in enumerate(reg_dims):
                 if pat.fullmatch(original):
                     reg_dim_used[i] = True
-                    rank, a = d, alpha_arg
+                    rank, a = d, alpha
                     break
             if rank == 0:
                 net.excluded_names.append(name)

@@ -12,11 +12,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from networks import paths
 from networks.functional import loha_delta_weight, loha_khatri_rao_conv, loha_khatri_rao_linear
-from networks.functional.dispatch import select_loha_path
 from networks.functional.fused_linear import rebuild_linear
 from networks.functional.loha import LOHA_RULE
-from networks.modules.adapter import AdapterModule, dropout_kwargs, file_alpha
+from networks.modules.adapter import AdapterModule, dropout_kwargs
+from networks.modules.alpha import alpha_or_rank, file_alpha
 from networks.network_args import NetworkArgs
 
 LOHA_KEYS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
@@ -69,12 +70,8 @@ class LoHaModule(AdapterModule):
             if self.tucker:
                 nn.init.normal_(self.hada_t1, std=0.1)
                 nn.init.normal_(self.hada_t2, std=0.1)
-        alpha = float(rank) if alpha is None or alpha == 0 else float(alpha)
+        alpha = alpha_or_rank(alpha, rank)
         self._set_alpha(alpha, rank, alpha / rank)
-        # per-layer path: None = choose by networks.functional.dispatch (per input size, cached);
-        # True/False force the Khatri–Rao bypass / the rebuild (custom autograd)
-        self.use_khatri_rao: bool | None = None
-        self._path_cache: dict[int, bool] = {}
 
     @classmethod
     def create(
@@ -151,27 +148,16 @@ class LoHaModule(AdapterModule):
             self.hada_w1_a, self.hada_w1_b, self.hada_w2_a, self.hada_w2_b, scale, shape=shape
         )
 
-    def _khatri_rao_for(self, x: torch.Tensor) -> bool:
-        if self.tucker or (self.is_conv and self.org_module.groups != 1):
-            return False
-        if self.use_khatri_rao is not None:
-            return self.use_khatri_rao
-        # tokens from the shape only (capturable): rows of a linear input, B·H·W of a conv input
-        tokens = x.numel() // max(x.shape[1] if self.is_conv else x.shape[-1], 1)
-        # under torch.compile decide without the cache: a guard on each module's own dict would recompile
-        # the shared block graph once per block instance (the choice is a pure function of shapes)
-        compiling = torch.compiler.is_compiling()
-        hit = None if compiling else self._path_cache.get(tokens)
-        if hit is None:
-            k = math.prod(self.kernel_size)
-            choice = select_loha_path(max(tokens, 1), self.out_dim, self.in_dim * k, self.rank, self.is_conv)
-            hit = choice == "khatri_rao"
-            if not compiling:
-                self._path_cache[tokens] = hit
-        return hit
+    def has_factored_form(self) -> bool:
+        return not self.tucker and not (self.is_conv and self.org_module.groups != 1)
+
+    def choose_factored(self, tokens: int, policy: paths.PathPolicy) -> bool:
+        k = math.prod(self.kernel_size)
+        path = paths.select_loha_path(policy, tokens, self.out_dim, self.in_dim * k, self.rank, self.is_conv)
+        return path == "khatri_rao"
 
     def branch(self, x: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
-        if not self._khatri_rao_for(x):
+        if not paths.factored(self, x):
             return super().branch(x, scale)
         w = (self.hada_w1_a, self.hada_w1_b, self.hada_w2_a, self.hada_w2_b)
         if w[0].dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
@@ -180,16 +166,9 @@ class LoHaModule(AdapterModule):
             return loha_khatri_rao_conv(x, *w, scale, self.org_module)
         return loha_khatri_rao_linear(x, *w, scale)
 
-    def linear_factors(
-        self, x: torch.Tensor, scale: float | torch.Tensor
-    ) -> tuple[torch.Tensor | None, torch.Tensor] | None:
-        return None if self._khatri_rao_for(x) else super().linear_factors(x, scale)
-
     def factor_node_output(
         self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: float
-    ) -> torch.Tensor | None:
-        if self.tucker or self._khatri_rao_for(x):
-            return None
+    ) -> torch.Tensor:
         factors = (self.hada_w1_a, self.hada_w1_b, self.hada_w2_a, self.hada_w2_b)
         return rebuild_linear(x, weight, bias, LOHA_RULE, scale, factors)
 

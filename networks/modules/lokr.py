@@ -13,11 +13,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from networks import paths
 from networks.functional import factorization, lokr_bypass_linear, lokr_delta_weight, make_w1, make_w2
-from networks.functional.dispatch import select_lokr_path
 from networks.functional.fused_linear import rebuild_linear
 from networks.functional.lokr import LOKR_RULES
 from networks.modules.adapter import AdapterModule, dropout_kwargs, kaiming_
+from networks.modules.alpha import alpha_or_rank, file_alpha
 from networks.network_args import NetworkArgs
 
 logger = logging.getLogger(__name__)
@@ -94,10 +95,6 @@ class LoKrModule(AdapterModule):
         names = ("lokr_w1",) if L.w1_rank is None else ("lokr_w1_a", "lokr_w1_b")
         names += ("lokr_w2",) if L.w2_mode == "full" else ("lokr_w2_a", "lokr_w2_b")
         self._node_rule = (LOKR_RULES[(L.w1_rank is not None, L.w2_mode != "full")], names)
-        # per-layer path: None = choose by networks.functional.dispatch (per input size, cached);
-        # True/False force the bypass / the rebuild
-        self.use_bypass: bool | None = None
-        self._path_cache: dict[int, bool] = {}
         kh, kw = self.kernel_size
         k = kh * kw
         if L.w1_rank is None:
@@ -132,7 +129,7 @@ class LoKrModule(AdapterModule):
         if L.both_full:  # α is ignored: s = 1 and the file carries α = r
             self._set_alpha(float(L.rank), L.rank, 1.0)
         else:
-            alpha = float(L.rank) if alpha is None or alpha == 0 else float(alpha)
+            alpha = alpha_or_rank(alpha, L.rank)
             self._set_alpha(alpha, L.rank, alpha / L.rank)
 
     @classmethod
@@ -203,11 +200,7 @@ class LoKrModule(AdapterModule):
         alpha = None if alpha_t is None else float(alpha_t.float())
         if rank is None:  # both full: s = 1, remember the file's α as "r" to write it back unchanged
             rank = int(alpha) if alpha and float(alpha).is_integer() and alpha > 0 else 1
-        if alpha is None:
-            alpha = float(rank)
-        elif alpha == 0.0:
-            logger.warning("%s.alpha is 0; treating it as the rank %d", lora_name, rank)
-            alpha = float(rank)
+        alpha = file_alpha(lora_name, t, rank)
         layout = LoKrLayout(int(a), b, int(c), d, w1_rank, w2_mode, rank)
         module = cls(lora_name, org, multiplier, layout, alpha, **dropout_kwargs(args))
         for name, p in module.named_parameters():
@@ -264,39 +257,24 @@ class LoKrModule(AdapterModule):
             shape,
         )
 
-    def _bypass_for(self, x: torch.Tensor) -> bool:
-        if self.use_bypass is not None:
-            return self.use_bypass
-        tokens = x.numel() // max(x.shape[-1], 1)  # a shape, never a tensor value: capturable
-        # under torch.compile decide without the cache: a guard on each module's own dict would recompile
-        # the shared block graph once per block instance (the choice is a pure function of shapes)
-        compiling = torch.compiler.is_compiling()
-        hit = None if compiling else self._path_cache.get(tokens)
-        if hit is None:
-            L = self.lokr_layout
-            hit = select_lokr_path(max(tokens, 1), L.a, L.b, L.c, L.d) == "bypass"
-            if not compiling:
-                self._path_cache[tokens] = hit
-        return hit
+    def has_factored_form(self) -> bool:
+        return not self.is_conv  # the bypass is written for Linear layers
+
+    def choose_factored(self, tokens: int, policy: paths.PathPolicy) -> bool:
+        L = self.lokr_layout
+        return paths.select_lokr_path(policy, tokens, L.a, L.b, L.c, L.d) == "bypass"
 
     def branch(self, x: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
-        if not self.is_conv and self._bypass_for(x):
+        if paths.factored(self, x):
             w1, w2 = self.w1(), self.w2()
             if w1.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
                 w1, w2 = w1.to(x.dtype), w2.to(x.dtype)
             return lokr_bypass_linear(x, w1, w2, scale)
         return super().branch(x, scale)
 
-    def linear_factors(
-        self, x: torch.Tensor, scale: float | torch.Tensor
-    ) -> tuple[torch.Tensor | None, torch.Tensor] | None:
-        return None if self._bypass_for(x) else super().linear_factors(x, scale)
-
     def factor_node_output(
         self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: float
-    ) -> torch.Tensor | None:
-        if self.lokr_layout.w2_mode == "tucker" or self._bypass_for(x):
-            return None
+    ) -> torch.Tensor:
         rule, names = self._node_rule
         return rebuild_linear(x, weight, bias, rule, scale, [getattr(self, n) for n in names])
 

@@ -13,16 +13,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from networks import paths
 from networks.functional import apply_weight, lora_delta_weight
 from networks.functional.common import compute_dtype
 from networks.functional.fused_linear import adapter_linear, merged_lora_linear
-from networks.modules.adapter import AdapterModule, dropout_kwargs, file_alpha, kaiming_
+from networks.modules.adapter import AdapterModule, dropout_kwargs, kaiming_
+from networks.modules.alpha import alpha_or_rank, file_alpha
 from networks.network_args import NetworkArgs
 
 
 class LoRAModule(AdapterModule):
     algo = "lora"
     plus_param_names = ("lora_up.weight",)
+    merged_needs_frozen_linear = True
 
     def __init__(
         self,
@@ -57,7 +60,7 @@ class LoRAModule(AdapterModule):
             kaiming_(self.lora_up.weight)
         else:
             nn.init.zeros_(self.lora_up.weight)
-        alpha = float(rank) if alpha is None or alpha == 0 else float(alpha)
+        alpha = alpha_or_rank(alpha, rank)
         self._set_alpha(alpha, rank, alpha / rank)
 
     @classmethod
@@ -141,21 +144,20 @@ class LoRAModule(AdapterModule):
 
     def linear_factors(
         self, x: torch.Tensor, scale: float | torch.Tensor
-    ) -> tuple[torch.Tensor | None, torch.Tensor] | None:
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
         return self.lora_down.weight, self.lora_up.weight * scale
 
     def factor_node_output(
         self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: float
-    ) -> torch.Tensor | None:
+    ) -> torch.Tensor:
         return adapter_linear(x, weight, bias, self.lora_down.weight, self.lora_up.weight, scale)
 
-    def merged_output(self, x: torch.Tensor) -> torch.Tensor | None:
+    def _merged(self, x: torch.Tensor) -> torch.Tensor:
         """`merged_forward` on a Linear layer: x·(W + s·up·down)ᵀ + b as one GEMM, the factors' grads from thin
-        products (functional/fused_linear.py). Convs keep the unmerged path."""
-        base = self.frozen_linear_base() if self.merged_forward else None
-        if base is None or not self._fusable():
-            return None
-        up = self._masked_right(self.lora_up.weight * self.total_scale(self.multiplier))
+        products (functional/fused_linear.py). Convs keep the unmerged path (networks.paths)."""
+        base = self.org_module
+        up = self.lora_up.weight * self.total_scale(self.multiplier)
+        up = self.masked_right(up, paths.step_masked(self))
         dtype = compute_dtype(x)
         x = x if x.dtype == dtype else x.to(dtype)
         return merged_lora_linear(x, base.weight, base.bias, self.lora_down.weight, up)
