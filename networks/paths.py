@@ -32,15 +32,12 @@ The policy belongs to the network (`AdapterNetwork.set_path_policy`); a module o
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from torch import nn
 
 from networks.functional.dispatch import MODES, choose_loha_path, choose_lokr_path
-
-if TYPE_CHECKING:
-    from networks.modules.adapter import AdapterModule
 
 POLICIES = ("auto", "rebuild", "bypass")
 
@@ -61,6 +58,30 @@ class PathPolicy:
 
 
 DEFAULT_POLICY = PathPolicy()
+
+
+class AdapterModule(Protocol):
+    """What the decision reads of an adapter (networks.modules.adapter.AdapterModule provides it)."""
+
+    org_module: nn.Module
+    is_conv: bool
+    enabled: bool
+    multiplier: float
+    training: bool
+    dropout: float | None
+    rank_dropout: float | None
+    module_dropout: float | None
+    module_dropout_on_device: bool
+    merged_forward: bool
+    merged_needs_frozen_linear: bool
+    scalar: nn.Parameter | None
+    use_factored: bool | None
+    path_policy: PathPolicy
+    _path_cache: dict[int, bool]
+
+    def has_factored_form(self) -> bool: ...
+
+    def choose_factored(self, tokens: int, policy: PathPolicy) -> bool: ...
 
 
 def select_lokr_path(policy: PathPolicy, tokens: int, a: int, b: int, c: int, d: int) -> str:

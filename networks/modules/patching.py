@@ -6,13 +6,14 @@ and unwind in any order, and the last one out restores the original forward.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from networks.modules.adapter import AdapterModule
+AdapterModule = (
+    Any  # an adapter: `layer_output(x)`, `add_branch(x, y)`, `lora_name` (networks.modules.adapter)
+)
 
 _STACK_ATTR = "_lohakr_adapters"
 _ORIG_ATTR = "_lohakr_orig_forward"
