@@ -51,7 +51,7 @@ def group_by_module(weights_sd: dict[str, torch.Tensor]) -> dict[str, dict[str, 
 
 
 def detect_algorithm(lora_name: str, keys: set[str] | dict[str, Any]) -> str:
-    """'lora' | 'loha' | 'lokr' from a module's key set (spec §4.3); anything else is an error."""
+    """'lora' | 'loha' | 'lokr' from a module's key set; anything else is an error."""
     keys = set(keys)
     if "hada_w1_a" in keys:
         return "loha"

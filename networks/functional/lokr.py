@@ -13,7 +13,7 @@ from .fused_linear import DeltaRule
 
 
 def factorization(dim: int, factor: int = -1) -> tuple[int, int]:
-    """Split `dim` into (m, n) with m·n = dim and m ≤ n (spec §3.3).
+    """Split `dim` into (m, n) with m·n = dim and m ≤ n.
 
     If factor > 0 divides dim the pair is sorted(factor, dim/factor). Otherwise (factor −1 = no
     limit) m is the largest divisor of dim not above min(factor, √dim).
@@ -203,7 +203,7 @@ def _check_linear_bypass(x: torch.Tensor, c: int, d: int) -> None:
 
 class KronBypassLinear(torch.autograd.Function):
     """z = s·W1·(X·W2ᵀ) with X = x viewed (..., c, d); saves x, W1, W2 only and recomputes
-    Y = X·W2ᵀ (N·c·b values, more than ΔW when N > √(OI)) in backward (spec §6 rule 3)."""
+    Y = X·W2ᵀ (N·c·b values, more than ΔW when N > √(OI)) in backward."""
 
     @staticmethod
     def forward(ctx, xv, w1, w2, scale):  # type: ignore[override]

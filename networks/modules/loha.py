@@ -1,4 +1,4 @@
-"""LoHa on the shared network base: `--network_module networks.loha` (spec networks.md §3.2).
+"""The LoHa adapter module; `networks.loha` is its sd-scripts entry module (docs/architecture.md, LoHa).
 
 ΔW = s·(w1_a·w1_b) ⊙ (w2_a·w2_b), or the Tucker form for k×k convs with `use_tucker`; the maths and its
 custom autograd live in `networks.functional.loha`.
@@ -57,7 +57,7 @@ class LoHaModule(AdapterModule):
             self.hada_w1_b = self._new_param(rank, i * k)
             self.hada_w2_a = self._new_param(o, rank)
             self.hada_w2_b = self._new_param(rank, i * k)
-        # init of spec §3.2 (LyCORIS 4.1.3's, in every mode): the second half starts at zero
+        # the second half starts at zero, so ΔW does (docs/architecture.md, LoHa)
         with torch.no_grad():
             nn.init.normal_(self.hada_w1_a, std=0.1)
             nn.init.normal_(self.hada_w1_b, std=1.0)

@@ -1,4 +1,4 @@
-"""LoKr on the shared network base: `--network_module networks.lokr` (spec networks.md §3.3).
+"""The LoKr adapter module; `networks.lokr` is its sd-scripts entry module (docs/architecture.md, LoKr).
 
 ΔW = s·kron(W1, W2) with W1 (a, c) small and W2 (b, d[, kh, kw]) full, low-rank or Tucker. The layout
 is planned per layer (`plan_lokr`) or read back from a file's shapes, never from kwargs.
@@ -56,7 +56,7 @@ def plan_lokr(
     use_tucker: bool = False,
     full_matrix: bool = False,
 ) -> LoKrLayout:
-    """The layout rules of spec §3.3 (full-matrix switch at r ≥ max(b, d)/2)."""
+    """The layout rules of docs/architecture.md, LoKr (full-matrix switch at r ≥ max(b, d)/2)."""
     a, b = factorization(out_dim, factor)
     c, d = factorization(in_dim, factor)
     w1_rank = rank if decompose_both and rank < max(a, c) / 2 else None
@@ -113,7 +113,7 @@ class LoKrModule(AdapterModule):
             self.lokr_t2 = self._new_param(L.rank, L.rank, kh, kw)
             self.lokr_w2_a = self._new_param(L.rank, L.b)
             self.lokr_w2_b = self._new_param(L.rank, L.d)
-        # init of spec §3.3: W1 kaiming; the W2 side's zero factor makes ΔW start at 0 (kaiming with σ)
+        # W1 kaiming; the W2 side's zero factor makes ΔW start at 0 (kaiming with σ)
         with torch.no_grad():
             for name in ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_t2"):
                 if hasattr(self, name):

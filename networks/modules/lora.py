@@ -2,7 +2,7 @@
 
 Keys per module: `lora_down.weight` (r, I) / (r, I, kh, kw), `lora_up.weight` (O, r) / (O, r, 1, 1), `alpha`.
 Files with a LoCon-Tucker core (`lora_mid.weight` (r, r, kh, kw), down (r, I, 1, 1); LyCORIS `use_tucker`)
-load and apply too (spec §4.3); we never create that layout.
+load and apply too; we never create that layout.
 """
 
 from __future__ import annotations
