@@ -45,10 +45,10 @@ class PlainLoRA(nn.Module):
 
 def _ours(algo: str, rank: int, alpha: float) -> Callable[[nn.Linear, int], list[nn.Parameter]]:
     sys.path.insert(0, str(REPO_ROOT))
-    from networks.adapter import attach_adapter
     from networks.loha import LoHaModule
     from networks.lokr import LoKrModule
     from networks.lora import LoRAModule
+    from networks.modules.adapter import attach_adapter
     from networks.network_args import NetworkArgs
 
     def attach(lin: nn.Linear, i: int) -> list[nn.Parameter]:

@@ -29,7 +29,6 @@ from networks.functional import (  # noqa: E402
     factorization,
     loha_khatri_rao_linear,
     lokr_bypass_linear,
-    lokr_bypass_linear_lowrank,
     lokr_delta_weight,
 )
 from networks.functional.dispatch import (  # noqa: E402
@@ -84,7 +83,9 @@ def make_variants(o: int, i: int, device: torch.device) -> dict[str, tuple[Calla
                 [w1l, w2a, w2b],
             )
             v["lokr_f8_r32_bypass"] = (
-                lambda x, w1=w1l, w2a=w2a, w2b=w2b: lokr_bypass_linear_lowrank(x, w1, w2a, w2b, 0.5),
+                lambda x, w1=w1l, w2a=w2a, w2b=w2b: lokr_bypass_linear(
+                    x, w1, w2a @ w2b, 0.5
+                ),  # as LoKrModule
                 [w1l, w2a, w2b],
             )
     for r in (8, 32):

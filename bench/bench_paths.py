@@ -27,12 +27,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_layers import _time_eager, _time_graph  # noqa: E402
 
-from networks.adapter import AdapterModule, attach_adapter  # noqa: E402
-from networks.functional import dispatch  # noqa: E402
 from networks.loha import LoHaModule  # noqa: E402
 from networks.lokr import LoKrModule  # noqa: E402
 from networks.lora import LoRAModule  # noqa: E402
+from networks.modules.adapter import AdapterModule, attach_adapter  # noqa: E402
 from networks.network_args import NetworkArgs  # noqa: E402
+from networks.paths import PathPolicy, select_loha_path, select_lokr_path  # noqa: E402
 
 # (out, in, tokens, layers of this shape in the model): SDXL batch 4 at 1024², Anima batch 2 at 1024²
 SHAPES = {
@@ -72,10 +72,10 @@ def _variants(rank: int, alpha: float) -> dict[str, Variant]:
     return {
         "base": (None, None, None),
         "lora": (lora, None, None),
-        "lokr_rebuild": (lokr, "use_bypass", False),
-        "lokr_bypass": (lokr, "use_bypass", True),
-        "loha_rebuild": (loha, "use_khatri_rao", False),
-        "loha_khatri_rao": (loha, "use_khatri_rao", True),
+        "lokr_rebuild": (lokr, "use_factored", False),
+        "lokr_bypass": (lokr, "use_factored", True),
+        "loha_rebuild": (loha, "use_factored", False),
+        "loha_khatri_rao": (loha, "use_factored", True),
     }
 
 
@@ -93,15 +93,11 @@ def _layer_step(lin: nn.Linear, x: torch.Tensor, gy: torch.Tensor) -> Callable:
 
 
 def _model_choice(mod: AdapterModule, tokens: int, mode: str) -> str:
-    saved = dispatch.path_policy()
-    dispatch.set_path_policy("auto", mode)
-    try:
-        if isinstance(mod, LoKrModule):
-            L = mod.lokr_layout
-            return dispatch.select_lokr_path(tokens, L.a, L.b, L.c, L.d)
-        return dispatch.select_loha_path(tokens, mod.out_dim, mod.in_dim, mod.rank)
-    finally:
-        dispatch.set_path_policy(*saved)
+    policy = PathPolicy("auto", mode)
+    if isinstance(mod, LoKrModule):
+        L = mod.lokr_layout
+        return select_lokr_path(policy, tokens, L.a, L.b, L.c, L.d)
+    return select_loha_path(policy, tokens, mod.out_dim, mod.in_dim, mod.rank)
 
 
 def bench_shape(o: int, i: int, n: int, count: int, args: argparse.Namespace) -> list[dict]:

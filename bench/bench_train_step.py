@@ -12,7 +12,7 @@ Variants (comma-separated; each may carry its own network args after colons, e.g
   anima-floor, anima-lora|loha|lokr   our Anima DiT (real config, random init; batch/resolution as given)
   sdanima-floor, sdanima-lora|loha|lokr   sd-scripts' Anima DiT and networks (lora_anima for LoRA)
 Bench-only options (not network args): `path=auto|rebuild|bypass` forces our per-layer path choice
-(networks.functional.dispatch), `mode=eager|graph` picks its cost model, `compile=1` compiles the
+(networks.paths), `mode=eager|graph` picks its cost model, `compile=1` compiles the
 repeated transformer blocks (fullgraph), `cmode=reduce-overhead|max-autotune-no-cudagraphs|...` passes
 torch.compile's mode (the trainer's --compile_mode), `graph=1` replays the model's forward and backward
 as CUDA graphs (`library/cuda_graph.py`, the trainer's --cuda_graph), `gcrng=0` checkpoints without
@@ -212,11 +212,6 @@ def run_single(args: argparse.Namespace) -> dict:
     graph = net_kwargs.pop("graph", "0") not in ("0", "false", "False")
     gc_rng = net_kwargs.pop("gcrng", "1") not in ("0", "false", "False")
     profile = net_kwargs.pop("prof", "0") not in ("0", "false", "False")
-    if path is not None or mode is not None:
-        sys.path.insert(0, str(REPO_ROOT))
-        from networks.functional.dispatch import set_path_policy
-
-        set_path_policy(path or "auto", mode or "eager")
     device = torch.device(args.device)
     dtype = _dtype(args.dtype)
     torch.manual_seed(0)
@@ -246,6 +241,8 @@ def run_single(args: argparse.Namespace) -> dict:
         )
         module = __import__(module_name, fromlist=["create_network"])
         network = module.create_network(1.0, args.dim, args.alpha, None, [], unet, **net_kwargs)
+        if (path is not None or mode is not None) and hasattr(network, "set_path_policy"):
+            network.set_path_policy(path or "auto", mode or "eager")
         network.apply_to([], unet, apply_text_encoder=False, apply_unet=True)
         network.to(device)
         if hasattr(network, "prepare_optimizer_params_with_multiple_te_lrs"):

@@ -21,7 +21,7 @@ stream, which a capture cannot wait on). The trainers never keep one.
 
 What a graph cannot do: read tensor values on the host, draw from generators seeded on the host, or
 take a different Python branch per step. Our adapters' rank dropout and module dropout read values drawn
-once per step (see `networks.adapter`); neuron (element) dropout is refused by the trainer under `--cuda_graph`.
+once per step (see `networks.modules.adapter`); neuron (element) dropout is refused by the trainer under `--cuda_graph`.
 """
 
 from __future__ import annotations

@@ -125,22 +125,14 @@ class TrainResult:
 def train(args: argparse.Namespace, arch: TrainingArchitecture) -> TrainResult | None:
     """Run training. Bad input fails before any file is written; an output dir created by this run
     is removed again when it fails before writing anything."""
-    from networks.functional.dispatch import path_policy, set_path_policy
-
     out = Path(args.output_dir)
     created = not out.exists()
-    policy = path_policy()
-    if getattr(args, "torch_compile", False) or getattr(args, "cuda_graph", False):
-        # compiled blocks and replayed graphs have little per-op host cost: paths by the graph-mode model
-        set_path_policy(policy[0], "graph")
     try:
         return _train(args, arch)
     except BaseException:
         if created and out.is_dir() and not any(out.iterdir()):
             out.rmdir()
         raise
-    finally:
-        set_path_policy(*policy)
 
 
 def _train(args: argparse.Namespace, arch: TrainingArchitecture) -> TrainResult | None:
@@ -196,6 +188,10 @@ def _train(args: argparse.Namespace, arch: TrainingArchitecture) -> TrainResult 
     if network is None:
         logger.info("the network module returned no network; nothing to train")
         return None
+    graph_steps = getattr(args, "torch_compile", False) or getattr(args, "cuda_graph", False)
+    if graph_steps and hasattr(network, "set_path_policy"):
+        # compiled blocks and replayed graphs have little per-op host cost: paths by the graph-mode model
+        network.set_path_policy(mode="graph")
     ratios = (args.loraplus_lr_ratio, args.loraplus_unet_lr_ratio, args.loraplus_text_encoder_lr_ratio)
     if any(r is not None for r in ratios):
         if not callable(getattr(network, "set_loraplus_lr_ratio", None)):

@@ -235,7 +235,7 @@ def read_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], di
 def write_lora_file(path: str | os.PathLike, sd: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """Atomic save (temp file + rename) with the sshs hashes recomputed for the new keys."""
     # imported here: run as a script, the project root joins sys.path only in __main__
-    from library.atomic_io import save_safetensors_atomic
+    from networks.atomic_io import save_safetensors_atomic
     from networks.network_io import sshs_hashes
 
     path = Path(path)

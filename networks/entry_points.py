@@ -12,11 +12,13 @@ from typing import Any
 
 import torch
 
+from networks.merge import merge_weights_to_tensor_for
+from networks.network_base import AdapterNetwork, create_network_for, create_network_from_weights_for
+
 
 def sd_scripts_entry_points(algo: str) -> tuple[Callable[..., Any], Callable[..., Any], Callable[..., Any]]:
     """`(create_network, create_network_from_weights, merge_weights_to_tensor)` for `algo`."""
 
-    # network_base imports the algorithm modules, so these imports wait until the first call
     def create_network(
         multiplier: float,
         network_dim: int | None,
@@ -26,10 +28,8 @@ def sd_scripts_entry_points(algo: str) -> tuple[Callable[..., Any], Callable[...
         unet: Any,
         neuron_dropout: float | None = None,
         **kwargs: Any,
-    ):  # -> AdapterNetwork
+    ) -> AdapterNetwork:
         """Build an unapplied network of `algo` adapters for the targets of `unet` and `text_encoder`."""
-        from networks.network_base import create_network_for
-
         return create_network_for(
             algo, multiplier, network_dim, network_alpha, text_encoder, unet, neuron_dropout, kwargs
         )
@@ -43,10 +43,8 @@ def sd_scripts_entry_points(algo: str) -> tuple[Callable[..., Any], Callable[...
         weights_sd: dict[str, torch.Tensor] | None = None,
         for_inference: bool = False,
         **kwargs: Any,
-    ):  # -> (AdapterNetwork, weights_sd)
+    ) -> tuple[AdapterNetwork, dict[str, torch.Tensor]]:
         """Build a network whose modules, ranks and layouts come from a file's tensors (values not loaded)."""
-        from networks.network_base import create_network_from_weights_for
-
         return create_network_from_weights_for(
             algo, multiplier, file, text_encoder, unet, weights_sd, for_inference, kwargs
         )
@@ -59,9 +57,7 @@ def sd_scripts_entry_points(algo: str) -> tuple[Callable[..., Any], Callable[...
         multiplier: float,
         calc_device: torch.device | str,
     ) -> torch.Tensor:
-        """Merge the adapter `lora_name` of `lora_sd` into `model_weight` in fp32 (see network_io)."""
-        from networks.network_io import merge_weights_to_tensor_for
-
+        """Merge the adapter `lora_name` of `lora_sd` into `model_weight` in fp32 (see networks.merge)."""
         return merge_weights_to_tensor_for(
             algo, model_weight, lora_name, lora_sd, lora_weight_keys, multiplier, calc_device
         )

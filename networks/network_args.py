@@ -1,4 +1,4 @@
-"""Parsing of `--network_args` for the LoRA / LoHa / LoKr networks (spec networks.md §1.3, §1.4).
+"""Parsing of `--network_args` for the LoRA / LoHa / LoKr networks.
 
 Values reach `create_network` as strings (sd-scripts' trainer splits each token at the first `=`),
 as native Python values (callers in code) or as None (= not given), so every converter accepts all three.
@@ -201,7 +201,7 @@ def parse_regex_pairs(key: str, value: Any, as_int: bool) -> list[tuple[str, flo
 
 @dataclass
 class NetworkArgs:
-    """All network options after parsing; defaults are those of spec §1.4."""
+    """All network options after parsing, with their defaults."""
 
     algo: str = "loha"
     verbose: bool = False

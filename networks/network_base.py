@@ -7,129 +7,34 @@ tensors; its children are named `lora_name`, so `state_dict()` keys are the file
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from networks.adapter import SUPPORTED_LEAVES, AdapterModule, DropoutClock, attach_adapter, detach_adapter
 from networks.arch import Architecture, detect_architecture
+from networks.merge import merge_module_into_base
+from networks.modules.adapter import AdapterModule, DropoutClock, attach_adapter, detach_adapter
 from networks.network_args import NetworkArgError, NetworkArgs, parse_network_args
 from networks.network_io import detect_algorithm, group_by_module, read_weights, write_weights
 from networks.network_optim import NetworkOptimMixin
+from networks.paths import PathPolicy
+from networks.registry import module_class_for
+from networks.targeting import (  # noqa: F401  (gen_img reads layer names through this module)
+    Root,
+    _fullmatch_any,
+    as_te_list,
+    iter_all_leaves,
+    iter_target_leaves,
+    lora_name_of,
+    model_roots,
+    unwrap_model,
+)
 
 logger = logging.getLogger(__name__)
-
-_MODULE_FILES = {"lora": "networks.lora", "loha": "networks.loha", "lokr": "networks.lokr"}
-_MODULE_CLASSES = {"lora": "LoRAModule", "loha": "LoHaModule", "lokr": "LoKrModule"}
-
-
-def module_class_for(algo: str) -> type[AdapterModule]:
-    if algo not in _MODULE_FILES:
-        raise ValueError(f"algorithm {algo!r}: expected one of {sorted(_MODULE_FILES)}")
-    return getattr(importlib.import_module(_MODULE_FILES[algo]), _MODULE_CLASSES[algo])
-
-
-@dataclass
-class Root:
-    """One model part a network attaches to: a text encoder (te_index ≥ 0) or the U-Net/DiT (None)."""
-
-    module: nn.Module
-    prefix: str
-    te_index: int | None
-    path_mapper: Any
-    target_classes: tuple[str, ...]
-
-
-def unwrap_model(model: Any) -> Any:
-    """The bare model under torch.compile (`_orig_mod`) or DDP/FSDP-style (`module`) wrappers."""
-    while model is not None:
-        if isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
-        elif type(model).__name__ in ("DistributedDataParallel", "DataParallel") and isinstance(
-            getattr(model, "module", None), nn.Module
-        ):
-            model = model.module
-        else:
-            break
-    return model
-
-
-def as_te_list(text_encoder: Any) -> list[nn.Module | None]:
-    if text_encoder is None:
-        return []
-    if isinstance(text_encoder, (list, tuple)):
-        return [unwrap_model(t) for t in text_encoder]
-    return [unwrap_model(text_encoder)]
-
-
-def model_roots(
-    arch: Architecture,
-    text_encoders: Sequence[nn.Module | None],
-    unet: nn.Module | None,
-    args: NetworkArgs | None,
-) -> list[Root]:
-    """TE roots first (file prefix by position), then the U-Net/DiT."""
-    if len(text_encoders) > len(arch.te_prefixes):
-        raise ValueError(
-            f"text_encoder: {len(text_encoders)} text encoders given, but {arch.name} has "
-            f"{len(arch.te_prefixes)} ({', '.join(arch.te_prefixes)})"
-        )
-    roots: list[Root] = []
-    for i, te in enumerate(text_encoders):
-        if te is not None:
-            roots.append(Root(te, arch.te_prefixes[i], i, arch.te_path_mapper(te), arch.te_target_classes))
-    if unet is not None:
-        targets = arch.unet_target_classes
-        if args is not None:
-            targets = targets + tuple(arch.extra_unet_targets(args))
-            if args.conv_dim is not None:
-                targets = targets + arch.conv_target_classes
-        roots.append(Root(unet, arch.unet_prefix, None, arch.unet_path_mapper(unet), targets))
-    return roots
-
-
-def iter_target_leaves(root: Root) -> list[tuple[str, nn.Module]]:
-    """(original dotted path, leaf) of Linear/Conv2d leaves under target-class blocks, deduplicated."""
-    seen: set[int] = set()
-    out: list[tuple[str, nn.Module]] = []
-    for name, block in root.module.named_modules():
-        if type(block).__name__ not in root.target_classes:
-            continue
-        for child_name, leaf in block.named_modules():
-            if not isinstance(leaf, SUPPORTED_LEAVES) or id(leaf) in seen:
-                continue
-            seen.add(id(leaf))
-            path = ".".join(p for p in (name, child_name) if p)
-            out.append((root.path_mapper(path), leaf))
-    return out
-
-
-def iter_all_leaves(root: Root) -> list[tuple[str, str, nn.Module]]:
-    """(original path, model path, leaf) for every Linear/Conv2d of a root (files made with wider
-    presets, e.g. LyCORIS, may adapt layers outside our default targets)."""
-    out = []
-    for path, leaf in root.module.named_modules():
-        if isinstance(leaf, SUPPORTED_LEAVES):
-            try:
-                out.append((root.path_mapper(path), path, leaf))
-            except ValueError:
-                continue  # a layer with no original-name equivalent cannot be in a file
-    return out
-
-
-def lora_name_of(prefix: str, original_name: str) -> str:
-    return prefix + "_" + original_name.replace(".", "_")
-
-
-def _fullmatch_any(patterns: Sequence[re.Pattern[str]], name: str) -> bool:
-    return any(p.fullmatch(name) for p in patterns)
 
 
 class AdapterNetwork(NetworkOptimMixin, nn.Module):
@@ -152,6 +57,7 @@ class AdapterNetwork(NetworkOptimMixin, nn.Module):
         self._trainable: list[nn.Parameter] | None = None
         self._backed_up = False
         self._rank_mask_buffer: torch.Tensor | None = None
+        self.path_policy = PathPolicy()  # which forward paths run (networks.paths); the modules share it
 
     # ---------------------------------------------------------------- building
     def add_adapter(self, m: AdapterModule, te_index: int | None, original_name: str) -> None:
@@ -162,6 +68,7 @@ class AdapterNetwork(NetworkOptimMixin, nn.Module):
         m.index = len(self.text_encoder_loras) + len(self.unet_loras)
         m.clock = self.clock
         m.merged_forward = self.args.merged_forward
+        m.set_path_policy(self.path_policy)
         self.add_module(m.lora_name, m)
         (self.unet_loras if te_index is None else self.text_encoder_loras).append(m)
 
@@ -192,6 +99,15 @@ class AdapterNetwork(NetworkOptimMixin, nn.Module):
     def set_enabled(self, is_enabled: bool) -> None:
         for m in self.all_loras:
             m.enabled = bool(is_enabled)
+
+    def set_path_policy(self, path: str | None = None, mode: str | None = None) -> None:
+        """Choose the forward paths of every module (networks.paths): `path` 'auto' (cost model), 'rebuild' or
+        'bypass'; `mode` 'eager', or 'graph' for compiled / graph-replayed steps. None keeps the current value.
+        Set it before the first forward: modules remember their choice per input size."""
+        p = self.path_policy
+        self.path_policy = PathPolicy(p.path if path is None else path, p.mode if mode is None else mode)
+        for m in self.all_loras:
+            m.set_path_policy(self.path_policy)
 
     def set_dropout_seed(self, seed: int) -> None:
         """Seed of every dropout draw (with the step counter and module index); same on all ranks."""
@@ -335,7 +251,7 @@ class AdapterNetwork(NetworkOptimMixin, nn.Module):
             if tensors is None:
                 continue
             m.load_file_tensors(tensors)
-            m.merge_into_base(m.multiplier, device)
+            merge_module_into_base(m, m.multiplier, device)
             used.add(m.lora_name)
         unused = sorted(k for k in weights_sd if k.partition(".")[0] not in used)
         if unused:
@@ -360,7 +276,7 @@ class AdapterNetwork(NetworkOptimMixin, nn.Module):
     @torch.no_grad()
     def pre_calculation(self) -> None:
         for m in self.all_loras:
-            m.merge_into_base(m.multiplier)
+            merge_module_into_base(m, m.multiplier)
             m.enabled = False
 
     @torch.no_grad()
@@ -415,9 +331,7 @@ def create_network_for(
         raise ValueError(
             f"network_alpha={network_alpha!r} / multiplier={multiplier!r}: expected numbers"
         ) from None
-    # α = 0 means "α = r" per module (so reg_dims / conv modules get their own rank); None does that too
-    alpha_arg: float | None = alpha if alpha != 0 else None
-    conv_alpha: float | None = args.conv_alpha if args.conv_alpha else None
+    # α = 0 (or None) means "α = r" per module, so reg_dims / conv modules get their own rank (modules.alpha)
     tes = as_te_list(text_encoder)
     unet = unwrap_model(unet)
     arch = detect_architecture(tes, unet)
@@ -437,11 +351,11 @@ def create_network_for(
             if _fullmatch_any(excludes, original) and not _fullmatch_any(includes, original):
                 net.excluded_names.append(name)
                 continue
-            rank, a = (args.conv_dim, conv_alpha) if kxk else (dim, alpha_arg)
+            rank, a = (args.conv_dim, args.conv_alpha) if kxk else (dim, alpha)
             for i, (pat, d) in enumerate(reg_dims):
                 if pat.fullmatch(original):
                     reg_dim_used[i] = True
-                    rank, a = d, alpha_arg
+                    rank, a = d, alpha
                     break
             if rank == 0:
                 net.excluded_names.append(name)
@@ -466,18 +380,7 @@ def create_network_for(
 
 
 def _log_summary(net: AdapterNetwork) -> None:
-    if net.algo == "lokr":
-        from networks.lokr import full_w2_count
-
-        full = full_w2_count(net.all_loras)
-        if full:
-            f = net.args.factor
-            logger.warning(
-                "LoKr: %d of %d modules use a full W2 (r ≥ max(b,d)/2 at factor %d); α is ignored there (scale 1)",
-                full,
-                len(net.all_loras),
-                f,
-            )
+    module_class_for(net.algo).log_created(net.all_loras, net.args)
     logger.info(
         "create %s network: %d text-encoder modules, %d unet modules, %d excluded",
         net.algo,

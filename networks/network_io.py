@@ -1,5 +1,7 @@
-"""Network files: reading, atomic writing with sshs hashes, per-module algorithm detection, and the
-module-level `merge_weights_to_tensor` used by weight loaders (spec networks.md §1.5, §1.7, §3.7, §4)."""
+"""Network files: reading, atomic writing with sshs hashes, and per-module algorithm detection from keys.
+
+Pure I/O: nothing here builds modules or merges weights (that is `networks.merge`). The key formats are
+described in docs/architecture.md."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save, save_file
 
-from library.atomic_io import atomic_write
+from networks.atomic_io import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +51,7 @@ def group_by_module(weights_sd: dict[str, torch.Tensor]) -> dict[str, dict[str, 
 
 
 def detect_algorithm(lora_name: str, keys: set[str] | dict[str, Any]) -> str:
-    """'lora' | 'loha' | 'lokr' from a module's key set (spec §4.3); anything else is an error."""
+    """'lora' | 'loha' | 'lokr' from a module's key set; anything else is an error."""
     keys = set(keys)
     if "hada_w1_a" in keys:
         return "loha"
@@ -88,62 +90,3 @@ def write_weights(
         atomic_write(path, lambda tmp: save_file(tensors, tmp, meta))
     else:
         atomic_write(path, lambda tmp: torch.save(tensors, tmp))
-
-
-class _DetachedLeaf(torch.nn.Module):
-    """A stand-in layer holding only a weight, so adapter classes can rebuild ΔW for a bare tensor."""
-
-    def __init__(self, weight: torch.Tensor) -> None:
-        super().__init__()
-        self.weight = torch.nn.Parameter(weight, requires_grad=False)
-
-
-def merge_weights_to_tensor_for(
-    algo: str,
-    model_weight: torch.Tensor,
-    lora_name: str,
-    lora_sd: dict[str, torch.Tensor],
-    lora_weight_keys: set[str],
-    multiplier: float,
-    calc_device: torch.device | str,
-) -> torch.Tensor:
-    """Merge the `algo` adapter named `lora_name` into `model_weight` (fp32 maths, one cast back).
-
-    Returns the weight unchanged when `lora_sd` has no keys of this algorithm for that name; otherwise
-    removes the consumed keys from `lora_weight_keys`.
-    """
-    from networks.network_base import module_class_for
-
-    prefix = lora_name + "."
-    own = {k[len(prefix) :]: v for k, v in lora_sd.items() if k.startswith(prefix)}
-    if not own:
-        return model_weight
-    try:
-        found = detect_algorithm(lora_name, own)
-    except KeyError:
-        return model_weight
-    if found != algo:
-        return model_weight
-    dev = torch.device(calc_device)
-    w32 = model_weight.detach().to(dev, torch.float32)
-    if w32.dim() == 4:
-        leaf: torch.nn.Module = torch.nn.Conv2d(
-            w32.shape[1], w32.shape[0], tuple(w32.shape[2:]), bias=False, device="meta"
-        )
-    elif w32.dim() == 2:
-        leaf = torch.nn.Linear(w32.shape[1], w32.shape[0], bias=False, device="meta")
-    else:
-        raise ValueError(f"{lora_name}: cannot merge into a weight of shape {tuple(w32.shape)}")
-    leaf.weight = torch.nn.Parameter(torch.empty_like(w32, device="meta"), requires_grad=False)
-    from networks.network_args import NetworkArgs
-
-    cls = module_class_for(algo)
-    module = cls.from_tensors(lora_name, leaf, own, multiplier, NetworkArgs(algo=algo))
-    module.to_empty(device=dev)
-    module.load_file_tensors({k: v.to(dev, torch.float32) for k, v in own.items()})
-    with torch.no_grad():
-        dw = module.delta_weight_scaled(module.total_scale(multiplier)).float().reshape(w32.shape)
-        merged = (w32 + dw).to(model_weight.dtype).to(model_weight.device)
-    for k in own:
-        lora_weight_keys.discard(prefix + k)
-    return merged

@@ -1,4 +1,4 @@
-"""Optimizer parameter groups of a network (spec networks.md §1.6): per side (TE1, TE2, U-Net), per
+"""Optimizer parameter groups of a network (docs/architecture.md): per side (TE1, TE2, U-Net), per
 `network_reg_lrs` regex, LoRA+ "plus" groups, lr 0 → frozen and dropped."""
 
 from __future__ import annotations

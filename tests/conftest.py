@@ -32,14 +32,3 @@ def _single_intra_op_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
-
-
-@pytest.fixture
-def rebuild_paths():
-    """Force the rebuild path for LoHa/LoKr (where the fused and merged nodes apply), then restore the policy."""
-    from networks.functional.dispatch import path_policy, set_path_policy
-
-    before = path_policy()
-    set_path_policy("rebuild", "eager")
-    yield
-    set_path_policy(*before)

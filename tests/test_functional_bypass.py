@@ -13,12 +13,10 @@ from networks.functional import (
     loha_delta_weight,
     loha_khatri_rao_conv,
     loha_khatri_rao_linear,
-    lokr_bypass,
-    lokr_bypass_conv,
     lokr_bypass_linear,
-    lokr_bypass_linear_lowrank,
     lokr_delta_weight,
     make_w1,
+    make_w2,
 )
 
 A, B, C, D, R = 3, 4, 2, 5, 3  # O = 12, I = 10
@@ -71,7 +69,8 @@ def test_lokr_linear_bypass_equals_rebuild(dtype, w1_mode: str, w2_mode: str) ->
         w1 = make_w1(**w1_kw)
         if w2_mode == "full":
             return lokr_bypass_linear(x, w1, w2p[0], scale)
-        return lokr_bypass_linear_lowrank(x, w1, w2p[0], w2p[1], scale)
+        # low-rank W2 is built at (b, d) first, as LoKrModule does
+        return lokr_bypass_linear(x, w1, make_w2(w2a=w2p[0], w2b=w2p[1]), scale)
 
     def slow():
         full = dict(w1=None, w1a=None, w1b=None, w2=None, w2a=None, w2b=None, t2=None) | w1_kw | w2_kw
@@ -89,37 +88,6 @@ CONV_CASES = [
     ("tucker", dict(kernel_size=3, stride=2, padding=1)),
     ("tucker", dict(kernel_size=3, padding=1, padding_mode="reflect")),
 ]
-
-
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("w2_mode,conv_kwargs", CONV_CASES)
-def test_lokr_conv_bypass_equals_rebuild(dtype, w2_mode: str, conv_kwargs: dict) -> None:
-    gen = torch.Generator().manual_seed(31)
-    layer = nn.Conv2d(C * D, A * B, bias=False, **conv_kwargs).to(dtype)
-    k = layer.kernel_size
-    x = _leaf((2, C * D, 7, 6), gen, dtype)
-    w1 = _leaf((A, C), gen, dtype)
-    parts: dict[str, torch.Tensor] = {}
-    if w2_mode == "full":
-        parts["w2"] = _leaf((B, D, *k) if k != (1, 1) else (B, D), gen, dtype)
-    elif w2_mode == "full4d":  # LyCORIS writes (b, d, 1, 1) for 1×1 convs
-        parts["w2"] = _leaf((B, D, 1, 1), gen, dtype)
-    elif w2_mode == "lowrank":
-        parts["w2a"], parts["w2b"] = _leaf((B, R), gen, dtype), _leaf((R, D * k[0] * k[1]), gen, dtype)
-    else:
-        parts["t2"] = _leaf((R, R, *k), gen, dtype)
-        parts["w2a"], parts["w2b"] = _leaf((R, B), gen, dtype), _leaf((R, D), gen, dtype)
-    s = 5.0 / R
-    full = dict(w2=None, w2a=None, w2b=None, t2=None) | parts
-
-    def fast():
-        return lokr_bypass_conv(x, w1, full["w2"], full["w2a"], full["w2b"], full["t2"], s, layer)
-
-    def slow():
-        delta = lokr_delta_weight(w1, None, None, **full, scale=s, shape=layer.weight.shape)
-        return apply_weight(x, delta, layer)
-
-    _compare(fast, slow, [x, w1, *parts.values()], dtype, gen)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -156,11 +124,6 @@ def test_bypass_rejects_bad_input() -> None:
     x = torch.randn(2, 11)
     with pytest.raises(ValueError, match="expected c·d"):
         lokr_bypass_linear(x, torch.randn(A, C), torch.randn(B, D), 1.0)
-    layer = nn.Conv2d(10, 12, 3, groups=2)
-    with pytest.raises(ValueError, match="groups"):
-        lokr_bypass_conv(
-            torch.randn(1, 10, 5, 5), torch.randn(A, C), torch.randn(B, D, 3, 3), None, None, None, 1.0, layer
-        )
 
 
 def test_kron_bypass_linear_gradcheck_and_saved_tensors() -> None:
@@ -175,35 +138,6 @@ def test_kron_bypass_linear_gradcheck_and_saved_tensors() -> None:
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
         KronBypassLinear.apply(xv, w1, w2, 0.7)
     assert sorted(saved) == sorted([tuple(xv.shape), (A, C), (B, D)])
-
-
-def test_lokr_bypass_dispatch_all_layouts() -> None:
-    """lokr_bypass picks the right path from the factors and the layer; equals the rebuild."""
-    gen = torch.Generator().manual_seed(35)
-    dt = torch.float64
-    cases = [
-        (nn.Linear(C * D, A * B, bias=False), dict(w1=(A, C), w2=(B, D))),
-        (nn.Linear(C * D, A * B, bias=False), dict(w1a=(A, R), w1b=(R, C), w2a=(B, R), w2b=(R, D))),
-        (nn.Conv2d(C * D, A * B, 3, padding=1, bias=False), dict(w1=(A, C), w2a=(B, R), w2b=(R, D * 9))),
-        (
-            nn.Conv2d(C * D, A * B, 3, stride=2, bias=False),
-            dict(w1=(A, C), t2=(R, R, 3, 3), w2a=(R, B), w2b=(R, D)),
-        ),
-        (nn.Conv2d(C * D, A * B, 1, bias=False), dict(w1a=(A, R), w1b=(R, C), w2=(B, D))),
-    ]
-    for layer, shapes in cases:
-        layer = layer.to(dt)
-        parts = {k: _leaf(v, gen, dt) for k, v in shapes.items()}
-        x = _leaf((2, C * D) if isinstance(layer, nn.Linear) else (2, C * D, 6, 5), gen, dt)
-        full = dict.fromkeys(["w1", "w1a", "w1b", "w2", "w2a", "w2b", "t2"]) | parts
-
-        def fast(layer=layer, parts=parts, x=x):
-            return lokr_bypass(x, layer, 1.3, **parts)
-
-        def slow(layer=layer, full=full, x=x):
-            return apply_weight(x, lokr_delta_weight(**full, scale=1.3, shape=layer.weight.shape), layer)
-
-        _compare(fast, slow, [x, *parts.values()], dt, gen)
 
 
 def test_kron_bypass_linear_under_autocast() -> None:

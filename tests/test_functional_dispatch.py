@@ -1,4 +1,4 @@
-"""Per-layer path choice (spec §6 rule 1) and fast path == plain path through the module wrappers.
+"""Per-layer path choice (networks.paths, the cost model of networks.functional.dispatch) and fast path == plain path through the module wrappers.
 
 The cost-model checks use crossovers measured on the H100: by bench/bench_layers.py (functions, older runs)
 and by bench/bench_paths.py (the modules as the network runs them, run 22; raw rows in bench/results).
@@ -13,23 +13,16 @@ import pytest
 import torch
 from torch import nn
 
+from networks import paths
 from networks.functional import factorization, lokr_bypass_linear
 from networks.functional.dispatch import (
     choose_loha_path,
     choose_lokr_path,
     lokr_linear_costs,
-    path_policy,
-    set_path_policy,
 )
 from networks.loha import LoHaModule
 from networks.lokr import LoKrModule, plan_lokr
-
-
-@pytest.fixture(autouse=True)
-def _auto_policy():
-    set_path_policy("auto")
-    yield
-    set_path_policy("auto")
+from networks.paths import PathPolicy
 
 
 def _lokr_choice(o: int, i: int, n: int, f: int, mode: str) -> str:
@@ -106,7 +99,7 @@ def test_costs_grow_with_tokens_and_bad_input():
     with pytest.raises(ValueError, match="mode"):
         choose_loha_path(8, 4, 4, 2, mode="fast")
     with pytest.raises(ValueError, match="path"):
-        set_path_policy("sometimes")
+        PathPolicy("sometimes")
 
 
 def _randomize(module: nn.Module, gen: torch.Generator) -> None:
@@ -145,9 +138,9 @@ def test_loha_khatri_rao_module_equals_rebuild(org, use_scalar):
     shape = (2, 5, 12) if isinstance(org, nn.Linear) else (2, 6, 5, 4)
     x = torch.randn(shape, generator=gen)
     gy = torch.randn(org(x).shape, generator=gen)
-    m.use_khatri_rao = True
+    m.use_factored = True
     fast = _fwd_bwd(m, x, gy)
-    m.use_khatri_rao = False
+    m.use_factored = False
     plain = _fwd_bwd(m, x, gy)
     _assert_same(fast, plain)
 
@@ -166,35 +159,35 @@ def test_lokr_bypass_module_equals_rebuild(kw, use_scalar):
     _randomize(m, gen)
     x = torch.randn(3, 4, 12, generator=gen)
     gy = torch.randn(3, 4, 20, generator=gen)
-    m.use_bypass = True
+    m.use_factored = True
     fast = _fwd_bwd(m, x, gy)
-    m.use_bypass = False
+    m.use_factored = False
     plain = _fwd_bwd(m, x, gy)
     _assert_same(fast, plain)
 
 
 def test_auto_choice_is_cached_per_input_size_and_follows_policy(monkeypatch):
-    import networks.lokr as lokr_mod
-
     calls = []
 
-    def spy(tokens, a, b, c, d):
+    def spy(policy, tokens, a, b, c, d):
         calls.append(tokens)
         return "bypass" if tokens > 10 else "rebuild"
 
-    monkeypatch.setattr(lokr_mod, "select_lokr_path", spy)
+    monkeypatch.setattr(paths, "select_lokr_path", spy)
     m = LoKrModule("lora_unet_z", nn.Linear(12, 20), 1.0, plan_lokr(20, 12, (1, 1), 8), alpha=None)
     small, big = torch.randn(2, 3, 12), torch.randn(4, 5, 12)
-    assert not m._bypass_for(small) and m._bypass_for(big)
-    assert not m._bypass_for(small) and m._bypass_for(big)
+    assert not paths.factored(m, small) and paths.factored(m, big)
+    assert not paths.factored(m, small) and paths.factored(m, big)
     assert calls == [6, 20]  # one decision per token count, then cached
     monkeypatch.undo()
-    set_path_policy("bypass", mode="graph")
-    assert path_policy() == ("bypass", "graph")
+    policy = PathPolicy("bypass", mode="graph")
+    assert (policy.path, policy.mode) == ("bypass", "graph")
     h = LoHaModule("lora_unet_w", nn.Linear(12, 20), 1.0, rank=2, alpha=1.0)
-    assert h._khatri_rao_for(small)
+    h.set_path_policy(policy)
+    assert paths.factored(h, small)
     t = LoHaModule("lora_unet_t", CONV3, 1.0, rank=2, alpha=1.0, use_tucker=True)
-    assert not t._khatri_rao_for(torch.randn(1, 6, 4, 4))  # Tucker has no Khatri–Rao form
+    t.set_path_policy(policy)
+    assert not paths.factored(t, torch.randn(1, 6, 4, 4))  # Tucker has no Khatri–Rao form
 
 
 def test_adapter_paths_compile_fullgraph_and_match_eager():
@@ -205,8 +198,8 @@ def test_adapter_paths_compile_fullgraph_and_match_eager():
     loha = LoHaModule("lora_unet_d", nn.Linear(12, 20), 0.5, rank=2, alpha=1.0)
     for m in (lokr, loha):
         _randomize(m, gen)
-    lokr.use_bypass = True
-    loha.use_khatri_rao = True
+    lokr.use_factored = True
+    loha.use_factored = True
     x = torch.randn(2, 3, 12, generator=gen)
     gy = torch.randn(2, 3, 20, generator=gen)
     for m in (lokr, loha):

@@ -149,12 +149,11 @@ CASES = [
 
 @pytest.mark.parametrize("masked", [True, False], ids=["rank_dropout", "no_mask"])
 @pytest.mark.parametrize("module,kw", CASES)
-def test_patched_layer_takes_the_fused_node_and_equals_plain_fp64(
-    model, module, kw, masked, rebuild_paths
-) -> None:
+def test_patched_layer_takes_the_fused_node_and_equals_plain_fp64(model, module, kw, masked) -> None:
     m = model.clone()
     drop = {"rank_dropout": "0.5"} if masked else {}
     net = module.create_network(1.0, 4, 3, None, None, m.unet, **drop, **kw)  # α 3 ≠ dim 4
+    net.set_path_policy("rebuild", "eager")  # LoHa/LoKr: the rebuild path, where the fused node applies
     randomize(net)
     net.apply_to(None, m.unet, apply_text_encoder=False, apply_unet=True)
     m.unet.double().requires_grad_(False)
@@ -207,11 +206,12 @@ def test_fused_node_steps_aside(model) -> None:
 
 
 @pytest.mark.parametrize("module", [lora, loha, lokr])
-def test_bf16_autocast_matches_unfused(model, module, rebuild_paths) -> None:
+def test_bf16_autocast_matches_unfused(model, module) -> None:
     """bf16 weights and autocast as in training: the fused node equals base + branch to bf16 rounding,
     and the factors' grads stay fp32."""
     m = model.clone()
     net = module.create_network(1.0, 4, 2, None, None, m.unet)
+    net.set_path_policy("rebuild", "eager")  # LoHa/LoKr: the rebuild path, where the fused node applies
     randomize(net)
     m.unet.to(torch.bfloat16).requires_grad_(False)
     net.train()

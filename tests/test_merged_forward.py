@@ -17,7 +17,6 @@ from test_network_util import build_tiny_sdxl, one_thread, randomize, write_tiny
 import sdxl_train_network
 from library.sdxl_models import build_tiny_sdxl_models, save_sdxl_single_file
 from networks import loha, lokr, lora
-from networks.functional.dispatch import path_policy, set_path_policy
 
 
 @pytest.fixture(scope="module")
@@ -26,11 +25,12 @@ def model():
 
 
 @pytest.mark.parametrize("module,extra", [(loha, {}), (lokr, {}), (loha, {"use_tucker": "True"})])
-def test_merged_equals_base_plus_branch_in_fp64(model, module, extra, rebuild_paths) -> None:
+def test_merged_equals_base_plus_branch_in_fp64(model, module, extra) -> None:
     m = model.clone()
     net = module.create_network(
         1.0, 4, 2, None, None, m.unet, merged_forward="True", rank_dropout="0.5", conv_dim="2", **extra
     )
+    net.set_path_policy("rebuild", "eager")  # the plain side of the comparison rebuilds ΔW too
     randomize(net)
     net.to(torch.float64).train()
     net.on_step_start()
@@ -108,21 +108,15 @@ def test_merged_forward_steps_aside_for_fp8_and_host_dropout(model) -> None:
     net.train()
     assert sub.merged_output(x) is None  # module dropout decides on the host: the plain path
     net.eval()
-    before = path_policy()
-    try:
-        set_path_policy("bypass", "eager")  # merged, ΔW is rebuilt even where a factored path would be chosen
-        merged = sub.merged_output(x)
-        assert merged is not None
-        assert torch.allclose(merged, sub.org_module(x) + sub.delta_output(x), rtol=1e-5, atol=1e-6)
-        if hasattr(torch, "float8_e4m3fn"):  # fp8 base weights are never dequantised for it
-            w = sub.org_module.weight
-            sub.org_module.weight = torch.nn.Parameter(
-                w.detach().to(torch.float8_e4m3fn), requires_grad=False
-            )
-            assert sub.merged_output(x) is None
-            sub.org_module.weight = w
-    finally:
-        set_path_policy(*before)
+    net.set_path_policy("bypass", "eager")  # merged, ΔW is rebuilt even where a factored path would be chosen
+    merged = sub.merged_output(x)
+    assert merged is not None
+    assert torch.allclose(merged, sub.org_module(x) + sub.delta_output(x), rtol=1e-5, atol=1e-6)
+    if hasattr(torch, "float8_e4m3fn"):  # fp8 base weights are never dequantised for it
+        w = sub.org_module.weight
+        sub.org_module.weight = torch.nn.Parameter(w.detach().to(torch.float8_e4m3fn), requires_grad=False)
+        assert sub.merged_output(x) is None
+        sub.org_module.weight = w
 
 
 @pytest.mark.skipif(

@@ -127,18 +127,10 @@ def test_rank_dropout_masks_come_from_one_buffer_at_a_fixed_address(model) -> No
 )
 def test_fused_add_equals_base_plus_branch_in_fp64(model, module, kw) -> None:
     """The addmm (β = 1) accumulation of the branch into the base output equals base + drop(ΔW·x), grads too."""
-    from networks.functional.dispatch import path_policy, set_path_policy
-
-    before = path_policy()
-    set_path_policy("rebuild", "eager")  # the fused add is taken on the rebuild path (and always for LoRA)
-    try:
-        _fused_equals_plain(model, module, kw)
-    finally:
-        set_path_policy(*before)
-
-
-def _fused_equals_plain(model, module, kw) -> None:
     m, net = _leaf_net(model, module, rank_dropout="0.5", **kw)
+    net.set_path_policy(
+        "rebuild", "eager"
+    )  # the fused add is taken on the rebuild path (and always for LoRA)
     net.to(torch.float64).train()
     net.on_step_start()
     linears = [a for a in net.unet_loras if not a.is_conv]

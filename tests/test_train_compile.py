@@ -27,8 +27,8 @@ from library.anima_training import AnimaArchitecture
 from library.sdxl_models import build_tiny_sdxl_models, save_sdxl_single_file
 from library.train_arch import compile_repeated_blocks
 from library.train_loop import main_entry
-from networks.adapter import is_patched
-from networks.functional.dispatch import path_policy
+from networks.modules.adapter import is_patched
+from networks.paths import PathPolicy
 
 RECORDED: list[list[str]] = []  # graph-input names of every graph the recording backend received
 
@@ -105,7 +105,9 @@ def test_sdxl_loha_compiled_step_equals_eager(sdxl, tmp_path):
     graphs = counters["stats"]["unique_graphs"]
     # one graph per block shape (two resolutions here) shared by all 17 blocks, no recompile per instance
     assert sdxl["n_blocks"] == 17 and 1 <= graphs <= 2, (graphs, sdxl["n_blocks"])
-    assert path_policy() == ("auto", "eager")  # the graph-mode cost model is only in force during the run
+    # the graph-mode cost model is chosen for the compiled run's network only
+    assert eager.network.path_policy == PathPolicy("auto", "eager")
+    assert compiled.network.path_policy == PathPolicy("auto", "graph")
 
 
 @pytest.fixture(scope="module")

@@ -11,17 +11,11 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from .anima import ANIMA
 from .base import Architecture, identity_path
 from .sdxl import SDXL
 
-ARCHITECTURES: list[Architecture] = [SDXL]
-
-try:  # Anima is added by its own module when present (kept optional so SDXL works alone).
-    from .anima import ANIMA  # type: ignore[import-not-found]
-
-    ARCHITECTURES.append(ANIMA)
-except ImportError:  # pragma: no cover - depends on which modules have landed
-    pass
+ARCHITECTURES: list[Architecture] = [SDXL, ANIMA]
 
 __all__ = ["ARCHITECTURES", "Architecture", "detect_architecture", "identity_path"]
 

@@ -1,4 +1,4 @@
-"""SDXL: targets and the diffusers → SGM (original Stability) module-path map of sdxl.md §5.
+"""SDXL: targets and the diffusers → SGM (original Stability) module-path map.
 
 File keys always use the SGM paths (`input_blocks.4.1.transformer_blocks.0.attn1.to_q`), which is what
 sd-scripts, ComfyUI and users' regexes expect, whatever model class holds the weights.

@@ -55,11 +55,6 @@ def apply_weight(x: torch.Tensor, weight: torch.Tensor, org_module: nn.Module) -
     )
 
 
-def needs_scale_grad(scale: Scale) -> bool:
-    """True when `scale` is a tensor that takes part in autograd (e.g. a trainable use_scalar σ)."""
-    return isinstance(scale, torch.Tensor) and scale.requires_grad
-
-
 def scaled_grad(grad: torch.Tensor, scale: Scale) -> torch.Tensor:
     """grad·scale, skipping the multiply for a plain 1.0 (no per-call work when it cannot matter)."""
     if isinstance(scale, torch.Tensor) or scale != 1.0:

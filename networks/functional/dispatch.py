@@ -1,4 +1,4 @@
-"""Per-layer choice between the equivalent LoKr / LoHa paths (spec networks.md §6 rule 1).
+"""The cost model behind the per-layer choice between the equivalent LoKr / LoHa paths (`networks.paths`).
 
 Every path computes the same s·ΔW·x (tested to fp32 tolerance); they differ only in speed and memory.
 The choice is a pure function of shapes (never of tensor values), so a module may call it once per
@@ -154,27 +154,6 @@ def loha_linear_costs(n: int, o: int, i: int, r: int, mode: str = "eager") -> di
     }
 
 
-POLICIES = ("auto", "rebuild", "bypass")
-_policy = {"path": "auto", "mode": "eager"}
-
-
-def set_path_policy(path: str = "auto", mode: str = "eager") -> None:
-    """Process-wide override: 'auto' (cost model), or force 'rebuild' / 'bypass' (LoKr bypass, LoHa
-    Khatri–Rao) everywhere; `mode` picks the cost model ('eager' or 'graph' for compiled steps).
-    Modules read it when they first see an input shape, so set it before the first forward."""
-    if path not in POLICIES:
-        raise ValueError(f"set_path_policy: path must be one of {POLICIES}, got {path!r}")
-    if mode not in MODES:
-        raise ValueError(f"set_path_policy: mode must be one of {sorted(MODES)}, got {mode!r}")
-    _policy["path"] = path
-    _policy["mode"] = mode
-
-
-def path_policy() -> tuple[str, str]:
-    """(path, mode) currently in force (see set_path_policy)."""
-    return _policy["path"], _policy["mode"]
-
-
 def _check(name: str, **dims: int | None) -> None:
     for k, v in dims.items():
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
@@ -213,41 +192,13 @@ def choose_loha_path(tokens: int, out_dim: int, in_dim: int, rank: int, mode: st
     return "khatri_rao" if costs["khatri_rao"] < costs["rebuild"] else "rebuild"
 
 
-def select_lokr_path(tokens: int, a: int, b: int, c: int, d: int) -> str:
-    """The path a linear LoKr module takes under the process policy (set_path_policy).
-
-    The bypass applies W2 built at (b, d) (small even when low-rank), so the cost model sees a full W2.
-    """
-    path, mode = path_policy()
-    if path != "auto":
-        return path
-    return choose_lokr_path(tokens, a, b, c, d, None, mode)
-
-
-def select_loha_path(tokens: int, out_dim: int, in_dim: int, rank: int, conv: bool = False) -> str:
-    """'khatri_rao' or 'rebuild' for a non-Tucker LoHa module under the process policy.
-
-    The conv Khatri–Rao path keeps its N×r² middle for backward, so under 'auto' it is taken only
-    when that is no larger than the rebuild's O×I·K ΔW (LoHa peak memory must not exceed the rebuild's).
-    """
-    path, mode = path_policy()
-    if path != "auto":
-        return "khatri_rao" if path == "bypass" else "rebuild"
-    if conv and tokens * rank * rank > out_dim * in_dim:
-        return "rebuild"
-    return choose_loha_path(tokens, out_dim, in_dim, rank, mode)
-
-
 __all__ = [
     "EAGER",
+    "MODES",
     "GRAPH",
     "DeviceModel",
     "choose_loha_path",
     "choose_lokr_path",
     "loha_linear_costs",
     "lokr_linear_costs",
-    "path_policy",
-    "select_loha_path",
-    "select_lokr_path",
-    "set_path_policy",
 ]

@@ -1,4 +1,4 @@
-"""A Linear layer and its adapter branch as one autograd node (spec networks.md §6 rule 4).
+"""A Linear layer and its adapter branch as one autograd node (the `fused*` rows of networks.paths).
 
 y = x·Wᵀ + b + s·L·Uᵀ with L = x·Dᵀ (LoRA: D = down, U = up) or L = x (a rebuilt ΔW: U = ΔW, s = 1), and
 y = x·Wᵀ + b + x·ΔWᵀ with ΔW built from its factors inside the node (`rebuild_linear`, LoHa and LoKr).

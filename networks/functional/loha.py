@@ -1,7 +1,7 @@
 """LoHa ΔW (Hadamard product of two low-rank halves) with memory-lean custom autograd.
 
 The custom Functions save only the factors, not the O×I products: backward recomputes them
-(spec §3.2, §6 rule 2). The Tucker backward takes each half's dw_a from its OWN chain.
+(the saved activations stay those of the factors). The Tucker backward takes each half's dw_a from its OWN chain.
 """
 
 from __future__ import annotations

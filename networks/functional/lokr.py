@@ -7,14 +7,13 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from .common import Scale, autocast_like_forward, conv_padded_input, save_autocast_state, scaled_grad
+from .common import Scale, autocast_like_forward, save_autocast_state, scaled_grad
 from .fused_linear import DeltaRule
 
 
 def factorization(dim: int, factor: int = -1) -> tuple[int, int]:
-    """Split `dim` into (m, n) with m·n = dim and m ≤ n (spec §3.3).
+    """Split `dim` into (m, n) with m·n = dim and m ≤ n.
 
     If factor > 0 divides dim the pair is sorted(factor, dim/factor). Otherwise (factor −1 = no
     limit) m is the largest divisor of dim not above min(factor, √dim).
@@ -204,7 +203,7 @@ def _check_linear_bypass(x: torch.Tensor, c: int, d: int) -> None:
 
 class KronBypassLinear(torch.autograd.Function):
     """z = s·W1·(X·W2ᵀ) with X = x viewed (..., c, d); saves x, W1, W2 only and recomputes
-    Y = X·W2ᵀ (N·c·b values, more than ΔW when N > √(OI)) in backward (spec §6 rule 3)."""
+    Y = X·W2ᵀ (N·c·b values, more than ΔW when N > √(OI)) in backward."""
 
     @staticmethod
     def forward(ctx, xv, w1, w2, scale):  # type: ignore[override]
@@ -256,87 +255,3 @@ def lokr_bypass_linear(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, scal
     _check_linear_bypass(x, c, d)
     z = KronBypassLinear.apply(x.reshape(*x.shape[:-1], c, d), w1, w2, scale)
     return z.reshape(*x.shape[:-1], -1)
-
-
-def lokr_bypass_linear_lowrank(
-    x: torch.Tensor, w1: torch.Tensor, w2a: torch.Tensor, w2b: torch.Tensor, scale: Scale
-) -> torch.Tensor:
-    """Like lokr_bypass_linear with W2 = w2a (b, r) @ w2b (r, d), applying w2b then w2a."""
-    c, d = w1.shape[1], w2b.shape[1]
-    _check_linear_bypass(x, c, d)
-    y = F.linear(F.linear(x.reshape(*x.shape[:-1], c, d), w2b), w2a)
-    z = torch.matmul(w1 * scale, y)
-    return z.reshape(*x.shape[:-1], -1)
-
-
-def lokr_bypass_conv(
-    x: torch.Tensor,
-    w1: torch.Tensor,
-    w2: torch.Tensor | None,
-    w2a: torch.Tensor | None,
-    w2b: torch.Tensor | None,
-    t2: torch.Tensor | None,
-    scale: Scale,
-    org_module: nn.Conv2d,
-) -> torch.Tensor:
-    """Conv LoKr bypass: regroup x (B, c·d, H, W) to (B·c, d, H, W), apply W2 as a conv with the
-    layer's stride/padding/dilation (low-rank: k×k w2b then 1×1 w2a; Tucker: 1×1 w2b, k×k t2,
-    1×1 w2aᵀ), then mix c→a over channels with W1. Returns (B, a·b, H', W')."""
-    if org_module.groups != 1:
-        raise ValueError(f"lokr_bypass_conv: groups={org_module.groups} is not supported; expected 1")
-    k = tuple(org_module.kernel_size)
-    a, c = w1.shape
-    batch, channels = x.shape[0], x.shape[1]
-    if channels % c:
-        raise ValueError(f"lokr_bypass_conv: input has {channels} channels, not a multiple of c = {c}")
-    d = channels // c
-    x, padding = conv_padded_input(x, org_module)
-    h = x.reshape(batch * c, d, *x.shape[2:])
-    conv = dict(stride=org_module.stride, padding=padding, dilation=org_module.dilation)
-    if w2 is not None:
-        kernel = make_w2(w2=w2, kernel_size=k)
-        if kernel.dim() == 2:
-            kernel = kernel[:, :, None, None]
-        h = F.conv2d(h, kernel, **conv)
-    elif t2 is not None:
-        h = F.conv2d(h, w2b[:, :, None, None])
-        h = F.conv2d(h, t2, **conv)
-        h = F.conv2d(h, w2a.T[:, :, None, None])
-    else:
-        rank = w2b.shape[0]
-        h = F.conv2d(h, w2b.reshape(rank, d, *k), **conv)
-        h = F.conv2d(h, w2a[:, :, None, None])
-    b = h.shape[1]
-    h = h.reshape(batch, c, b, *h.shape[2:])
-    z = torch.einsum("ac,nc...->na...", w1 * scale, h)
-    return z.reshape(batch, a * b, *z.shape[3:])
-
-
-def lokr_bypass(
-    x: torch.Tensor,
-    org_module: nn.Module,
-    scale: Scale,
-    *,
-    w1: torch.Tensor | None = None,
-    w1a: torch.Tensor | None = None,
-    w1b: torch.Tensor | None = None,
-    w2: torch.Tensor | None = None,
-    w2a: torch.Tensor | None = None,
-    w2b: torch.Tensor | None = None,
-    t2: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """s·ΔW applied to x with `org_module`'s op, for any LoKr layout, without building ΔW."""
-    big1 = make_w1(w1, w1a, w1b)
-    if isinstance(org_module, nn.Linear):
-        if t2 is not None:
-            raise ValueError("lokr_bypass: lokr_t2 (Tucker) needs a k×k Conv2d layer, got nn.Linear")
-        if w2 is not None:
-            return lokr_bypass_linear(x, big1, make_w2(w2=w2), scale)
-        if w2a is None or w2b is None:
-            raise ValueError("lokr_bypass: need lokr_w2, or both lokr_w2_a and lokr_w2_b")
-        return lokr_bypass_linear_lowrank(x, big1, w2a, w2b.reshape(w2b.shape[0], -1), scale)
-    if isinstance(org_module, nn.Conv2d):
-        return lokr_bypass_conv(x, big1, w2, w2a, w2b, t2, scale, org_module)
-    raise TypeError(
-        f"lokr_bypass: unsupported module type {type(org_module).__name__}; expected nn.Linear or nn.Conv2d"
-    )
