@@ -80,11 +80,12 @@ class AdapterNetwork(NetworkOptimMixin, nn.Module):
         rows = [m.describe() for m in self.all_loras]
         print(f"{self.algo} network: {len(rows)} modules, {sum(r['params'] for r in rows):,} params")
         print(
-            f"{'name':<72} {'shape':>16} {'layout':<40} {'rank':>5} {'alpha':>8} {'scale':>8} {'params':>10}"
+            f"{'name':<72} {'shape':>16} {'layout':<40} {'rank':>5} {'alpha':>20} {'scale':>8} {'params':>10}"
         )
         for r in rows:
+            alpha = r["alpha"] if isinstance(r["alpha"], str) else f"{r['alpha']:g}"
             print(
-                f"{r['name']:<72} {r['shape']:>16} {r['layout']:<40} {r['rank']:>5} {r['alpha']:>8g} "
+                f"{r['name']:<72} {r['shape']:>16} {r['layout']:<40} {r['rank']:>5} {alpha:>20} "
                 f"{r['scale']:>8.4g} {r['params']:>10,}"
             )
         for n in self.excluded_names:
@@ -183,11 +184,17 @@ class AdapterNetwork(NetworkOptimMixin, nn.Module):
         for m in self.all_loras:
             attach_adapter(m.org_module, m)
         self.applied = True
+        left_out = []
+        if not apply_text_encoder and drop:
+            left_out.append("the text encoder is not trained")
+        if not apply_unet and drop:
+            left_out.append("the U-Net/DiT is not trained")
         logger.info(
-            "%s network applied: %d text-encoder modules, %d unet modules",
+            "%s network applied: %d text-encoder modules, %d unet modules%s",
             self.algo,
             len(self.text_encoder_loras),
             len(self.unet_loras),
+            f" ({len(drop)} created modules left out: {'; '.join(left_out)})" if left_out else "",
         )
 
     def remove_from(self) -> None:

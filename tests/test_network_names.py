@@ -154,6 +154,10 @@ def test_verbose_prints_table(tiny, capsys) -> None:
         cells = row.split()
         assert cells[1] == "x".join(map(str, m.layer_shape)) and m.layout() in row
         assert cells[-1] == f"{sum(p.numel() for p in m.parameters()):,}"
+        if m.lokr_layout.both_full:  # α = 2 was passed; the full-W2 rule ignores it (s = 1), and says so
+            assert "α ignored (full W2)" in row and float(cells[-2]) == m.scale == 1.0
+            assert int(cells[-7]) == m.rank
+            continue
         assert (int(cells[-4]), float(cells[-3]), float(cells[-2])) == pytest.approx(
             (m.rank, m.alpha_value, m.scale)
         )
@@ -167,3 +171,17 @@ def test_compiled_unet_is_unwrapped(tiny) -> None:
     compiled = torch.compile(tiny.unet)  # wrapping only; nothing is compiled until called
     net = loha.create_network(1.0, 4, 1, None, tiny.tes, compiled)
     assert {m.lora_name for m in net.all_loras} == _golden("sdxl_tiny_names.txt")
+
+
+def test_applied_log_says_which_created_modules_are_left_out(tiny, caplog) -> None:
+    """U-Net-only training: the create line counts the text-encoder modules, the applied line says why
+    none of them is applied (it used to read as a contradiction: 14 created, 0 applied)."""
+    net = lokr.create_network(1.0, 4, 2, None, tiny.tes, tiny.unet)
+    n_te = len(net.text_encoder_loras)
+    assert n_te > 0
+    with caplog.at_level("INFO", logger="networks.network_base"):
+        net.apply_to(tiny.tes, tiny.unet, apply_text_encoder=False, apply_unet=True)
+    line = next(r.getMessage() for r in caplog.records if "network applied" in r.getMessage())
+    assert f"0 text-encoder modules, {len(net.unet_loras)} unet modules" in line
+    assert f"({n_te} created modules left out: the text encoder is not trained)" in line
+    net.remove_from()

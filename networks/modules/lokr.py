@@ -295,6 +295,12 @@ class LoKrModule(AdapterModule):
     def layout(self) -> str:
         return self.lokr_layout.describe(self.kernel_size)
 
+    def describe(self) -> dict[str, Any]:
+        row = super().describe()
+        if self.lokr_layout.both_full:  # the file still carries α = r so that s = 1 in every loader
+            row["alpha"] = "α ignored (full W2)"
+        return row
+
     @classmethod
     def log_created(cls, modules: list[AdapterModule], args: NetworkArgs) -> None:
         full = full_w2_count(modules)
