@@ -467,8 +467,11 @@ def create_network_for(
 
 def _log_summary(net: AdapterNetwork) -> None:
     if net.algo == "lokr":
-        from networks.lokr import full_w2_count
+        from networks.lokr import full_w2_count, tucker_file_note
 
+        note = tucker_file_note(net.all_loras)
+        if note:
+            logger.info(note)
         full = full_w2_count(net.all_loras)
         if full:
             f = net.args.factor
