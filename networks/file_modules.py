@@ -242,15 +242,51 @@ def file_kernel(ref: Reference | None, name: str, tensors: dict[str, torch.Tenso
     return None
 
 
-def delta_weights(
-    sd: dict[str, torch.Tensor], ref: Reference | None, dtype: torch.dtype = torch.float64
+COMFY_PREFIXES = ("diffusion_model.", "text_encoders.")
+
+
+def to_sd_scripts_names(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str, list[str]]:
+    """(tensors under sd-scripts names, naming label, problems). ComfyUI-named Anima files are converted with
+    the project's converter; other keys stay as they are."""
+    if not any(k.startswith(COMFY_PREFIXES) for k in sd):
+        return sd, "sd-scripts (lora_unet_ / lora_te*_)", []
+    from networks.convert_anima_lora_to_comfy import ConversionError, from_comfy
+
+    try:
+        return from_comfy(sd), "ComfyUI (diffusion_model. / text_encoders.)", []
+    except ConversionError as e:
+        return sd, "ComfyUI-style, not Anima", [str(e)]
+
+
+def summed_deltas(
+    sds: list[dict[str, torch.Tensor]],
+    ratios: list[float],
+    ref: Reference | None,
+    dtype: torch.dtype,
+    labels: list[str],
 ) -> dict[str, torch.Tensor]:
-    """ΔW (with its α/r scale) of every module of a file, shaped like the layer weight."""
+    """Σ ratioᵢ·ΔWᵢ (each with its own α/r) per module over several files, shaped like the layer weights.
+    Any file problem is a FileError naming the file (`labels`) and the key."""
     out: dict[str, torch.Tensor] = {}
-    for name, tensors in group_by_module(sd).items():
-        shape = layer_shape_from_tensors(name, tensors, file_kernel(ref, name, tensors))
-        with torch.no_grad():
-            out[name] = module_from_tensors(name, tensors, shape, dtype).delta_weight(1.0).detach()
+    for sd, ratio, label in zip(sds, ratios, labels):
+        named, _, problems = to_sd_scripts_names(sd)
+        if problems:
+            raise FileError(f"{label}: {problems[0]}")
+        try:
+            groups = group_by_module(named)
+            for name, tensors in groups.items():
+                if ref is not None and name not in ref.leaves:
+                    name = ref.aliases.get(name, name)
+                shape = layer_shape_from_tensors(name, tensors, file_kernel(ref, name, tensors))
+                with torch.no_grad():
+                    dw = module_from_tensors(name, tensors, shape, dtype).delta_weight(ratio).detach()
+                if name in out and out[name].shape != dw.shape:
+                    raise FileError(
+                        f"{name}: layer shape {tuple(dw.shape)} differs from {tuple(out[name].shape)} in an earlier file"
+                    )
+                out[name] = out[name] + dw if name in out else dw
+        except (KeyError, ValueError) as e:
+            raise FileError(f"{label}: {e.args[0] if e.args else e}") from None
     return out
 
 

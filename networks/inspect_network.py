@@ -31,11 +31,10 @@ from networks.file_modules import (  # noqa: E402
     module_from_tensors,
     read_network_file,
     real_references,
+    to_sd_scripts_names,
 )
 from networks.inspect_loaders import load_verdicts  # noqa: E402
 from networks.tool_cli import OneLineParser, run_tool  # noqa: E402
-
-COMFY_PREFIXES = ("diffusion_model.", "text_encoders.")
 
 
 def module_kind(m: Any) -> str:
@@ -49,20 +48,6 @@ def module_kind(m: Any) -> str:
     if m.algo == "loha":
         return ("loha tucker" if m.tucker else "loha") + conv
     return ("lora tucker (lora_mid)" if getattr(m, "tucker", False) else "lora") + conv
-
-
-def _to_sd_scripts_names(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str, list[str]]:
-    """(tensors under sd-scripts names, naming label, problems). ComfyUI-named Anima files are converted
-    with the project's converter; other keys stay as they are."""
-    comfy = [k for k in sd if k.startswith(COMFY_PREFIXES)]
-    if not comfy:
-        return sd, "sd-scripts (lora_unet_ / lora_te*_)", []
-    from networks.convert_anima_lora_to_comfy import ConversionError, from_comfy
-
-    try:
-        return from_comfy(sd), "ComfyUI (diffusion_model. / text_encoders.)", []
-    except ConversionError as e:
-        return sd, "ComfyUI-style, not Anima", [str(e)]
 
 
 def _group(sd: dict[str, torch.Tensor]) -> tuple[dict[str, dict[str, torch.Tensor]], list[str]]:
@@ -132,7 +117,7 @@ def inspect_tensors(
     refs = real_references() if references is None else references
     dtypes = _counts([str(t.dtype).replace("torch.", "") for t in sd.values()])
     n_params = sum(t.numel() for t in sd.values())
-    named, naming, problems = _to_sd_scripts_names(sd)
+    named, naming, problems = to_sd_scripts_names(sd)
     groups, bad_keys = _group(named)
     problems += bad_keys
     ref, renames = match_reference(set(groups), refs)
