@@ -54,6 +54,7 @@ KNOWN_KEYS: dict[str, tuple[str, ...] | None] = {
     "factor": ("lokr",),
     "decompose_both": ("lokr",),
     "full_matrix": ("lokr",),
+    "keep_tucker_file": ("lokr",),
     "merged_forward": None,
     "train_llm_adapter": None,
     "loraplus_lr_ratio": None,
@@ -219,6 +220,8 @@ class NetworkArgs:
     factor: int = -1
     decompose_both: bool = False
     full_matrix: bool = False
+    # LoKr Tucker conv modules are saved with a full 4-D lokr_w2 (what every loader reads) unless this is set
+    keep_tucker_file: bool = False
     merged_forward: bool = False  # opt-in: x·(W + ΔW)ᵀ as one GEMM (ΔW rounded against W)
     train_llm_adapter: bool = False
     loraplus_lr_ratio: float | None = None
@@ -294,6 +297,7 @@ def parse_network_args(algo: str, kwargs: dict[str, Any], neuron_dropout: float 
         )
     a.decompose_both = bool(parse_bool("decompose_both", g("decompose_both")))
     a.full_matrix = bool(parse_bool("full_matrix", g("full_matrix")))
+    a.keep_tucker_file = bool(parse_bool("keep_tucker_file", g("keep_tucker_file")))
     a.merged_forward = bool(parse_bool("merged_forward", g("merged_forward")))
     a.train_llm_adapter = bool(parse_bool("train_llm_adapter", g("train_llm_adapter")))
     for k in ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio"):

@@ -91,6 +91,8 @@ class LoKrModule(AdapterModule):
                 f"({self.out_dim} out, {self.in_dim} in)"
             )
         self.lokr_layout = L
+        # a Tucker W2 is written to files as its full 4-D product unless this is set (see file_tensors)
+        self.keep_tucker_file = False
         # the fused node's rule and its factors in rule order (functional/lokr.py), fixed by the layout
         names = ("lokr_w1",) if L.w1_rank is None else ("lokr_w1_a", "lokr_w1_b")
         names += ("lokr_w2",) if L.w2_mode == "full" else ("lokr_w2_a", "lokr_w2_b")
@@ -154,9 +156,11 @@ class LoKrModule(AdapterModule):
             args.use_tucker,
             args.full_matrix,
         )
-        return cls(
+        module = cls(
             lora_name, org, multiplier, layout, alpha, use_scalar=args.use_scalar, **dropout_kwargs(args)
         )
+        module.keep_tucker_file = args.keep_tucker_file
+        return module
 
     @classmethod
     def from_tensors(
@@ -203,6 +207,7 @@ class LoKrModule(AdapterModule):
         alpha = file_alpha(lora_name, t, rank)
         layout = LoKrLayout(int(a), b, int(c), d, w1_rank, w2_mode, rank)
         module = cls(lora_name, org, multiplier, layout, alpha, **dropout_kwargs(args))
+        module.keep_tucker_file = args.keep_tucker_file
         for name, p in module.named_parameters():
             if name not in t:
                 raise KeyError(
@@ -224,6 +229,70 @@ class LoKrModule(AdapterModule):
         if key == "lokr_w2" and not self.is_kxk and t.dim() == 4 and tuple(t.shape[2:]) == (1, 1):
             return t.reshape(t.shape[0], t.shape[1])
         return t
+
+    def writes_full_w2(self) -> bool:
+        """A Tucker W2 saved as its full (b, d, kh, kw) product: ComfyUI's LoKr loader cannot apply a
+        `lokr_t2` conv core (its Kronecker product raises and the layer is left unchanged), a full W2 loads
+        everywhere, and the ΔW is the same."""
+        return self.lokr_layout.w2_mode == "tucker" and not self.keep_tucker_file
+
+    def file_tensors(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        out = super().file_tensors(dtype)
+        if not self.writes_full_w2():
+            return out
+        L = self.lokr_layout
+        f = self._factors()
+        t2 = f["lokr_t2"]
+        assert t2 is not None and f["lokr_w2_a"] is not None and f["lokr_w2_b"] is not None
+        acc = torch.promote_types(t2.dtype, torch.float32)
+        with torch.no_grad():
+            w2 = make_w2(None, f["lokr_w2_a"].to(acc), f["lokr_w2_b"].to(acc), t2.to(acc), self.kernel_size)
+            # loaders scale a module with a full W2 by α/rank(W1) when W1 is factored, else by 1: s moves into W2
+            file_scale = 1.0 if L.w1_rank is None else self.alpha_value / L.w1_rank
+            w2 = w2 * (self.scale / file_scale)
+        for key in ("lokr_w2_a", "lokr_w2_b", "lokr_t2"):
+            del out[key]
+        out["lokr_w2"] = w2.detach().to(dtype if dtype is not None else t2.dtype).contiguous()
+        if L.w1_rank is None:  # both full now: α is ignored and the file carries α = r
+            out["alpha"] = torch.tensor(float(L.rank), dtype=torch.float32)
+        return out
+
+    def load_file_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        if self.lokr_layout.w2_mode == "tucker" and "lokr_w2" in tensors and "lokr_t2" not in tensors:
+            tensors = self._tucker_tensors_from_full(tensors)
+        super().load_file_tensors(tensors)
+
+    def _tucker_tensors_from_full(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A file's full 4-D W2 (as `file_tensors` writes it) turned back into this module's Tucker factors
+        at the module's own α: exact up to rounding, since such a W2 has mode ranks ≤ r."""
+        L = self.lokr_layout
+        out = dict(tensors)
+        w2 = out.pop("lokr_w2")
+        want = (L.b, L.d, *self.kernel_size)
+        if tuple(w2.shape) != want:
+            raise ValueError(
+                f"{self.lora_name}.lokr_w2: shape {tuple(w2.shape)} does not fit this Tucker module "
+                f"(expected a full W2 of shape {want})"
+            )
+        w1_a = out.get("lokr_w1_a")
+        file_scale = 1.0
+        if w1_a is not None:
+            w1_rank = int(w1_a.shape[1])
+            file_scale = file_alpha(self.lora_name, out, w1_rank) / w1_rank
+        target = w2.double() * (file_scale / self.scale)
+        w2_a, w2_b, t2 = tucker_factors(target, L.rank)
+        rebuilt = make_w2(None, w2_a, w2_b, t2, self.kernel_size)
+        residual = float((rebuilt - target).norm() / target.norm().clamp(min=1e-300))
+        tol = 8 * max(torch.finfo(w2.dtype).eps, torch.finfo(torch.float32).eps)
+        if residual > tol:
+            raise ValueError(
+                f"{self.lora_name}.lokr_w2: this full W2 is not of Tucker rank {L.rank} (relative residual "
+                f"{residual:.1e}); load the file with its own layout (--dim_from_weights) or the conv_dim it was "
+                "trained with"
+            )
+        out.update(lokr_w2_a=w2_a, lokr_w2_b=w2_b, lokr_t2=t2)
+        out["alpha"] = torch.tensor(self.alpha_value, dtype=torch.float32)
+        return out
 
     def _factors(self) -> dict[str, torch.Tensor | None]:
         return {n: getattr(self, n, None) for n in LOKR_KEYS}
@@ -303,6 +372,9 @@ class LoKrModule(AdapterModule):
 
     @classmethod
     def log_created(cls, modules: list[AdapterModule], args: NetworkArgs) -> None:
+        note = tucker_file_note(modules)
+        if note:
+            logger.info(note)
         full = full_w2_count(modules)
         if full:
             logger.warning(
@@ -311,6 +383,32 @@ class LoKrModule(AdapterModule):
                 len(modules),
                 args.factor,
             )
+
+
+def tucker_factors(w2: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(w2_a (r, b), w2_b (r, d), t2 (r, r, kh, kw)) of the rank-r HOSVD of a 4-D W2, in `make_w2`'s
+    convention: W2 ≈ t2 ×₁ w2_aᵀ ×₂ w2_bᵀ, exact when both mode ranks of W2 are ≤ r (rows past a smaller
+    mode rank are zero)."""
+    b, d = int(w2.shape[0]), int(w2.shape[1])
+    u1 = torch.linalg.svd(w2.reshape(b, -1), full_matrices=False)[0][:, :rank]
+    u2 = torch.linalg.svd(w2.transpose(0, 1).reshape(d, -1), full_matrices=False)[0][:, :rank]
+    w2_a = w2.new_zeros(rank, b)
+    w2_b = w2.new_zeros(rank, d)
+    w2_a[: u1.shape[1]] = u1.T
+    w2_b[: u2.shape[1]] = u2.T
+    t2 = torch.einsum("qjxy,iq,kj->ikxy", w2, w2_a, w2_b)
+    return w2_a, w2_b, t2
+
+
+def tucker_file_note(modules: list[AdapterModule]) -> str | None:
+    """The one log line saying that Tucker conv modules are written with a full W2 (None if there are none)."""
+    n = sum(1 for m in modules if isinstance(m, LoKrModule) and m.writes_full_w2())
+    if not n:
+        return None
+    return (
+        f"LoKr: {n} Tucker conv modules are saved with a full 4-D lokr_w2 (the same ΔW; ComfyUI cannot apply "
+        "a lokr_t2 conv core); network_args keep_tucker_file=True keeps the factored form"
+    )
 
 
 def full_w2_count(modules: list[AdapterModule]) -> int:
