@@ -63,17 +63,22 @@ def check_free_space(path: str | os.PathLike[str], needed: int) -> None:
         raise NoSpaceError(path, needed, free)
 
 
-def _is_no_space(exc: BaseException, folder: Path) -> bool:
+_TORCH_WRITE_FAILURES = ("write failed", "PytorchStreamWriter", "inline_container")
+
+
+def _is_no_space(exc: BaseException, folder: Path, size: int | None) -> bool:
     """Called before the temp file is removed, so a full disk still shows as (almost) no free space."""
     if not isinstance(exc, Exception):
         return False
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
-    # safetensors and torch's zip writer report a full disk in their own exception types
     text = str(exc)
-    if "No space left on device" in text or "os error 28" in text:
+    if "No space left on device" in text or "os error 28" in text:  # safetensors' own error type
         return True
-    return "write failed" in text and free_bytes(folder) < _SPACE_MARGIN
+    # torch's zip writer does not say why a write failed: judge by the space left
+    if any(t in text for t in _TORCH_WRITE_FAILURES):
+        return free_bytes(folder) < (size or 0) + _SPACE_MARGIN
+    return False
 
 
 def _size_of(path: str | os.PathLike[str]) -> int:
@@ -105,7 +110,7 @@ def atomic_write(
         os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     except BaseException as e:
-        written, full = _size_of(tmp), _is_no_space(e, path.parent)
+        written, full = _size_of(tmp), _is_no_space(e, path.parent, size)
         if os.path.exists(tmp):
             os.unlink(tmp)
         if full:  # also when a nested writer named its own temp file: the user knows only ``path``
@@ -156,7 +161,7 @@ def atomic_dir(
             _swap_in(tmp, path)
     except BaseException as e:
         if on_main:
-            written, full = _size_of(tmp), _is_no_space(e, path.parent)
+            written, full = _size_of(tmp), _is_no_space(e, path.parent, size)
             shutil.rmtree(tmp, ignore_errors=True)
             if full:
                 needed = size if size is not None else getattr(e, "needed", None)
