@@ -16,17 +16,16 @@ import json
 import logging
 import os
 import random
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from library.anima_sampling import check_image_size, euler_sample, initial_noise, latents_to_pil
 from library.console import setup_logging
 from library.lora_merge import MergeReport, looks_like_sdxl, merge_into_modules
+from networks.tensor_files import read_tensors
 
 logger = logging.getLogger("anima_minimal_inference")
 
@@ -136,9 +135,9 @@ def read_prompt_lines(path: str) -> list[str]:
 def read_lora_state_dict(path: str) -> dict[str, torch.Tensor]:
     """Load a LoRA file in sd-scripts names; ComfyUI names are converted; SDXL files are refused."""
     p = Path(path)
-    if not p.is_file():
+    if not p.is_file() and not p.is_dir():
         raise FileNotFoundError(f"--lora_weight: file not found: {p}")
-    sd = load_file(str(p))
+    sd = read_tensors(p, "--lora_weight", allow_torch=False, expected="a LoRA .safetensors file")[0]
     if not sd:
         raise ValueError(f"--lora_weight {p}: the file holds no tensors")
     if looks_like_sdxl(sd):
@@ -291,7 +290,12 @@ def run(args: argparse.Namespace) -> list[Path]:
 
     written: list[Path] = []
     if args.latent_path:
-        lat = load_file(args.latent_path)["latent"].to(device, dtype)
+        lat = read_tensors(args.latent_path, "--latent_path", allow_torch=False)[0].get("latent")
+        if lat is None:
+            raise ValueError(
+                f"--latent_path {args.latent_path}: no 'latent' tensor (a file written by --output_type latent)"
+            )
+        lat = lat.to(device, dtype)
         models.vae.to(device)
         img = latents_to_pil(anima_decode_latents(models.vae, lat))[0]
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -359,8 +363,6 @@ def main(argv: list[str] | None = None) -> list[Path]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    from library.errors import run_cli
+
+    run_cli(main, input_status=2)

@@ -17,7 +17,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from library.anima_training import AnimaArchitecture  # noqa: E402
-from library.train_loop import main_entry, run_cli, training_parser  # noqa: E402
+from library.errors import run_cli  # noqa: E402
+from library.train_loop import main_entry, training_parser  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -376,12 +376,12 @@ def load_networks(
             raise ValueError(f"--network_module {module_name!r} cannot be imported: {e}") from e
         if not hasattr(module, "create_network_from_weights"):
             raise ValueError(f"--network_module {module_name!r} has no create_network_from_weights()")
+        weights_sd, metadata = read_weights(path, "--network_weights")  # unreadable: one line naming it
         try:
-            weights_sd, metadata = read_weights(path)
             if args.network_show_meta:
                 logger.info("metadata of %s: %s", path, metadata)
             file_algos = _file_module_names(weights_sd)
-        except Exception as e:  # unreadable file (SafetensorError has no common base) or unknown keys
+        except Exception as e:  # unknown keys
             msg = e.args[0] if isinstance(e, KeyError) and e.args else e
             raise ValueError(f"--network_weights {path}: cannot be loaded as a network file: {msg}") from e
         check_file_names(file_algos, layer_names, module_name, path)
@@ -605,15 +605,11 @@ def generate(args: argparse.Namespace) -> list[Path]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Exit status: 0 done, 2 bad input (one ``gen_img.py: error:`` line), 130 Ctrl-C, 70 internal error."""
+    from library.errors import cli_status
+
     setup_logging()
-    args = parse_args(argv)
-    try:
-        generate(args)
-    except (ValueError, FileNotFoundError) as e:
-        # one clear line for bad input instead of a traceback
-        print(f"gen_img.py: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return cli_status(lambda: generate(parse_args(argv)), "gen_img.py", input_status=2)
 
 
 if __name__ == "__main__":

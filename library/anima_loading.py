@@ -19,7 +19,6 @@ from typing import Any
 import torch
 from accelerate import init_empty_weights
 from diffusers import AutoencoderKLQwenImage
-from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, Qwen3Config, Qwen3ForCausalLM, Qwen3Model
 
@@ -27,6 +26,7 @@ from library import bundled_tokenizers
 from library.anima_models import OPTIONAL_DIT_BUFFERS, Anima, anima_config_from_state_dict, tiny_anima_config
 from library.atomic_io import save_safetensors_atomic
 from library.bundled_tokenizers import load_bundled
+from networks.tensor_files import read_tensors
 
 LATENTS_MEAN = [-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
                 0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921]  # fmt: skip
@@ -48,16 +48,10 @@ class AnimaModels:
 # ----------------------------------------------------------------------------------------------- helpers
 def _read_state_dict(path: PathLike, what: str) -> dict[str, torch.Tensor]:
     p = Path(path)
-    if not p.is_file():
+    if not p.is_file() and not p.is_dir():
         raise FileNotFoundError(f"{what} file not found: {p}")
-    if p.suffix == ".safetensors":
-        return load_file(str(p))
-    sd = torch.load(str(p), map_location="cpu", weights_only=True)
-    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
-        sd = sd["state_dict"]
-    if not isinstance(sd, dict):
-        raise ValueError(f"{what} file {p} does not hold a state dict")
-    return sd
+    # a torch.save archive is read only when its pickle names nothing but tensors
+    return read_tensors(p, f"{what} file", expected=f"a {what} .safetensors file")[0]
 
 
 def _cast(sd: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:

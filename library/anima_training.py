@@ -240,6 +240,7 @@ def enable_block_swap(
 # ------------------------------------------------------------------------------------------ architecture
 class AnimaArchitecture(TrainingArchitecture):
     base_model_version = "anima"
+    script = "anima_train_network.py"
     modelspec_architecture = "anima-preview"
     modelspec_implementation = "https://github.com/circlestone-labs/Anima"
     bucket_step_multiple = 16
@@ -261,6 +262,13 @@ class AnimaArchitecture(TrainingArchitecture):
             raise ValueError("--qwen3 is required: the Qwen3-0.6B text encoder (folder or .safetensors file)")
         if not args.vae:
             raise ValueError("--vae is required: the Qwen-Image VAE (qwen_image_vae.safetensors)")
+        from networks.tensor_files import check_tensor_file, check_weight_folder
+
+        qwen3 = Path(args.qwen3)
+        if qwen3.is_file():  # a cut or pickled file is named before any model loads
+            check_tensor_file(qwen3, "--qwen3", expected="a Qwen3 .safetensors file or folder")
+        elif qwen3.is_dir():
+            check_weight_folder(qwen3, "--qwen3")
         for name in _NOT_FOR_FLOW:
             if getattr(args, name, None):
                 raise ValueError(f"--{name} does not apply to Anima's flow-matching objective; remove it")

@@ -1,4 +1,4 @@
-"""Atomic file writes (see networks.atomic_io, where the shared writer lives) and the `.npz` cache writer."""
+"""Atomic file writes (the shared writer lives in networks.atomic_io) and the `.npz` cache writer."""
 
 from __future__ import annotations
 
@@ -7,7 +7,16 @@ from pathlib import Path
 
 import numpy as np
 
-from networks.atomic_io import _FILE_MODE, atomic_write, save_safetensors_atomic  # noqa: F401  (re-exported)
+from networks.atomic_io import (  # noqa: F401  (re-exported for library/ callers)
+    _FILE_MODE,
+    NoSpaceError,
+    atomic_dir,
+    atomic_write,
+    check_free_space,
+    free_bytes,
+    safetensors_size,
+    save_safetensors_atomic,
+)
 
 
 def save_npz_atomic(path: str | os.PathLike[str], arrays: dict[str, np.ndarray]) -> Path:

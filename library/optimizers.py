@@ -128,6 +128,12 @@ def _resolve_optimizer_class(args: argparse.Namespace) -> tuple[str, type]:
     )
 
 
+def optimizer_class_name(args: argparse.Namespace) -> str:
+    """``module.Class`` of the optimizer the flags select (imported, not built): a state records it."""
+    _, cls = _resolve_optimizer_class(args)
+    return f"{cls.__module__}.{cls.__name__}"
+
+
 def build_optimizer(
     args: argparse.Namespace, params: list[dict[str, Any]] | Iterable[torch.nn.Parameter]
 ) -> tuple[str, str, torch.optim.Optimizer]:

@@ -22,7 +22,6 @@ from typing import Any
 import torch
 from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from safetensors import safe_open
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from library import bundled_tokenizers, sdxl_config
@@ -42,6 +41,7 @@ from library.sdxl_keymap import (
     unet_state_to_sgm,
     vae_state_to_ldm,
 )
+from networks.tensor_files import check_weight_folder, read_tensors
 
 logger = logging.getLogger(__name__)
 HUB_TOKENIZER_1 = "openai/clip-vit-large-patch14"
@@ -249,15 +249,8 @@ def _short_list(keys: list[str], n: int = 20) -> str:
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    if path.suffix.lower() not in (".safetensors", ".sft"):
-        if path.suffix.lower() in (".ckpt", ".pt", ".pth", ".bin"):
-            sd = torch.load(str(path), map_location="cpu", weights_only=True)
-            sd = sd.get("state_dict", sd)
-            return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}, {}
-        raise ValueError(f"checkpoint {path}: expected a .safetensors (or .ckpt) file")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        return {k: f.get_tensor(k) for k in f.keys()}, meta
+    # a torch.save archive (.ckpt) is read only when its pickle names nothing but tensors
+    return read_tensors(path, "checkpoint", expected="an SDXL .safetensors (or tensors-only .ckpt) file")
 
 
 def _describe_prefixes(keys: list[str]) -> str:
@@ -483,6 +476,8 @@ def load_sdxl_models(
             raise ValueError(
                 f"{folder} is not a diffusers SDXL folder: missing {', '.join(absent)} (expected {', '.join(need)})"
             )
+        for d in need:  # a cut or foreign weight file is named here, not deep inside from_pretrained
+            check_weight_folder(folder / d, "model file")
         kw = {"torch_dtype": dtype, "local_files_only": True}
         parts = {
             "unet": UNet2DConditionModel.from_pretrained(str(folder / "unet"), **kw),

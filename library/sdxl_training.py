@@ -22,6 +22,7 @@ TE_CACHE_SUFFIX = "_te_outputs"
 
 class SdxlArchitecture(TrainingArchitecture):
     base_model_version = "sdxl_base_v1-0"
+    script = "sdxl_train_network.py"
     modelspec_architecture = "stable-diffusion-xl-v1-base"
     bucket_step_multiple = 32
 

@@ -70,6 +70,7 @@ class TrainingArchitecture(abc.ABC):
     """The architecture-specific half of a trainer."""
 
     base_model_version: str  # ss_base_model_version
+    script: str = "train_network.py"  # the entry script, for the resume command printed after Ctrl-C
     modelspec_architecture: str  # e.g. "stable-diffusion-xl-v1-base"
     modelspec_implementation: str = saving.IMPLEMENTATION_SGM
     bucket_step_multiple: int = 64  # bucket sides are multiples of this

@@ -267,14 +267,46 @@ def read_config_file(
             flat.update(value)
         else:
             flat[key] = value
-    known = {a.dest for a in parser._actions}
-    unknown = sorted(k for k in flat if k not in known)
+    actions = {a.dest: a for a in parser._actions}
+    unknown = sorted(k for k in flat if k not in actions)
     if unknown:
         raise ValueError(
             f"--config_file {path}: unknown keys {unknown} (each key must be a trainer flag name)"
         )
-    namespace = argparse.Namespace(**flat)
+    # the same conversion and choices as the command line (argparse leaves namespace values alone)
+    namespace = argparse.Namespace(**{k: _config_value(actions[k], v, path) for k, v in flat.items()})
     return parser.parse_args(list(argv), namespace=namespace)
+
+
+_EXPECTED = {int: "an integer", float: "a number", str: "a string"}
+
+
+def _config_value(action: argparse.Action, value: Any, path: Path) -> Any:
+    """One ``--config_file`` value, converted as argparse would convert the same flag's text."""
+    where = f"--config_file {path}: {action.dest} = {value!r}"
+    if action.nargs == 0:  # store_true / store_false / store_const
+        if not isinstance(value, bool):
+            raise ValueError(f"{where}: expected true or false")
+        return value
+    if action.nargs in ("*", "+") or isinstance(action.nargs, int):
+        return [_config_scalar(action, v, where) for v in (value if isinstance(value, list) else [value])]
+    if isinstance(value, list):
+        raise ValueError(f"{where}: expected one value, not a list")
+    return _config_scalar(action, value, where)
+
+
+def _config_scalar(action: argparse.Action, value: Any, where: str) -> Any:
+    convert = action.type or str
+    expected = _EXPECTED.get(convert, f"a value --{action.dest} accepts")  # type: ignore[call-overload]
+    if isinstance(value, (dict, list)) or (isinstance(value, bool) and convert is not str):
+        raise ValueError(f"{where}: expected {expected}")
+    try:
+        out = convert(value if isinstance(value, str) else str(value))
+    except (ValueError, TypeError, argparse.ArgumentTypeError) as e:
+        raise ValueError(f"{where}: expected {expected}") from e
+    if action.choices is not None and out not in action.choices:
+        raise ValueError(f"{where}: expected one of {[c for c in action.choices if c is not None]}")
+    return out
 
 
 def write_config_file(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Path:
@@ -371,11 +403,19 @@ def verify_training_args(args: argparse.Namespace, parser: argparse.ArgumentPars
         raise ValueError("--base_weights_multiplier needs one value per --base_weights file")
     if args.dim_from_weights and not args.network_weights:
         raise ValueError("--dim_from_weights requires --network_weights")
-    if args.network_weights and not Path(args.network_weights).is_file():
+    if args.network_weights and not Path(args.network_weights).exists():
         raise FileNotFoundError(f"--network_weights: {args.network_weights} does not exist")
     for path in args.base_weights or []:
-        if not Path(path).is_file():
+        if not Path(path).exists():
             raise FileNotFoundError(f"--base_weights: {path} does not exist")
+    _check_input_files(args)
+    _check_output_name(args)
+    if args.network_alpha is not None and args.network_alpha < 0:
+        logger.warning(
+            "--network_alpha %s is negative: the scale alpha/dim flips the sign of every ΔW; "
+            "training works, but use a positive alpha unless that is meant",
+            args.network_alpha,
+        )
     if args.resume and not Path(args.resume).is_dir():
         raise FileNotFoundError(f"--resume: {args.resume} is not a state folder (written by --save_state)")
     if args.sample_prompts and not Path(args.sample_prompts).is_file():
@@ -394,6 +434,38 @@ def verify_training_args(args: argparse.Namespace, parser: argparse.ArgumentPars
         args.log_with = "tensorboard"  # sd-scripts: a logging dir implies TensorBoard
     if args.log_with in ("tensorboard", "all") and not args.logging_dir:
         raise ValueError("--log_with tensorboard needs --logging_dir (where the event files go)")
+
+
+def _check_input_files(args: argparse.Namespace) -> None:
+    """Unreadable, cut or pickled model/network files are named now, before any model is loaded."""
+    from networks.tensor_files import check_tensor_file, check_weight_folder
+
+    network = "a .safetensors network file"
+    for flag, path, expected in [("--network_weights", args.network_weights, network)] + [
+        ("--base_weights", p, network) for p in args.base_weights or []
+    ]:
+        if path:
+            check_tensor_file(path, flag, expected=expected)
+    for flag in ("pretrained_model_name_or_path", "vae"):
+        path = Path(getattr(args, flag) or "")
+        if not str(path) or str(path) == ".":
+            continue
+        if path.is_file():
+            check_tensor_file(path, f"--{flag}", expected="a .safetensors model file")
+        elif path.is_dir():
+            for sub in ("", "unet", "vae", "text_encoder", "text_encoder_2"):
+                if (path / sub).is_dir():
+                    check_weight_folder(path / sub, f"--{flag}")
+
+
+def _check_output_name(args: argparse.Namespace) -> None:
+    """Saved files stay directly inside --output_dir: a name with a folder part is refused."""
+    name = args.output_name
+    if name and (Path(name).name != name or name in (".", "..") or "\\" in name):
+        raise ValueError(
+            f"--output_name {name!r}: expected a plain file name without folders or '..' "
+            f"(files are written directly inside --output_dir {args.output_dir})"
+        )
 
 
 def _verify_cuda_graph_args(args: argparse.Namespace) -> None:

@@ -28,13 +28,14 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import set_seed
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from library import saving
 from library.console import setup_logging
 from library.cuda_graph import enable_cuda_graph_training, host_side_dropout
+from library.errors import InputError, TrainingInterrupted, resume_command
 from library.optimizers import build_optimizer, build_scheduler
+from library.stop_request import StopRequest
 from library.train_arch import (
     DatasetInfo,
     RunContext,
@@ -42,6 +43,7 @@ from library.train_arch import (
     TrainingArchitecture,
     compile_repeated_blocks,
 )
+from library.train_state import check_resume_folder, load_resume_state, run_settings, save_training_state
 from library.train_utils import (
     LossRecorder,
     import_network_module,
@@ -53,9 +55,6 @@ from library.train_utils import (
 logger = logging.getLogger(__name__)
 
 __all__ = ["DatasetInfo", "RunContext", "SampleRequest", "TrainResult", "TrainingArchitecture", "train"]
-
-NETWORK_STATE_FILE = "network.safetensors"
-STEP_STARTS_FILE = "network_step_starts.txt"
 
 
 def make_accelerator(args: argparse.Namespace) -> Accelerator:
@@ -127,18 +126,24 @@ def train(args: argparse.Namespace, arch: TrainingArchitecture) -> TrainResult |
     is removed again when it fails before writing anything."""
     out = Path(args.output_dir)
     created = not out.exists()
+    stop = StopRequest()
+    stop.install()
     try:
-        return _train(args, arch)
+        return _train(args, arch, stop)
     except BaseException:
         if created and out.is_dir() and not any(out.iterdir()):
             out.rmdir()
         raise
+    finally:
+        stop.restore()
 
 
-def _train(args: argparse.Namespace, arch: TrainingArchitecture) -> TrainResult | None:
+def _train(args: argparse.Namespace, arch: TrainingArchitecture, stop: StopRequest) -> TrainResult | None:
     session_id = random.randint(0, 2**32 - 1)
     training_started_at = time.time()
     output_dir = saving.check_output_dir_writable(args.output_dir)  # fail before any heavy work
+    if args.resume:
+        check_resume_folder(args)  # a state that cannot fit this run is named before any model loads
     if args.seed is None:
         args.seed = random.randint(0, 2**32 - 1)
     set_seed(args.seed)
@@ -154,7 +159,8 @@ def _train(args: argparse.Namespace, arch: TrainingArchitecture) -> TrainResult 
     total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     data = arch.build_dataset(args, total_batch_size)
     if len(data.dataset) == 0:
-        raise ValueError("the dataset has no images: check --dataset_config / --train_data_dir")
+        source = args.dataset_config or args.train_data_dir or args.in_json
+        raise InputError(f"{source}: the dataset has no images; expected image files in its folders")
     arch.load_models(ctx)
     vae, text_encoder, unet = arch.network_targets()
 
@@ -294,46 +300,43 @@ def _train(args: argparse.Namespace, arch: TrainingArchitecture) -> TrainResult 
     )
     ext = args.save_model_as or "safetensors"
 
+    net_size = sum(t.numel() * (save_dtype or t.dtype).itemsize for t in network.state_dict().values())
+
     def save_network(name: str, steps: int, epoch: int) -> Path:
         path = output_dir / name
         if accelerator.is_main_process:
             md = saving.finalize_metadata(
                 base_md, modelspec, steps=steps, epoch=epoch, no_metadata=args.no_metadata
             )
-            saving.atomic_write(path, lambda tmp: network.save_weights(tmp, save_dtype, md))
+            saving.atomic_write(path, lambda tmp: network.save_weights(tmp, save_dtype, md), size=net_size)
             logger.info("saved %s", path)
         return path
 
-    def save_state(dirname: str, epoch_done: int, steps: int, batches_in_epoch: int) -> None:
-        state_dir = output_dir / dirname
-        accelerator.save_state(str(state_dir))  # optimizer, scheduler, RNG (tensors and plain values only)
-        if accelerator.is_main_process:
-            sd = {k: v.detach().contiguous().cpu() for k, v in network.state_dict().items()}
-            saving.atomic_write(state_dir / NETWORK_STATE_FILE, lambda tmp: save_file(sd, tmp))
-            saving.write_train_state(state_dir, epoch_done, steps)
-            saving.atomic_write(  # batches already done in the current epoch (resume skips them)
-                state_dir / "loop_position.txt", lambda tmp: Path(tmp).write_text(str(batches_in_epoch))
-            )
-            saving.atomic_write(  # the network's dropout clock: how many micro-steps it has seen
-                state_dir / STEP_STARTS_FILE, lambda tmp: Path(tmp).write_text(str(step_starts))
-            )
-        accelerator.wait_for_everyone()
+    settings = run_settings(args)
+
+    def save_state(dirname: str, epoch_done: int, steps: int, batches_in_epoch: int) -> Path:
+        return save_training_state(accelerator, output_dir / dirname, network, optimizer, settings,
+                                   (epoch_done, steps, batches_in_epoch, step_starts))  # fmt: skip
+
+    def stop_here(epoch: int, batches_in_epoch: int) -> None:
+        """After a Ctrl-C: save the network and a resumable state at this step, then end the run."""
+        name = saving.model_file_name(args.output_name, ext, step=global_step)
+        done_here = last_saved == output_dir / name  # the periodic save of this very step
+        net_path = output_dir / name if done_here else save_network(name, global_step, epoch)
+        state_dir = save_state(saving.state_dir_name(args.output_name, step=global_step), epoch, global_step,
+                               batches_in_epoch)  # fmt: skip
+        accelerator.end_training()
+        progress.close()
+        raise TrainingInterrupted(global_step, args.max_train_steps, net_path, state_dir)
 
     # resume
     global_step, first_epoch, skip_batches, resume_rng, step_starts = 0, 0, 0, None, 0
     if args.resume:
-        # every file is read with weights_only=True (numpy RNG arrays are allow-listed by accelerate)
-        accelerator.load_state(args.resume, load_kwargs={"weights_only": True})
-        sd = load_file(str(Path(args.resume) / NETWORK_STATE_FILE))
-        network.load_state_dict({k: v.to(accelerator.device) for k, v in sd.items()}, strict=True)
-        state = saving.read_train_state(args.resume)
-        first_epoch, global_step = state["current_epoch"], state["current_step"]
-        pos_file = Path(args.resume) / "loop_position.txt"
-        skip_batches = int(pos_file.read_text()) if pos_file.is_file() else 0
-        starts_file = Path(args.resume) / STEP_STARTS_FILE
-        if starts_file.is_file() and hasattr(network, "on_step_start"):
+        point = load_resume_state(args, accelerator, network, optimizer_desc)
+        first_epoch, global_step, skip_batches = point.epoch, point.step, point.skip_batches
+        if hasattr(network, "on_step_start"):
             # replay the step starts so dropout continues with the draws the interrupted run would make
-            for _ in range(int(starts_file.read_text())):
+            for _ in range(point.step_starts):
                 network.on_step_start(text_encoder, unet)
                 step_starts += 1
         resume_rng = _rng_snapshot()
@@ -379,6 +382,8 @@ def _train(args: argparse.Namespace, arch: TrainingArchitecture) -> TrainResult 
         sample(None, 0)
     last_saved: Path | None = None
     done = global_step >= args.max_train_steps
+    stopping = False
+    stop.arm()  # from here a first Ctrl-C finishes the step and saves
     for epoch in range(first_epoch, num_epochs):
         if done:
             break
@@ -411,7 +416,9 @@ def _train(args: argparse.Namespace, arch: TrainingArchitecture) -> TrainResult 
                 with accelerator.autocast():
                     per_sample = arch.per_sample_loss(ctx, batch)
                 loss = per_sample.float().mean()
-                _check_finite(loss, accelerator, global_step + 1, epoch + 1, last_saved)
+                stopping |= _check_step(
+                    loss, accelerator, global_step + 1, epoch + 1, last_saved, stop.requested
+                )
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     _sync_grads(trainable, world)
@@ -466,6 +473,8 @@ def _train(args: argparse.Namespace, arch: TrainingArchitecture) -> TrainResult 
             if global_step >= args.max_train_steps:
                 done = True
                 break
+            if stopping:
+                stop_here(epoch, batch_pos)
         if args.log_with:
             accelerator.log({"loss/epoch_average": recorder.moving_average}, step=epoch + 1)
         accelerator.wait_for_everyone()
@@ -481,6 +490,7 @@ def _train(args: argparse.Namespace, arch: TrainingArchitecture) -> TrainResult 
             sample(epoch_no, global_step)
 
     accelerator.wait_for_everyone()
+    stop.disarm()  # the final saves are short; a Ctrl-C now stops at once (atomic writes keep files whole)
     final_epoch = num_epochs
     if args.save_state or args.save_state_on_train_end:
         save_state(saving.state_dir_name(args.output_name), final_epoch, global_step, 0)
@@ -498,16 +508,21 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
     return read_prompt_file(args.sample_prompts)
 
 
-def _check_finite(
-    loss: torch.Tensor, accelerator: Accelerator, step: int, epoch: int, last: Path | None
-) -> None:
-    """NaN/Inf on any rank stops every rank with the step number; earlier saves stay untouched."""
-    bad = (~torch.isfinite(loss.detach())).float().reshape(1)
+def _check_step(
+    loss: torch.Tensor, accelerator: Accelerator, step: int, epoch: int, last: Path | None, stop: bool
+) -> bool:
+    """NaN/Inf on any rank stops every rank with the step number; earlier saves stay untouched. Returns
+    whether any rank was asked to stop (Ctrl-C), so that all ranks stop after the same step."""
+    flags = torch.stack(
+        [(~torch.isfinite(loss.detach())).float(), torch.tensor(float(stop), device=loss.device)]
+    )
     if accelerator.num_processes > 1:
-        bad = accelerator.reduce(bad, "sum")
-    if bad.item() > 0:
+        flags = accelerator.reduce(flags, "sum")
+    bad, stop_any = flags.tolist()
+    if bad > 0:
         where = f"the last good save is {last}" if last else "nothing was saved yet"
         raise FloatingPointError(f"loss is NaN/Inf at step {step} (epoch {epoch}); training stopped, {where}")
+    return stop_any > 0
 
 
 def _sync_grads(params: list[torch.nn.Parameter], world: int) -> None:
@@ -550,9 +565,6 @@ def _remove_old_step(args: argparse.Namespace, out: Path, ext: str, step: int, a
             saving.remove_path(out / saving.state_dir_name(args.output_name, step=old))
 
 
-CLI_ERRORS = (ValueError, FileNotFoundError, PermissionError, ImportError, FloatingPointError)
-
-
 def training_parser(arch: TrainingArchitecture, description: str) -> argparse.ArgumentParser:
     """The trainer's command line: architecture flags, then the dataset and shared training flags."""
     from library.dataset.config import add_dataset_arguments
@@ -563,15 +575,6 @@ def training_parser(arch: TrainingArchitecture, description: str) -> argparse.Ar
     add_dataset_arguments(parser, text_encoder_caching=True)
     add_training_arguments(parser)
     return parser
-
-
-def run_cli(main: Any) -> None:
-    """``if __name__ == "__main__"`` of a trainer script: bad input prints one ``error:`` line, exit 1."""
-    try:
-        main()
-    except CLI_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
 
 
 def main_entry(arch: TrainingArchitecture, build_parser: Any, argv: list[str] | None) -> TrainResult | None:
@@ -586,4 +589,9 @@ def main_entry(arch: TrainingArchitecture, build_parser: Any, argv: list[str] | 
         print(f"wrote {path}", file=sys.stderr)
         return None
     arch.verify_args(args)
-    return train(args, arch)
+    try:
+        return train(args, arch)
+    except TrainingInterrupted as e:
+        e.command = resume_command(f"accelerate launch {arch.script}", sys.argv[1:] if argv is None else argv,
+                                   e.state_dir)  # fmt: skip
+        raise

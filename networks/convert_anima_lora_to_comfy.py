@@ -27,7 +27,6 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 logger = logging.getLogger(__name__)
@@ -221,15 +220,12 @@ def from_comfy(sd: dict[str, torch.Tensor], tables: tuple[NameTable, NameTable] 
 
 
 def read_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from networks.tensor_files import read_tensors
+
     path = Path(path)
-    if not path.is_file():
+    if not path.is_file() and not path.is_dir():
         raise FileNotFoundError(f"LoRA file not found: {path}")
-    if path.suffix != ".safetensors":
-        raise ValueError(f"LoRA file {path} must be a .safetensors file")
-    with safe_open(str(path), framework="pt") as f:
-        meta = dict(f.metadata() or {})
-        sd = {k: f.get_tensor(k) for k in f.keys()}
-    return sd, meta
+    return read_tensors(path, "--input", allow_torch=False, expected="a LoRA .safetensors file")
 
 
 def write_lora_file(path: str | os.PathLike, sd: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
@@ -249,6 +245,12 @@ def convert_file(
     src: str | os.PathLike, dst: str | os.PathLike, reverse: bool = False, bake: bool = False
 ) -> int:
     """Convert one file; returns the number of tensors written."""
+    if Path(dst).resolve() == Path(src).resolve() or (
+        Path(dst).exists() and Path(src).exists() and os.path.samefile(src, dst)
+    ):
+        raise ValueError(
+            f"--output {dst}: is the --input file; expected another path (the input is never overwritten)"
+        )
     sd, meta = read_lora_file(src)
     if reverse and bake:
         raise ValueError("--bake_alpha applies to the sd-scripts -> ComfyUI direction only")
@@ -282,8 +284,6 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    try:
-        sys.exit(main())
-    except (ValueError, FileNotFoundError) as e:  # ConversionError is a ValueError
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    from library.errors import run_cli
+
+    run_cli(main)  # ConversionError is a ValueError: one line, exit 1

@@ -13,30 +13,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save, save_file
+from safetensors.torch import save, save_file
 
-from networks.atomic_io import atomic_write
+from networks.atomic_io import atomic_write, safetensors_size
 
 logger = logging.getLogger(__name__)
 
 LORA_KEYS = ("lora_down.weight", "lora_up.weight", "lora_mid.weight")
 
 
-def read_weights(file: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors, metadata) of a safetensors file, or of a `torch.save`d dict (weights only)."""
-    path = Path(file)
-    if not path.is_file():
-        raise FileNotFoundError(f"network weights file {str(path)!r} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
+def read_weights(
+    file: str | os.PathLike[str], what: str = "network weights file"
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a safetensors file, or of a `torch.save`d dict of tensors (weights only).
 
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-        return load_file(str(path)), meta
-    sd = torch.load(str(path), map_location="cpu", weights_only=True)
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f"network weights file {str(path)!r}: expected a dict of tensors")
-    return sd, {}
+    ``what`` names the input in errors (e.g. the flag that gave the path)."""
+    from networks.tensor_files import read_tensors
+
+    return read_tensors(file, what, expected="a .safetensors network file")
 
 
 def group_by_module(weights_sd: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
@@ -87,6 +81,6 @@ def write_weights(
     if path.suffix == ".safetensors":
         meta = {str(k): str(v) for k, v in (metadata or {}).items()}
         meta["sshs_model_hash"], meta["sshs_legacy_hash"] = sshs_hashes(tensors, meta)
-        atomic_write(path, lambda tmp: save_file(tensors, tmp, meta))
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, meta), size=safetensors_size(tensors, meta))
     else:
-        atomic_write(path, lambda tmp: torch.save(tensors, tmp))
+        atomic_write(path, lambda tmp: torch.save(tensors, tmp), size=safetensors_size(tensors))

@@ -394,10 +394,14 @@ def test_gen_img_ckpt_glob_with_one_match(tmp_path: Path, capsys):
 def test_config_file_with_a_byte_order_mark(tmp_path: Path):
     """Flow: `--config_file flags.toml` saved by a Windows editor failed with "unknown keys
     ['\\ufeffpretrained_model_name_or_path']"."""
+    from safetensors.torch import save_file
+
     from library.train_args import parse_args
     from sdxl_train_network import setup_parser
 
-    (tmp_path / "m.safetensors").write_bytes(b"x")
+    save_file(
+        {"x": torch.zeros(1)}, str(tmp_path / "m.safetensors")
+    )  # the model file is checked before loading
     (tmp_path / "d.toml").write_text("[[datasets]]\n")
     cfg = tmp_path / "flags.toml"
     text = (f"pretrained_model_name_or_path = '{tmp_path / 'm.safetensors'}'\ndataset_config = '{tmp_path / 'd.toml'}'\n"

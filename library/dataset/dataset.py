@@ -167,7 +167,11 @@ class BucketDataset(Dataset):
         if reg_infos:
             self._add_reg_images(reg_infos)
         if not self.image_data:
-            raise DatasetConfigError(f"{self.name}: no training images found")
+            where = ", ".join(str(s.image_dir or s.metadata_file) for s in self.subsets if not s.is_reg)
+            raise DatasetConfigError(
+                f"{self.name}: no training images found in {where or 'any subset'} "
+                f"(expected {'/'.join(e[1:] for e in IMAGE_EXTENSIONS)} files directly inside)"
+            )
 
     def _add_reg_images(self, reg_infos: list[ImageInfo]) -> None:
         """Round-robin reg images until they match the number of train images (with repeats).

@@ -1,0 +1,5 @@
+"""The exception for input the user can fix (library.errors, the scripts' error boundary, re-exports it)."""
+
+
+class InputError(ValueError):
+    """Input the user can fix. The message names the input (flag and/or path) and what was expected."""
