@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from library.anima_sampling import check_image_size, euler_sample, initial_noise, latents_to_pil
-from library.console import setup_logging
-from library.lora_merge import MergeReport, looks_like_sdxl, merge_into_modules
+from library.anima.sampling import check_image_size, euler_sample, initial_noise, latents_to_pil
+from library.inference.lora_merge import MergeReport, looks_like_sdxl, merge_into_modules
+from library.io.console import setup_logging
 from networks.tensor_files import read_tensors
 
 logger = logging.getLogger("anima_minimal_inference")
@@ -195,7 +195,7 @@ def apply_lora_files(
 
 
 def load_models(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
-    from library.anima_loading import (
+    from library.anima.loading import (
         AnimaModels,
         load_anima_dit,
         load_anima_tokenizers,
@@ -284,9 +284,9 @@ def run(args: argparse.Namespace) -> list[Path]:
 
     out_dir = Path(args.save_path)
     models = load_models(args, device, dtype)
-    from library.anima_loading import anima_decode_latents
-    from library.anima_text import encode_anima_prompts
-    from library.atomic_io import save_safetensors_atomic
+    from library.anima.loading import anima_decode_latents
+    from library.anima.text import encode_anima_prompts
+    from library.io.atomic_io import save_safetensors_atomic
 
     written: list[Path] = []
     if args.latent_path:
@@ -363,6 +363,6 @@ def main(argv: list[str] | None = None) -> list[Path]:
 
 
 if __name__ == "__main__":
-    from library.errors import run_cli
+    from library.io.errors import run_cli
 
     run_cli(main, input_status=2)

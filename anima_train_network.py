@@ -4,8 +4,8 @@
         --qwen3 qwen3_06b --vae qwen_image_vae.safetensors --dataset_config data.toml \
         --network_module networks.lokr --network_dim 32 --network_alpha 16 --output_dir out
 
-The loop is the one shared with the SDXL trainer (library/train_loop.py); the Anima part is
-library/anima_training.py.
+The loop is the one shared with the SDXL trainer (library/training/loop.py); the Anima part is
+library/anima/trainer.py.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from library.anima_training import AnimaArchitecture  # noqa: E402
-from library.errors import run_cli  # noqa: E402
-from library.train_loop import main_entry, training_parser  # noqa: E402
+from library.anima.trainer import AnimaArchitecture  # noqa: E402
+from library.io.errors import run_cli  # noqa: E402
+from library.training.loop import main_entry, training_parser  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

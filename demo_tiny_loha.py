@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from library.sdxl_models import build_tiny_sdxl_models, save_sdxl_single_file
+    from library.sdxl.loading import build_tiny_sdxl_models, save_sdxl_single_file
 
     # a tiny model gains nothing from intra-op threads, and spinning OpenMP threads on a busy 2-core
     # machine make each step ~10x slower; sd-scripts' docs likewise use --num_cpu_threads_per_process 1

@@ -3,7 +3,7 @@
     python gen_img.py --ckpt sdxl.safetensors --network_module networks.loha \
         --network_weights my_loha.safetensors --prompt "a cat --n blurry --d 42" --outdir out
 
-Models load through the trainer's loader (`library.sdxl_models`); networks go through the module's
+Models load through the trainer's loader (`library.sdxl.loading`); networks go through the module's
 `create_network_from_weights(..., for_inference=True)` and are either merged into the weights once
 (`--network_merge`) or applied as modules whose multiplier can change per prompt (`--am`).
 """
@@ -25,8 +25,7 @@ from typing import Any
 
 import torch
 
-from library.console import setup_logging
-from library.gen_img_planning import (
+from library.inference.planning import (
     ImageJob,
     job_key,
     parse_prompt_lines,
@@ -35,7 +34,8 @@ from library.gen_img_planning import (
     split_batches,
     verify_sampler,
 )
-from library.png_metadata import (
+from library.io.console import setup_logging
+from library.io.png_metadata import (
     NetworkRecord,
     SdxlSizeConditioning,
     first_available_name,
@@ -345,7 +345,7 @@ def load_networks(
     args: argparse.Namespace, models: Any, dtype: torch.dtype, device: torch.device
 ) -> list[LoadedNetwork]:
     """Create each network from its file; merge it (`--network_merge[_n_models]`) or apply it live."""
-    from library.sdxl_models import is_sgm_only_network_module
+    from library.sdxl.loading import is_sgm_only_network_module
     from networks.network_io import read_weights
 
     modules = args.network_module or []
@@ -457,7 +457,7 @@ def pick_device(args: argparse.Namespace) -> torch.device:
 
 def load_models(args: argparse.Namespace, dtype: torch.dtype, device: torch.device) -> Any:
     """The trainer's loader: single-file SGM checkpoint or diffusers folder, optional --vae."""
-    from library.sdxl_models import load_sdxl_models
+    from library.sdxl.loading import load_sdxl_models
 
     models = load_sdxl_models(
         args.ckpt, vae=args.vae, tokenizer_dir=args.tokenizer_dir or args.tokenizer_cache_dir, dtype=dtype
@@ -499,7 +499,7 @@ def run_batch(
     device: torch.device,
     counter: list[int],
 ) -> list[Path]:
-    from library.sdxl_generate import generate_sdxl
+    from library.sdxl.generate import generate_sdxl
 
     k = batch[0].key
     # a VAE kept in another precision than the UNet (--no_half_vae) is decoded here
@@ -606,7 +606,7 @@ def generate(args: argparse.Namespace) -> list[Path]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Exit status: 0 done, 2 bad input (one ``gen_img.py: error:`` line), 130 Ctrl-C, 70 internal error."""
-    from library.errors import cli_status
+    from library.io.errors import cli_status
 
     setup_logging()
     return cli_status(lambda: generate(parse_args(argv)), "gen_img.py", input_status=2)

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import argparse
 
-from library.errors import run_cli
-from library.sdxl_training import SdxlArchitecture
-from library.train_loop import TrainResult, main_entry, training_parser
+from library.io.errors import run_cli
+from library.sdxl.trainer import SdxlArchitecture
+from library.training.loop import TrainResult, main_entry, training_parser
 
 
 def setup_parser() -> argparse.ArgumentParser:

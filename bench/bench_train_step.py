@@ -15,7 +15,7 @@ Bench-only options (not network args): `path=auto|rebuild|bypass` forces our per
 (networks.paths), `mode=eager|graph` picks its cost model, `compile=1` compiles the
 repeated transformer blocks (fullgraph), `cmode=reduce-overhead|max-autotune-no-cudagraphs|...` passes
 torch.compile's mode (the trainer's --compile_mode), `graph=1` replays the model's forward and backward
-as CUDA graphs (`library/cuda_graph.py`, the trainer's --cuda_graph), `gcrng=0` checkpoints without
+as CUDA graphs (`library/training/cuda_graph.py`, the trainer's --cuda_graph), `gcrng=0` checkpoints without
 saving the RNG state, `prof=1` adds the GPU time per kernel name of one step.
 
 Example (GPU):
@@ -87,7 +87,7 @@ def _init_device(args):
 def _build_anima(args):
     sys.path.insert(0, str(REPO_ROOT))
 
-    from library.anima_models import Anima, AnimaConfig, tiny_anima_config
+    from library.anima.model import Anima, AnimaConfig, tiny_anima_config
 
     cfg = tiny_anima_config() if args.tiny else AnimaConfig()
     with _init_device(args):
@@ -105,7 +105,7 @@ def _build_diffusers_unet(args):
     sys.path.insert(0, str(REPO_ROOT))
     from diffusers import UNet2DConditionModel
 
-    from library.sdxl_config import SDXL_UNET_CONFIG, tiny_sdxl_configs
+    from library.sdxl.config import SDXL_UNET_CONFIG, tiny_sdxl_configs
 
     config = tiny_sdxl_configs()["unet"] if args.tiny else SDXL_UNET_CONFIG
     with _init_device(args):
@@ -150,7 +150,7 @@ def _build_sd_scripts_unet(args):
 
 
 def _load_cuda_graph_module():
-    """library/cuda_graph.py by path: sd-* variants put sd-scripts' own `library` package first on sys.path."""
+    """library/training/cuda_graph.py by path: sd-* variants put sd-scripts' own `library` package first on sys.path."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(
@@ -227,7 +227,7 @@ def run_single(args: argparse.Namespace) -> dict:
             unet.enable_gradient_checkpointing()
         else:  # gcrng=0: recompute without saving/restoring the RNG state (nothing random inside)
             sys.path.insert(0, str(REPO_ROOT))
-            from library.cuda_graph import enable_checkpointing_without_rng
+            from library.training.cuda_graph import enable_checkpointing_without_rng
 
             enable_checkpointing_without_rng(unet)
     unet.train()

@@ -22,7 +22,7 @@ sys.path.insert(0, str(REPO_ROOT))
 def _sdxl(out: Path, compile_: bool) -> dict:
     import demo_tiny_loha
     import sdxl_train_network
-    from library.sdxl_models import build_tiny_sdxl_models, save_sdxl_single_file
+    from library.sdxl.loading import build_tiny_sdxl_models, save_sdxl_single_file
 
     ckpt = out / "tiny_sdxl.safetensors"
     if not ckpt.exists():
@@ -46,8 +46,8 @@ def _sdxl(out: Path, compile_: bool) -> dict:
 
 def _anima(out: Path) -> dict:
     import anima_train_network
-    from library.anima_loading import build_tiny_anima_models, save_tiny_anima_files
-    from library.anima_models import Anima, tiny_anima_config
+    from library.anima.loading import build_tiny_anima_models, save_tiny_anima_files
+    from library.anima.model import Anima, tiny_anima_config
 
     models = build_tiny_anima_models(seed=0)
     cfg = tiny_anima_config()
@@ -68,8 +68,8 @@ def _anima(out: Path) -> dict:
         "--output_dir", str(out / "anima"), "--output_name", "lokr",
     ]  # fmt: skip
     t0 = time.perf_counter()
-    from library.anima_training import AnimaArchitecture
-    from library.train_loop import main_entry
+    from library.anima.trainer import AnimaArchitecture
+    from library.training.loop import main_entry
 
     result = main_entry(AnimaArchitecture(), anima_train_network.build_parser, argv)
     return {"run": "anima-lokr-blockswap", "seconds": time.perf_counter() - t0, "losses": result.losses}

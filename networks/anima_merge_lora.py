@@ -42,8 +42,8 @@ def _te_modules(files: list[str]) -> dict[str, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from library.anima_loading import load_anima_dit, load_qwen3_text_encoder, save_anima_dit
-    from library.atomic_io import save_safetensors_atomic
+    from library.anima.loading import load_anima_dit, load_qwen3_text_encoder, save_anima_dit
+    from library.io.atomic_io import save_safetensors_atomic
 
     p = build_parser("anima_merge_lora.py", "--dit", "Anima DiT single file (net. layout)")
     p.description = (__doc__ or "").split("\n")[0]

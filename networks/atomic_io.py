@@ -3,7 +3,7 @@
 Every writer of user-visible files (networks, checkpoints, caches, PNGs, states) goes through here; free
 space is checked first where the size is known, and a full disk is reported naming the file and its size.
 It lives in `networks/` because both the network package and `library/` write files, and `networks/`
-imports nothing from `library/` (`library.atomic_io` re-exports it and adds the `.npz` writer).
+imports nothing from `library/` (`library.io.atomic_io` re-exports it and adds the `.npz` writer).
 """
 
 from __future__ import annotations

@@ -114,7 +114,7 @@ def default_tables() -> tuple[NameTable, NameTable]:
     """Name tables built from the Anima DiT and Qwen3 module trees (tiny configs on meta)."""
     from transformers import Qwen3Config, Qwen3Model
 
-    from library.anima_models import Anima, tiny_anima_config
+    from library.anima.model import Anima, tiny_anima_config
 
     # the tiny config has the real module tree; templates do not depend on the block count
     with torch.device("meta"):
@@ -284,6 +284,6 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from library.errors import run_cli
+    from library.io.errors import run_cli
 
     run_cli(main)  # ConversionError is a ValueError: one line, exit 1

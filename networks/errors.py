@@ -1,4 +1,4 @@
-"""The exception for input the user can fix (library.errors, the scripts' error boundary, re-exports it)."""
+"""The exception for input the user can fix (library.io.errors, the scripts' error boundary, re-exports it)."""
 
 
 class InputError(ValueError):

@@ -52,7 +52,7 @@ def check_paths(model: str, flag: str, save_to: str, files: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from library.sdxl_models import SdxlModels, load_sdxl_single_file, save_sdxl_single_file
+    from library.sdxl.loading import SdxlModels, load_sdxl_single_file, save_sdxl_single_file
 
     a = build_parser(
         "sdxl_merge_lora.py", "--sd_model", "SDXL checkpoint (SGM single .safetensors)"

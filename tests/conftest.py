@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from library.bundled_tokenizers import BUNDLED, extract_bundled
+from library.io.bundled_tokenizers import BUNDLED, extract_bundled
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import Qwen3Config, Qwen3Model
 
-from library.anima_models import Anima, tiny_anima_config
+from library.anima.model import Anima, tiny_anima_config
 from networks import convert_anima_lora_to_comfy as conv
 from networks.network_io import sshs_hashes
 

@@ -12,9 +12,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import anima_minimal_inference as inf
-from library.anima_loading import build_tiny_anima_models, load_anima_dit, save_tiny_anima_files
-from library.anima_sampling import check_image_size, euler_sample, shifted_sigmas
-from library.lora_merge import merge_into_modules
+from library.anima.loading import build_tiny_anima_models, load_anima_dit, save_tiny_anima_files
+from library.anima.sampling import check_image_size, euler_sample, shifted_sigmas
+from library.inference.lora_merge import merge_into_modules
 
 DIT_TARGETS = ("self_attn.q_proj", "cross_attn.k_proj", "mlp.layer1", "mlp.layer2")
 
@@ -68,7 +68,7 @@ def make_lora_sd(dit: nn.Module, te: nn.Module | None, algo: str, seed: int, ran
 
 
 def expected_delta(sd: dict, name: str) -> torch.Tensor:
-    """ΔW written out independently of library.lora_merge (spec anima.md §3)."""
+    """ΔW written out independently of library.inference.lora_merge (spec anima.md §3)."""
     t = {k[len(name) + 1 :]: v.double() for k, v in sd.items() if k.startswith(name + ".")}
     if "lora_down.weight" in t:
         return t["lora_up.weight"] @ t["lora_down.weight"] * (t["alpha"] / t["lora_down.weight"].shape[0])

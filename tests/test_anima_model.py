@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from library.anima_models import Anima, AnimaConfig, anima_config_from_state_dict, tiny_anima_config
-from library.anima_text import encode_anima_prompts, encode_qwen3, tokenize_anima_captions
+from library.anima.model import Anima, AnimaConfig, anima_config_from_state_dict, tiny_anima_config
+from library.anima.text import encode_anima_prompts, encode_qwen3, tokenize_anima_captions
 
 
 # ------------------------------------------------------------------------------------ reference maths
@@ -149,7 +149,7 @@ def reference_dit(
 # ------------------------------------------------------------------------------------ tests
 @pytest.fixture(scope="module")
 def tiny_models(tokenizers_dir):
-    from library.anima_loading import build_tiny_anima_models
+    from library.anima.loading import build_tiny_anima_models
 
     return build_tiny_anima_models(tokenizers_dir, seed=0)
 

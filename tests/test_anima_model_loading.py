@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from library.anima_loading import (
+from library.anima.loading import (
     LATENTS_MEAN,
     LATENTS_STD,
     AnimaModels,
@@ -25,7 +25,7 @@ from library.anima_loading import (
     load_qwen3_text_encoder,
     save_tiny_anima_files,
 )
-from library.anima_text import encode_anima_prompts
+from library.anima.text import encode_anima_prompts
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +92,7 @@ def test_dit_optional_rope_buffers_accepted_and_other_keys_rejected(tiny, tmp_pa
 def test_dit_of_another_architecture_is_a_clear_error(tmp_path: Path) -> None:
     from diffusers import UNet2DConditionModel
 
-    from library.sdxl_config import tiny_sdxl_configs
+    from library.sdxl.config import tiny_sdxl_configs
 
     unet = UNet2DConditionModel(**tiny_sdxl_configs()["unet"])
     save_file(
@@ -223,7 +223,7 @@ def test_dit_prefix_variants_and_te_extra_tensors(tiny, tmp_path: Path) -> None:
 def test_qwen3_config_inferred_from_real_shapes(tokenizers_dir: Path) -> None:
     from transformers import Qwen3Config, Qwen3Model
 
-    from library.anima_loading import qwen3_config_from_state_dict
+    from library.anima.loading import qwen3_config_from_state_dict
 
     real = Qwen3Config.from_pretrained(str(tokenizers_dir / "qwen3_06b"))
     with torch.device("meta"):
@@ -245,7 +245,7 @@ def test_vae_diffusers_folder_loads(tiny, tmp_path: Path) -> None:
 
 def test_tokenizers_default_to_the_bundled_copies(tiny) -> None:
     """A single-file text encoder has no folder to read a tokenizer from: the bundled ones are used."""
-    from library.anima_loading import load_anima_tokenizers
+    from library.anima.loading import load_anima_tokenizers
 
     _, paths = tiny
     q_dir, t5_dir = load_anima_tokenizers(paths["text_encoder"], paths["t5_tokenizer"])

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from library.anima_loading import tiny_qwen3_config
-from library.anima_models import Anima, AnimaConfig, tiny_anima_config
+from library.anima.loading import tiny_qwen3_config
+from library.anima.model import Anima, AnimaConfig, tiny_anima_config
 from networks import lokr, lora
 from networks.arch import detect_architecture
 from networks.arch.anima import ANIMA, is_anima_dit

@@ -14,15 +14,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import anima_train_network as trainer
-from library import anima_training as at
-from library.anima_loading import (
+from library.anima import trainer as at
+from library.anima.loading import (
     anima_encode_latents,
     build_tiny_anima_models,
     load_anima_dit,
     save_tiny_anima_files,
 )
-from library.anima_text import encode_qwen3, tokenize_anima_captions
-from library.lora_merge import merge_into_modules
+from library.anima.text import encode_qwen3, tokenize_anima_captions
+from library.inference.lora_merge import merge_into_modules
 
 CAPTIONS = ["a red square", "a blue square"]
 TOKENS = 16
@@ -285,7 +285,7 @@ def test_cached_caption_dropout_equals_empty_caption(setup):
 
 
 def test_block_swap_keeps_outputs(setup):
-    from library.anima_models import Anima, tiny_anima_config
+    from library.anima.model import Anima, tiny_anima_config
 
     cfg = tiny_anima_config()
     cfg.num_blocks = 4

@@ -1,6 +1,6 @@
 """Every bad input, fault and interruption ends in one clear line, and nothing is lost.
 
-One row per case: the script runs inside its real error boundary (``library.errors``) with argv, and
+One row per case: the script runs inside its real error boundary (``library.io.errors``) with argv, and
 the row checks the exit status, that no traceback was printed (except for the internal-bug row, where
 it must be), that the message names the input, and that the pre-existing output file is byte-identical
 with no temp or partial file beside it. A pickle's payload would create a marker file: it never does.
@@ -27,9 +27,9 @@ import anima_minimal_inference
 import anima_train_network
 import gen_img
 import sdxl_train_network
-from library.errors import EXIT_BUG, EXIT_INTERRUPTED, run_cli
-from library.sdxl_models import load_sdxl_models, save_sdxl_diffusers
-from library.sdxl_training import SdxlArchitecture
+from library.io.errors import EXIT_BUG, EXIT_INTERRUPTED, run_cli
+from library.sdxl.loading import load_sdxl_models, save_sdxl_diffusers
+from library.sdxl.trainer import SdxlArchitecture
 from networks import atomic_io
 from networks import convert_anima_lora_to_comfy as converter
 from tests.test_train_sdxl import tiny  # noqa: F401 - fixtures
@@ -187,7 +187,7 @@ def _sigint_at_step(n: int, times: int) -> Callable[[dict, pytest.MonkeyPatch], 
 
 
 def _bug(e: dict, mp: pytest.MonkeyPatch) -> None:
-    import library.train_loop as tl
+    import library.training.loop as tl
 
     def broken(name):
         raise KeyError("an internal slip")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from library import bundled_tokenizers
+from library.io import bundled_tokenizers
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,8 +20,8 @@ T5_IDS = [3, 9, 1202, 13, 46, 30059, 1]
 
 _PROBE = """
 import json
-from library.sdxl_models import load_sdxl_tokenizers
-from library.anima_loading import load_anima_tokenizers
+from library.sdxl.loading import load_sdxl_tokenizers
+from library.anima.loading import load_anima_tokenizers
 t1, t2 = load_sdxl_tokenizers()
 qwen, t5 = load_anima_tokenizers()
 text = "a photo of an astronaut"
@@ -70,16 +70,15 @@ def test_pyproject_declares_the_data_as_package_data() -> None:
     import tomllib
 
     cfg = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text(encoding="utf-8"))
-    patterns = cfg["tool"]["setuptools"]["package-data"]["library"]
-    shipped = {
-        p.relative_to(PROJECT_ROOT / "library") for p in bundled_tokenizers.DATA_DIR.rglob("*") if p.is_file()
-    }
+    patterns = cfg["tool"]["setuptools"]["package-data"]["library.io"]
+    package_dir = bundled_tokenizers.DATA_DIR.parent  # library/io, the package that holds the data
+    shipped = {p.relative_to(package_dir) for p in bundled_tokenizers.DATA_DIR.rglob("*") if p.is_file()}
     matched = {f for f in shipped if any(f.match(pat) for pat in patterns)}
     assert matched == shipped
 
 
 def test_explicit_folders_win_and_bad_ones_are_named(tokenizers_dir: Path, tmp_path: Path) -> None:
-    from library.anima_loading import load_anima_tokenizers
+    from library.anima.loading import load_anima_tokenizers
 
     q, t = load_anima_tokenizers(tokenizers_dir / "qwen3_06b", tokenizers_dir / "t5_old")
     assert (

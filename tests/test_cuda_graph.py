@@ -15,8 +15,8 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from library.cuda_graph import GraphedCall, GraphedUNet, enable_checkpointing_without_rng
-from library.sdxl_config import tiny_sdxl_configs
+from library.sdxl.config import tiny_sdxl_configs
+from library.training.cuda_graph import GraphedCall, GraphedUNet, enable_checkpointing_without_rng
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 

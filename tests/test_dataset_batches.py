@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from library.dataset import DatasetConfigError, add_dataset_arguments, build_dataset_group, make_dataloader
+from library.data import DatasetConfigError, add_dataset_arguments, build_dataset_group, make_dataloader
 
 
 def write_png(path: Path, w: int, h: int, seed: int = 0) -> Path:
@@ -118,7 +118,7 @@ def test_dataloader_workers_follow_epochs(tmp_path: Path) -> None:
 
 
 def test_alpha_mask_uncached_and_cached(tmp_path: Path) -> None:
-    from library.dataset import cache_latents
+    from library.data import cache_latents
 
     d = tmp_path / "1_x"
     d.mkdir()

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from library.dataset.buckets import (
+from library.data.buckets import (
     BucketManager,
     adjust_min_max_bucket_reso,
     crop_top_left_for,
     get_crop_ltrb,
     make_bucket_resolutions,
 )
-from library.dataset.images import crop_offsets
+from library.data.images import crop_offsets
 
 # resolution 1024, steps 64, min 256, max 2048: height = min(2048, floor(1048576 // w / 64) * 64)
 GOLDEN_1024 = [

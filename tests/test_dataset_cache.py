@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from library.dataset import (
+from library.data import (
     DatasetConfigError,
     add_dataset_arguments,
     build_dataset_group,
@@ -196,7 +196,7 @@ def test_te_cache_refuses_caption_randomness(tmp_path: Path) -> None:
 
 
 def test_prepare_caches_from_flags_and_process_split(tmp_path: Path) -> None:
-    from library.dataset import check_cache_args, prepare_caches
+    from library.data import check_cache_args, prepare_caches
 
     train = make_data(tmp_path)
 

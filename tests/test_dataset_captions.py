@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from library.dataset.captions import (
+from library.data.captions import (
     CaptionOptions,
     deterministic_caption,
     process_caption,

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from library.dataset import (
+from library.data import (
     DatasetConfigError,
     add_dataset_arguments,
     build_dataset_group,

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from library.diffusion_loss import (
+from library.sdxl.loss import (
     LossConfig,
     apply_snr_weightings,
     elementwise_loss,
@@ -140,7 +140,7 @@ def test_timesteps_and_time_ids() -> None:
 
 
 def test_training_step_loss_equals_manual(clip_tokenizer_dir: Path) -> None:
-    from library.sdxl_models import build_tiny_sdxl_models
+    from library.sdxl.loading import build_tiny_sdxl_models
 
     unet = build_tiny_sdxl_models(clip_tokenizer_dir).unet
     lat = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))

@@ -14,8 +14,8 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import gen_img
-from library.png_metadata import read_png_text
-from library.sdxl_models import build_tiny_sdxl_models, save_sdxl_single_file
+from library.io.png_metadata import read_png_text
+from library.sdxl.loading import build_tiny_sdxl_models, save_sdxl_single_file
 
 ALGOS = ("lora", "loha", "lokr")
 

@@ -14,8 +14,8 @@ import torch
 from test_network_util import build_tiny_sdxl, one_thread, randomize  # noqa: F401
 from transformers import Qwen3ForCausalLM
 
-from library.anima_loading import tiny_qwen3_config
-from library.anima_models import Anima, tiny_anima_config
+from library.anima.loading import tiny_qwen3_config
+from library.anima.model import Anima, tiny_anima_config
 from library.tools.tool_cli import run_tool
 from networks import loha, lokr, lora
 from networks.convert_anima_lora_to_comfy import to_comfy

@@ -9,11 +9,11 @@ import torch
 from test_network_util import one_thread, randomize, run_unet, unet_inputs  # noqa: F401
 from transformers import Qwen3ForCausalLM
 
-from library.anima_loading import load_anima_dit, load_qwen3_text_encoder, save_anima_dit, tiny_qwen3_config
-from library.anima_models import Anima, tiny_anima_config
-from library.atomic_io import save_safetensors_atomic
-from library.sdxl_config import tiny_sdxl_configs
-from library.sdxl_models import build_sdxl_from_configs, load_sdxl_single_file, save_sdxl_single_file
+from library.anima.loading import load_anima_dit, load_qwen3_text_encoder, save_anima_dit, tiny_qwen3_config
+from library.anima.model import Anima, tiny_anima_config
+from library.io.atomic_io import save_safetensors_atomic
+from library.sdxl.config import tiny_sdxl_configs
+from library.sdxl.loading import build_sdxl_from_configs, load_sdxl_single_file, save_sdxl_single_file
 from library.tools.tool_cli import run_tool
 from networks import anima_merge_lora, loha, lokr, lora, sdxl_merge_lora
 from networks.convert_anima_lora_to_comfy import to_comfy

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from test_network_util import build_tiny_sdxl, one_thread, randomize, write_tiny_images  # noqa: F401
 
 import sdxl_train_network
-from library.sdxl_models import build_tiny_sdxl_models, save_sdxl_single_file
+from library.sdxl.loading import build_tiny_sdxl_models, save_sdxl_single_file
 from networks import loha, lokr, lora
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from library.anima_models import Anima, AnimaConfig
+from library.anima.model import Anima, AnimaConfig
 from networks import lokr, lora
 
 

@@ -18,7 +18,7 @@ from test_network_util import one_thread  # noqa: F401
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-from library.sdxl_config import tiny_sdxl_configs
+from library.sdxl.config import tiny_sdxl_configs
 from networks import loha, lokr, lora
 
 

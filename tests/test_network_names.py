@@ -12,7 +12,7 @@ from test_network_util import build_tiny_sdxl, one_thread  # noqa: F401
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from library.sdxl_config import SDXL_TE1_CONFIG, SDXL_TE2_CONFIG, SDXL_UNET_CONFIG
+from library.sdxl.config import SDXL_TE1_CONFIG, SDXL_TE2_CONFIG, SDXL_UNET_CONFIG
 from networks import loha, lokr, lora
 from networks.arch import detect_architecture
 from networks.arch.sdxl import make_diffusers_to_sgm

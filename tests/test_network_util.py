@@ -11,7 +11,7 @@ from diffusers import UNet2DConditionModel
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from library.sdxl_config import tiny_sdxl_configs
+from library.sdxl.config import tiny_sdxl_configs
 
 
 @dataclass

@@ -7,7 +7,13 @@ import json
 import pytest
 from PIL import Image
 
-from library.png_metadata import (
+from library.inference.prompt_options import (
+    PromptOptionError,
+    expand_multipliers,
+    parse_prompt_line,
+    read_prompt_file,
+)
+from library.io.png_metadata import (
     NetworkRecord,
     SdxlSizeConditioning,
     first_available_name,
@@ -16,12 +22,6 @@ from library.png_metadata import (
     save_png,
     sequential_name,
     timestamped_name,
-)
-from library.prompt_options import (
-    PromptOptionError,
-    expand_multipliers,
-    parse_prompt_line,
-    read_prompt_file,
 )
 
 
@@ -150,7 +150,7 @@ def test_png_metadata_roundtrip_and_names(tmp_path) -> None:
 def test_dynamic_prompts_random_enumerate_count_and_separator() -> None:
     import random
 
-    from library.prompt_options import expand_dynamic_prompt, has_dynamic_groups
+    from library.inference.prompt_options import expand_dynamic_prompt, has_dynamic_groups
 
     assert expand_dynamic_prompt("plain --n x", 3, random.Random(0)) == ["plain --n x"]
     assert not has_dynamic_groups("plain") and has_dynamic_groups("a {b|c}")

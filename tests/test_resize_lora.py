@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 from test_network_util import build_tiny_sdxl, one_thread, randomize, run_tes, run_unet, unet_inputs  # noqa: F401
 from transformers import Qwen3ForCausalLM
 
-from library.anima_loading import tiny_qwen3_config
-from library.anima_models import Anima, tiny_anima_config
+from library.anima.loading import tiny_qwen3_config
+from library.anima.model import Anima, tiny_anima_config
 from library.tools.lora_svd import choose_rank, truncated_lora
 from library.tools.tool_cli import run_tool
 from networks import loha, lokr, lora

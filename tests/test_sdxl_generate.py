@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from library.samplers import TRAIN_SAMPLE_CHOICES, make_scheduler, sampler_names
-from library.sdxl_generate import generate_sdxl
-from library.sdxl_models import SdxlModels, build_tiny_sdxl_models
+from library.inference.samplers import TRAIN_SAMPLE_CHOICES, make_scheduler, sampler_names
+from library.sdxl.generate import generate_sdxl
+from library.sdxl.loading import SdxlModels, build_tiny_sdxl_models
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +112,7 @@ def test_bf16_unet_with_fp32_vae(clip_tokenizer_dir: Path, tiny: SdxlModels) -> 
 
 def test_every_sampler_generates(tiny: SdxlModels) -> None:
     """Each canonical sampler runs end to end (catches step-time failures, not just construction)."""
-    from library.samplers import SAMPLERS
+    from library.inference.samplers import SAMPLERS
 
     for name in SAMPLERS:
         lat = generate_sdxl(

@@ -14,7 +14,7 @@ from diffusers.loaders.single_file_utils import (
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from library.sdxl_models import (
+from library.sdxl.loading import (
     SdxlModels,
     _read_safetensors,
     build_tiny_sdxl_models,
@@ -253,9 +253,9 @@ def test_real_size_layout_on_meta_device() -> None:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from library import sdxl_config as c
-    from library.sdxl_keymap import openclip_to_te2_state
-    from library.sdxl_models import DEFAULT_ARCH, infer_te_config, infer_unet_config, infer_vae_config
+    from library.sdxl import config as c
+    from library.sdxl.keymap import openclip_to_te2_state
+    from library.sdxl.loading import DEFAULT_ARCH, infer_te_config, infer_unet_config, infer_vae_config
 
     with torch.device("meta"):
         real = SdxlModels(

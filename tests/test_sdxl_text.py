@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from library.sdxl_models import SdxlModels, build_tiny_sdxl_models
-from library.sdxl_text import encode_prompts, encode_sdxl_text, tokenize_sdxl
+from library.sdxl.loading import SdxlModels, build_tiny_sdxl_models
+from library.sdxl.text import encode_prompts, encode_sdxl_text, tokenize_sdxl
 
 ASTRONAUT = [49406, 320, 1125, 539, 550, 18376, 49407]
 
@@ -94,7 +94,7 @@ def test_text_encoder_gradients_flow(tiny: SdxlModels) -> None:
 
 
 def test_parse_prompt_weights() -> None:
-    from library.sdxl_text import parse_prompt_weights
+    from library.sdxl.text import parse_prompt_weights
 
     got = parse_prompt_weights("a (cat) [dog] (bird:1.5) \\(lit\\)")
     assert [t for t, _ in got] == ["a ", "cat", " ", "dog", " ", "bird", " (lit)"]
@@ -105,7 +105,7 @@ def test_parse_prompt_weights() -> None:
 
 
 def test_weighted_tokens_and_encoding(tiny: SdxlModels) -> None:
-    from library.sdxl_text import tokenize_sdxl_weighted
+    from library.sdxl.text import tokenize_sdxl_weighted
 
     plain1, plain2 = tokenize_sdxl(tiny, ["a photo of an astronaut"])
     w1, w2, w = tokenize_sdxl_weighted(tiny, ["a photo of an astronaut"])

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from library.train_args import parse_args, parse_warmup_steps, write_config_file
+from library.training.args import parse_args, parse_warmup_steps, write_config_file
 from sdxl_train_network import setup_parser
 
 

@@ -22,11 +22,11 @@ from torch._dynamo.utils import counters
 
 import anima_train_network
 import sdxl_train_network
-from library.anima_loading import build_tiny_anima_models, save_tiny_anima_files
-from library.anima_training import AnimaArchitecture
-from library.sdxl_models import build_tiny_sdxl_models, save_sdxl_single_file
-from library.train_arch import compile_repeated_blocks
-from library.train_loop import main_entry
+from library.anima.loading import build_tiny_anima_models, save_tiny_anima_files
+from library.anima.trainer import AnimaArchitecture
+from library.sdxl.loading import build_tiny_sdxl_models, save_sdxl_single_file
+from library.training.architecture import compile_repeated_blocks
+from library.training.loop import main_entry
 from networks.modules.adapter import is_patched
 from networks.paths import PathPolicy
 
@@ -225,7 +225,7 @@ def test_cuda_graph_flags_fail_clearly(sdxl, anima, tmp_path):
     """--cuda_graph refuses what a replayed graph cannot do, before any training, with one clear error."""
     import argparse
 
-    from library.train_args import _verify_cuda_graph_args
+    from library.training.args import _verify_cuda_graph_args
 
     with pytest.raises(ValueError, match="--cuda_graph: --network_dropout draws a new element mask"):
         sdxl_train_network.main(_sdxl_argv(sdxl, tmp_path / "a", "--cuda_graph", "--network_dropout", "0.1"))

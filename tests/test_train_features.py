@@ -11,7 +11,7 @@ from PIL import Image
 from safetensors import safe_open
 
 import sdxl_train_network
-from library.train_utils import FP8_DTYPE, apply_fp8_base
+from library.training.utils import FP8_DTYPE, apply_fp8_base
 from tests.test_train_sdxl import N_IMAGES, _argv, _tb_scalars, tiny  # noqa: F401 - fixtures
 
 

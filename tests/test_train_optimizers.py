@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from library.optimizers import build_optimizer, build_scheduler, parse_optimizer_args
-from library.train_args import add_training_arguments
+from library.training.args import add_training_arguments
+from library.training.optimizers import build_optimizer, build_scheduler, parse_optimizer_args
 
 
 def _args(**kw) -> argparse.Namespace:

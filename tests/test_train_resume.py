@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import sdxl_train_network
-from library.train_utils import lr_log_names
+from library.training.utils import lr_log_names
 from networks.network_base import AdapterNetwork
 from tests.test_train_sdxl import N_IMAGES, _argv, _tb_scalars, tiny  # noqa: F401 - fixtures
 

@@ -7,8 +7,8 @@ import hashlib
 
 import pytest
 
-from library import saving
-from library.train_args import add_training_arguments
+from library.training import saving
+from library.training.args import add_training_arguments
 
 
 def test_sd_scripts_names():
@@ -103,14 +103,14 @@ def test_atomic_write_gives_default_permissions(tmp_path) -> None:
     import os
     import stat
 
-    from library.atomic_io import atomic_write
+    from library.io.atomic_io import atomic_write
 
     mask = os.umask(0o022)
     try:
         target = atomic_write(tmp_path / "x.bin", lambda tmp: open(tmp, "wb").write(b"1"))
     finally:
         os.umask(mask)
-    import library.atomic_io as aio
+    import library.io.atomic_io as aio
 
     assert stat.S_IMODE(target.stat().st_mode) == aio._FILE_MODE
     assert aio._FILE_MODE & 0o044  # readable by group/others under the usual umask

@@ -21,9 +21,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import sdxl_train_network
-from library.diffusion_loss import sdxl_time_ids, sdxl_training_step_loss
-from library.sdxl_models import build_tiny_sdxl_models, load_sdxl_models, save_sdxl_single_file
-from library.sdxl_text import encode_prompts
+from library.sdxl.loading import build_tiny_sdxl_models, load_sdxl_models, save_sdxl_single_file
+from library.sdxl.loss import sdxl_time_ids, sdxl_training_step_loss
+from library.sdxl.text import encode_prompts
 
 N_IMAGES = 4
 
@@ -308,9 +308,9 @@ RANK_SCRIPT = """
 import os, sys
 sys.path.insert(0, {root!r})
 from safetensors.torch import save_file
-from library.sdxl_training import SdxlArchitecture
-from library.train_args import parse_args
-from library.train_loop import train
+from library.sdxl.trainer import SdxlArchitecture
+from library.training.args import parse_args
+from library.training.loop import train
 from sdxl_train_network import setup_parser
 
 args = parse_args(setup_parser(), sys.argv[1:])

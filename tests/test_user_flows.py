@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from library.sdxl_keymap import unet_key_mapper
-from library.sdxl_models import build_tiny_sdxl_models
+from library.sdxl.keymap import unet_key_mapper
+from library.sdxl.loading import build_tiny_sdxl_models
 from networks import loha, lokr
 
 _SGM_BLOCKS = {"Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D"}
@@ -99,8 +99,8 @@ def test_saved_sdxl_file_loads_in_lycoris_with_same_delta(tmp_path, clip_tokeniz
 
 def test_block_swap_on_a_dit_too_small_to_swap_is_one_clear_error(tokenizers_dir: Path):
     """Flow: `anima_train_network.py --blocks_to_swap 1` on a 2-block DiT said "between 1 and 0"."""
-    from library.anima_loading import build_tiny_anima_models
-    from library.anima_training import enable_block_swap
+    from library.anima.loading import build_tiny_anima_models
+    from library.anima.trainer import enable_block_swap
 
     dit = build_tiny_anima_models(tokenizers_dir).dit
     assert len(dit.blocks) == 2
@@ -134,8 +134,8 @@ def test_cache_clash_is_refused_when_the_dataset_is_built(tmp_path: Path, subset
     import numpy as np
     from PIL import Image
 
-    from library.dataset import build_dataset_group
-    from library.dataset.config import add_dataset_arguments
+    from library.data import build_dataset_group
+    from library.data.config import add_dataset_arguments
 
     img = tmp_path / "img"
     img.mkdir()
@@ -155,7 +155,7 @@ def test_cache_clash_is_refused_when_the_dataset_is_built(tmp_path: Path, subset
 def test_min_bucket_reso_below_one_step_is_one_clear_error():
     """Flow: `--resolution 64 --enable_bucket --min_bucket_reso 32` with the default step 64 rounded the
     minimum down to 0 and crashed with ZeroDivisionError while making buckets."""
-    from library.dataset.buckets import adjust_min_max_bucket_reso
+    from library.data.buckets import adjust_min_max_bucket_reso
 
     assert adjust_min_max_bucket_reso((64, 64), 64, 100, 64) == (64, 128)
     assert adjust_min_max_bucket_reso((64, 64), 40, 128, 32) == (32, 128)
@@ -168,7 +168,7 @@ def test_min_bucket_reso_below_one_step_is_one_clear_error():
 def test_caption_file_with_a_byte_order_mark(tmp_path: Path):
     """Flow: a caption saved by a Windows editor (UTF-8 with BOM) trained on "\\ufeffbom caption" as its
     first tag (visible in ss_tag_frequency)."""
-    from library.dataset.captions import read_caption_file
+    from library.data.captions import read_caption_file
 
     (tmp_path / "a.txt").write_bytes("\ufeffbom caption, x\nsecond".encode())
     (tmp_path / "b.txt").write_text("plain, y", encoding="utf-8")
@@ -186,8 +186,8 @@ def test_dataset_toml_and_metadata_json_with_a_byte_order_mark(tmp_path: Path):
     import numpy as np
     from PIL import Image
 
-    from library.dataset import build_dataset_group
-    from library.dataset.config import add_dataset_arguments
+    from library.data import build_dataset_group
+    from library.data.config import add_dataset_arguments
 
     img = tmp_path / "img"
     img.mkdir()
@@ -208,7 +208,7 @@ def test_dataset_toml_and_metadata_json_with_a_byte_order_mark(tmp_path: Path):
 
 def test_anima_dit_given_to_an_sdxl_script_is_named():
     """Flow: `gen_img.py --ckpt anima-preview.safetensors` said "it looks like not an SDXL layout"."""
-    from library.sdxl_models import check_sdxl_state
+    from library.sdxl.loading import check_sdxl_state
 
     dit_like = {
         "net.blocks.0.self_attn.q_proj.weight": torch.zeros(1),
@@ -229,8 +229,8 @@ def test_anima_file_with_lycoris_te1_prefix_is_merged_not_called_sdxl(tmp_path: 
     from safetensors.torch import save_file
 
     import anima_minimal_inference as inf
-    from library.anima_loading import build_tiny_anima_models
-    from library.lora_merge import looks_like_sdxl
+    from library.anima.loading import build_tiny_anima_models
+    from library.inference.lora_merge import looks_like_sdxl
 
     m = build_tiny_anima_models(tokenizers_dir)
     net = lokr.create_network(1.0, 4, 1, None, [m.text_encoder], m.dit)
@@ -273,7 +273,7 @@ def test_converter_maps_lycoris_te1_keys_to_comfy_text_encoder_names():
 def test_lycoris_network_module_on_sdxl_is_refused_with_the_replacement():
     """Flow: the docs' `--network_module lycoris.kohya --network_args algo=loha` for SDXL ended in LyCORIS'
     AssertionError "duplicated lora name: lora_unet_time_embedding_linear_1"."""
-    from library.sdxl_models import check_sdxl_network_module
+    from library.sdxl.loading import check_sdxl_network_module
 
     check_sdxl_network_module("networks.loha")
     with pytest.raises(
@@ -298,7 +298,7 @@ def test_sample_prompt_files_in_toml_and_json(tmp_path: Path):
     sample per TOML *line*, with prompts such as "[[prompt.subset]]"."""
     import json
 
-    from library.prompt_options import parse_prompt_line, read_prompt_file
+    from library.inference.prompt_options import parse_prompt_line, read_prompt_file
 
     t = tmp_path / "p.toml"
     t.write_text(
@@ -330,7 +330,7 @@ def test_network_weights_of_another_kind_is_one_clear_error(tmp_path: Path, clip
     from PIL import Image
 
     import sdxl_train_network
-    from library.sdxl_models import save_sdxl_single_file
+    from library.sdxl.loading import save_sdxl_single_file
 
     models = build_tiny_sdxl_models(clip_tokenizer_dir)
     ckpt = tmp_path / "ckpt.safetensors"
@@ -396,7 +396,7 @@ def test_config_file_with_a_byte_order_mark(tmp_path: Path):
     ['\\ufeffpretrained_model_name_or_path']"."""
     from safetensors.torch import save_file
 
-    from library.train_args import parse_args
+    from library.training.args import parse_args
     from sdxl_train_network import setup_parser
 
     save_file(

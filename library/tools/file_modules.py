@@ -144,8 +144,8 @@ def real_references() -> tuple[Reference, ...]:
         Qwen3Model,
     )
 
-    from library.anima_models import Anima, AnimaConfig
-    from library.sdxl_config import SDXL_TE1_CONFIG, SDXL_TE2_CONFIG, SDXL_UNET_CONFIG
+    from library.anima.model import Anima, AnimaConfig
+    from library.sdxl.config import SDXL_TE1_CONFIG, SDXL_TE2_CONFIG, SDXL_UNET_CONFIG
 
     quiet = logging.getLogger("networks.network_base")
     level = quiet.level

@@ -1,6 +1,6 @@
 """Anima: DiT + LLM-adapter targets, Qwen3 text-encoder targets and the sd-scripts file naming.
 
-Our DiT (`library.anima_models.Anima`) keeps the released module tree, so DiT paths are already the
+Our DiT (`library.anima.model.Anima`) keeps the released module tree, so DiT paths are already the
 file paths (`blocks.0.self_attn.q_proj` -> `lora_unet_blocks_0_self_attn_q_proj`). The Qwen3 paths are
 relative to `Qwen3Model` (`layers.0.mlp.up_proj` -> `lora_te_layers_0_mlp_up_proj`); a
 `Qwen3ForCausalLM` wrapper's `model.` is dropped so both give the same keys.

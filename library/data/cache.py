@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from library.atomic_io import save_npz_atomic
+from library.io.atomic_io import save_npz_atomic
 
 from .buckets import get_crop_ltrb
 from .cache_rules import check_latent_cache_compat, check_te_cache_compat, wants_latent_cache, wants_te_cache

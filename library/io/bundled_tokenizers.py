@@ -1,4 +1,4 @@
-"""Tokenizer data shipped inside the package (library/tokenizer_data/), so no script needs the hub.
+"""Tokenizer data shipped inside the package (library/io/tokenizer_data/), so no script needs the hub.
 
 Each bundled tokenizer is a folder in the layout `transformers` reads, its large files gzip-compressed.
 Loading unpacks the folder into a temporary directory, reads it, and removes the directory: a loaded

@@ -12,7 +12,7 @@ import os
 import random
 from dataclasses import dataclass
 
-from library.prompt_options import (
+from library.inference.prompt_options import (
     PromptOptionError,
     PromptOptions,
     expand_dynamic_prompt,
@@ -29,7 +29,7 @@ MAX_SEED = 2**32 - 1
 
 
 def verify_sampler(name: str, what: str) -> None:
-    from library.samplers import sampler_names
+    from library.inference.samplers import sampler_names
 
     names = sampler_names()
     if name.lower() not in names:

@@ -1,4 +1,4 @@
-"""The architecture half of a trainer (SDXL, Anima) as the shared loop of library/train_loop.py sees it.
+"""The architecture half of a trainer (SDXL, Anima) as the shared loop of library/training/loop.py sees it.
 
 What both architectures do the same way lives here (dataset group + its metadata, latents of a batch,
 cache arguments, the sample-prompt loop and PNG writing); a subclass supplies only what differs
@@ -18,7 +18,7 @@ import torch
 from accelerate import Accelerator
 from PIL import Image
 
-from library import saving
+from library.training import saving
 
 
 @dataclass
@@ -97,7 +97,7 @@ class TrainingArchitecture(abc.ABC):
 
         ``total_batch_size`` (batch × processes × accumulation) goes to ``ss_total_batch_size``.
         """
-        from library.dataset import build_dataset_group, collate_unwrap, dataset_metadata
+        from library.data import build_dataset_group, collate_unwrap, dataset_metadata
 
         group = build_dataset_group(args, bucket_step_multiple=self.bucket_step_multiple)
         self.dataset = group
@@ -156,7 +156,7 @@ class TrainingArchitecture(abc.ABC):
         return []
 
     def enable_cuda_graph(self, ctx: RunContext, params: list[torch.nn.Parameter], state_key: Any) -> None:
-        """`--cuda_graph`: route the denoiser call through `library.cuda_graph.GraphedCall`."""
+        """`--cuda_graph`: route the denoiser call through `library.training.cuda_graph.GraphedCall`."""
         raise ValueError(f"--cuda_graph is not supported by the {type(self).__name__} trainer")
 
     @abc.abstractmethod
@@ -178,8 +178,8 @@ class TrainingArchitecture(abc.ABC):
 
     def sample_images(self, ctx: RunContext, prompt_lines: list[str], out_paths: list[Path]) -> list[Path]:
         """One PNG per prompt line at the given base path (``_<seed>`` added when the line has --d)."""
-        from library.png_metadata import save_png
-        from library.prompt_options import parse_prompt_line
+        from library.inference.prompt_options import parse_prompt_line
+        from library.io.png_metadata import save_png
 
         homes = [(mod, next(mod.parameters()).device) for mod in self.sample_modules()]
         for mod, _ in homes:

@@ -9,9 +9,9 @@ from typing import Any
 import torch
 from PIL import Image
 
-from library.cuda_graph import GraphedUNet, enable_checkpointing_without_rng
-from library.train_arch import DatasetInfo, RunContext, SampleRequest, TrainingArchitecture
-from library.train_utils import apply_fp8_base
+from library.training.architecture import DatasetInfo, RunContext, SampleRequest, TrainingArchitecture
+from library.training.cuda_graph import GraphedUNet, enable_checkpointing_without_rng
+from library.training.utils import apply_fp8_base
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class SdxlArchitecture(TrainingArchitecture):
 
     # ------------------------------------------------------------------ args
     def verify_args(self, args: argparse.Namespace) -> None:
-        from library.sdxl_models import check_sdxl_network_module
+        from library.sdxl.loading import check_sdxl_network_module
 
         check_sdxl_network_module(args.network_module or "")
         if args.v2:
@@ -47,7 +47,7 @@ class SdxlArchitecture(TrainingArchitecture):
 
     # ------------------------------------------------------------------ models
     def load_models(self, ctx: RunContext) -> None:
-        from library.sdxl_models import load_sdxl_models
+        from library.sdxl.loading import load_sdxl_models
 
         args, weight_dtype = ctx.args, ctx.weight_dtype
         self.models = load_sdxl_models(
@@ -84,7 +84,7 @@ class SdxlArchitecture(TrainingArchitecture):
                 "pool2": pooled.float()}  # fmt: skip
 
     def cache(self, ctx: RunContext, data: DatasetInfo) -> None:
-        from library.dataset import cache_latents, cache_text_encoder_outputs
+        from library.data import cache_latents, cache_text_encoder_outputs
 
         m, args, accelerator = self.models, ctx.args, ctx.accelerator
         common = self.cache_kwargs(ctx)
@@ -151,7 +151,7 @@ class SdxlArchitecture(TrainingArchitecture):
 
     # ------------------------------------------------------------------ loss
     def _encode_text(self, captions: list[str], grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        from library.sdxl_text import encode_sdxl_text, tokenize_sdxl
+        from library.sdxl.text import encode_sdxl_text, tokenize_sdxl
 
         m = self.models
         ids1, ids2 = tokenize_sdxl(m, captions, self.max_token_length)
@@ -159,7 +159,7 @@ class SdxlArchitecture(TrainingArchitecture):
             return encode_sdxl_text(m, ids1, ids2)
 
     def per_sample_loss(self, ctx: RunContext, batch: dict[str, Any]) -> torch.Tensor:
-        from library.diffusion_loss import (
+        from library.sdxl.loss import (
             LossConfig,
             make_noise_scheduler,
             sdxl_time_ids,
@@ -192,7 +192,7 @@ class SdxlArchitecture(TrainingArchitecture):
 
     def generate_sample(self, ctx: RunContext, req: SampleRequest) -> tuple[Image.Image, dict[str, str]]:
         """sd-scripts sample rules (sizes floored to /8); the sampler comes from --ss or --sample_sampler."""
-        from library.sdxl_generate import generate_sdxl
+        from library.sdxl.generate import generate_sdxl
 
         args = ctx.args
         image = generate_sdxl(

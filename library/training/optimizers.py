@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
-from library.train_args import parse_warmup_steps
+from library.training.args import parse_warmup_steps
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from library.atomic_io import atomic_write
+from library.io.atomic_io import atomic_write
 
 
 @dataclass(frozen=True)

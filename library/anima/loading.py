@@ -22,10 +22,10 @@ from diffusers import AutoencoderKLQwenImage
 from torch import nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, Qwen3Config, Qwen3ForCausalLM, Qwen3Model
 
-from library import bundled_tokenizers
-from library.anima_models import OPTIONAL_DIT_BUFFERS, Anima, anima_config_from_state_dict, tiny_anima_config
-from library.atomic_io import save_safetensors_atomic
-from library.bundled_tokenizers import load_bundled
+from library.anima.model import OPTIONAL_DIT_BUFFERS, Anima, anima_config_from_state_dict, tiny_anima_config
+from library.io import bundled_tokenizers
+from library.io.atomic_io import save_safetensors_atomic
+from library.io.bundled_tokenizers import load_bundled
 from networks.tensor_files import read_tensors
 
 LATENTS_MEAN = [-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,

@@ -1,6 +1,6 @@
 """Load, build and save SDXL: diffusers UNet/VAE + transformers CLIP text encoders.
 
-Single-file SGM checkpoints are read with the key maps of `library.sdxl_keymap`; architecture
+Single-file SGM checkpoints are read with the key maps of `library.sdxl.keymap`; architecture
 sizes (channels, depths, vocab, ...) are inferred from tensor shapes so that the real model and
 the tiny test model go through exactly the same code. The few sizes that no tensor reveals
 (attention head width, GroupNorm groups) default to SDXL's values and are written to the file's
@@ -24,10 +24,11 @@ from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from library import bundled_tokenizers, sdxl_config
-from library.atomic_io import save_safetensors_atomic
-from library.bundled_tokenizers import load_bundled
-from library.sdxl_keymap import (
+from library.io import bundled_tokenizers
+from library.io.atomic_io import save_safetensors_atomic
+from library.io.bundled_tokenizers import load_bundled
+from library.sdxl import config as sdxl_config
+from library.sdxl.keymap import (
     DEFAULT_ARCH,
     TE1_PREFIX,
     TE2_PREFIX,

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase, Qwen3Model
 
-from library.anima_loading import AnimaModels
+from library.anima.loading import AnimaModels
 
 
 @dataclass

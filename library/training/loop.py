@@ -30,21 +30,21 @@ from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import set_seed
 from tqdm import tqdm
 
-from library import saving
-from library.console import setup_logging
-from library.cuda_graph import enable_cuda_graph_training, host_side_dropout
-from library.errors import InputError, TrainingInterrupted, resume_command
-from library.optimizers import build_optimizer, build_scheduler
-from library.stop_request import StopRequest
-from library.train_arch import (
+from library.io.console import setup_logging
+from library.io.errors import InputError, TrainingInterrupted, resume_command
+from library.training import saving
+from library.training.architecture import (
     DatasetInfo,
     RunContext,
     SampleRequest,
     TrainingArchitecture,
     compile_repeated_blocks,
 )
-from library.train_state import check_resume_folder, load_resume_state, run_settings, save_training_state
-from library.train_utils import (
+from library.training.cuda_graph import enable_cuda_graph_training, host_side_dropout
+from library.training.optimizers import build_optimizer, build_scheduler
+from library.training.state import check_resume_folder, load_resume_state, run_settings, save_training_state
+from library.training.stop_request import StopRequest
+from library.training.utils import (
     LossRecorder,
     import_network_module,
     lr_log_names,
@@ -503,7 +503,7 @@ def _train(args: argparse.Namespace, arch: TrainingArchitecture, stop: StopReque
 def _read_prompts(args: argparse.Namespace) -> list[str]:
     if not args.sample_prompts:
         return []
-    from library.prompt_options import read_prompt_file
+    from library.inference.prompt_options import read_prompt_file
 
     return read_prompt_file(args.sample_prompts)
 
@@ -567,8 +567,8 @@ def _remove_old_step(args: argparse.Namespace, out: Path, ext: str, step: int, a
 
 def training_parser(arch: TrainingArchitecture, description: str) -> argparse.ArgumentParser:
     """The trainer's command line: architecture flags, then the dataset and shared training flags."""
-    from library.dataset.config import add_dataset_arguments
-    from library.train_args import add_training_arguments
+    from library.data.config import add_dataset_arguments
+    from library.training.args import add_training_arguments
 
     parser = argparse.ArgumentParser(description=description)
     arch.add_arguments(parser)
@@ -579,7 +579,7 @@ def training_parser(arch: TrainingArchitecture, description: str) -> argparse.Ar
 
 def main_entry(arch: TrainingArchitecture, build_parser: Any, argv: list[str] | None) -> TrainResult | None:
     """Thin-script helper: parse, handle --output_config, train; errors print one clear line."""
-    from library.train_args import parse_args, write_config_file
+    from library.training.args import parse_args, write_config_file
 
     setup_logging()
     parser = build_parser()

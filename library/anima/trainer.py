@@ -1,4 +1,4 @@
-"""The Anima half of the network trainer (spec anima.md §2) on the shared loop of library/train_loop.py.
+"""The Anima half of the network trainer (spec anima.md §2) on the shared loop of library/training/loop.py.
 
 Rectified flow: x_s = (1-s)*x0 + s*n, the DiT predicts v = n - x0. Timesteps come from
 `--timestep_sampling`, the loss is weighted by `--weighting_scheme`. Latents and Qwen3 outputs can be
@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from library.cuda_graph import GraphedCall, enable_checkpointing_without_rng
-from library.train_arch import DatasetInfo, RunContext, SampleRequest, TrainingArchitecture
+from library.training.architecture import DatasetInfo, RunContext, SampleRequest, TrainingArchitecture
+from library.training.cuda_graph import GraphedCall, enable_checkpointing_without_rng
 
 logger = logging.getLogger(__name__)
 
@@ -305,7 +305,7 @@ class AnimaArchitecture(TrainingArchitecture):
 
     # ------------------------------------------------------------------ models
     def load_models(self, ctx: RunContext) -> None:
-        from library.anima_loading import (
+        from library.anima.loading import (
             AnimaModels,
             load_anima_dit,
             load_anima_tokenizers,
@@ -329,7 +329,7 @@ class AnimaArchitecture(TrainingArchitecture):
 
     # ------------------------------------------------------------------ text
     def _tokens(self, args: argparse.Namespace, captions: list[str]):
-        from library.anima_text import tokenize_anima_captions
+        from library.anima.text import tokenize_anima_captions
 
         m = self.models
         return tokenize_anima_captions(
@@ -356,15 +356,15 @@ class AnimaArchitecture(TrainingArchitecture):
         }
 
     def encode_latents(self, images: torch.Tensor) -> torch.Tensor:
-        from library.anima_loading import anima_encode_latents
+        from library.anima.loading import anima_encode_latents
 
         vae = self.models.vae
         with torch.no_grad():
             return anima_encode_latents(vae, images.to(vae.device, vae.dtype)).float()
 
     def cache(self, ctx: RunContext, data: DatasetInfo) -> None:
-        from library.dataset import cache as dcache
-        from library.dataset.captions import caption_options, deterministic_caption
+        from library.data import cache as dcache
+        from library.data.captions import caption_options, deterministic_caption
 
         m, args, accelerator = self.models, ctx.args, ctx.accelerator
         common = self.cache_kwargs(ctx)
@@ -473,8 +473,8 @@ class AnimaArchitecture(TrainingArchitecture):
         return line[: fs.start()] + line[fs.end() :], {"flow-shift": str(float(fs.group(1)))}
 
     def generate_sample(self, ctx: RunContext, req: SampleRequest) -> tuple[Image.Image, dict[str, str]]:
-        from library.anima_loading import anima_decode_latents
-        from library.anima_sampling import euler_sample, initial_noise, latents_to_pil
+        from library.anima.loading import anima_decode_latents
+        from library.anima.sampling import euler_sample, initial_noise, latents_to_pil
 
         dit, args = self.models.dit, ctx.args
         dtype, dev = dit.dtype, dit.device

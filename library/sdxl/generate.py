@@ -1,7 +1,7 @@
 """SDXL image generation from loaded components, shared by training samples and gen_img.py.
 
 Built on diffusers' StableDiffusionXLPipeline, but prompts are encoded with our own
-`library.sdxl_text` (the exact training-time encoding), and every image gets its own
+`library.sdxl.text` (the exact training-time encoding), and every image gets its own
 torch.Generator seeded from its seed, for the start latents and for ancestral/SDE step noise,
 so an image does not depend on its batch position. The UNet is called through its normal
 forward, so networks applied by patching Linear/Conv forwards take effect.
@@ -17,8 +17,8 @@ from diffusers import StableDiffusionXLPipeline
 from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 
-from library.samplers import make_scheduler
-from library.sdxl_text import encode_prompts
+from library.inference.samplers import make_scheduler
+from library.sdxl.text import encode_prompts
 
 
 def _check_size(width: int, height: int, models: Any) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from library import sdxl_config
+from library.sdxl import config as sdxl_config
 from networks.arch.sdxl import make_diffusers_to_sgm
 
 UNET_PREFIX = "model.diffusion_model."

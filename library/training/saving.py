@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from library.atomic_io import atomic_write  # noqa: F401  (re-exported: trainers call saving.atomic_write)
+from library.io.atomic_io import atomic_write  # noqa: F401  (re-exported: trainers call saving.atomic_write)
 
 MODELSPEC_VERSION = "1.0.1"
 IMPLEMENTATION_SGM = "https://github.com/Stability-AI/generative-models"

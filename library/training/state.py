@@ -18,9 +18,9 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 
-from library import saving
-from library.atomic_io import atomic_dir
-from library.errors import InputError
+from library.io.atomic_io import atomic_dir
+from library.io.errors import InputError
+from library.training import saving
 from networks.tensor_files import check_archive, check_tensor_file, safetensors_header
 
 NETWORK_STATE_FILE = "network.safetensors"
@@ -36,7 +36,7 @@ _SHAPING_FLAGS = ("network_module", "network_dim", "network_alpha", "network_tra
 
 def run_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The flags a state must share with the run that resumes it (plus --network_args, shown on mismatch)."""
-    from library.optimizers import optimizer_class_name
+    from library.training.optimizers import optimizer_class_name
 
     out = {k: getattr(args, k, None) for k in _SHAPING_FLAGS if k != "optimizer"}
     out["optimizer"] = optimizer_class_name(args)

@@ -14,7 +14,7 @@ from .config import DatasetConfigError
 
 
 class DatasetGroup(Protocol):
-    """What the rules read of library.dataset.dataset.DatasetGroup (which imports this module)."""
+    """What the rules read of library.data.dataset.DatasetGroup (which imports this module)."""
 
     datasets: Sequence[Any]  # each with .name and .subsets (SubsetParams)
 

@@ -1,0 +1,1 @@
+"""Files and the console: atomic writes, PNG metadata, bundled tokenizers, logging, the error boundary."""
