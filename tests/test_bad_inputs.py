@@ -187,7 +187,7 @@ def _sigint_at_step(n: int, times: int) -> Callable[[dict, pytest.MonkeyPatch], 
 
 
 def _bug(e: dict, mp: pytest.MonkeyPatch) -> None:
-    import library.training.loop as tl
+    import library.training.run as tl
 
     def broken(name):
         raise KeyError("an internal slip")
