@@ -24,12 +24,13 @@ class _DropNoise(logging.Filter):
         return not any(n in message for n in NOISE)
 
 
-class _TqdmHandler(logging.StreamHandler):
-    """Writes above any active progress bar (tqdm.write) instead of onto the end of its line."""
+class _TqdmHandler(logging.Handler):
+    """Writes above any active progress bar (tqdm.write) instead of onto the end of its line, to the
+    sys.stderr of the moment (a caller that swaps stderr, as test capture does, is followed)."""
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            tqdm.write(self.format(record), file=self.stream)
+            tqdm.write(self.format(record), file=sys.stderr)
         except Exception:  # noqa: BLE001 - logging must never raise into the caller
             self.handleError(record)
 
@@ -39,7 +40,7 @@ def setup_logging(level: int = logging.INFO, fmt: str = LOG_FORMAT) -> None:
     import diffusers.utils.logging as diffusers_logging
     import transformers.utils.logging as transformers_logging
 
-    handler = _TqdmHandler(sys.stderr)
+    handler = _TqdmHandler()
     handler.setFormatter(logging.Formatter(fmt))
     handler.addFilter(_DropNoise())
     root = logging.getLogger()
