@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from library import fp8
 from networks.functional import apply_weight
 from networks.functional.common import compute_dtype, conv_padded_input
 from networks.functional.fused_linear import adapter_linear
@@ -342,8 +343,9 @@ class AdapterModule(nn.Module):
         W + ΔW is formed in fp32 and rounded once to the matmul dtype, so in bf16 ΔW is rounded against W:
         opt-in only (docs/benchmarks.md has its measured effect). It always rebuilds ΔW, also where the cost
         model would pick a factored path (LoKr bypass, LoHa Khatri–Rao): merged, the rebuild is the faster one
-        (H100 run 10). None when it does not apply: not set, host-side dropout, or a base that is not a
-        plain floating-point nn.Linear / nn.Conv2d of 16 bits or more (fp8 weights).
+        (H100 run 10). An fp8 base (library/fp8.py) takes part dequantized: W is fp8 × scale in fp32. None
+        when it does not apply: not set, host-side dropout, or a base that is not a plain nn.Linear / nn.Conv2d
+        with a floating-point weight.
         """
         base = self.org_module
         if (
@@ -352,11 +354,11 @@ class AdapterModule(nn.Module):
             or not self._active_on_device()
         ):
             return None
-        if not base.weight.dtype.is_floating_point or base.weight.element_size() < 2:  # fp8: keep it apart
+        if not base.weight.dtype.is_floating_point:
             return None
         dw = self.delta_weight_scaled(self.total_scale(self.multiplier)).reshape(base.weight.shape)
-        acc = torch.promote_types(base.weight.dtype, torch.float32)  # fp32 at least (fp64 stays fp64)
-        w = base.weight.to(acc) + self._masked_right(dw).to(acc)
+        acc = torch.float64 if base.weight.dtype == torch.float64 else torch.float32  # fp32 at least
+        w = fp8.dequantized_weight(base, acc) + self._masked_right(dw).to(acc)
         if not torch.is_autocast_enabled(x.device.type):
             w = w.to(x.dtype)
         if self.is_conv:
@@ -418,7 +420,8 @@ class AdapterModule(nn.Module):
 
     def frozen_linear_base(self) -> nn.Linear | None:
         """The base layer when it is a plain nn.Linear with a frozen float weight (and bias) of 16 bits or more:
-        what the fused and merged nodes take over. None otherwise (convs, subclasses, fp8, trained bases)."""
+        what the fused and merged nodes take over. None otherwise (convs, subclasses, trained bases, and fp8:
+        the fused node would keep a 16-bit copy of the weight for backward where fp8's own node keeps fp8)."""
         base = self.org_module
         if type(base) is not nn.Linear:
             return None
@@ -447,7 +450,10 @@ class AdapterModule(nn.Module):
         w = self.org_module.weight
         dev = torch.device(device) if device is not None else w.device
         dw = self.delta_weight_fp32(multiplier, dev)
-        merged = w.detach().to(dev, torch.float32) + dw.reshape(w.shape)
+        merged = fp8.dequantized_weight(self.org_module, torch.float32).to(dev) + dw.reshape(w.shape)
+        if fp8.is_fp8(w):  # quantized again (a scaled layer gets fresh scales)
+            fp8.store_weight(self.org_module, merged)
+            return
         w.data.copy_(merged.to(device=w.device, dtype=w.dtype))
 
     @torch.no_grad()
