@@ -131,11 +131,11 @@ def load_anima_dit(
     `anima_fp8_layer` names as e4m3 (with a per-output-channel scale if `fp8_scaled`); `dtype` is then the
     dtype the weights are quantized from and that the remaining tensors keep."""
     raw = strip_dit_prefix(_read_state_dict(path, "Anima DiT"))
+    cfg = anima_config_from_state_dict(raw, source=f"DiT file {path}")
     if dtype is None:  # one dtype for the whole model even if the file mixes them (e.g. fp32 norms)
         dtype = raw["blocks.0.self_attn.q_proj.weight"].dtype
         dtype = torch.bfloat16 if fp8.is_fp8(raw["blocks.0.self_attn.q_proj.weight"]) else dtype
     sd, stored = fp8.unpack_fp8_state_dict(raw, dtype)
-    cfg = anima_config_from_state_dict(sd, source=f"DiT file {path}")
     model = _load_into_empty(lambda: Anima(cfg), _cast(sd, dtype), f"Anima DiT {path}", "cpu")
     if fp8_base or fp8_scaled:
         n = fp8.apply_fp8_base(model, fp8_scaled, anima_fp8_layer, stored)
