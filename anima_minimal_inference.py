@@ -25,6 +25,7 @@ import torch
 from library.anima.sampling import check_image_size, euler_sample, initial_noise, latents_to_pil
 from library.inference.lora_merge import MergeReport, looks_like_sdxl, merge_into_modules
 from library.io.console import setup_logging
+from networks.fp8 import cast_keeping_fp8
 from networks.tensor_files import read_tensors
 
 logger = logging.getLogger("anima_minimal_inference")
@@ -71,8 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16", help="model dtype (default bf16)")
     p.add_argument("--text_encoder_cpu", action="store_true", help="run Qwen3 on the CPU")
-    p.add_argument("--fp8", action="store_true", help="not supported: refused with an error")
-    p.add_argument("--fp8_scaled", action="store_true", help="not supported: refused with an error")
+    p.add_argument("--fp8", action="store_true", help="store the DiT's Linear weights as float8_e4m3fn")
+    p.add_argument(
+        "--fp8_scaled", action="store_true", help="fp8 DiT weights with one scale per output channel"
+    )
     p.add_argument(
         "--attn_mode", default="torch", choices=["torch", "sdpa"], help="attention kernel (torch SDPA)"
     )
@@ -208,7 +211,13 @@ def load_models(args: argparse.Namespace, device: torch.device, dtype: torch.dty
         raise FileNotFoundError(
             f"--text_encoder: {te_path} does not exist (a Qwen3 folder or .safetensors file)"
         )
-    dit = load_anima_dit(args.dit, dtype)
+    use_fp8 = args.fp8 or args.fp8_scaled
+    # fp8 weights are quantized from fp32 (one rounding); the other DiT tensors then take --dtype
+    dit = load_anima_dit(
+        args.dit, torch.float32 if use_fp8 else dtype, fp8_base=use_fp8, fp8_scaled=args.fp8_scaled
+    )
+    if use_fp8:
+        cast_keeping_fp8(dit, "cpu", dtype)
     te = load_qwen3_text_encoder(args.text_encoder, dtype)
     vae = load_anima_vae(args.vae, dtype)
     qwen_tok, t5_tok = load_anima_tokenizers(args.qwen3_tokenizer_path, args.t5_tokenizer_path, te_path)
@@ -249,8 +258,6 @@ def _save_png(img, path: Path, text: dict[str, str] | None) -> None:
 
 def run(args: argparse.Namespace) -> list[Path]:
     """Generate every job; returns the written files."""
-    if args.fp8 or args.fp8_scaled:
-        raise ValueError("--fp8/--fp8_scaled are not supported by this implementation; use --dtype bf16")
     if args.include_patterns or args.exclude_patterns:
         logger.warning(
             "--include_patterns/--exclude_patterns are ignored: every module in the files is merged"

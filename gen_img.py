@@ -44,6 +44,7 @@ from library.io.png_metadata import (
     sequential_name,
     timestamped_name,
 )
+from networks.fp8 import apply_fp8_base, cast_keeping_fp8
 
 logger = logging.getLogger("gen_img")
 
@@ -87,6 +88,8 @@ def setup_parser() -> argparse.ArgumentParser:
     a("--fp16", action="store_true", help="run the models in float16")
     a("--bf16", action="store_true", help="run the models in bfloat16")
     a("--no_half_vae", action="store_true", help="keep the VAE in float32 under --fp16/--bf16")
+    a("--fp8_base", action="store_true", help="store U-Net and text-encoder Linear/Conv2d weights as fp8")
+    a("--fp8_scaled", action="store_true", help="fp8 weights with one scale per output channel")
     a("--xformers", action="store_true")
     a("--sdpa", action="store_true", help="PyTorch SDPA attention (always used)")
     a("--diffusers_xformers", action="store_true")
@@ -459,10 +462,15 @@ def load_models(args: argparse.Namespace, dtype: torch.dtype, device: torch.devi
     """The trainer's loader: single-file SGM checkpoint or diffusers folder, optional --vae."""
     from library.sdxl.loading import load_sdxl_models
 
+    use_fp8 = args.fp8_base or args.fp8_scaled  # quantized from fp32 (one rounding), the rest then in dtype
     models = load_sdxl_models(
-        args.ckpt, vae=args.vae, tokenizer_dir=args.tokenizer_dir or args.tokenizer_cache_dir, dtype=dtype
-    )
+        args.ckpt, vae=args.vae, tokenizer_dir=args.tokenizer_dir or args.tokenizer_cache_dir,
+        dtype=torch.float32 if use_fp8 else dtype,
+    )  # fmt: skip
     for m in (models.unet, models.text_encoder_1, models.text_encoder_2):
+        if use_fp8:
+            apply_fp8_base(m, args.fp8_scaled)
+            cast_keeping_fp8(m, device, dtype)
         m.to(device)
     # the SDXL VAE overflows in fp16; keep it fp32 there, as sd-scripts users pass --no_half_vae for
     vae_dtype = torch.float32 if (args.no_half_vae or dtype == torch.float16) else dtype

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from networks import fp8
 from networks.modules.adapter import AdapterModule
 from networks.network_args import NetworkArgs
 from networks.network_io import detect_algorithm
@@ -43,6 +44,12 @@ def merge_module_into_base(
     """The patched layer's weight ← W + m·ΔW of `module` (maths on `device`, default the weight's)."""
     w = module.org_module.weight
     dev = torch.device(device) if device is not None else w.device
+    if fp8.is_fp8(w):  # dequantized, merged, quantized again (a scaled layer gets fresh scales)
+        merged = fp8.dequantized_weight(module.org_module, torch.float32).to(dev)
+        fp8.store_weight(
+            module.org_module, merged + delta_weight_fp32(module, multiplier, dev).reshape(w.shape)
+        )
+        return
     w.data.copy_(_merged(w, delta_weight_fp32(module, multiplier, dev), dev))
 
 

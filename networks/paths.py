@@ -146,7 +146,8 @@ def _float16_or_wider(w: torch.Tensor) -> bool:
 
 def frozen_linear_base(m: AdapterModule) -> nn.Linear | None:
     """The base layer when it is a plain nn.Linear with a frozen float weight (and bias) of 16 bits or more:
-    what the fused and merged nodes take over. None otherwise (convs, subclasses, fp8, trained bases)."""
+    what the fused and merged nodes take over. None otherwise (convs, subclasses, trained bases, and fp8:
+    the fused node would keep a 16-bit copy of the weight for backward where fp8's own node keeps fp8)."""
     base = m.org_module
     if type(base) is not nn.Linear:
         return None
@@ -163,7 +164,10 @@ def merged_applies(m: AdapterModule) -> bool:
     if m.merged_needs_frozen_linear:  # LoRA's merged node takes its grads from thin products
         return not m.is_conv and frozen_linear_base(m) is not None and active_on_device(m)
     base = m.org_module
-    return type(base) in (nn.Linear, nn.Conv2d) and active_on_device(m) and _float16_or_wider(base.weight)
+    # an fp8 base (networks/fp8.py) takes part dequantized: W is fp8 × scale in fp32
+    return (
+        type(base) in (nn.Linear, nn.Conv2d) and active_on_device(m) and base.weight.dtype.is_floating_point
+    )
 
 
 def fusable(m: AdapterModule, x: torch.Tensor) -> bool:

@@ -90,3 +90,23 @@ def test_path_bench_smoke():
     totals = [r for r in rows if "step_extra_ms" in r]
     assert {(r["algo"], r["mode"]) for r in totals} == {("lokr", "eager"), ("loha", "eager")}
     assert all(r["step_extra_ms"]["best"] <= r["step_extra_ms"]["model"] for r in totals)
+
+
+def test_anima_fp8_bench_smoke(tmp_path):
+    bench = _load("bench_anima_fp8")
+    res = bench.main(["--smoke", "--algos", "lokr", "--out", str(tmp_path)])
+    assert {p.name for p in tmp_path.iterdir()} == {"fp8_errors.json", "fp8_memory.json", "fp8_curve.json"}
+    errs = res["errors"]["summary"]
+    assert set(errs) == {"init", "row_spread"}
+    assert all(
+        0 < e["per_channel"]["mean"] < 0.05 and e["bf16_vs_fp32"]["mean"] < 0.01 for e in errs.values()
+    )
+    runs = res["memory"]["runs"]
+    # 3 precisions × block swap on/off × cached/live text encoder
+    assert len(runs) == 12 and all("error" not in r and r["trainable_params"] > 0 for r in runs), runs
+    curve = res["curve"]["summary"]
+    assert set(curve) == {"bf16", "fp8", "fp8_scaled"} and all(c["finite"] for c in curve.values())
+    assert curve["bf16"]["max_abs_diff_vs_bf16"] == 0
+    # fp8 changes the numbers a little, not the course: well under 10 % of the loss
+    for name in ("fp8", "fp8_scaled"):
+        assert 0 < curve[name]["max_abs_diff_vs_bf16"] < 0.1 * curve["bf16"]["mean_loss"], curve

@@ -334,3 +334,25 @@ def test_script_runs_from_another_folder(files, tmp_path) -> None:
     assert png.name.endswith("_000_3.png") and read_png_text(png)["prompt"] == "a fox"
     r = subprocess.run([sys.executable, str(script), "--bogus"], cwd=tmp_path, capture_output=True, text=True)
     assert r.returncode == 2 and "unrecognized arguments: --bogus" in r.stderr
+
+
+@pytest.mark.parametrize("flag", ["--fp8_base", "--fp8_scaled"])
+def test_fp8_base_flags(files, base_outputs, flag) -> None:
+    from networks.fp8 import FP8_DTYPE
+
+    net = ("--network_module", "networks.lokr", "--network_weights", str(files["lokr"]))
+    models, _ = _load(files, flag)
+    linears = [m for m in models.unet.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(m.weight.dtype == FP8_DTYPE for m in linears)
+    assert all(hasattr(m, "scale_weight") == (flag == "--fp8_scaled") for m in linears)
+    out = _outputs(models)
+    # e4m3 keeps 3 mantissa bits, ~2.5 % per layer, compounded through the tiny U-Net's and encoders' depth
+    # (measured: 5-10 % of the largest output, scaled or not); a wrong scale or layout is off by O(1)
+    errs = {p: _rel(out[p], base_outputs[p]) for p in out}
+    assert all(0 < e < 0.2 for e in errs.values()), errs
+    live_ref = _outputs(_load(files, *net)[0])
+    live = _outputs(_load(files, flag, *net)[0])
+    merged = _outputs(_load(files, flag, *net, "--network_merge")[0])
+    # merged into fp8 × scale in fp32 and quantized again: the live network's output, to fp8 rounding
+    errs = {p: (_rel(live[p], live_ref[p]), _rel(merged[p], live[p])) for p in out}
+    assert all(a < 0.2 and b < 0.2 for a, b in errs.values()), errs

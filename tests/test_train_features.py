@@ -11,8 +11,14 @@ from PIL import Image
 from safetensors import safe_open
 
 import sdxl_train_network
-from library.training.utils import FP8_DTYPE, apply_fp8_base
-from tests.test_train_sdxl import N_IMAGES, _argv, _tb_scalars, tiny  # noqa: F401 - fixtures
+from networks.fp8 import FP8_DTYPE, apply_fp8_base
+from tests.test_train_sdxl import (  # noqa: F401 - fixtures
+    N_IMAGES,
+    _argv,
+    _tb_scalars,
+    one_thread,  # noqa: F401 - fixtures
+    tiny,
+)
 
 
 @pytest.fixture(scope="module")
@@ -111,16 +117,20 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_save(tiny, tmp_path):  # n
     assert sorted(p.name for p in out.iterdir()) == ["net-step00000001.safetensors"]
 
 
-def test_fp8_base_layers_and_training(tiny, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("flag", ["--fp8_base", "--fp8_scaled"])
+def test_fp8_base_layers_and_training(tiny, tmp_path, flag):  # noqa: F811
     torch.manual_seed(0)
     lin, conv = torch.nn.Linear(16, 8), torch.nn.Conv2d(4, 6, 3, padding=1)
     x, img = torch.randn(3, 16), torch.randn(1, 4, 8, 8)
     ref_lin, ref_conv = lin(x), conv(img)
     seq = torch.nn.Sequential(lin, conv)
-    assert apply_fp8_base(seq) == 2
+    scaled = flag == "--fp8_scaled"
+    assert apply_fp8_base(seq, scaled) == 2
     assert (
         lin.weight.dtype == FP8_DTYPE and conv.weight.dtype == FP8_DTYPE and lin.bias.dtype == torch.float32
     )
+    if scaled:  # one float32 scale per output channel
+        assert lin.scale_weight.shape == (8, 1) and conv.scale_weight.shape == (6, 1, 1, 1)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got_lin, got_conv = lin(x), conv(img)
     assert got_lin.dtype == torch.bfloat16
@@ -135,7 +145,7 @@ def test_fp8_base_layers_and_training(tiny, tmp_path):  # noqa: F811
             "networks.loha",
             "--mixed_precision",
             "bf16",
-            "--fp8_base",
+            flag,
             "--gradient_checkpointing",
             "--learning_rate",
             "1e-3",

@@ -26,6 +26,7 @@ from library.anima.model import OPTIONAL_DIT_BUFFERS, Anima, anima_config_from_s
 from library.io import bundled_tokenizers
 from library.io.atomic_io import save_safetensors_atomic
 from library.io.bundled_tokenizers import load_bundled
+from networks import fp8
 from networks.tensor_files import read_tensors
 
 LATENTS_MEAN = [-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -101,16 +102,45 @@ def strip_dit_prefix(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in out.items() if k not in OPTIONAL_DIT_BUFFERS}
 
 
+# Linear layers kept in the weight dtype under fp8: embedders, norms, AdaLN modulation, the final layer
+# (the same set as musubi-tuner's Anima loader keeps; together a few percent of the weights)
+_FP8_KEEP = ("_embedder", "norm", "adaln", "final_layer")
+
+
+def anima_fp8_layer(name: str) -> bool:
+    """Whether the DiT layer `name` (no `net.` prefix) is stored in fp8 under --fp8_base."""
+    return not any(part in name for part in _FP8_KEEP)
+
+
 def load_anima_dit(
-    path: PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+    path: PathLike,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    fp8_base: bool = False,
+    fp8_scaled: bool = False,
 ) -> Anima:
-    """Load the DiT single file; block count and widths come from the tensors."""
-    sd = strip_dit_prefix(_read_state_dict(path, "Anima DiT"))
-    cfg = anima_config_from_state_dict(sd, source=f"DiT file {path}")
+    """Load the DiT single file; block count and widths come from the tensors.
+
+    A file stored in fp8 (plain or scaled, networks/fp8.py) loads too: dequantized into `dtype`, or, with
+    `fp8_base`, its fp8 layers kept exactly as stored. `fp8_base` stores the other Linear weights that
+    `anima_fp8_layer` names as e4m3 (with a per-output-channel scale if `fp8_scaled`); `dtype` is then the
+    dtype the weights are quantized from and that the remaining tensors keep."""
+    raw = strip_dit_prefix(_read_state_dict(path, "Anima DiT"))
+    cfg = anima_config_from_state_dict(raw, source=f"DiT file {path}")
     if dtype is None:  # one dtype for the whole model even if the file mixes them (e.g. fp32 norms)
-        dtype = sd["blocks.0.self_attn.q_proj.weight"].dtype
-    model = _load_into_empty(lambda: Anima(cfg), _cast(sd, dtype), f"Anima DiT {path}", device)
-    return model.eval().requires_grad_(False)
+        dtype = raw["blocks.0.self_attn.q_proj.weight"].dtype
+        dtype = torch.bfloat16 if fp8.is_fp8(raw["blocks.0.self_attn.q_proj.weight"]) else dtype
+    sd, stored = fp8.unpack_fp8_state_dict(raw, dtype)
+    model = _load_into_empty(lambda: Anima(cfg), _cast(sd, dtype), f"Anima DiT {path}", "cpu")
+    if fp8_base or fp8_scaled:
+        n = fp8.apply_fp8_base(model, fp8_scaled, anima_fp8_layer, stored)
+        logger.info(
+            "fp8 base: %d DiT Linear weights stored as float8_e4m3fn%s (%d as found in the file)",
+            n,
+            " with one scale per output channel" if fp8_scaled else "",
+            sum(1 for k in stored if anima_fp8_layer(k)),
+        )
+    return model.to(device).eval().requires_grad_(False)
 
 
 def save_anima_dit(

@@ -21,6 +21,7 @@ from torch import nn
 
 from library.training.architecture import DatasetInfo, RunContext, SampleRequest, TrainingArchitecture
 from library.training.cuda_graph import GraphedCall, enable_checkpointing_without_rng
+from networks.fp8 import cast_keeping_fp8
 
 logger = logging.getLogger(__name__)
 
@@ -275,11 +276,6 @@ class AnimaArchitecture(TrainingArchitecture):
         for name in ("unsloth_offload_checkpointing", "vae_chunk_size", "vae_disable_cache"):
             if getattr(args, name, None):
                 raise ValueError(f"--{name} is not implemented for Anima")
-        if getattr(args, "fp8_base", False):
-            logger.warning(
-                "--fp8_base is not used for Anima (as in sd-scripts); training in bf16/fp32 instead"
-            )
-            args.fp8_base = False
         if args.blocks_to_swap and getattr(args, "torch_compile", False):
             # the swap hooks replace parameters inside the block call that --torch_compile compiles
             raise ValueError("--blocks_to_swap cannot be combined with --torch_compile; remove one of them")
@@ -315,7 +311,11 @@ class AnimaArchitecture(TrainingArchitecture):
 
         args = ctx.args
         te_path = Path(args.qwen3)
-        dit = load_anima_dit(args.pretrained_model_name_or_path, torch.float32)
+        # fp8: quantized from the fp32 weights (one rounding), the DiT's other tensors cast later
+        dit = load_anima_dit(
+            args.pretrained_model_name_or_path, torch.float32, fp8_base=bool(getattr(args, "fp8_base", False)),
+            fp8_scaled=bool(getattr(args, "fp8_scaled", False)),
+        )  # fmt: skip
         te = load_qwen3_text_encoder(args.qwen3, torch.float32)
         vae = load_anima_vae(args.vae, torch.float32)
         qwen_tok, t5_tok = load_anima_tokenizers(args.qwen3_tokenizer_path, args.t5_tokenizer_path, te_path)
@@ -403,7 +403,7 @@ class AnimaArchitecture(TrainingArchitecture):
         train_text_encoder = ctx.train_text_encoder
         for model in (m.dit, m.text_encoder, m.vae):
             model.requires_grad_(False)
-        m.dit.to(device, weight_dtype)
+        cast_keeping_fp8(m.dit, device, weight_dtype)  # Module.to(dtype) would upcast fp8 weights
         if args.blocks_to_swap:
             enable_block_swap(m.dit, args.blocks_to_swap, device)
         if not self.text_cached:

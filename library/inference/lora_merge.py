@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from networks import fp8
+
 logger = logging.getLogger(__name__)
 
 
@@ -99,8 +101,16 @@ def merge_into_modules(
                 continue
             algo = detect_algorithm(name, groups[name])
             with torch.no_grad():
-                new = merge_weights_to_tensor(mod.weight, name, lora_sd, remaining, multiplier, calc_device)
-                mod.weight.copy_(new)
+                if fp8.is_fp8_layer(mod):  # merged into fp8 × scale in fp32, then quantized again
+                    w = fp8.dequantized_weight(mod, torch.float32)
+                    fp8.store_weight(
+                        mod, merge_weights_to_tensor(w, name, lora_sd, remaining, multiplier, calc_device)
+                    )
+                else:
+                    new = merge_weights_to_tensor(
+                        mod.weight, name, lora_sd, remaining, multiplier, calc_device
+                    )
+                    mod.weight.copy_(new)
             report.by_algo[algo] = report.by_algo.get(algo, 0) + 1
     report.unused = sorted(remaining)
     return report

@@ -11,7 +11,7 @@ from PIL import Image
 
 from library.training.architecture import DatasetInfo, RunContext, SampleRequest, TrainingArchitecture
 from library.training.cuda_graph import GraphedUNet, enable_checkpointing_without_rng
-from library.training.utils import apply_fp8_base
+from networks.fp8 import apply_fp8_base
 
 logger = logging.getLogger(__name__)
 
@@ -58,10 +58,15 @@ class SdxlArchitecture(TrainingArchitecture):
             torch.float32 if (args.no_half_vae or weight_dtype == torch.float16) else weight_dtype
         )
         if args.fp8_base:
-            n = apply_fp8_base(self.models.unet)
+            scaled = bool(getattr(args, "fp8_scaled", False))
+            n = apply_fp8_base(self.models.unet, scaled)
             for te in self.models.text_encoders:
-                n += apply_fp8_base(te)
-            logger.info("--fp8_base: %d Linear/Conv2d weights stored as float8_e4m3fn", n)
+                n += apply_fp8_base(te, scaled)
+            logger.info(
+                "--fp8_base: %d Linear/Conv2d weights stored as float8_e4m3fn%s",
+                n,
+                " with one scale per output channel" if scaled else "",
+            )
 
     def network_targets(self) -> tuple[Any, Any, Any]:
         m = self.models

@@ -155,6 +155,12 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     _add(parser, "--full_bf16", action="store_true")
     _add(parser, "--fp8_base", action="store_true")
     _add(parser, "--fp8_base_unet", action="store_true")
+    _add(
+        parser,
+        "--fp8_scaled",
+        action="store_true",
+        help="fp8 base with one scale per output channel (implies --fp8_base)",
+    )
     _add(parser, "--save_precision", type=str, default=None, choices=[None, "float", "fp16", "bf16"])
     _add(parser, "--gradient_checkpointing", action="store_true")
     _add(parser, "--cpu_offload_checkpointing", action="store_true")
@@ -385,6 +391,8 @@ def verify_training_args(args: argparse.Namespace, parser: argparse.ArgumentPars
         raise ValueError(
             "--cache_text_encoder_outputs requires --network_train_unet_only (the TEs are not trained)"
         )
+    if getattr(args, "fp8_scaled", False):
+        args.fp8_base = True  # as in sd-scripts, --fp8_scaled alone asks for an fp8 base
     if args.fp8_base and args.mixed_precision == "no":
         raise ValueError(
             "--fp8_base needs --mixed_precision fp16 or bf16 (fp8 weights are upcast by autocast)"

@@ -1,18 +1,13 @@
 """Small helpers of the training loop: network module import, --network_args, loss averages, log and sample
-names, --fp8_base."""
+names (--fp8_base lives in networks/fp8.py)."""
 
 from __future__ import annotations
 
 import importlib
 import os
 import sys
-import types
 from pathlib import Path
 from types import ModuleType
-
-import torch
-import torch.nn.functional as F
-from torch import nn
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,42 +86,3 @@ def sample_file_name(output_name: str | None, epoch: int | None, step: int, inde
     prefix = f"{output_name}_" if output_name else ""
     when = f"e{epoch:06d}" if epoch is not None else f"{step:06d}"
     return f"{prefix}{when}_{index:02d}_{stamp}"
-
-
-# ------------------------------------------------------------------------------------------ --fp8_base
-# Only Linear/Conv2d weights are stored as float8_e4m3fn (norms, embeddings and biases keep the weight
-# dtype, as sd-scripts keeps TE embeddings). Each converted layer's forward upcasts the weight to the
-# activation/autocast dtype; network modules patch forward afterwards and wrap this upcasting forward.
-FP8_DTYPE = torch.float8_e4m3fn
-
-
-def _linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    dtype = x.dtype if x.dtype.is_floating_point and x.dtype.itemsize > 1 else torch.float32
-    if torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
-    bias = None if self.bias is None else self.bias.to(dtype)
-    return F.linear(x.to(dtype), self.weight.to(dtype), bias)
-
-
-def _conv_forward(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    dtype = x.dtype
-    if torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
-    bias = None if self.bias is None else self.bias.to(dtype)
-    return self._conv_forward(x.to(dtype), self.weight.to(dtype), bias)
-
-
-def apply_fp8_base(model: nn.Module) -> int:
-    """Convert every Linear/Conv2d weight of ``model`` to fp8 in place; returns how many were converted."""
-    count = 0
-    for module in model.modules():
-        if isinstance(module, nn.Linear):
-            forward = _linear_forward
-        elif isinstance(module, nn.Conv2d):
-            forward = _conv_forward
-        else:
-            continue
-        module.weight = nn.Parameter(module.weight.data.to(FP8_DTYPE), requires_grad=False)
-        module.forward = types.MethodType(forward, module)
-        count += 1
-    return count

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from networks import paths
+from networks import fp8, paths
 from networks.functional.common import compute_dtype, conv_padded_input
 from networks.functional.fused_linear import adapter_linear
 from networks.modules.patching import is_patched, original_forward
@@ -48,8 +48,8 @@ class ForwardMixin:
         # model would pick a factored path: merged, the rebuild is the faster one (H100 run 10).
         base = self.org_module
         dw = self.delta_weight_scaled(self.total_scale(self.multiplier)).reshape(base.weight.shape)
-        acc = torch.promote_types(base.weight.dtype, torch.float32)  # fp32 at least (fp64 stays fp64)
-        w = base.weight.to(acc) + self.masked_right(dw, paths.step_masked(self)).to(acc)
+        acc = torch.float64 if base.weight.dtype == torch.float64 else torch.float32  # fp32 at least
+        w = fp8.dequantized_weight(base, acc) + self.masked_right(dw, paths.step_masked(self)).to(acc)
         if not torch.is_autocast_enabled(x.device.type):
             w = w.to(x.dtype)
         if self.is_conv:
