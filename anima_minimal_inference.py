@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 
 from library.anima.sampling import check_image_size, euler_sample, initial_noise, latents_to_pil
-from library.inference.lora_merge import MergeReport, looks_like_sdxl, merge_into_modules
+from library.inference.lora_merge import MergeReport, group_by_module, looks_like_sdxl, merge_into_modules
 from library.io.console import setup_logging
+from networks.block_weights import BlockWeights, anima_per_file, check_anima_syntax
 from networks.fp8 import cast_keeping_fp8
 from networks.tensor_files import read_tensors
 
@@ -49,6 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora_weight", nargs="*", default=[], help="LoRA/LoHa/LoKr files, applied in order")
     p.add_argument(
         "--lora_multiplier", nargs="*", type=float, default=None, help="one per file (default 1.0)"
+    )
+    p.add_argument(
+        "--lora_block_weights",
+        nargs="*",
+        default=None,
+        help="one per --lora_weight file: comma-separated multipliers for the text encoder, the LLM adapter, "
+        'then each DiT block (30 values for the 28-block model), "" for none; docs/block_weights.md',
     )
     p.add_argument("--include_patterns", nargs="*", default=None, help="accepted, unused (as sd-scripts)")
     p.add_argument("--exclude_patterns", nargs="*", default=None, help="accepted, unused (as sd-scripts)")
@@ -169,10 +177,12 @@ def apply_lora_files(
     multipliers: list[float] | None,
     calc_device: torch.device | str | None = None,
     loaded: dict[str, dict[str, torch.Tensor]] | None = None,
+    block_weights: list[BlockWeights | None] | None = None,
 ) -> list[MergeReport]:
     """Merge each file in order; error if one matches no module, warn on unused keys.
 
-    `loaded` maps a path to its already-read state dict (read once, validated before the models load).
+    `loaded` maps a path to its already-read state dict (read once, validated before the models load);
+    `block_weights` gives each file's per-block factors (None: plain multiplier).
     """
     mults = list(multipliers or [])
     if len(mults) > len(paths):
@@ -180,9 +190,13 @@ def apply_lora_files(
     mults = (mults + [1.0] * len(paths))[: len(paths)]
     roots = [("lora_unet", dit)] + ([("lora_te", text_encoder)] if text_encoder is not None else [])
     reports = []
-    for path, m in zip(paths, mults):
+    per_file = block_weights or [None] * len(paths)
+    for path, m, bw in zip(paths, mults, per_file):
         sd = (loaded or {}).get(path) or read_lora_state_dict(path)
-        rep = merge_into_modules(roots, sd, m, path=path, calc_device=calc_device)
+        weight_of = bw.weight_of if bw is not None else None
+        rep = merge_into_modules(roots, sd, m, path=path, calc_device=calc_device, weight_of=weight_of)
+        if bw is not None:
+            logger.info("%s block weights: %s", Path(path).name, bw.summary(group_by_module(sd)))
         if rep.matched == 0:
             sample = ", ".join(sorted(sd)[:3])
             raise ValueError(
@@ -286,6 +300,7 @@ def run(args: argparse.Namespace) -> list[Path]:
         check_image_size(job.height, job.width)
     mults = list(args.lora_multiplier or [])
     args.resolved_mults = (mults + [1.0] * len(args.lora_weight))[: len(args.lora_weight)]
+    check_anima_syntax("--lora_block_weights", args.lora_block_weights, len(args.lora_weight))
     # fail on a bad LoRA file before loading gigabytes of weights
     lora_sds = {w: read_lora_state_dict(w) for w in args.lora_weight}
 
@@ -310,7 +325,16 @@ def run(args: argparse.Namespace) -> list[Path]:
         _save_png(img, path, None)
         return [path]
 
-    apply_lora_files(models.dit, models.text_encoder, args.lora_weight, args.lora_multiplier, loaded=lora_sds)
+    n_blocks = len(models.dit.blocks)
+    bws = anima_per_file("--lora_block_weights", args.lora_block_weights, len(args.lora_weight), n_blocks)
+    apply_lora_files(
+        models.dit,
+        models.text_encoder,
+        args.lora_weight,
+        args.lora_multiplier,
+        loaded=lora_sds,
+        block_weights=bws,
+    )
     del lora_sds
     out_dir.mkdir(parents=True, exist_ok=True)  # only now: bad models or LoRA files leave no empty folder
     te_device = torch.device("cpu") if args.text_encoder_cpu else device

@@ -44,6 +44,7 @@ from library.io.png_metadata import (
     sequential_name,
     timestamped_name,
 )
+from networks.block_weights import apply_block_weights, sdxl_per_network
 from networks.fp8 import apply_fp8_base, cast_keeping_fp8
 
 logger = logging.getLogger("gen_img")
@@ -149,6 +150,8 @@ def setup_parser() -> argparse.ArgumentParser:
     a("--network_weights", type=str, nargs="*", default=None, help="one weights file per network")
     a("--network_mul", type=float, nargs="*", default=None, help="one multiplier per network (default 1.0)")
     a("--network_args", type=str, nargs="*", default=None, help='one string per network: "k=v;k2=v2"')
+    a("--network_block_weights", type=str, nargs="*", default=None,
+      help='one per network: 12 or 20 comma-separated per-block multipliers (BASE,IN04,...,OUT05), "" for none; docs/block_weights.md')  # fmt: skip
     a("--network_show_meta", action="store_true", help="log each weights file's metadata")
     a("--network_merge", action="store_true", help="merge all networks into the weights once")
     a("--network_merge_n_models", type=int, default=None, help="merge only the first N networks")
@@ -218,6 +221,7 @@ def verify_network_args(args: argparse.Namespace) -> None:
             weights
             or args.network_mul
             or args.network_args
+            or args.network_block_weights
             or args.network_merge
             or args.network_merge_n_models
         ):
@@ -237,6 +241,7 @@ def verify_network_args(args: argparse.Namespace) -> None:
         raise ValueError(
             f'--network_args lists {len(args.network_args)} string(s) for {n} network(s); give one "k=v;k2=v2" per network'
         )
+    sdxl_per_network("--network_block_weights", args.network_block_weights, n)
     for w in weights:
         if not Path(w).is_file():
             raise ValueError(
@@ -359,6 +364,7 @@ def load_networks(
         n_merge = args.network_merge_n_models
     text_encoders = [models.text_encoder_1, models.text_encoder_2]
     layer_names = model_layer_names(text_encoders, models.unet) if modules else set()
+    block_weights = sdxl_per_network("--network_block_weights", args.network_block_weights, len(modules))
     loaded: list[LoadedNetwork] = []
     for i, module_name in enumerate(modules):
         path = args.network_weights[i]
@@ -418,6 +424,8 @@ def load_networks(
         counts: dict[str, int] = {}
         for algo in file_algos.values():
             counts[algo] = counts.get(algo, 0) + 1
+        if block_weights[i] is not None:  # before merge_to: it merges at each module's multiplier
+            apply_block_weights(network, block_weights[i], f"--network_block_weights (network {i + 1})")
         merge = i < n_merge and network.is_mergeable()
         if i < n_merge and not merge:
             logger.warning("%s: network is not mergeable, applying it as modules instead", path)

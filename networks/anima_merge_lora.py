@@ -21,6 +21,7 @@ if __name__ == "__main__":  # run as a script: the project root (not networks/) 
 from library.tools.checkpoint_merge import merge_network_files  # noqa: E402
 from library.tools.file_modules import read_network_file, to_sd_scripts_names  # noqa: E402
 from library.tools.tool_cli import ToolError, parse_ratios, run_tool  # noqa: E402
+from networks.block_weights import anima_per_file, check_anima_syntax  # noqa: E402
 from networks.sdxl_merge_lora import DTYPES, build_parser, check_paths  # noqa: E402
 
 TE_PREFIXES = ("lora_te_", "lora_te1_")
@@ -63,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.save_qwen3_to is not None and Path(a.save_qwen3_to).suffix != ".safetensors":
         raise ToolError(f"--save_qwen3_to {a.save_qwen3_to}: expected a .safetensors path")
     ratios = parse_ratios("--ratios", a.ratios, len(a.models))
+    check_anima_syntax("--block_weights", a.block_weights, len(a.models))
     te_counts = _te_modules(a.models)
     if te_counts and a.qwen3 is None and not a.skip_text_encoder:
         f, n = next(iter(te_counts.items()))
@@ -78,7 +80,10 @@ def main(argv: list[str] | None = None) -> int:
         raise ToolError(f"--dit / --qwen3: {e.args[0] if e.args else e}") from None
     tes = [qwen3] if qwen3 is not None else []
     drop = (lambda key: key.startswith(TE_PREFIXES)) if qwen3 is None else None
-    for line in merge_network_files(tes, dit, a.models, ratios, rename=_lycoris_te, drop=drop):
+    block_weights = anima_per_file("--block_weights", a.block_weights, len(a.models), len(dit.blocks))
+    for line in merge_network_files(
+        tes, dit, a.models, ratios, rename=_lycoris_te, drop=drop, block_weights=block_weights
+    ):
         print(line)
     save_dtype = DTYPES[a.save_precision or a.precision]
     save_anima_dit(dit, a.save_to, save_dtype)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -46,6 +47,7 @@ class AdapterNetwork(NetworkOptimMixin, nn.Module):
         self.arch = arch
         self.args = args
         self.multiplier = float(multiplier)
+        self.block_weights: dict[str, float] = {}  # lora_name -> per-block factor (networks.block_weights)
         self.clock = DropoutClock(0)
         self.text_encoder_loras: list[AdapterModule] = []
         self.unet_loras: list[AdapterModule] = []
@@ -93,9 +95,18 @@ class AdapterNetwork(NetworkOptimMixin, nn.Module):
 
     # ---------------------------------------------------------------- the contract
     def set_multiplier(self, multiplier: float) -> None:
+        """Every module's multiplier = `multiplier` × its block weight (1 unless set_block_weights set one)."""
         self.multiplier = float(multiplier)
         for m in self.all_loras:
-            m.multiplier = self.multiplier
+            m.multiplier = self.multiplier * self.block_weights.get(m.lora_name, 1.0)
+
+    def set_block_weights(self, weight_of: Callable[[str], float] | None) -> None:
+        """A factor per module, from its name (e.g. `BlockWeights.weight_of`); None clears them. Kept across
+        set_multiplier, and used by merge_to and pre_calculation since they merge at each module's multiplier."""
+        self.block_weights = (
+            {} if weight_of is None else {m.lora_name: float(weight_of(m.lora_name)) for m in self.all_loras}
+        )
+        self.set_multiplier(self.multiplier)
 
     def set_enabled(self, is_enabled: bool) -> None:
         for m in self.all_loras:

@@ -20,6 +20,7 @@ import torch  # noqa: E402
 
 from library.tools.checkpoint_merge import merge_network_files  # noqa: E402
 from library.tools.tool_cli import OneLineParser, ToolError, parse_ratios, run_tool  # noqa: E402
+from networks.block_weights import sdxl_per_network  # noqa: E402
 
 DTYPES = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -30,6 +31,12 @@ def build_parser(prog: str, model_flag: str, model_help: str) -> OneLineParser:
     p.add_argument("--save_to", required=True, help="output .safetensors")
     p.add_argument("--models", nargs="+", required=True, help="network files: LoRA, LoHa, LoKr (mixed)")
     p.add_argument("--ratios", type=float, nargs="+", help="one multiplier per file (default 1.0 each)")
+    p.add_argument(
+        "--block_weights",
+        nargs="+",
+        metavar="WEIGHTS",
+        help='per-block strength, one comma-separated string per file ("" for none); docs/block_weights.md',
+    )
     p.add_argument(
         "--precision", choices=tuple(DTYPES), default="float", help="dtype while merging (default float)"
     )
@@ -59,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     ).parse_args(argv)
     check_paths(a.sd_model, "--sd_model", a.save_to, a.models)
     ratios = parse_ratios("--ratios", a.ratios, len(a.models))
+    block_weights = sdxl_per_network("--block_weights", a.block_weights, len(a.models), "files")
     try:
         parts = load_sdxl_single_file(a.sd_model, DTYPES[a.precision])
     except (ValueError, KeyError, OSError) as e:
@@ -72,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
         None,
         parts["extra"],
     )
-    for line in merge_network_files(models.text_encoders, models.unet, a.models, ratios):
+    for line in merge_network_files(
+        models.text_encoders, models.unet, a.models, ratios, block_weights=block_weights
+    ):
         print(line)
     save_sdxl_single_file(models, a.save_to, DTYPES[a.save_precision or a.precision])
     print(f"wrote {a.save_to}")

@@ -32,3 +32,16 @@ def _single_intra_op_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(autouse=True)
+def _restore_root_logging():
+    """Scripts' main() installs the console log handler on the root logger (library/io/console.py); in one
+    test process that would leak into later tests' captured stderr, so each test gets the root back."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)

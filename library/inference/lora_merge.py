@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -84,10 +84,12 @@ def merge_into_modules(
     multiplier: float,
     path: str = "<memory>",
     calc_device: torch.device | str | None = None,
+    weight_of: Callable[[str], float] | None = None,
 ) -> MergeReport:
     """Merge one file into Linear/Conv2d leaves of each (prefix, root) in place.
 
-    A leaf at dotted path P of root is looked up as `prefix + "_" + P.replace(".", "_")`.
+    A leaf at dotted path P of root is looked up as `prefix + "_" + P.replace(".", "_")`. `weight_of` gives a
+    module's factor on `multiplier` (per-block strength, networks.block_weights).
     """
     report = MergeReport(path=str(path), multiplier=float(multiplier))
     groups = group_by_module(lora_sd)
@@ -101,15 +103,14 @@ def merge_into_modules(
                 continue
             algo = detect_algorithm(name, groups[name])
             with torch.no_grad():
+                m = multiplier * (weight_of(name) if weight_of is not None else 1.0)
                 if fp8.is_fp8_layer(mod):  # merged into fp8 × scale in fp32, then quantized again
                     w = fp8.dequantized_weight(mod, torch.float32)
                     fp8.store_weight(
-                        mod, merge_weights_to_tensor(w, name, lora_sd, remaining, multiplier, calc_device)
+                        mod, merge_weights_to_tensor(w, name, lora_sd, remaining, m, calc_device)
                     )
                 else:
-                    new = merge_weights_to_tensor(
-                        mod.weight, name, lora_sd, remaining, multiplier, calc_device
-                    )
+                    new = merge_weights_to_tensor(mod.weight, name, lora_sd, remaining, m, calc_device)
                     mod.weight.copy_(new)
             report.by_algo[algo] = report.by_algo.get(algo, 0) + 1
     report.unused = sorted(remaining)

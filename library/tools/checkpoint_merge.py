@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from library.tools.file_modules import FileError, read_network_file, to_sd_scripts_names
+from networks.block_weights import BlockWeights, apply_block_weights
 from networks.network_io import detect_algorithm, group_by_module
 
 logger = logging.getLogger(__name__)
@@ -25,9 +26,9 @@ def merge_network_files(
     ratios: list[float],
     rename: Callable[[str], str] | None = None,
     drop: Callable[[str], bool] | None = None,
-    block_weights: list[Callable[[str], float] | None] | None = None,
+    block_weights: list[BlockWeights | None] | None = None,
 ) -> list[str]:
-    """Merge every file at its ratio (times its per-module block weight when given); returns one summary
+    """Merge every file at its ratio (times its block's weight per module when given); returns one summary
     line per file. `rename` maps file module names (e.g. LyCORIS aliases), `drop` leaves modules out."""
     from networks.network_base import create_network_from_weights_for
 
@@ -51,9 +52,9 @@ def merge_network_files(
             )
         except (KeyError, ValueError) as e:
             raise FileError(f"--models {path}: {e.args[0] if e.args else e}") from None
-        weight_of = block_weights[i] if block_weights is not None else None
-        for m in net.all_loras:
-            m.multiplier = ratio * (weight_of(m.lora_name) if weight_of is not None else 1.0)
+        weights = block_weights[i] if block_weights is not None else None
+        if weights is not None:
+            apply_block_weights(net, weights, f"--block_weights {path}")
         with torch.no_grad():
             net.merge_to(text_encoders, unet, sd)
         counts: dict[str, int] = {}
@@ -61,5 +62,8 @@ def merge_network_files(
             counts[a] = counts.get(a, 0) + 1
         what = ", ".join(f"{n} {a}" for a, n in sorted(counts.items()))
         skipped = f"; {len(dropped)} modules left out" if dropped else ""
-        lines.append(f"{path}: merged {len(net.all_loras)} modules ({what}) at ratio {ratio:g}{skipped}")
+        per_block = " with block weights" if weights is not None else ""
+        lines.append(
+            f"{path}: merged {len(net.all_loras)} modules ({what}) at ratio {ratio:g}{per_block}{skipped}"
+        )
     return lines

@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from library.tools.file_modules import FileError
+from networks.block_weights import BlockWeightError
 
 
 class ToolError(ValueError):
@@ -37,7 +38,7 @@ def run_tool(prog: str, main: Callable[[list[str] | None], int], argv: list[str]
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
         return main(argv)
-    except (ToolError, FileError, FileNotFoundError) as e:
+    except (ToolError, FileError, FileNotFoundError, BlockWeightError) as e:
         msg = e.args[0] if e.args else str(e)
         print(f"{prog}: error: {msg}", file=sys.stderr)
         return 2
