@@ -79,6 +79,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=16, help="--max_train_steps of every run")
     p.add_argument("--warmup", type=int, default=4, help="first steps left out of the steady s/it")
     p.add_argument("--images", type=int, default=16)
+    p.add_argument("--dataset_scale", choices=["real", "tiny"], default=None,
+                   help="image sizes (default: --scale); tiny images let real models run on a CPU")  # fmt: skip
     p.add_argument("--shapes", type=int, default=4, help="bucket shapes the images are dealt over (max 8)")
     p.add_argument("--sd_scripts_path", default=None, help="checkout of kohya-ss/sd-scripts (never vendored)")
     p.add_argument("--sd_pythonpath", default=None,
@@ -92,6 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="where models are built")
     p.add_argument("--write", default=None, help=argparse.SUPPRESS)  # internal: write one model's files
     opts = p.parse_args(argv)
+    opts.dataset_scale = opts.dataset_scale or opts.scale
     if not 1 <= opts.shapes <= 8:
         p.error(f"--shapes {opts.shapes}: expected 1 to 8")
     return opts
@@ -203,7 +206,7 @@ def launch(cmd: list[str], cwd: Path, env: dict, log: Path, hook: Path, timeout:
 def child_env(spec: RunSpec, opts: argparse.Namespace, shim: bool) -> dict:
     env = dict(os.environ)
     if spec.impl == "sd-scripts":
-        extra = [opts.sd_pythonpath] if opts.sd_pythonpath else []
+        extra = [str(Path(opts.sd_pythonpath).resolve())] if opts.sd_pythonpath else []
         env["PYTHONPATH"] = os.pathsep.join(extra + [p for p in [env.get("PYTHONPATH")] if p])
         if shim:
             env["E2E_TORCHVISION_SHIM"] = str(BENCH_DIR / "e2e_shim")
@@ -329,7 +332,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     start = time.time()
     files = {m: write_models(m, opts, device) for m in dict.fromkeys(s.model for s in runs)}
     toml_path, shapes = _import_setup().write_dataset(
-        out / f"dataset_{opts.scale}", opts.scale, opts.images, opts.shapes
+        out / f"dataset_{opts.dataset_scale}", opts.dataset_scale, opts.images, opts.shapes
     )
     print(f"[e2e] {len(runs)} runs, {opts.images} images over buckets {shapes}; setup {time.time() - start:.1f} s",
           flush=True)  # fmt: skip

@@ -9,6 +9,8 @@ so the same buckets come out of our bucketing and sd-scripts'.
 from __future__ import annotations
 
 import contextlib
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -21,14 +23,28 @@ BUCKET_KEYS = {  # resolution, min/max bucket side, step: every shape above is o
     "real": (1024, 256, 2048, 64),
     "tiny": (96, 32, 256, 32),
 }
-# Qwen3-0.6B (the Anima text encoder) as released
-QWEN3_06B = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
-                 num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
-                 rms_norm_eps=1e-6, rope_theta=1_000_000.0, tie_word_embeddings=True,
-                 attention_bias=False)  # fmt: skip
 QWEN_IMAGE_VAE_BASE_DIM = 96
+# what transformers 5's save_pretrained writes for a tokenizer; transformers 4 (sd-scripts' pin) cannot read
+# its tokenizer_config.json, so the tokenizer folders get the bundled released files instead
+SAVED_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                         "chat_template.jinja", "added_tokens.json")  # fmt: skip
 # sd-scripts looks for the SDXL tokenizers under --tokenizer_cache_dir by hub name with "/" -> "_"
 SDXL_TOKENIZER_DIRS = ("openai_clip-vit-large-patch14", "laion_CLIP-ViT-bigG-14-laion2B-39B-b160k")
+
+
+def released_tokenizer(name: str, dest: Path, keep: tuple[str, ...] = ()) -> Path:
+    """Put the bundled tokenizer `name`'s files as released into dest (created), replacing the ones
+    save_pretrained wrote; files named in keep stay as they are (e.g. a tiny model's config.json)."""
+    from library.bundled_tokenizers import extract_bundled
+
+    dest.mkdir(parents=True, exist_ok=True)
+    for name_ in SAVED_TOKENIZER_FILES:
+        (dest / name_).unlink(missing_ok=True)
+    with tempfile.TemporaryDirectory(prefix="e2e-tok-") as tmp:
+        for f in extract_bundled(name, Path(tmp) / name).iterdir():
+            if f.name not in keep:
+                shutil.copyfile(f, dest / f.name)
+    return dest
 
 
 @contextlib.contextmanager
@@ -46,6 +62,7 @@ def _building(dtype: torch.dtype, device: str):
 def write_sdxl(folder: Path, scale: str, device: str, seed: int = 0) -> dict[str, Path]:
     """One SGM single-file fp16 checkpoint and an sd-scripts-style tokenizer cache folder."""
     from library import sdxl_config
+    from library.bundled_tokenizers import CLIP
     from library.sdxl_models import (
         build_sdxl_from_configs,
         build_tiny_sdxl_models,
@@ -65,8 +82,8 @@ def write_sdxl(folder: Path, scale: str, device: str, seed: int = 0) -> dict[str
         with _building(torch.float16, device):
             models = build_sdxl_from_configs(configs, load_sdxl_tokenizers())
     save_sdxl_single_file(models, ckpt, dtype=torch.float16)
-    for tok, name in zip(models.tokenizers, SDXL_TOKENIZER_DIRS):
-        tok.save_pretrained(str(tok_dir / name))
+    for name in SDXL_TOKENIZER_DIRS:  # one CLIP vocabulary; tokenizer 2's "!" padding is set by the loaders
+        released_tokenizer(CLIP, tok_dir / name)
     return {"ckpt": ckpt, "tokenizers": tok_dir}
 
 
@@ -83,6 +100,7 @@ def write_anima(folder: Path, scale: str, device: str, seed: int = 0) -> dict[st
         save_tiny_anima_files,
     )
     from library.anima_models import Anima, AnimaConfig
+    from library.bundled_tokenizers import QWEN3, T5, load_bundled
 
     if scale == "tiny":
         models = build_tiny_anima_models(seed=seed)
@@ -90,12 +108,14 @@ def write_anima(folder: Path, scale: str, device: str, seed: int = 0) -> dict[st
         torch.manual_seed(seed)
         with _building(torch.bfloat16, device):
             dit = Anima(AnimaConfig())
-            te_cfg = Qwen3Config(**QWEN3_06B)
+            te_cfg = load_bundled(QWEN3, Qwen3Config.from_pretrained)  # the released model's config.json
             te_cfg._attn_implementation = "sdpa"
             text_encoder = Qwen3ForCausalLM(te_cfg).model
             vae = _vae_from_dims(QWEN_IMAGE_VAE_BASE_DIM, 16)
         models = AnimaModels(dit, text_encoder, vae, *load_anima_tokenizers())
     files = save_tiny_anima_files(models, folder)
+    released_tokenizer(QWEN3, files["text_encoder"], keep=("config.json",))
+    released_tokenizer(T5, files["t5_tokenizer"])
     return {k: files[k] for k in ("dit", "text_encoder", "vae", "t5_tokenizer")}
 
 
