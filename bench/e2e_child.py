@@ -1,0 +1,100 @@
+"""Run one trainer script with step-timing hooks (bench/bench_e2e.py starts it; not for direct use).
+
+    python bench/e2e_child.py TRAINER.py [trainer args...]
+
+Environment: E2E_HOOK_OUT (a JSON-lines file to append to), E2E_T0 (the parent's clock when it started
+this process), E2E_TORCHVISION_SHIM (a folder with a stand-in torchvision, for a CPU box only).
+
+The hooks are the same for every trainer, ours or sd-scripts': a global optimizer post-step hook
+(torch.optim) notes the wall time after each optimizer step, synchronising CUDA first so the time is
+the GPU's, and `Accelerator.backward` is wrapped to keep the loss it was given. One line per step and a
+last line with the peak memory are appended to E2E_HOOK_OUT, so a run that dies still leaves its steps.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import resource
+import runpy
+import sys
+import time
+from pathlib import Path
+
+
+class StepRecorder:
+    def __init__(self, out_path: str, t0: float) -> None:
+        self.file = open(out_path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the whole run
+        self.t0 = t0
+        self.pending: list = []  # losses handed to backward since the last optimizer step
+        self.steps = 0
+
+    def write(self, row: dict) -> None:
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+
+    def on_backward(self, loss) -> None:
+        self.pending.append(loss.detach())
+
+    def on_step(self, torch) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        now = time.time() - self.t0
+        losses = [float(x.float().mean()) for x in self.pending]
+        self.pending = []
+        self.steps += 1
+        self.write({"step": self.steps, "t": now, "loss": sum(losses) / len(losses) if losses else None})
+
+    def finish(self, torch) -> None:
+        row = {"final": True, "steps": self.steps, "t": time.time() - self.t0,
+               "host_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # fmt: skip
+        if torch.cuda.is_available():
+            row["gpu_peak_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
+            row["gpu_peak_reserved_mib"] = torch.cuda.max_memory_reserved() / 2**20
+            row["gpu_name"] = torch.cuda.get_device_name()
+        self.write(row)
+        self.file.close()
+
+
+def _hide_torchvision_then_shim(shim: str) -> None:
+    """Make transformers/diffusers record torchvision as absent (they cache that), then put the stand-in
+    on the path for sd-scripts' own `from torchvision import transforms`."""
+    from transformers.utils import import_utils as tf_imports
+
+    tf_imports.is_torchvision_available()  # lru_cache'd: False while the shim is not yet importable
+    import diffusers.utils.import_utils  # noqa: F401 - decides its torchvision flag at import
+
+    sys.path.insert(1, shim)
+
+
+def install_hooks(rec: StepRecorder):
+    import accelerate
+    import torch
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    register_optimizer_step_post_hook(lambda opt, args, kwargs: rec.on_step(torch))
+    plain_backward = accelerate.Accelerator.backward
+
+    def backward(self, loss, **kwargs):
+        rec.on_backward(loss)
+        return plain_backward(self, loss, **kwargs)
+
+    accelerate.Accelerator.backward = backward
+    atexit.register(rec.finish, torch)
+    return torch
+
+
+def main() -> None:
+    script = Path(sys.argv[1]).resolve()
+    sys.argv = [str(script), *sys.argv[2:]]
+    sys.path.insert(0, str(script.parent))  # as `python script.py` would: the trainer's own packages first
+    shim = os.environ.get("E2E_TORCHVISION_SHIM")
+    if shim:
+        _hide_torchvision_then_shim(shim)
+    install_hooks(StepRecorder(os.environ["E2E_HOOK_OUT"], float(os.environ.get("E2E_T0", time.time()))))
+    runpy.run_path(str(script), run_name="__main__")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""CPU smoke of the end-to-end CLI benchmark: tiny models, our SDXL trainer, 3 steps, then the JSON."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("bench_e2e", ROOT / "bench" / "bench_e2e.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["bench_e2e"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_e2e_bench_tiny_cpu(tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    bench = _load_bench()
+    out = tmp_path / "e2e"
+    # a stand-in "sd-scripts" whose trainer fails after printing: the bench records it and goes on
+    fake = tmp_path / "fake-sd-scripts"
+    fake.mkdir()
+    (fake / "sdxl_train_network.py").write_text("import sys\nprint('loading...')\nsys.exit('boom: no GPU')\n")
+    argv = ["--scale", "tiny", "--out", str(out), "--models", "sdxl", "--algos", "lokr", "--batches", "2",
+            "--cache", "on", "--modes", "eager,graph", "--impl", "sd-scripts,ours", "--steps", "3",
+            "--warmup", "1", "--images", "8", "--shapes", "2", "--sd_scripts_path", str(fake),
+            "--torchvision_shim", "off"]  # fmt: skip
+    rows = bench.main(argv)
+    lines = [json.loads(x) for x in (out / "e2e.jsonl").read_text().splitlines()]
+    ran = [r for r in lines if "skipped" not in r]
+    assert [r["run"] for r in ran] == [
+        "sdxl-lokr-b2-cached-sd-scripts-eager",
+        "sdxl-lokr-b2-cached-ours-eager",
+    ]
+    assert ran == [r for r in rows if "skipped" not in r]
+    failed, r = ran
+    assert not failed["ok"] and failed["error"] == "exit code 1" and failed["steps_done"] == 0
+    assert "boom: no GPU" in failed["error_tail"] and "loading..." in failed["error_tail"]
+    # the same command line for both implementations, bar the run's own output folder
+    assert failed["cwd"] == str(fake) and failed["command"].replace(failed["run"], r["run"]) == r["command"]
+    assert r["ok"], r.get("error_tail")
+    assert r["run"] == "sdxl-lokr-b2-cached-ours-eager" and r["device"] == "cpu"
+    # the hook saw every optimizer step, each with the loss the trainer backpropagated
+    assert r["steps_done"] == 3 and len(r["losses"]) == 3
+    assert all(math.isfinite(x) and x > 0 for x in r["losses"])
+    assert len(r["step_times_s"]) == 2 and r["steady_steps"] == 2 and r["steady_s_per_it"] > 0
+    assert 0 < r["time_to_first_step_s"] < r["wall_s"]
+    assert r["host_peak_rss_mib"] > 100  # a Python process with torch loaded is far above 100 MiB
+    assert "gpu_peak_allocated_mib" not in r  # no CUDA: memory is the host's
+    assert "--network_module networks.lokr --network_dim 32 --network_alpha 16" in r["command"]
+    assert "--cache_latents --cache_text_encoder_outputs" in r["command"] and "adamw8bit" not in r["command"]
+    assert "AdamW" in r["dropped_flags"]
+    # the run wrote its network; graph mode was left out for want of CUDA, and says so
+    assert (Path(r["cwd"]) == ROOT) and (out / "runs" / r["run"] / "net.safetensors").is_file()
+    skipped = {x["run"]: x["skipped"] for x in lines if "skipped" in x}
+    assert skipped == {"sdxl-lokr-b2-cached-sd-scripts-graph": "sd-scripts has no CUDA-graph step",
+                       "sdxl-lokr-b2-cached-ours-graph": "--cuda_graph needs CUDA"}  # fmt: skip
+    summary = (out / "e2e_summary.md").read_text()
+    assert "sdxl-lokr-b2-cached-ours-eager | yes" in summary
