@@ -49,6 +49,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--alpha", type=float, default=16.0)
     p.add_argument("--algos", default="lokr,loha")
     p.add_argument("--blocks_to_swap", type=int, default=14, help="blocks swapped in the memory runs")
+    p.add_argument(
+        "--memory_te",
+        choices=("both", "cached", "live"),
+        default="both",
+        help="memory runs with cached and/or live Qwen3 outputs",
+    )
     p.add_argument("--memory_steps", type=int, default=3, help="measured steps after one warm-up step")
     p.add_argument("--curve_steps", type=int, default=100)
     p.add_argument("--curve_algo", default="lokr")
@@ -283,7 +289,7 @@ def memory_specs(args: argparse.Namespace) -> list[dict]:
     return [
         {"precision": p, "algo": a, "swap": s, "te_cached": c, "steps": 1 + args.memory_steps}
         for a in args.algos.split(",")
-        for c in (True, False)
+        for c in {"both": (True, False), "cached": (True,), "live": (False,)}[args.memory_te]
         for s in (0, args.blocks_to_swap)
         for p in PRECISIONS
     ]
@@ -333,10 +339,12 @@ def main(argv: list[str] | None = None) -> dict:
         rows = layer_errors(args)
         results["errors"] = {**meta, "summary": summarize_errors(rows), "layers": rows}
     if "memory" in sections:
-        runs = [spawn(s, argv, args) for s in memory_specs(args)]
-        for r in runs:
+        runs = []
+        for spec in memory_specs(args):  # printed as each ends: a run cut short keeps what it measured
+            r = spawn(spec, argv, args)
             r.pop("losses", None)
             print(json.dumps(r), flush=True)
+            runs.append(r)
         results["memory"] = {**meta, "blocks_to_swap": args.blocks_to_swap, "runs": runs}
     if "curve" in sections:
         specs = [{"precision": p, "algo": args.curve_algo, "swap": 0, "te_cached": True,

@@ -16,7 +16,6 @@ from tests.test_train_sdxl import (  # noqa: F401 - fixtures
     N_IMAGES,
     _argv,
     _tb_scalars,
-    one_thread,  # noqa: F401 - fixtures
     tiny,
 )
 
