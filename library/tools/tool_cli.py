@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
-import traceback
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
-from library.tools.file_modules import FileError
-from networks.block_weights import BlockWeightError
+from library.io.errors import cli_status
 
 
 class ToolError(ValueError):
@@ -35,14 +32,7 @@ def parse_ratios(flag: str, values: Sequence[float] | None, n: int) -> list[floa
 
 
 def run_tool(prog: str, main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
+    """The tools' error boundary is the scripts' one (library/io/errors.py), with argparse's status 2 for
+    bad input: one `prog: error: …` line; a bug keeps its traceback behind one line."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    try:
-        return main(argv)
-    except (ToolError, FileError, FileNotFoundError, BlockWeightError) as e:
-        msg = e.args[0] if e.args else str(e)
-        print(f"{prog}: error: {msg}", file=sys.stderr)
-        return 2
-    except Exception:  # noqa: BLE001 - anything else is a bug: keep the traceback, say so in one line
-        traceback.print_exc()
-        print(f"{prog}: internal error (a bug, please report it with the traceback above)", file=sys.stderr)
-        return 70
+    return cli_status(lambda: main(argv), prog, input_status=2)
