@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -34,14 +35,23 @@ def _single_intra_op_thread():
     torch.set_num_threads(previous)
 
 
-@pytest.fixture(autouse=True)
-def _restore_root_logging():
-    """Scripts' main() installs the console log handler on the root logger (library/io/console.py); in one
-    test process that would leak into later tests' captured stderr, so each test gets the root back."""
-    import logging
+_ROOT_LEVEL = logging.getLogger().level
+
+
+def _drop_console_logging() -> None:
+    from library.io.console import _TqdmHandler
 
     root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
+    for h in [h for h in root.handlers if isinstance(h, _TqdmHandler)]:
+        root.removeHandler(h)
+    root.setLevel(_ROOT_LEVEL)
+
+
+@pytest.fixture(autouse=True)
+def _no_console_logging_leaks():
+    """Scripts' main() installs the console log handler on the root logger at INFO (library/io/console.py);
+    a module fixture that runs a script would leave it for later tests' captured stderr. Each test starts
+    and ends without it (pytest's own capture handlers are left alone)."""
+    _drop_console_logging()
     yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
+    _drop_console_logging()

@@ -366,7 +366,7 @@ def test_gen_img_reads_a_file_given_with_lycoris_network_module(tmp_path: Path, 
     loha.create_network(1.0, 4, 1, None, tes, models.unet).save_weights(str(path), None, {})
     args = argparse.Namespace(
         network_module=["lycoris.kohya"], network_weights=[str(path)], network_mul=None, network_args=None,
-        network_merge=False, network_merge_n_models=None, network_show_meta=False,
+        network_merge=False, network_merge_n_models=None, network_show_meta=False, network_block_weights=None,
     )  # fmt: skip
     (net,) = gen_img.load_networks(args, models, torch.float32, torch.device("cpu"))
     assert net.module_name == "networks.lora" and net.algorithms == {"loha": 228} and not net.merged
