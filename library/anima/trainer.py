@@ -20,7 +20,7 @@ from PIL import Image
 from torch import nn
 
 from library.training.architecture import DatasetInfo, RunContext, SampleRequest, TrainingArchitecture
-from library.training.cuda_graph import GraphedCall, enable_checkpointing_without_rng
+from library.training.cuda_graph import GraphedCall, set_checkpointing_and_modes
 from networks.fp8 import cast_keeping_fp8
 
 logger = logging.getLogger(__name__)
@@ -400,7 +400,6 @@ class AnimaArchitecture(TrainingArchitecture):
 
     def prepare_models(self, ctx: RunContext) -> None:
         m, args, device, weight_dtype = self.models, ctx.args, ctx.device, ctx.weight_dtype
-        train_text_encoder = ctx.train_text_encoder
         for model in (m.dit, m.text_encoder, m.vae):
             model.requires_grad_(False)
         cast_keeping_fp8(m.dit, device, weight_dtype)  # Module.to(dtype) would upcast fp8 weights
@@ -410,15 +409,10 @@ class AnimaArchitecture(TrainingArchitecture):
             m.text_encoder.to(device, weight_dtype)
         if not args.cache_latents:
             m.vae.to(device)
-        if args.gradient_checkpointing:
-            if getattr(args, "cuda_graph", False):
-                enable_checkpointing_without_rng(m.dit)
-            else:
-                m.dit.enable_gradient_checkpointing()
-            if train_text_encoder:
-                m.text_encoder.gradient_checkpointing_enable()
-        m.dit.train(args.gradient_checkpointing)
-        m.text_encoder.train(args.gradient_checkpointing and train_text_encoder)
+        set_checkpointing_and_modes(
+            m.dit, [m.text_encoder], gradient_checkpointing=bool(args.gradient_checkpointing),
+            cuda_graph=bool(getattr(args, "cuda_graph", False)), train_text_encoder=ctx.train_text_encoder,
+        )  # fmt: skip
         m.vae.eval()
 
     def repeated_blocks(self) -> list[nn.Module]:
