@@ -8,6 +8,7 @@ function-level import is still a cycle a reader has to untangle.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -178,3 +179,25 @@ def test_functions_and_files_are_small() -> None:
             too_long.append(f"{path.relative_to(ROOT)} ({lines} lines)")
         too_long += _long_functions(path)
     assert not too_long, too_long
+
+
+# Citations of specification files that live outside the repository: the reasoning belongs in the comment
+# itself or in docs/, where a reader of the repository can follow it.
+OUTSIDE_CITATION = re.compile(r"§|\bspec/|\[Q\]|(?<!docs/)\b(?:sdxl|anima|networks)\.md\b")
+
+
+def test_outside_citation_pattern() -> None:
+    for cited in ("(spec §2)", "spec/sdxl.md section 3", "sdxl.md §5", "([Q] in the spec)"):
+        assert OUTSIDE_CITATION.search(cited), cited
+    for ours in ("see docs/dataset_config.md, Buckets", "docs/anima.md"):
+        assert not OUTSIDE_CITATION.search(ours), ours
+
+
+def test_no_comment_cites_files_outside_the_repository() -> None:
+    hits = [
+        f"{path.relative_to(ROOT)}:{i}: {line.strip()}"
+        for path in size_checked_files()
+        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if OUTSIDE_CITATION.search(line)
+    ]
+    assert not hits, hits

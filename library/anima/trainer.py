@@ -1,4 +1,4 @@
-"""The Anima half of the network trainer (spec anima.md §2) on the shared loop of library/training/loop.py.
+"""The Anima half of the network trainer (sd-scripts' anima_train_network.py) on the shared loop.
 
 Rectified flow: x_s = (1-s)*x0 + s*n, the DiT predicts v = n - x0. Timesteps come from
 `--timestep_sampling`, the loss is weighted by `--weighting_scheme`. Latents and Qwen3 outputs can be
@@ -378,7 +378,8 @@ class AnimaArchitecture(TrainingArchitecture):
         if args.cache_text_encoder_outputs:
             m.text_encoder.to(accelerator.device, ctx.weight_dtype)
             settings = f"anima-qwen3:{args.qwen3_max_token_length}:{args.t5_max_token_length}"
-            # caption dropout survives caching: applied per sample on the cached outputs (spec §2)
+            # caption dropout survives caching: the cached outputs of a dropped caption are replaced per
+            # sample by those of the empty caption (apply_cached_caption_dropout), so the rate still applies
             for info in self.dataset.image_infos():
                 if info.subset.caption_dropout_every_n_epochs:
                     raise ValueError(
