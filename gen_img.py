@@ -12,19 +12,19 @@ from __future__ import annotations
 
 import argparse
 import glob
-import importlib
 import logging
 import os
 import random
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from library.inference.network_loading import LoadedNetwork, NetworkRequest
+from library.inference.network_loading import load_networks as load_sdxl_networks
 from library.inference.planning import (
     ImageJob,
     job_key,
@@ -44,7 +44,7 @@ from library.io.png_metadata import (
     sequential_name,
     timestamped_name,
 )
-from networks.block_weights import apply_block_weights, sdxl_per_network
+from networks.block_weights import sdxl_per_network
 from networks.fp8 import apply_fp8_base, cast_keeping_fp8
 
 logger = logging.getLogger("gen_img")
@@ -272,185 +272,28 @@ def parse_network_kwargs(text: str | None) -> dict[str, str]:
 # ------------------------------------------------------------------------------------------ networks
 
 
-@dataclass
-class LoadedNetwork:
-    module_name: str
-    weights_path: str
-    multiplier: float
-    merged: bool
-    network: Any = None  # the live network (None once merged: its modules are not kept)
-    algorithms: dict[str, int] = field(default_factory=dict)
-
-
-def _file_module_names(weights_sd: dict[str, torch.Tensor]) -> dict[str, str]:
-    """lora_name -> algorithm, from the file's keys (the text before the first dot names the module)."""
-    from networks.network_io import detect_algorithm, group_by_module
-
-    return {name: detect_algorithm(name, tensors) for name, tensors in group_by_module(weights_sd).items()}
-
-
-def _built_module_names(network: torch.nn.Module) -> set[str]:
-    return {m.lora_name for m in network.modules() if isinstance(getattr(m, "lora_name", None), str)}
-
-
-def _short(names: Sequence[str], n: int = 12) -> str:
-    names = sorted(names)
-    more = f" ... and {len(names) - n} more" if len(names) > n else ""
-    return ", ".join(names[:n]) + more
-
-
-def model_layer_names(text_encoders: Sequence[torch.nn.Module], unet: torch.nn.Module) -> set[str]:
-    """Every module name a network file may use on this model (the networks' own naming code): the
-    original (SGM) names and the model-path (diffusers) names the loader renames."""
-    from networks.arch import detect_architecture
-    from networks.network_base import iter_all_leaves, lora_name_of, model_roots
-
-    arch = detect_architecture(list(text_encoders), unet)
-    names: set[str] = set()
-    for root in model_roots(arch, list(text_encoders), unet, None):
-        for item in iter_all_leaves(root):  # (original, leaf) or (original, model path, leaf)
-            names.update(lora_name_of(root.prefix, p) for p in item[:-1])
-    return names
-
-
-def check_file_names(file_algos: dict[str, str], available: set[str], module_name: str, path: str) -> None:
-    """Every module named in the file must exist (or have been built): no silent no-op, all names listed."""
-    missing = sorted(set(file_algos) - available)
-    if not missing:
-        return
-    if not available & set(file_algos):
-        prefixes = sorted({"_".join(k.split("_")[:3]) for k in file_algos})
-        raise ValueError(
-            f"--network_weights {path}: none of its {len(file_algos)} modules match this SDXL model "
-            f"(name prefixes: {', '.join(prefixes[:6])}); is it a network for another architecture "
-            "(e.g. Anima 'lora_unet_blocks_*') or another model? SDXL names look like "
-            "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q or lora_te1_text_model_encoder_layers_0_mlp_fc1"
-        )
-    algos = sorted({file_algos[k] for k in missing})
-    raise ValueError(
-        f"--network_weights {path}: {len(missing)} of {len(file_algos)} modules in the file match no layer "
-        f"of this model for {module_name} ({'/'.join(algos)} keys): {_short(missing)}"
-    )
-
-
-OUR_ALGORITHMS = {"networks.lora": "lora", "networks.loha": "loha", "networks.lokr": "lokr"}
-
-
-def check_algorithm_matches(module_name: str, file_algos: dict[str, str], path: str) -> None:
-    """A file with no module of the requested algorithm is a mismatch (mixed LyCORIS files still load)."""
-    wanted = OUR_ALGORITHMS.get(module_name)
-    found = sorted(set(file_algos.values()))
-    if wanted is None or not found or wanted in found:
-        return
-    suggestion = " or ".join(f"networks.{a}" for a in found)
-    raise ValueError(
-        f"--network_module {module_name} does not match --network_weights {path}: the file holds "
-        f"{'/'.join(a.upper() for a in found)} modules and no {wanted.upper()} module; use --network_module {suggestion}"
-    )
-
-
 def load_networks(
     args: argparse.Namespace, models: Any, dtype: torch.dtype, device: torch.device
 ) -> list[LoadedNetwork]:
     """Create each network from its file; merge it (`--network_merge[_n_models]`) or apply it live."""
-    from library.sdxl.loading import is_sgm_only_network_module
-    from networks.network_io import read_weights
-
     modules = args.network_module or []
     n_merge = 0
     if args.network_merge:
         n_merge = len(modules)
     if args.network_merge_n_models is not None:
         n_merge = args.network_merge_n_models
-    text_encoders = [models.text_encoder_1, models.text_encoder_2]
-    layer_names = model_layer_names(text_encoders, models.unet) if modules else set()
     block_weights = sdxl_per_network("--network_block_weights", args.network_block_weights, len(modules))
-    loaded: list[LoadedNetwork] = []
-    for i, module_name in enumerate(modules):
-        path = args.network_weights[i]
-        mul = 1.0 if args.network_mul is None else float(args.network_mul[i])
-        kwargs = parse_network_kwargs(args.network_args[i] if args.network_args else None)
-        lycoris_file = is_sgm_only_network_module(module_name)
-        if lycoris_file:
-            # LyCORIS cannot target the diffusers U-Net; our loader reads its files (algorithm per module)
-            logger.warning(
-                "--network_module %s: reading %s with networks.lora's loader (LoRA/LoHa/LoKr per module)",
-                module_name,
-                path,
-            )
-            module_name = "networks.lora"
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as e:
-            raise ValueError(f"--network_module {module_name!r} cannot be imported: {e}") from e
-        if not hasattr(module, "create_network_from_weights"):
-            raise ValueError(f"--network_module {module_name!r} has no create_network_from_weights()")
-        weights_sd, metadata = read_weights(path, "--network_weights")  # unreadable: one line naming it
-        try:
-            if args.network_show_meta:
-                logger.info("metadata of %s: %s", path, metadata)
-            file_algos = _file_module_names(weights_sd)
-        except Exception as e:  # unknown keys
-            msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-            raise ValueError(f"--network_weights {path}: cannot be loaded as a network file: {msg}") from e
-        check_file_names(file_algos, layer_names, module_name, path)
-        if not lycoris_file:
-            check_algorithm_matches(module_name, file_algos, path)
-        try:
-            network, weights_sd = module.create_network_from_weights(
-                mul,
-                path,
-                models.vae,
-                text_encoders,
-                models.unet,
-                weights_sd=weights_sd,
-                for_inference=True,
-                **kwargs,
-            )
-        except KeyError as e:  # the module names the offending key; keep its words, not KeyError's quotes
-            raise ValueError(f"--network_weights {path}: {e.args[0] if e.args else e}") from e
-        if network is None:
-            raise ValueError(f"--network_module {module_name} returned no network for {path}")
-        # a third-party module could skip names silently; ours raise, this catches the rest
-        check_file_names(file_algos, _built_module_names(network), module_name, path)
-        foreign = sorted({a for a in file_algos.values()} - {module_name.rsplit(".", 1)[-1]})
-        if module_name.startswith("networks.") and foreign:
-            logger.info(
-                "%s: file holds %s modules; %s loads them with their own algorithm",
-                path,
-                foreign,
-                module_name,
-            )
-        counts: dict[str, int] = {}
-        for algo in file_algos.values():
-            counts[algo] = counts.get(algo, 0) + 1
-        if block_weights[i] is not None:  # before merge_to: it merges at each module's multiplier
-            apply_block_weights(network, block_weights[i], f"--network_block_weights (network {i + 1})")
-        merge = i < n_merge and network.is_mergeable()
-        if i < n_merge and not merge:
-            logger.warning("%s: network is not mergeable, applying it as modules instead", path)
-        if merge:
-            network.merge_to(text_encoders, models.unet, weights_sd, dtype, device)
-            network = None  # its tensors now live in the model weights
-        else:
-            network.apply_to(text_encoders, models.unet)
-            try:
-                network.load_state_dict(weights_sd, strict=True)
-            except RuntimeError as e:
-                raise ValueError(f"--network_weights {path}: tensors do not fit {module_name}: {e}") from e
-            network.to(device=device, dtype=dtype)
-            network.eval().requires_grad_(False)
-        logger.info(
-            "network %d: %s %s x%s, %s (%s)",
-            i + 1,
+    requests = [
+        NetworkRequest(
             module_name,
-            path,
-            mul,
-            "merged" if merge else "live",
-            ", ".join(f"{k} {v}" for k, v in sorted(counts.items())),
+            args.network_weights[i],
+            1.0 if args.network_mul is None else float(args.network_mul[i]),
+            parse_network_kwargs(args.network_args[i] if args.network_args else None),
+            block_weights[i],
         )
-        loaded.append(LoadedNetwork(module_name, path, mul, merge, network, counts))
-    return loaded
+        for i, module_name in enumerate(modules)
+    ]
+    return load_sdxl_networks(requests, models, n_merge, args.network_show_meta, dtype, device)
 
 
 # ------------------------------------------------------------------------------------------ running

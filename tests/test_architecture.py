@@ -1,4 +1,5 @@
-"""The shape of the code: no import cycles, `networks/` independent of `library/`, small functions and files.
+"""The shape of the code: no import cycles, `networks/` independent of `library/`, small functions and files
+(in `networks/`, `library/` and the root scripts).
 
 Imports are read with `ast` (never executed), lazy imports inside functions included: a cycle through a
 function-level import is still a cycle a reader has to untangle.
@@ -7,6 +8,7 @@ function-level import is still a cycle a reader has to untangle.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -157,11 +159,45 @@ def _long_functions(path: Path) -> list[str]:
     return out
 
 
-def test_networks_functions_and_files_are_small() -> None:
+def size_checked_files() -> list[Path]:
+    """`networks/`, `library/` and the entry scripts at the root (tests/ and bench/ are not held to it)."""
+    files = [path for pkg in PACKAGES for path in sorted((ROOT / pkg).rglob("*.py"))]
+    return files + sorted(ROOT.glob("*.py"))
+
+
+def test_size_rule_covers_library_and_root_scripts() -> None:
+    names = {str(p.relative_to(ROOT)) for p in size_checked_files()}
+    assert {"networks/lokr.py", "library/training/run.py", "gen_img.py", "sdxl_train_network.py"} <= names
+    assert not any(n.startswith(("tests/", "bench/")) for n in names)
+
+
+def test_functions_and_files_are_small() -> None:
     too_long: list[str] = []
-    for path in sorted((ROOT / "networks").rglob("*.py")):
+    for path in size_checked_files():
         lines = len(path.read_text(encoding="utf-8").splitlines())
         if lines > MAX_FILE_LINES:
             too_long.append(f"{path.relative_to(ROOT)} ({lines} lines)")
         too_long += _long_functions(path)
     assert not too_long, too_long
+
+
+# Citations of specification files that live outside the repository: the reasoning belongs in the comment
+# itself or in docs/, where a reader of the repository can follow it.
+OUTSIDE_CITATION = re.compile(r"§|\bspec/|\[Q\]|(?<!docs/)\b(?:sdxl|anima|networks)\.md\b")
+
+
+def test_outside_citation_pattern() -> None:
+    for cited in ("(spec §2)", "spec/sdxl.md section 3", "sdxl.md §5", "([Q] in the spec)"):
+        assert OUTSIDE_CITATION.search(cited), cited
+    for ours in ("see docs/dataset_config.md, Buckets", "docs/anima.md"):
+        assert not OUTSIDE_CITATION.search(ours), ours
+
+
+def test_no_comment_cites_files_outside_the_repository() -> None:
+    hits = [
+        f"{path.relative_to(ROOT)}:{i}: {line.strip()}"
+        for path in size_checked_files()
+        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if OUTSIDE_CITATION.search(line)
+    ]
+    assert not hits, hits

@@ -408,7 +408,7 @@ def tiny_qwen3_config(vocab_size: int = 151936) -> Qwen3Config:
 def build_tiny_anima_models(
     tokenizers_dir: PathLike | None = None, seed: int = 0, dtype: torch.dtype = torch.float32
 ) -> AnimaModels:
-    """Tiny Anima (spec §5) with the real class names/key layout and the real tokenizers, random weights."""
+    """Tiny Anima (`tiny_anima_config`): real class names, key layout and tokenizers; random weights."""
     td = None if tokenizers_dir is None else Path(tokenizers_dir)
     torch.manual_seed(seed)
     dit = Anima(tiny_anima_config())

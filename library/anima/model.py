@@ -1,4 +1,4 @@
-"""Anima DiT (Cosmos-Predict2 "MiniTrainDIT" layout) and its LLM adapter, written from the behaviour spec.
+"""Anima DiT (Cosmos-Predict2 "MiniTrainDIT" layout); its LLM adapter is in `library.anima.llm_adapter`.
 
 The module tree (class names and attribute paths) mirrors the released checkpoint so that state-dict keys
 load 1:1 after stripping `net.` and so that network targeting sees the sd-scripts class names
@@ -9,13 +9,28 @@ Widths and depths are config values; `anima_config_from_state_dict` infers them 
 from __future__ import annotations
 
 import math
-import re
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+# AnimaConfig, the config helpers and the adapter classes are re-exported: tests, bench and tools import
+# them from here
+from library.anima.config import AnimaConfig, anima_config_from_state_dict, tiny_anima_config
+from library.anima.layers import RMSNorm, apply_rope
+from library.anima.llm_adapter import LLMAdapter, LLMAdapterTransformerBlock
+
+__all__ = [
+    "OPTIONAL_DIT_BUFFERS",
+    "Anima",
+    "AnimaConfig",
+    "Block",
+    "LLMAdapter",
+    "LLMAdapterTransformerBlock",
+    "anima_config_from_state_dict",
+    "tiny_anima_config",
+]
 
 # Buffers that some checkpoints carry; we recompute them, so they are accepted and ignored on load.
 OPTIONAL_DIT_BUFFERS = (
@@ -23,103 +38,6 @@ OPTIONAL_DIT_BUFFERS = (
     "pos_embedder.dim_spatial_range",
     "pos_embedder.dim_temporal_range",
 )
-
-
-@dataclass
-class AnimaConfig:
-    """DiT + adapter hyper-parameters. Defaults are the released 2B model."""
-
-    in_channels: int = 16
-    out_channels: int = 16
-    patch_spatial: int = 2
-    patch_temporal: int = 1
-    concat_padding_mask: bool = True
-    model_channels: int = 2048
-    num_blocks: int = 28
-    num_heads: int = 16
-    mlp_hidden: int = 8192
-    crossattn_emb_channels: int = 1024
-    adaln_lora_dim: int = 256
-    max_img_h: int = 512
-    max_img_w: int = 512
-    max_frames: int = 128
-    rope_h_extrapolation_ratio: float = 4.0
-    rope_w_extrapolation_ratio: float = 4.0
-    rope_t_extrapolation_ratio: float = 1.0
-    # LLM adapter
-    adapter_source_dim: int = 1024
-    adapter_target_dim: int = 1024
-    adapter_model_dim: int = 1024
-    adapter_num_layers: int = 6
-    adapter_num_heads: int = 16
-    adapter_mlp_hidden: int = 4096
-    adapter_vocab_size: int = 32128
-
-    @property
-    def head_dim(self) -> int:
-        return self.model_channels // self.num_heads
-
-
-def tiny_anima_config() -> AnimaConfig:
-    """The spec's §5 tiny config (real key layout, tiny widths) for CPU tests."""
-    return AnimaConfig(
-        model_channels=64,
-        num_blocks=2,
-        num_heads=4,
-        mlp_hidden=256,
-        crossattn_emb_channels=32,
-        adaln_lora_dim=16,
-        max_img_h=64,
-        max_img_w=64,
-        max_frames=1,
-        adapter_source_dim=32,
-        adapter_target_dim=32,
-        adapter_model_dim=32,
-        adapter_num_layers=2,
-        adapter_num_heads=4,
-        adapter_mlp_hidden=128,
-    )
-
-
-# ----------------------------------------------------------------------------------------------- norms
-class RMSNorm(nn.Module):
-    """DiT RMSNorm: normalise in fp32, cast back to the input dtype, then scale by the weight."""
-
-    def __init__(self, dim: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return y.to(x.dtype) * self.weight
-
-
-class LLMAdapterRMSNorm(nn.Module):
-    """Adapter RMSNorm: fp32 variance; cast to the weight dtype only when that is half precision."""
-
-    def __init__(self, dim: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.weight.dtype in (torch.float16, torch.bfloat16):
-            y = y.to(self.weight.dtype)
-        return self.weight * y
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: (B, heads, L, hd); cos/sin broadcastable (…, L, hd). Rotate-half pairing j with j + hd/2.
-    return x * cos + _rotate_half(x) * sin
 
 
 # ----------------------------------------------------------------------------------------------- DiT parts
@@ -255,7 +173,7 @@ class Attention(nn.Module):
         v = self.v_norm(self.v_proj(ctx).view(b, -1, self.heads, self.head_dim)).transpose(1, 2)
         if rope is not None:
             cos, sin = (r.to(q.dtype) for r in rope)
-            q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = F.scaled_dot_product_attention(q, k, v)
         return self.output_proj(out.transpose(1, 2).reshape(b, -1, self.heads * self.head_dim))
 
@@ -326,118 +244,6 @@ class FinalLayer(nn.Module):
         d = x.shape[-1]
         shift, scale = (self.adaln_modulation(emb) + adaln_lora[:, : 2 * d]).chunk(2, dim=-1)
         return self.linear(self.layer_norm(x) * (1 + scale[:, None]) + shift[:, None])
-
-
-# ----------------------------------------------------------------------------------------------- LLM adapter
-class AdapterRotaryEmbedding(nn.Module):
-    """HF-style rotary table (theta 1e4); cos/sin computed in fp32 then cast to the activations' dtype."""
-
-    def __init__(self, head_dim: int, theta: float = 10000.0) -> None:
-        super().__init__()
-        inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
-        self.register_buffer("inv_freq", inv, persistent=False)
-
-    def forward(self, length: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        pos = torch.arange(length, device=like.device, dtype=torch.float32)
-        freqs = torch.outer(pos, self.inv_freq.to(like.device).float())
-        emb = torch.cat([freqs, freqs], dim=-1)
-        return emb.cos().to(like.dtype), emb.sin().to(like.dtype)
-
-
-class LLMAdapterAttention(nn.Module):
-    def __init__(self, query_dim: int, context_dim: int, heads: int) -> None:
-        super().__init__()
-        self.heads, self.head_dim = heads, query_dim // heads
-        self.q_proj = nn.Linear(query_dim, query_dim, bias=False)
-        self.q_norm = LLMAdapterRMSNorm(self.head_dim)
-        self.k_proj = nn.Linear(context_dim, query_dim, bias=False)
-        self.k_norm = LLMAdapterRMSNorm(self.head_dim)
-        self.v_proj = nn.Linear(context_dim, query_dim, bias=False)
-        self.o_proj = nn.Linear(query_dim, query_dim, bias=False)
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        context: torch.Tensor,
-        mask: torch.Tensor | None,
-        rope_q: tuple[torch.Tensor, torch.Tensor],
-        rope_k: tuple[torch.Tensor, torch.Tensor],
-    ) -> torch.Tensor:
-        b = x.shape[0]
-        q = self.q_norm(self.q_proj(x).view(b, -1, self.heads, self.head_dim)).transpose(1, 2)
-        k = self.k_norm(self.k_proj(context).view(b, -1, self.heads, self.head_dim)).transpose(1, 2)
-        v = self.v_proj(context).view(b, -1, self.heads, self.head_dim).transpose(1, 2)
-        q = _apply_rope(q, rope_q[0].to(q.dtype), rope_q[1].to(q.dtype))
-        k = _apply_rope(k, rope_k[0].to(k.dtype), rope_k[1].to(k.dtype))
-        attn_mask = None if mask is None else mask.bool()[:, None, None, :]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        if attn_mask is not None:
-            # A fully masked row (empty prompt) must attend to nothing: zeros, never NaN (torch#133882).
-            out = out.masked_fill(~attn_mask.any(dim=-1, keepdim=True), 0.0)
-        return self.o_proj(out.transpose(1, 2).reshape(b, -1, self.heads * self.head_dim))
-
-
-class LLMAdapterTransformerBlock(nn.Module):
-    def __init__(self, source_dim: int, model_dim: int, heads: int, mlp_hidden: int) -> None:
-        super().__init__()
-        self.norm_self_attn = LLMAdapterRMSNorm(model_dim)
-        self.self_attn = LLMAdapterAttention(model_dim, model_dim, heads)
-        self.norm_cross_attn = LLMAdapterRMSNorm(model_dim)
-        self.cross_attn = LLMAdapterAttention(model_dim, source_dim, heads)
-        self.norm_mlp = LLMAdapterRMSNorm(model_dim)
-        self.mlp = nn.Sequential(
-            nn.Linear(model_dim, mlp_hidden), nn.GELU(), nn.Linear(mlp_hidden, model_dim)
-        )
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        source: torch.Tensor,
-        target_mask: torch.Tensor | None,
-        source_mask: torch.Tensor | None,
-        rope_t: tuple[torch.Tensor, torch.Tensor],
-        rope_s: tuple[torch.Tensor, torch.Tensor],
-    ) -> torch.Tensor:
-        h = self.norm_self_attn(x)
-        x = x + self.self_attn(h, h, target_mask, rope_t, rope_t)
-        x = x + self.cross_attn(self.norm_cross_attn(x), source, source_mask, rope_t, rope_s)
-        return x + self.mlp(self.norm_mlp(x))
-
-
-class LLMAdapter(nn.Module):
-    """T5 ids cross-attending to Qwen3 states -> (B, Lt, target_dim) DiT context (padded rows not zeroed here)."""
-
-    def __init__(self, cfg: AnimaConfig) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(cfg.adapter_vocab_size, cfg.adapter_target_dim)
-        if cfg.adapter_model_dim != cfg.adapter_target_dim:
-            self.in_proj: nn.Module = nn.Linear(cfg.adapter_target_dim, cfg.adapter_model_dim)
-        else:
-            self.in_proj = nn.Identity()
-        self.rotary_emb = AdapterRotaryEmbedding(cfg.adapter_model_dim // cfg.adapter_num_heads)
-        self.blocks = nn.ModuleList(
-            LLMAdapterTransformerBlock(
-                cfg.adapter_source_dim, cfg.adapter_model_dim, cfg.adapter_num_heads, cfg.adapter_mlp_hidden
-            )
-            for _ in range(cfg.adapter_num_layers)
-        )
-        self.out_proj = nn.Linear(cfg.adapter_model_dim, cfg.adapter_target_dim)
-        self.norm = LLMAdapterRMSNorm(cfg.adapter_target_dim)
-
-    def forward(
-        self,
-        source_hidden_states: torch.Tensor,
-        target_input_ids: torch.Tensor,
-        target_attention_mask: torch.Tensor | None = None,
-        source_attention_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        x = self.in_proj(self.embed(target_input_ids))
-        source = source_hidden_states.to(x.dtype)
-        rope_t = self.rotary_emb(x.shape[1], x)
-        rope_s = self.rotary_emb(source.shape[1], x)
-        for blk in self.blocks:
-            x = blk(x, source, target_attention_mask, source_attention_mask, rope_t, rope_s)
-        return self.norm(self.out_proj(x))
 
 
 # ----------------------------------------------------------------------------------------------- root
@@ -549,59 +355,3 @@ class Anima(nn.Module):
         c = cfg.out_channels
         out = out.reshape(b, tt, hh, ww, pt, p, p, c).permute(0, 7, 1, 4, 2, 5, 3, 6)
         return out.reshape(b, c, tt * pt, hh * p, ww * p)
-
-
-# ----------------------------------------------------------------------------------------------- config inference
-def _count_indexed(keys: list[str], prefix: str) -> int:
-    pat = re.compile(re.escape(prefix) + r"(\d+)\.")
-    idx = {int(m.group(1)) for k in keys if (m := pat.match(k))}
-    if idx != set(range(len(idx))):
-        raise ValueError(f"checkpoint has non-contiguous '{prefix}N' indices: {sorted(idx)}")
-    return len(idx)
-
-
-def anima_config_from_state_dict(sd: dict[str, torch.Tensor], source: str = "checkpoint") -> AnimaConfig:
-    """Infer widths and depths from tensor shapes (keys without `net.`). Raises on a non-Anima state dict."""
-    required = (
-        "x_embedder.proj.1.weight",
-        "blocks.0.self_attn.q_norm.weight",
-        "final_layer.linear.weight",
-        "t_embedder.1.linear_1.weight",
-        "llm_adapter.embed.weight",
-        "llm_adapter.blocks.0.self_attn.q_norm.weight",
-    )
-    missing = [k for k in required if k not in sd]
-    if missing:
-        sample = ", ".join(sorted(sd)[:3])
-        raise ValueError(
-            f"{source} is not an Anima DiT checkpoint: missing {missing} (expected keys like "
-            f"'net.blocks.0.self_attn.q_proj.weight'; found e.g. {sample})"
-        )
-    keys = list(sd)
-    d, patch_in = sd["x_embedder.proj.1.weight"].shape
-    head_dim = sd["blocks.0.self_attn.q_norm.weight"].shape[0]
-    p, pt = 2, 1
-    in_ch = patch_in // (p * p * pt) - 1  # concat_padding_mask adds one channel
-    out_ch = sd["final_layer.linear.weight"].shape[0] // (p * p * pt)
-    a_head = sd["llm_adapter.blocks.0.self_attn.q_norm.weight"].shape[0]
-    a_model = sd["llm_adapter.blocks.0.self_attn.q_proj.weight"].shape[0]
-    vocab, a_target = sd["llm_adapter.embed.weight"].shape
-    return AnimaConfig(
-        in_channels=in_ch,
-        out_channels=out_ch,
-        patch_spatial=p,
-        patch_temporal=pt,
-        model_channels=d,
-        num_blocks=_count_indexed(keys, "blocks."),
-        num_heads=d // head_dim,
-        mlp_hidden=sd["blocks.0.mlp.layer1.weight"].shape[0],
-        crossattn_emb_channels=sd["blocks.0.cross_attn.k_proj.weight"].shape[1],
-        adaln_lora_dim=sd["blocks.0.adaln_modulation_self_attn.1.weight"].shape[0],
-        adapter_source_dim=sd["llm_adapter.blocks.0.cross_attn.k_proj.weight"].shape[1],
-        adapter_target_dim=a_target,
-        adapter_model_dim=a_model,
-        adapter_num_layers=_count_indexed(keys, "llm_adapter.blocks."),
-        adapter_num_heads=a_model // a_head,
-        adapter_mlp_hidden=sd["llm_adapter.blocks.0.mlp.0.weight"].shape[0],
-        adapter_vocab_size=vocab,
-    )

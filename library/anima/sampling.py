@@ -1,4 +1,4 @@
-"""Anima flow-matching Euler sampler with a shifted sigma schedule and CFG (spec anima.md §3).
+"""Anima flow-matching Euler sampler with a shifted sigma schedule and CFG (the reference inference script's).
 
 Used by `anima_minimal_inference.py` and by the trainer's sample images.
 diffusers' FlowMatchEulerDiscreteScheduler is not used on purpose: its timesteps differ.

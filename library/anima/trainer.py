@@ -1,4 +1,4 @@
-"""The Anima half of the network trainer (spec anima.md §2) on the shared loop of library/training/loop.py.
+"""The Anima half of the network trainer (sd-scripts' anima_train_network.py) on the shared loop.
 
 Rectified flow: x_s = (1-s)*x0 + s*n, the DiT predicts v = n - x0. Timesteps come from
 `--timestep_sampling`, the loss is weighted by `--weighting_scheme`. Latents and Qwen3 outputs can be
@@ -20,7 +20,7 @@ from PIL import Image
 from torch import nn
 
 from library.training.architecture import DatasetInfo, RunContext, SampleRequest, TrainingArchitecture
-from library.training.cuda_graph import GraphedCall, enable_checkpointing_without_rng
+from library.training.cuda_graph import GraphedCall, set_checkpointing_and_modes
 from networks.fp8 import cast_keeping_fp8
 
 logger = logging.getLogger(__name__)
@@ -378,7 +378,8 @@ class AnimaArchitecture(TrainingArchitecture):
         if args.cache_text_encoder_outputs:
             m.text_encoder.to(accelerator.device, ctx.weight_dtype)
             settings = f"anima-qwen3:{args.qwen3_max_token_length}:{args.t5_max_token_length}"
-            # caption dropout survives caching: applied per sample on the cached outputs (spec §2)
+            # caption dropout survives caching: the cached outputs of a dropped caption are replaced per
+            # sample by those of the empty caption (apply_cached_caption_dropout), so the rate still applies
             for info in self.dataset.image_infos():
                 if info.subset.caption_dropout_every_n_epochs:
                     raise ValueError(
@@ -400,7 +401,6 @@ class AnimaArchitecture(TrainingArchitecture):
 
     def prepare_models(self, ctx: RunContext) -> None:
         m, args, device, weight_dtype = self.models, ctx.args, ctx.device, ctx.weight_dtype
-        train_text_encoder = ctx.train_text_encoder
         for model in (m.dit, m.text_encoder, m.vae):
             model.requires_grad_(False)
         cast_keeping_fp8(m.dit, device, weight_dtype)  # Module.to(dtype) would upcast fp8 weights
@@ -410,15 +410,10 @@ class AnimaArchitecture(TrainingArchitecture):
             m.text_encoder.to(device, weight_dtype)
         if not args.cache_latents:
             m.vae.to(device)
-        if args.gradient_checkpointing:
-            if getattr(args, "cuda_graph", False):
-                enable_checkpointing_without_rng(m.dit)
-            else:
-                m.dit.enable_gradient_checkpointing()
-            if train_text_encoder:
-                m.text_encoder.gradient_checkpointing_enable()
-        m.dit.train(args.gradient_checkpointing)
-        m.text_encoder.train(args.gradient_checkpointing and train_text_encoder)
+        set_checkpointing_and_modes(
+            m.dit, [m.text_encoder], gradient_checkpointing=bool(args.gradient_checkpointing),
+            cuda_graph=bool(getattr(args, "cuda_graph", False)), train_text_encoder=ctx.train_text_encoder,
+        )  # fmt: skip
         m.vae.eval()
 
     def repeated_blocks(self) -> list[nn.Module]:

@@ -1,8 +1,9 @@
 """Aspect-ratio buckets with the same numbers as sd-scripts.
 
 A bucket is a (width, height) pair. Every image is assigned to one bucket, cover-resized so that the
-bucket fits inside it (sides rounded half-up) and cropped to the bucket. The rules are the ones in
-spec/sdxl.md section 3; the functions here are pure so that tests can pin golden numbers.
+bucket fits inside it (sides rounded half-up) and cropped to the bucket (docs/dataset_config.md,
+"Buckets"). The numbers must equal sd-scripts' since the bucket decides the crop conditioning the model
+sees; the functions here are pure so that tests can pin golden numbers.
 """
 
 from __future__ import annotations
@@ -65,8 +66,9 @@ def adjust_min_max_bucket_reso(
 def get_crop_ltrb(bucket_reso: Size, image_size: Size) -> tuple[float, float, float, float]:
     """Letterbox box of the whole image inside the bucket (sd-scripts' SDXL crop conditioning).
 
-    This is deliberately the sd-scripts formula ([Q] in the spec): it describes where the image would sit
-    if it were fitted *inside* the bucket, not the real cover-crop offsets. Values stay floats as there.
+    This is deliberately sd-scripts' formula, odd as it is: it describes where the image would sit if it
+    were fitted *inside* the bucket, not the real cover-crop offsets. Models trained with sd-scripts saw
+    these values as crop conditioning, so we feed the same. Values stay floats as there.
     """
     bucket_ar = bucket_reso[0] / bucket_reso[1]
     image_ar = image_size[0] / image_size[1]

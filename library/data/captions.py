@@ -1,4 +1,4 @@
-"""Caption reading and per-fetch caption processing (sd-scripts semantics, spec/sdxl.md section 3)."""
+"""Caption reading and per-fetch caption processing with sd-scripts' rules (docs/dataset_config.md)."""
 
 from __future__ import annotations
 
@@ -135,8 +135,9 @@ def process_caption(
 def deterministic_caption(caption: str, opts: CaptionOptions) -> str:
     """The caption a text-encoder cache stores: prefix/suffix, first line, secondary separator.
 
-    sd-scripts caches the raw caption and silently drops prefix/suffix ([Q]); we keep them, since they
-    are deterministic. Random parts (dropout, shuffle, wildcards) are refused or resolved to line one.
+    sd-scripts caches the raw caption, so prefix/suffix silently vanish from cached outputs; we keep them,
+    since they are deterministic and the user asked for them. Random parts (dropout, shuffle, wildcards)
+    are refused or resolved to line one.
     """
     caption = add_prefix_suffix(caption, opts).split("\n")[0]
     if opts.secondary_separator:

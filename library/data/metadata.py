@@ -1,4 +1,4 @@
-"""`ss_*` dataset metadata for saved networks (spec/sdxl.md section 6); every value is a string."""
+"""`ss_*` dataset metadata for saved networks, as sd-scripts writes it; every value is a string."""
 
 from __future__ import annotations
 

@@ -28,7 +28,8 @@ def unet_key_mapper(up_block_types: list[str], layers_per_block: int) -> Callabl
     """diffusers UNet2DConditionModel state-dict key -> SGM `model.diffusion_model` key (no prefix).
 
     A key is a module path plus a parameter name, so this reuses the module-path map that network
-    naming uses (networks/arch/sdxl.py, sdxl.md §5): one table for both.
+    naming uses (networks/arch/sdxl.py): one table for both, so checkpoint keys and network names
+    cannot drift apart.
     """
     with_attention = {i for i, t in enumerate(up_block_types) if "CrossAttn" in t}
     path_to_sgm = make_diffusers_to_sgm(layers_per_block, with_attention)

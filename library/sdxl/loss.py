@@ -1,7 +1,7 @@
 """Diffusion training maths shared by the SDXL trainer: schedule, noise, timesteps, targets, losses,
 SNR reweightings, SDXL size conditioning, and one helper that turns a batch into per-sample losses.
 
-Formulas follow sd-scripts' documented behaviour (spec sdxl.md §4): DDPM scaled_linear betas
+The formulas are sd-scripts', so that the same flags train the same way here: DDPM scaled_linear betas
 0.00085→0.012 over 1000 steps, timesteps drawn on the CPU, loss mean over C,H,W then per-sample
 weights, then min-SNR and the other SNR-based reweightings.
 """

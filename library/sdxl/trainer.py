@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from library.training.architecture import DatasetInfo, RunContext, SampleRequest, TrainingArchitecture
-from library.training.cuda_graph import GraphedUNet, enable_checkpointing_without_rng
+from library.training.cuda_graph import GraphedUNet, set_checkpointing_and_modes
 from networks.fp8 import apply_fp8_base
 
 logger = logging.getLogger(__name__)
@@ -111,7 +111,6 @@ class SdxlArchitecture(TrainingArchitecture):
 
     def prepare_models(self, ctx: RunContext) -> None:
         m, args, device, weight_dtype = self.models, ctx.args, ctx.device, ctx.weight_dtype
-        train_text_encoder = ctx.train_text_encoder
         self.weight_dtype = weight_dtype
         for model in (m.unet, *m.text_encoders):
             model.requires_grad_(False)
@@ -128,21 +127,10 @@ class SdxlArchitecture(TrainingArchitecture):
                 te.to(te_device, weight_dtype)
         if not args.cache_latents:
             m.vae.to(device, self.vae_dtype)
-        if args.gradient_checkpointing:
-            if getattr(args, "cuda_graph", False):
-                enable_checkpointing_without_rng(m.unet)
-            else:
-                m.unet.enable_gradient_checkpointing()
-            if train_text_encoder:
-                for te in m.text_encoders:  # transformers renamed the method; use whichever exists
-                    (
-                        getattr(te, "activation_checkpointing_enable", None)
-                        or te.gradient_checkpointing_enable
-                    )()
-        # dropout in the frozen models would make the loss noisy; training mode only for checkpointing
-        m.unet.train(args.gradient_checkpointing)
-        for te in m.text_encoders:
-            te.train(args.gradient_checkpointing and train_text_encoder)
+        set_checkpointing_and_modes(
+            m.unet, m.text_encoders, gradient_checkpointing=bool(args.gradient_checkpointing),
+            cuda_graph=bool(getattr(args, "cuda_graph", False)), train_text_encoder=ctx.train_text_encoder,
+        )  # fmt: skip
         m.vae.eval()
 
     def repeated_blocks(self) -> list[torch.nn.Module]:

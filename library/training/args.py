@@ -77,7 +77,23 @@ def _add(parser: argparse.ArgumentParser, name: str, **kwargs: Any) -> None:
 
 def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags shared by all network trainers (model, network, optimizer, schedule, saving, logging)."""
-    # model
+    for add_group in (
+        _add_model_flags,
+        _add_cache_flags,
+        _add_network_flags,
+        _add_optimizer_flags,
+        _add_precision_flags,
+        _add_saving_flags,
+        _add_sampling_flags,
+        _add_noise_and_loss_flags,
+        _add_validation_flags,
+        _add_logging_and_runtime_flags,
+    ):
+        add_group(parser)
+
+
+def _add_model_flags(parser: argparse.ArgumentParser) -> None:
+    """The base model and how it loads, the caption length, and the dataset flags sd-scripts keeps here."""
     _add(parser, "--pretrained_model_name_or_path", type=str, default=None,
          help="single-file checkpoint (.safetensors/.ckpt) or a diffusers folder")  # fmt: skip
     _add(parser, "--vae", type=str, default=None, help="VAE file or folder replacing the checkpoint's VAE")
@@ -97,14 +113,20 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     _add(parser, "--in_json", type=str, default=None)
     _add(parser, "--masked_loss", action="store_true")
     _add(parser, "--debug_dataset", action="store_true")
-    # caching (the dataset arguments may define these already)
+
+
+def _add_cache_flags(parser: argparse.ArgumentParser) -> None:
+    """Latent and text-encoder caches (the dataset arguments may define these already)."""
     _add(parser, "--cache_latents", action="store_true")
     _add(parser, "--cache_latents_to_disk", action="store_true")
     _add(parser, "--vae_batch_size", type=int, default=1)
     _add(parser, "--skip_cache_check", action="store_true")
     _add(parser, "--cache_text_encoder_outputs", action="store_true")
     _add(parser, "--cache_text_encoder_outputs_to_disk", action="store_true")
-    # network
+
+
+def _add_network_flags(parser: argparse.ArgumentParser) -> None:
+    """The network: module, size, what it trains, where it starts, and its file."""
     _add(parser, "--network_module", type=str, default=None, help="e.g. networks.lora, networks.loha")
     _add(parser, "--network_dim", type=int, default=None, help="rank (module default when omitted)")
     _add(parser, "--network_alpha", type=float, default=1, help="alpha (default 1)")
@@ -130,7 +152,10 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
         default="safetensors",
         choices=[None, "ckpt", "pt", "safetensors"],
     )
-    # optimizer + scheduler
+
+
+def _add_optimizer_flags(parser: argparse.ArgumentParser) -> None:
+    """Optimizer and learning-rate schedule."""
     _add(parser, "--optimizer_type", type=str, default="")
     _add(parser, "--use_8bit_adam", action="store_true")
     _add(parser, "--use_lion_optimizer", action="store_true")
@@ -149,7 +174,10 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     _add(parser, "--lr_scheduler_min_lr_ratio", type=float, default=None)
     _add(parser, "--lr_scheduler_type", type=str, default="")
     _add(parser, "--lr_scheduler_args", type=str, default=None, nargs="*")
-    # precision / memory
+
+
+def _add_precision_flags(parser: argparse.ArgumentParser) -> None:
+    """Precision and memory."""
     _add(parser, "--mixed_precision", type=str, default="no", choices=["no", "fp16", "bf16"])
     _add(parser, "--full_fp16", action="store_true")
     _add(parser, "--full_bf16", action="store_true")
@@ -165,7 +193,10 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     _add(parser, "--gradient_checkpointing", action="store_true")
     _add(parser, "--cpu_offload_checkpointing", action="store_true")
     _add(parser, "--gradient_accumulation_steps", type=int, default=1)
-    # length / saving
+
+
+def _add_saving_flags(parser: argparse.ArgumentParser) -> None:
+    """Length of the run, saving and resuming."""
     _add(parser, "--max_train_steps", type=int, default=1600)
     _add(parser, "--max_train_epochs", type=int, default=None)
     _add(parser, "--save_every_n_epochs", type=int, default=None)
@@ -191,13 +222,19 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     _add(parser, "--save_state_to_huggingface", action="store_true")
     _add(parser, "--resume_from_huggingface", action="store_true")
     _add(parser, "--async_upload", action="store_true")
-    # sampling
+
+
+def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
+    """Sample images during training."""
     _add(parser, "--sample_prompts", type=str, default=None)
     _add(parser, "--sample_every_n_steps", type=int, default=None)
     _add(parser, "--sample_every_n_epochs", type=int, default=None)
     _add(parser, "--sample_at_first", action="store_true")
     _add(parser, "--sample_sampler", type=str, default="ddim", choices=SAMPLERS)
-    # noise / loss
+
+
+def _add_noise_and_loss_flags(parser: argparse.ArgumentParser) -> None:
+    """Noise and loss (epsilon/v-prediction training)."""
     _add(parser, "--noise_offset", type=float, default=None)
     _add(parser, "--noise_offset_random_strength", action="store_true")
     _add(parser, "--adaptive_noise_scale", type=float, default=None)
@@ -216,13 +253,19 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     _add(parser, "--huber_schedule", type=str, default="snr", choices=["constant", "exponential", "snr"])
     _add(parser, "--huber_c", type=float, default=0.1)
     _add(parser, "--huber_scale", type=float, default=1.0)
-    # validation (accepted names, refused when used)
+
+
+def _add_validation_flags(parser: argparse.ArgumentParser) -> None:
+    """Validation: accepted names, refused when used."""
     _add(parser, "--validation_split", type=float, default=0.0)
     _add(parser, "--validation_seed", type=int, default=None)
     _add(parser, "--validate_every_n_steps", type=int, default=None)
     _add(parser, "--validate_every_n_epochs", type=int, default=None)
     _add(parser, "--max_validation_steps", type=int, default=None)
-    # logging / misc
+
+
+def _add_logging_and_runtime_flags(parser: argparse.ArgumentParser) -> None:
+    """Logging, compilation, distributed runs, metadata and config files."""
     _add(parser, "--seed", type=int, default=None)
     _add(parser, "--logging_dir", type=str, default=None)
     _add(parser, "--log_with", type=str, default=None, choices=["tensorboard", "wandb", "all"])

@@ -204,6 +204,34 @@ def enable_checkpointing_without_rng(model: torch.nn.Module) -> None:
     model.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_func)
 
 
+def set_checkpointing_and_modes(
+    denoiser: torch.nn.Module,
+    text_encoders: Sequence[torch.nn.Module],
+    *,
+    gradient_checkpointing: bool,
+    cuda_graph: bool,
+    train_text_encoder: bool,
+) -> None:
+    """Turn on gradient checkpointing where asked and put the frozen models in train or eval mode.
+
+    The denoiser (U-Net / DiT) is checkpointed without saving the RNG state under `--cuda_graph` (see
+    `enable_checkpointing_without_rng`); the text encoders only when they carry trained adapters. The
+    models are in train mode only where checkpointing needs it: their own dropout would otherwise make
+    the loss noisy.
+    """
+    if gradient_checkpointing:
+        if cuda_graph:
+            enable_checkpointing_without_rng(denoiser)
+        else:
+            denoiser.enable_gradient_checkpointing()
+        if train_text_encoder:
+            for te in text_encoders:  # transformers renamed the method; use whichever exists
+                (getattr(te, "activation_checkpointing_enable", None) or te.gradient_checkpointing_enable)()
+    denoiser.train(gradient_checkpointing)
+    for te in text_encoders:
+        te.train(gradient_checkpointing and train_text_encoder)
+
+
 class GraphedUNet:
     """A diffusers-U-Net-shaped callable (`unet(x, t, ctx, added_cond_kwargs=...).sample`) over a GraphedCall."""
 

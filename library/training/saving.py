@@ -149,7 +149,8 @@ def training_metadata(
     network_args: dict[str, str] | None,
     dataset_metadata: dict[str, str] | None,
 ) -> dict[str, str]:
-    """The run-wide ``ss_*`` keys (spec §6); per-save keys are added by :func:`finalize_metadata`."""
+    """The run-wide ``ss_*`` keys, named and formatted as sd-scripts writes them so that tools reading its
+    files read ours; per-save keys are added by :func:`finalize_metadata`."""
     a = args
     md: dict[str, Any] = {
         "ss_session_id": session_id,

@@ -1,0 +1,45 @@
+"""Pieces both halves of the Anima model use: the two RMSNorm flavours and rotate-half RoPE."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _rms_normalise(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / rms(x) over the last dimension, computed in fp32 whatever x's dtype."""
+    xf = x.float()
+    return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+
+
+class RMSNorm(nn.Module):
+    """DiT RMSNorm: normalise in fp32, cast back to the input dtype, then scale by the weight."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = _rms_normalise(x, self.eps)
+        return y.to(x.dtype) * self.weight
+
+
+class LLMAdapterRMSNorm(RMSNorm):
+    """Adapter RMSNorm: fp32 variance; cast to the weight dtype only when that is half precision."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = _rms_normalise(x, self.eps)
+        if self.weight.dtype in (torch.float16, torch.bfloat16):
+            y = y.to(self.weight.dtype)
+        return self.weight * y
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: (B, heads, L, hd); cos/sin broadcastable (…, L, hd). Rotate-half pairing j with j + hd/2.
+    return x * cos + rotate_half(x) * sin
