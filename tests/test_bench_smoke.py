@@ -110,3 +110,14 @@ def test_anima_fp8_bench_smoke(tmp_path):
     # fp8 changes the numbers a little, not the course: well under 10 % of the loss
     for name in ("fp8", "fp8_scaled"):
         assert 0 < curve[name]["max_abs_diff_vs_bf16"] < 0.1 * curve["bf16"]["mean_loss"], curve
+
+
+def test_comfy_interop_bad_checkout_is_one_line(tmp_path, capsys):
+    """The ComfyUI run needs a checkout (not in CI); a folder without ComfyUI's loader is one error line."""
+    bench = _load("comfy_interop")
+    assert bench.run_tool(bench.PROG, bench.main, ["--comfy_path", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"comfy_interop.py: error: --comfy_path {tmp_path}: no comfy/lora.py and comfy/weight_adapter/ "
+        "(expected a ComfyUI checkout)"
+    ]
