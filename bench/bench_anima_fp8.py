@@ -223,13 +223,13 @@ def build_run(spec: dict, args: argparse.Namespace) -> dict:
 
 
 def train_step(run: dict, i: int, gen: torch.Generator) -> float:
-    from library.anima.trainer import flow_matching_loss
+    from library.anima.loss import FlowLossConfig, flow_matching_loss
 
     dit, te, data, dev = run["dit"], run["te"], run["data"], run["dev"]
     latents = data["latents"][i % 4]
     noise = torch.randn(latents.shape, generator=gen).to(dev)
     sigma = torch.sigmoid(torch.randn(1, generator=gen))
-    ns = argparse.Namespace(loss_type="l2", weighting_scheme="uniform", ip_noise_gamma=None)
+    ns = FlowLossConfig(loss_type="l2", weighting_scheme="uniform")
     with torch.autocast(dev.type, dtype=torch.bfloat16):
         if te is None:  # cached Qwen3 outputs
             states = data["states"][i % 4].to(torch.bfloat16)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import anima_train_network as trainer
+from library.anima import loss as al
 from library.anima import trainer as at
 from library.anima.loading import (
     anima_encode_latents,
@@ -78,7 +80,7 @@ def _fixed_batch_loss(s: dict, network_file: Path | None) -> float:
     latents = anima_encode_latents(models.vae, images.float() / 127.5 - 1)
     toks = tokenize_anima_captions(models.qwen_tokenizer, models.t5_tokenizer, CAPTIONS, TOKENS, TOKENS)
     states = encode_qwen3(models.text_encoder, toks.qwen_ids, toks.qwen_mask)
-    args = argparse.Namespace(loss_type="l2", weighting_scheme="uniform", ip_noise_gamma=None)
+    args = al.FlowLossConfig.from_args(argparse.Namespace(loss_type="l2", weighting_scheme="uniform"))
     g = torch.Generator().manual_seed(123)
     total = 0.0
     with torch.no_grad():
@@ -86,7 +88,7 @@ def _fixed_batch_loss(s: dict, network_file: Path | None) -> float:
         for _ in range(6):
             noise = torch.randn(latents.shape, generator=g)
             sig = torch.rand(2, generator=g) * 0.9 + 0.05
-            loss = at.flow_matching_loss(
+            loss = al.flow_matching_loss(
                 dit, latents, lambda: ctx, args, torch.ones(2), torch.float32, noise, sig
             )
             total += loss.mean().item()
@@ -195,48 +197,48 @@ def test_timestep_sampling_and_weighting():
     def ns(**kw):
         base = dict(timestep_sampling="sigmoid", sigmoid_scale=1.0, discrete_flow_shift=1.0,
                     weighting_scheme="uniform", logit_mean=0.0, logit_std=1.0, mode_scale=1.29)  # fmt: skip
-        return argparse.Namespace(**{**base, **kw})
+        return al.FlowLossConfig.from_args(argparse.Namespace(**{**base, **kw}))
 
     g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
     z = torch.randn(5, generator=g())
-    torch.testing.assert_close(at.sample_sigmas(ns(sigmoid_scale=2.0), 5, (8, 8), g()), torch.sigmoid(2 * z))
+    torch.testing.assert_close(al.sample_sigmas(ns(sigmoid_scale=2.0), 5, (8, 8), g()), torch.sigmoid(2 * z))
     s = torch.sigmoid(z)
-    torch.testing.assert_close(at.sample_sigmas(ns(timestep_sampling="shift", discrete_flow_shift=3.0), 5, (8, 8), g()),
+    torch.testing.assert_close(al.sample_sigmas(ns(timestep_sampling="shift", discrete_flow_shift=3.0), 5, (8, 8), g()),
                                3 * s / (1 + 2 * s))  # fmt: skip
     # flux_shift: mu = 0.5 at 256 tokens (latent 32x32), 1.15 at 4096 (latent 128x128)
-    assert math.isclose(at.flux_shift_mu(32, 32), 0.5) and math.isclose(at.flux_shift_mu(128, 128), 1.15)
+    assert math.isclose(al.flux_shift_mu(32, 32), 0.5) and math.isclose(al.flux_shift_mu(128, 128), 1.15)
     mu = math.exp(0.5)
-    torch.testing.assert_close(at.sample_sigmas(ns(timestep_sampling="flux_shift"), 5, (32, 32), g()),
+    torch.testing.assert_close(al.sample_sigmas(ns(timestep_sampling="flux_shift"), 5, (32, 32), g()),
                                mu / (mu + 1 / s - 1))  # fmt: skip
-    torch.testing.assert_close(at.sample_sigmas(ns(timestep_sampling="uniform"), 5, (8, 8), g()),
+    torch.testing.assert_close(al.sample_sigmas(ns(timestep_sampling="uniform"), 5, (8, 8), g()),
                                torch.rand(5, generator=g()))  # fmt: skip
     # sigma: u from the density, index floor(1000u) into the shifted descending schedule
-    sig = at.sample_sigmas(ns(timestep_sampling="sigma", discrete_flow_shift=3.0), 5, (8, 8), g())
+    sig = al.sample_sigmas(ns(timestep_sampling="sigma", discrete_flow_shift=3.0), 5, (8, 8), g())
     u = torch.rand(5, generator=g())
     t = 1 - torch.floor(u * 1000) / 1000
     torch.testing.assert_close(sig, 3 * t / (1 + 2 * t))
     sg = torch.tensor([0.25, 0.5])
-    torch.testing.assert_close(at.loss_weighting("sigma_sqrt", sg), torch.tensor([16.0, 4.0]))
-    torch.testing.assert_close(at.loss_weighting("cosmap", sg), 2 / (math.pi * (1 - 2 * sg + 2 * sg**2)))
-    torch.testing.assert_close(at.loss_weighting("logit_normal", sg), torch.ones(2))
+    torch.testing.assert_close(al.loss_weighting("sigma_sqrt", sg), torch.tensor([16.0, 4.0]))
+    torch.testing.assert_close(al.loss_weighting("cosmap", sg), 2 / (math.pi * (1 - 2 * sg + 2 * sg**2)))
+    torch.testing.assert_close(al.loss_weighting("logit_normal", sg), torch.ones(2))
 
 
 def test_flow_matching_loss_maths():
     """x_s = (1-s) x0 + s n, target n - x0: a DiT that returns the exact velocity has zero loss."""
     x0, n, s = torch.randn(2, 16, 4, 4), torch.randn(2, 16, 4, 4), torch.tensor([0.25, 0.75])
-    args = argparse.Namespace(loss_type="l2", weighting_scheme="uniform", ip_noise_gamma=None)
+    args = al.FlowLossConfig(loss_type="l2", weighting_scheme="uniform", ip_noise_gamma=None)
     seen = {}
 
     def oracle(x, t, ctx):
         seen["x"], seen["t"] = x, t
         return (n - x0)[:, :, None]
 
-    loss = at.flow_matching_loss(oracle, x0, lambda: None, args, torch.ones(2), torch.float32, n, s)
+    loss = al.flow_matching_loss(oracle, x0, lambda: None, args, torch.ones(2), torch.float32, n, s)
     assert torch.equal(loss, torch.zeros(2))
     torch.testing.assert_close(seen["x"][:, :, 0], (1 - s.view(-1, 1, 1, 1)) * x0 + s.view(-1, 1, 1, 1) * n)
     torch.testing.assert_close(seen["t"], s)
     zero = lambda x, t, c: torch.zeros_like(x)  # noqa: E731
-    l1 = at.flow_matching_loss(zero, x0, lambda: None, argparse.Namespace(**{**vars(args), "loss_type": "l1"}),
+    l1 = al.flow_matching_loss(zero, x0, lambda: None, dataclasses.replace(args, loss_type="l1"),
                                torch.tensor([1.0, 2.0]), torch.float32, n, s)  # fmt: skip
     torch.testing.assert_close(l1, (n - x0).abs().mean(dim=(1, 2, 3)) * torch.tensor([1.0, 2.0]))
 

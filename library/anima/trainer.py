@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import re
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from library.anima.loss import FlowLossConfig, flow_matching_loss
 from library.training.architecture import DatasetInfo, RunContext, SampleRequest, TrainingArchitecture
 from library.training.cuda_graph import GraphedCall, set_checkpointing_and_modes
 from networks.fp8 import cast_keeping_fp8
@@ -66,104 +65,6 @@ def add_anima_arguments(parser: argparse.ArgumentParser) -> None:
     a("--vae_chunk_size", type=int, default=None, help="not implemented: refused")
     a("--vae_disable_cache", action="store_true", help="not implemented: refused")
     a("--text_encoder_batch_size", type=int, default=None, help="batch size when caching Qwen3 outputs")
-
-
-# ------------------------------------------------------------------------------------------------ maths
-def shift_sigmas(s: torch.Tensor, shift: float) -> torch.Tensor:
-    return shift * s / (1 + (shift - 1) * s)
-
-
-def flux_shift_mu(height: int, width: int) -> float:
-    """mu linear from 0.5 at 256 tokens to 1.15 at 4096; tokens = (h/2)*(w/2) on the latent grid."""
-    tokens = (height // 2) * (width // 2)
-    m = (1.15 - 0.5) / (4096 - 256)
-    return tokens * m + (0.5 - m * 256)
-
-
-def density_sample(
-    args: argparse.Namespace, n: int, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """u in (0,1) from the `--weighting_scheme` density (logit_normal, mode, else uniform)."""
-    if args.weighting_scheme == "logit_normal":
-        return torch.sigmoid(args.logit_mean + args.logit_std * torch.randn(n, generator=generator))
-    u = torch.rand(n, generator=generator)
-    if args.weighting_scheme == "mode":
-        return 1 - u - args.mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
-    return u
-
-
-def sample_sigmas(
-    args: argparse.Namespace, batch: int, latent_hw: tuple[int, int], generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """Training sigmas s in [0,1] (B,) per `--timestep_sampling` (float32, CPU)."""
-    mode = args.timestep_sampling
-    if mode == "uniform":
-        return torch.rand(batch, generator=generator)
-    if mode == "sigma":
-        # index floor(1000u) into a 1000-step flow-matching schedule shifted by S
-        # descending like the scheduler's timesteps: u near 0 gives sigma near 1
-        table = shift_sigmas(torch.linspace(1.0, 1.0 / 1000, 1000), args.discrete_flow_shift)
-        idx = (density_sample(args, batch, generator) * 1000).long().clamp(0, 999)
-        return table[idx]
-    s = torch.sigmoid(args.sigmoid_scale * torch.randn(batch, generator=generator))
-    if mode == "shift":
-        s = shift_sigmas(s, args.discrete_flow_shift)
-    elif mode == "flux_shift":
-        mu = math.exp(flux_shift_mu(*latent_hw))
-        s = mu / (mu + (1 / s - 1))
-    return s
-
-
-def loss_weighting(scheme: str, sigmas: torch.Tensor) -> torch.Tensor:
-    if scheme == "sigma_sqrt":
-        return sigmas.float() ** -2.0
-    if scheme == "cosmap":
-        return 2.0 / (math.pi * (1 - 2 * sigmas + 2 * sigmas**2))
-    return torch.ones_like(sigmas, dtype=torch.float32)
-
-
-def elementwise_loss(
-    pred: torch.Tensor, target: torch.Tensor, loss_type: str, huber_c: float
-) -> torch.Tensor:
-    if loss_type == "l2":
-        return F.mse_loss(pred, target, reduction="none")
-    if loss_type == "l1":
-        return F.l1_loss(pred, target, reduction="none")
-    if loss_type == "huber":
-        return 2 * huber_c * (torch.sqrt((pred - target) ** 2 + huber_c**2) - huber_c)
-    if loss_type == "smooth_l1":
-        return 2 * (torch.sqrt((pred - target) ** 2 + huber_c**2) - huber_c)
-    raise ValueError(f"--loss_type {loss_type!r}: expected l2, l1, huber or smooth_l1")
-
-
-def flow_matching_loss(
-    dit: nn.Module,
-    latents: torch.Tensor,
-    context_fn: Any,
-    args: argparse.Namespace,
-    loss_weights: torch.Tensor,
-    weight_dtype: torch.dtype,
-    noise: torch.Tensor | None = None,
-    sigmas: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Per-sample loss (B,) for cached/encoded latents x0 (B,16,h,w); `context_fn()` gives the DiT context."""
-    b, _, h, w = latents.shape
-    x0 = latents.float()
-    n = torch.randn_like(x0) if noise is None else noise.to(x0)
-    s = sample_sigmas(args, b, (h, w)) if sigmas is None else sigmas
-    s = s.to(x0.device, torch.float32)
-    s4 = s.view(-1, 1, 1, 1)
-    gamma = getattr(args, "ip_noise_gamma", None)
-    noisy_n = n + gamma * torch.randn_like(n) if gamma else n
-    x_s = (1 - s4) * x0 + s4 * noisy_n
-    t = ((s * 1000).to(weight_dtype) / 1000).to(
-        weight_dtype
-    )  # the reference rounds t through the weight dtype
-    pred = dit(x_s.to(weight_dtype)[:, :, None], t, context_fn())[:, :, 0].float()
-    target = n - x0
-    loss = elementwise_loss(pred, target, args.loss_type, getattr(args, "huber_c", 0.1))
-    loss = loss * loss_weighting(args.weighting_scheme, s).view(-1, 1, 1, 1).to(loss)
-    return loss.mean(dim=(1, 2, 3)) * loss_weights.to(loss)
 
 
 def apply_cached_caption_dropout(
@@ -252,6 +153,7 @@ class AnimaArchitecture(TrainingArchitecture):
         super().__init__()
         self.text_cached = False
         self.graphed_dit: GraphedCall | None = None
+        self.loss_config: FlowLossConfig | None = None  # built from the parsed flags at the first step
         self.dropout_rates: dict[str, float] = {}  # image key -> caption_dropout_rate of its subset
         self.caption_rates: dict[str, float] = {}  # cached caption -> rate (written into the npz)
 
@@ -451,9 +353,12 @@ class AnimaArchitecture(TrainingArchitecture):
     def per_sample_loss(self, ctx: RunContext, batch: dict[str, Any]) -> torch.Tensor:
         args, weight_dtype = ctx.args, ctx.weight_dtype
         weights = batch["loss_weights"].to(ctx.device, torch.float32)
+        if self.loss_config is None:
+            self.loss_config = FlowLossConfig.from_args(args)
         return flow_matching_loss(
             self.graphed_dit or self.models.dit, self.batch_latents(ctx, batch),
-            lambda: self._context(args, batch, weight_dtype, ctx.train_text_encoder), args, weights, weight_dtype,
+            lambda: self._context(args, batch, weight_dtype, ctx.train_text_encoder), self.loss_config, weights,
+            weight_dtype,
         )  # fmt: skip
 
     # ------------------------------------------------------------------ samples

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
-LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")
+from library.training.losses import LOSS_TYPES, config_from_args, elementwise_loss  # noqa: F401  (re-exported)
+
 HUBER_SCHEDULES = ("constant", "exponential", "snr")
 SNR_CLAMP = 1000.0  # SNR-scale helpers clamp SNR so t≈0 stays finite
 
@@ -48,13 +48,7 @@ class LossConfig:
 
     @classmethod
     def from_args(cls, args: Any) -> LossConfig:
-        """From a parsed namespace; absent flags, and None where the default is a value, keep the default."""
-        values = {}
-        for f in fields(cls):
-            v = getattr(args, f.name, None)
-            if v is not None:
-                values[f.name] = v
-        return cls(**values)
+        return config_from_args(cls, args)
 
 
 def make_noise_scheduler(v_parameterization: bool = False, zero_terminal_snr: bool = False) -> DDPMScheduler:
@@ -181,23 +175,6 @@ def huber_c_for(
         # sd-scripts applies huber_scale to the constant and exponential schedules only
         return ((1.0 - huber_c) / (1.0 + sigma) ** 2 + huber_c).float().to(timesteps.device)
     return (c * huber_scale).float().to(timesteps.device)
-
-
-def elementwise_loss(
-    pred: torch.Tensor, target: torch.Tensor, loss_type: str = "l2", huber_c: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Unreduced loss: l2 (squared error), l1, pseudo-Huber (×2c) or smooth-L1 (pseudo-Huber ×2)."""
-    if loss_type == "l2":
-        return F.mse_loss(pred, target, reduction="none")
-    if loss_type == "l1":
-        return F.l1_loss(pred, target, reduction="none")
-    if loss_type in ("huber", "smooth_l1"):
-        if huber_c is None:
-            raise ValueError(f"loss_type {loss_type} needs huber_c")
-        c = huber_c.view(-1, *([1] * (pred.ndim - 1))).to(pred)
-        core = torch.sqrt((pred - target) ** 2 + c**2) - c
-        return 2 * c * core if loss_type == "huber" else 2 * core
-    raise ValueError(f"--loss_type must be one of {', '.join(LOSS_TYPES)}, got {loss_type!r}")
 
 
 def min_snr_weight(snr: torch.Tensor, gamma: float, v_prediction: bool = False) -> torch.Tensor:
