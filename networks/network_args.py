@@ -9,7 +9,7 @@ from __future__ import annotations
 import ast
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -43,6 +43,28 @@ _FALSE = {"false", "0", "no", "off"}
 
 class NetworkArgError(ValueError):
     """A `--network_args` value is missing, unknown or malformed (the message names the key)."""
+
+
+def split_key_values(tokens: Iterable[str], syntax: str) -> dict[str, str]:
+    """`--network_args` tokens split at their first `=`; keys and values stay strings (stripped).
+
+    `syntax` shows the expected form in the error, as the caller's flag spells it.
+    """
+    kwargs: dict[str, str] = {}
+    for token in tokens:
+        if "=" not in token:
+            raise NetworkArgError(
+                f"--network_args: {token!r} is not key=value (it has no '='; expected {syntax})"
+            )
+        key, value = token.split("=", 1)
+        kwargs[key.strip()] = value.strip()
+    return kwargs
+
+
+def split_semicolon_args(text: str | None) -> dict[str, str]:
+    """`k=v;k2=v2`, the one-string form of sd-scripts' gen_img (blank pieces are skipped)."""
+    tokens = [t.strip() for t in (text or "").split(";")]
+    return split_key_values([t for t in tokens if t], "key=value;key2=value2")
 
 
 def parse_bool(key: str, value: Any) -> bool | None:
