@@ -112,22 +112,15 @@ class NameTable:
 @functools.lru_cache(maxsize=1)
 def default_tables() -> tuple[NameTable, NameTable]:
     """Name tables built from the Anima DiT and Qwen3 module trees (tiny configs on meta)."""
-    from transformers import Qwen3Config, Qwen3Model
+    from transformers import Qwen3Model
 
+    from library.anima.loading import tiny_qwen3_config
     from library.anima.model import Anima, tiny_anima_config
 
     # the tiny config has the real module tree; templates do not depend on the block count
     with torch.device("meta"):
         dit = Anima(tiny_anima_config())
-    cfg = Qwen3Config(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-    )
+    cfg = tiny_qwen3_config(vocab_size=64)
     with torch.device("meta"):
         te = Qwen3Model(cfg)
     return NameTable(leaf_templates(dit)), NameTable(leaf_templates(te))

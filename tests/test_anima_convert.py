@@ -9,8 +9,9 @@ from diffusers.models.condition_embedders.condition_embedder_anima import AnimaT
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
-from transformers import Qwen3Config, Qwen3Model
+from transformers import Qwen3Model
 
+from library.anima.loading import tiny_qwen3_config
 from library.anima.model import Anima, tiny_anima_config
 from networks import convert_anima_lora_to_comfy as conv
 from networks.network_io import sshs_hashes
@@ -18,15 +19,7 @@ from networks.network_io import sshs_hashes
 
 def _tiny_trees() -> tuple[nn.Module, nn.Module]:
     torch.manual_seed(0)
-    cfg = Qwen3Config(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-    )
+    cfg = tiny_qwen3_config(vocab_size=64)
     return Anima(tiny_anima_config()), Qwen3Model(cfg)
 
 
