@@ -27,6 +27,19 @@ def _leaves(root: nn.Module) -> dict[str, nn.Linear]:
     return {n: m for n, m in root.named_modules() if isinstance(m, nn.Linear)}
 
 
+def _diffusers_transformer() -> CosmosTransformer3DModel:
+    """diffusers' Anima DiT with the tiny config's shapes."""
+    return CosmosTransformer3DModel(
+        num_attention_heads=4,
+        attention_head_dim=16,
+        num_layers=2,
+        text_embed_dim=32,
+        adaln_lora_dim=16,
+        max_size=(1, 64, 64),
+        extra_pos_embed_type=None,
+    )
+
+
 def _make_file(algo: str, rank: int = 2) -> dict[str, torch.Tensor]:
     """One adapter per Linear leaf of the DiT (incl. modulation, embedders, adapter) and of Qwen3."""
     dit, te = _tiny_trees()
@@ -143,15 +156,7 @@ def test_converted_file_loads_in_diffusers_anima_loader(tmp_path):
     assert all("lora" in key for key in diff_sd)  # diffusers' own format check in load_lora_weights
     with torch.device("meta"):
         models = {
-            "transformer": CosmosTransformer3DModel(
-                num_attention_heads=4,
-                attention_head_dim=16,
-                num_layers=2,
-                text_embed_dim=32,
-                adaln_lora_dim=16,
-                max_size=(1, 64, 64),
-                extra_pos_embed_type=None,
-            ),
+            "transformer": _diffusers_transformer(),
             "text_conditioner": AnimaTextConditioner(
                 source_dim=32, target_dim=32, model_dim=32, num_layers=2, num_attention_heads=4
             ),
@@ -189,15 +194,7 @@ def test_converted_file_loads_into_diffusers_transformer_with_peft(tmp_path):
     assert len(transformer_sd) == len(comfy) == len(diff_sd)
 
     torch.manual_seed(0)
-    transformer = CosmosTransformer3DModel(
-        num_attention_heads=4,
-        attention_head_dim=16,
-        num_layers=2,
-        text_embed_dim=32,
-        adaln_lora_dim=16,
-        max_size=(1, 64, 64),
-        extra_pos_embed_type=None,
-    )
+    transformer = _diffusers_transformer()
     AnimaLoraLoaderMixin.load_lora_into_transformer(
         {"transformer." + k: v for k, v in transformer_sd.items()}, transformer=transformer
     )
