@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import random
 import time
 from dataclasses import dataclass
@@ -260,14 +259,14 @@ def _png_text(job: Job, args: argparse.Namespace) -> dict[str, str]:
 def _save_png(img, path: Path, text: dict[str, str] | None) -> None:
     from PIL.PngImagePlugin import PngInfo
 
+    from library.io.atomic_io import atomic_write
+
     info = None
     if text:
         info = PngInfo()
         for k, v in text.items():
             info.add_text(k, v)
-    tmp = path.with_suffix(".tmp.png")
-    img.save(tmp, pnginfo=info)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: img.save(tmp, format="PNG", pnginfo=info))
 
 
 def run(args: argparse.Namespace) -> list[Path]:

@@ -46,6 +46,7 @@ from library.io.png_metadata import (
 )
 from networks.block_weights import sdxl_per_network
 from networks.fp8 import apply_fp8_base, cast_keeping_fp8
+from networks.network_args import split_semicolon_args as parse_network_kwargs
 
 logger = logging.getLogger("gen_img")
 
@@ -251,22 +252,6 @@ def verify_network_args(args: argparse.Namespace) -> None:
         raise ValueError(
             f"--network_merge_n_models must be between 0 and {n}, got {args.network_merge_n_models}"
         )
-
-
-def parse_network_kwargs(text: str | None) -> dict[str, str]:
-    """sd-scripts gen_img syntax: `k=v;k2=v2` (values stay strings; the module converts them)."""
-    kwargs: dict[str, str] = {}
-    if not text:
-        return kwargs
-    for token in text.split(";"):
-        token = token.strip()
-        if not token:
-            continue
-        if "=" not in token:
-            raise ValueError(f"--network_args token {token!r} has no '=' (expected key=value;key2=value2)")
-        key, value = token.split("=", 1)
-        kwargs[key.strip()] = value.strip()
-    return kwargs
 
 
 # ------------------------------------------------------------------------------------------ networks

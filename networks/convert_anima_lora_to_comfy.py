@@ -24,6 +24,7 @@ import logging
 import os
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -112,22 +113,15 @@ class NameTable:
 @functools.lru_cache(maxsize=1)
 def default_tables() -> tuple[NameTable, NameTable]:
     """Name tables built from the Anima DiT and Qwen3 module trees (tiny configs on meta)."""
-    from transformers import Qwen3Config, Qwen3Model
+    from transformers import Qwen3Model
 
+    from library.anima.loading import tiny_qwen3_config
     from library.anima.model import Anima, tiny_anima_config
 
     # the tiny config has the real module tree; templates do not depend on the block count
     with torch.device("meta"):
         dit = Anima(tiny_anima_config())
-    cfg = Qwen3Config(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-    )
+    cfg = tiny_qwen3_config(vocab_size=64)
     with torch.device("meta"):
         te = Qwen3Model(cfg)
     return NameTable(leaf_templates(dit)), NameTable(leaf_templates(te))
@@ -159,64 +153,81 @@ def bake_alpha(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def to_comfy(sd: dict[str, torch.Tensor], tables: tuple[NameTable, NameTable] | None = None) -> dict:
-    """sd-scripts keys -> ComfyUI keys. Unknown prefixes pass through with a warning."""
-    dit_t, te_t = tables or default_tables()
+def _rename_keys(
+    sd: dict[str, torch.Tensor],
+    routes: list[tuple[str, NameTable, str]],
+    rename: Callable[[NameTable, str], str | None],
+    prefixes: str,
+    expected: str,
+) -> dict:
+    """Each key under a route's source prefix becomes target prefix + `rename(table, rest)`.
+
+    `routes` are (source prefix, name table, target prefix), tried in order; a key under none of them is
+    copied with a warning, and keys that `rename` cannot place (None) make one error listing them.
+    """
     out: dict[str, torch.Tensor] = {}
     unmapped: list[str] = []
     for key, val in sd.items():
-        if key.startswith(UNET_PREFIX):
-            table, prefix, head = dit_t, COMFY_DIT_PREFIX, UNET_PREFIX
-        elif key.startswith(TE_PREFIX):
-            table, prefix, head = te_t, COMFY_TE_PREFIX, TE_PREFIX
-        elif key.startswith(LYCORIS_TE_PREFIX):  # LyCORIS indexes Anima's one Qwen3 encoder as te1
-            table, prefix, head = te_t, COMFY_TE_PREFIX, LYCORIS_TE_PREFIX
-        else:
-            logger.warning("key %s has no lora_unet_/lora_te_ prefix; copied unchanged", key)
+        route = next((r for r in routes if key.startswith(r[0])), None)
+        if route is None:
+            logger.warning("key %s has no %s prefix; copied unchanged", key, prefixes)
             out[key] = val
             continue
-        module, suffix = _split_key(key[len(head) :])
-        path = table.to_path(module)
-        if path is None:
+        head, table, prefix = route
+        tail = rename(table, key[len(head) :])
+        if tail is None:
             unmapped.append(key)
             continue
-        out[prefix + path + "." + _FWD_SUFFIX.get(suffix, suffix)] = val
+        out[prefix + tail] = val
     if unmapped:
         raise ConversionError(
-            f"{len(unmapped)} key(s) name no Anima module, e.g. {unmapped[:3]}; "
-            "expected sd-scripts names such as lora_unet_blocks_0_self_attn_q_proj.lora_down.weight"
+            f"{len(unmapped)} key(s) name no Anima module, e.g. {unmapped[:3]}; expected {expected}"
         )
     return out
+
+
+def _to_comfy_tail(table: NameTable, rest: str) -> str | None:
+    module, suffix = _split_key(rest)
+    path = table.to_path(module)
+    return None if path is None else path + "." + _FWD_SUFFIX.get(suffix, suffix)
+
+
+def _from_comfy_tail(table: NameTable, rest: str) -> str | None:
+    split = table.split_path(rest)
+    if split is None:
+        return None
+    path, suffix = split
+    return path.replace(".", "_") + "." + _REV_SUFFIX.get(suffix, suffix)
+
+
+def to_comfy(sd: dict[str, torch.Tensor], tables: tuple[NameTable, NameTable] | None = None) -> dict:
+    """sd-scripts keys -> ComfyUI keys. Unknown prefixes pass through with a warning."""
+    dit_t, te_t = tables or default_tables()
+    routes = [
+        (UNET_PREFIX, dit_t, COMFY_DIT_PREFIX),
+        (TE_PREFIX, te_t, COMFY_TE_PREFIX),
+        (LYCORIS_TE_PREFIX, te_t, COMFY_TE_PREFIX),  # LyCORIS indexes Anima's one Qwen3 encoder as te1
+    ]
+    return _rename_keys(
+        sd,
+        routes,
+        _to_comfy_tail,
+        "lora_unet_/lora_te_",
+        "sd-scripts names such as lora_unet_blocks_0_self_attn_q_proj.lora_down.weight",
+    )
 
 
 def from_comfy(sd: dict[str, torch.Tensor], tables: tuple[NameTable, NameTable] | None = None) -> dict:
     """ComfyUI keys -> sd-scripts keys. Unknown prefixes pass through with a warning."""
     dit_t, te_t = tables or default_tables()
-    out: dict[str, torch.Tensor] = {}
-    unmapped: list[str] = []
-    for key, val in sd.items():
-        if key.startswith(COMFY_DIT_PREFIX):
-            table, prefix, head = dit_t, UNET_PREFIX, COMFY_DIT_PREFIX
-        elif key.startswith(COMFY_TE_PREFIX):
-            table, prefix, head = te_t, TE_PREFIX, COMFY_TE_PREFIX
-        else:
-            logger.warning(
-                "key %s has no diffusion_model./text_encoders.qwen3_06b prefix; copied unchanged", key
-            )
-            out[key] = val
-            continue
-        split = table.split_path(key[len(head) :])
-        if split is None:
-            unmapped.append(key)
-            continue
-        path, suffix = split
-        out[prefix + path.replace(".", "_") + "." + _REV_SUFFIX.get(suffix, suffix)] = val
-    if unmapped:
-        raise ConversionError(
-            f"{len(unmapped)} key(s) name no Anima module, e.g. {unmapped[:3]}; "
-            "expected ComfyUI names such as diffusion_model.blocks.0.self_attn.q_proj.lora_A.weight"
-        )
-    return out
+    routes = [(COMFY_DIT_PREFIX, dit_t, UNET_PREFIX), (COMFY_TE_PREFIX, te_t, TE_PREFIX)]
+    return _rename_keys(
+        sd,
+        routes,
+        _from_comfy_tail,
+        "diffusion_model./text_encoders.qwen3_06b",
+        "ComfyUI names such as diffusion_model.blocks.0.self_attn.q_proj.lora_A.weight",
+    )
 
 
 def read_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

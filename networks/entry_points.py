@@ -7,6 +7,7 @@ new module gets, so they are built here from the algorithm's name.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -49,17 +50,7 @@ def sd_scripts_entry_points(algo: str) -> tuple[Callable[..., Any], Callable[...
             algo, multiplier, file, text_encoder, unet, weights_sd, for_inference, kwargs
         )
 
-    def merge_weights_to_tensor(
-        model_weight: torch.Tensor,
-        lora_name: str,
-        lora_sd: dict[str, torch.Tensor],
-        lora_weight_keys: set[str],
-        multiplier: float,
-        calc_device: torch.device | str,
-    ) -> torch.Tensor:
-        """Merge the adapter `lora_name` of `lora_sd` into `model_weight` in fp32 (see networks.merge)."""
-        return merge_weights_to_tensor_for(
-            algo, model_weight, lora_name, lora_sd, lora_weight_keys, multiplier, calc_device
-        )
+    # (model_weight, lora_name, lora_sd, lora_weight_keys, multiplier, calc_device): see networks.merge
+    merge_weights_to_tensor = functools.partial(merge_weights_to_tensor_for, algo)
 
     return create_network, create_network_from_weights, merge_weights_to_tensor

@@ -9,7 +9,8 @@ from __future__ import annotations
 import ast
 import logging
 import re
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -36,38 +37,34 @@ LYCORIS_ONLY_KEYS = {
     "dora_scale": "DoRA is not supported",
 }
 
-# key -> algorithms that accept it (None = all)
-KNOWN_KEYS: dict[str, tuple[str, ...] | None] = {
-    "verbose": None,
-    "dropout": None,
-    "neuron_dropout": None,
-    "rank_dropout": None,
-    "module_dropout": None,
-    "exclude_patterns": None,
-    "include_patterns": None,
-    "network_reg_lrs": None,
-    "network_reg_dims": None,
-    "conv_dim": None,
-    "conv_alpha": None,
-    "use_tucker": ("loha", "lokr"),
-    "use_scalar": None,
-    "factor": ("lokr",),
-    "decompose_both": ("lokr",),
-    "full_matrix": ("lokr",),
-    "keep_tucker_file": ("lokr",),
-    "merged_forward": None,
-    "train_llm_adapter": None,
-    "loraplus_lr_ratio": None,
-    "loraplus_unet_lr_ratio": None,
-    "loraplus_text_encoder_lr_ratio": None,
-}
-
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
 
 
 class NetworkArgError(ValueError):
     """A `--network_args` value is missing, unknown or malformed (the message names the key)."""
+
+
+def split_key_values(tokens: Iterable[str], syntax: str) -> dict[str, str]:
+    """`--network_args` tokens split at their first `=`; keys and values stay strings (stripped).
+
+    `syntax` shows the expected form in the error, as the caller's flag spells it.
+    """
+    kwargs: dict[str, str] = {}
+    for token in tokens:
+        if "=" not in token:
+            raise NetworkArgError(
+                f"--network_args: {token!r} is not key=value (it has no '='; expected {syntax})"
+            )
+        key, value = token.split("=", 1)
+        kwargs[key.strip()] = value.strip()
+    return kwargs
+
+
+def split_semicolon_args(text: str | None) -> dict[str, str]:
+    """`k=v;k2=v2`, the one-string form of sd-scripts' gen_img (blank pieces are skipped)."""
+    tokens = [t.strip() for t in (text or "").split(";")]
+    return split_key_values([t for t in tokens if t], "key=value;key2=value2")
 
 
 def parse_bool(key: str, value: Any) -> bool | None:
@@ -200,33 +197,91 @@ def parse_regex_pairs(key: str, value: Any, as_int: bool) -> list[tuple[str, flo
     return out
 
 
+def _ratio(key: str, value: Any) -> float | None:
+    v = parse_float(key, value)
+    if v is not None and v < 0:
+        raise NetworkArgError(f"network_args {key}={value!r}: expected a ratio >= 0")
+    return v
+
+
+def _conv_rank(key: str, value: Any) -> int | None:
+    """A rank >= 0; 0 means "no conv modules", the same as not given."""
+    v = parse_int(key, value)
+    if v is not None and v < 0:
+        raise NetworkArgError(f"network_args {key}={value!r}: expected a rank >= 0")
+    return v or None
+
+
+def _factor(key: str, value: Any) -> int | None:
+    v = parse_int(key, value)
+    if v is not None and (v == 0 or v < -1):
+        raise NetworkArgError(f"network_args {key}={value!r}: expected -1 (automatic) or a positive integer")
+    return v
+
+
+def _lr_pairs(key: str, value: Any) -> list[tuple[str, float]]:
+    return [(p, float(v)) for p, v in parse_regex_pairs(key, value, as_int=False)]
+
+
+def _rank_pairs(key: str, value: Any) -> list[tuple[str, int]]:
+    return [(p, int(v)) for p, v in parse_regex_pairs(key, value, as_int=True)]
+
+
+_SPEC = "network_arg"
+
+
+@dataclass(frozen=True)
+class _ArgSpec:
+    """How one `NetworkArgs` field is read from `--network_args`.
+
+    `keys` are tried in order and the first one whose parsed value is not None wins; a parsed None
+    leaves the field at its default. `algos` limits the keys to some algorithms (None = all).
+    """
+
+    parse: Callable[[str, Any], Any]
+    keys: tuple[str, ...] = ()
+    algos: tuple[str, ...] | None = None
+
+
+def _arg(
+    parse: Callable[[str, Any], Any],
+    *,
+    keys: tuple[str, ...] = (),
+    algos: tuple[str, ...] | None = None,
+    **field_kwargs: Any,
+) -> Any:
+    return field(metadata={_SPEC: _ArgSpec(parse, keys, algos)}, **field_kwargs)
+
+
 @dataclass
 class NetworkArgs:
-    """All network options after parsing, with their defaults."""
+    """All network options after parsing, with their defaults; each option field says how it is parsed."""
 
     algo: str = "loha"
-    verbose: bool = False
-    dropout: float | None = None
-    rank_dropout: float | None = None
-    module_dropout: float | None = None
-    exclude_patterns: list[str] = field(default_factory=list)
-    include_patterns: list[str] = field(default_factory=list)
-    reg_lrs: list[tuple[str, float]] = field(default_factory=list)
-    reg_dims: list[tuple[str, int]] = field(default_factory=list)
-    conv_dim: int | None = None
-    conv_alpha: float | None = None
-    use_tucker: bool = False
-    use_scalar: bool = False
-    factor: int = -1
-    decompose_both: bool = False
-    full_matrix: bool = False
+    verbose: bool = _arg(parse_bool, default=False)
+    # sd-scripts passes --network_dropout as `dropout`; `neuron_dropout` is the same option and wins
+    dropout: float | None = _arg(parse_probability, keys=("neuron_dropout", "dropout"), default=None)
+    rank_dropout: float | None = _arg(parse_probability, default=None)
+    module_dropout: float | None = _arg(parse_probability, default=None)
+    exclude_patterns: list[str] = _arg(parse_regex_list, default_factory=list)
+    include_patterns: list[str] = _arg(parse_regex_list, default_factory=list)
+    reg_lrs: list[tuple[str, float]] = _arg(_lr_pairs, keys=("network_reg_lrs",), default_factory=list)
+    reg_dims: list[tuple[str, int]] = _arg(_rank_pairs, keys=("network_reg_dims",), default_factory=list)
+    conv_dim: int | None = _arg(_conv_rank, default=None)
+    conv_alpha: float | None = _arg(parse_float, default=None)  # 1.0 when conv_dim is set (see parse)
+    use_tucker: bool = _arg(parse_bool, algos=("loha", "lokr"), default=False)
+    use_scalar: bool = _arg(parse_bool, default=False)
+    factor: int = _arg(_factor, algos=("lokr",), default=-1)
+    decompose_both: bool = _arg(parse_bool, algos=("lokr",), default=False)
+    full_matrix: bool = _arg(parse_bool, algos=("lokr",), default=False)
     # LoKr Tucker conv modules are saved with a full 4-D lokr_w2 (what every loader reads) unless this is set
-    keep_tucker_file: bool = False
-    merged_forward: bool = False  # opt-in: x·(W + ΔW)ᵀ as one GEMM (ΔW rounded against W)
-    train_llm_adapter: bool = False
-    loraplus_lr_ratio: float | None = None
-    loraplus_unet_lr_ratio: float | None = None
-    loraplus_text_encoder_lr_ratio: float | None = None
+    keep_tucker_file: bool = _arg(parse_bool, algos=("lokr",), default=False)
+    # opt-in: x·(W + ΔW)ᵀ as one GEMM (ΔW rounded against W)
+    merged_forward: bool = _arg(parse_bool, default=False)
+    train_llm_adapter: bool = _arg(parse_bool, default=False)
+    loraplus_lr_ratio: float | None = _arg(_ratio, default=None)
+    loraplus_unet_lr_ratio: float | None = _arg(_ratio, default=None)
+    loraplus_text_encoder_lr_ratio: float | None = _arg(_ratio, default=None)
 
     @property
     def any_loraplus(self) -> bool:
@@ -240,10 +295,25 @@ class NetworkArgs:
         )
 
 
-def parse_network_args(algo: str, kwargs: dict[str, Any], neuron_dropout: float | None = None) -> NetworkArgs:
-    """Validate and convert raw kwargs (str, native or None values) for algorithm `algo`."""
-    if algo not in ALGORITHMS:
-        raise ValueError(f"algo {algo!r}: expected one of {ALGORITHMS}")
+def _option_fields() -> list[tuple[str, _ArgSpec, tuple[str, ...]]]:
+    """(field name, spec, its `--network_args` keys) for every option field, in declaration order."""
+    out = []
+    for f in fields(NetworkArgs):
+        spec = f.metadata.get(_SPEC)
+        if spec is not None:
+            out.append((f.name, spec, spec.keys or (f.name,)))
+    return out
+
+
+_OPTION_FIELDS = _option_fields()
+
+# key -> algorithms that accept it (None = all), derived from the fields above
+KNOWN_KEYS: dict[str, tuple[str, ...] | None] = {
+    key: spec.algos for _, spec, keys in _OPTION_FIELDS for key in keys
+}
+
+
+def _check_keys(algo: str, kwargs: dict[str, Any]) -> None:
     for key in kwargs:
         if key in LYCORIS_ONLY_KEYS:
             raise NetworkArgError(
@@ -259,50 +329,23 @@ def parse_network_args(algo: str, kwargs: dict[str, Any], neuron_dropout: float 
             raise NetworkArgError(
                 f"network_args {key}: only valid for networks.{' / networks.'.join(allowed)}, not networks.{algo}"
             )
-    g = kwargs.get
+
+
+def parse_network_args(algo: str, kwargs: dict[str, Any], neuron_dropout: float | None = None) -> NetworkArgs:
+    """Validate and convert raw kwargs (str, native or None values) for algorithm `algo`."""
+    if algo not in ALGORITHMS:
+        raise ValueError(f"algo {algo!r}: expected one of {ALGORITHMS}")
+    _check_keys(algo, kwargs)
+    if neuron_dropout is not None:
+        # The explicit argument wins (sd-scripts injects dropout=--network_dropout as a kwarg too).
+        kwargs = {**kwargs, "neuron_dropout": neuron_dropout}
     a = NetworkArgs(algo=algo)
-    a.verbose = bool(parse_bool("verbose", g("verbose")))
-    # The explicit argument wins when given (sd-scripts injects dropout=--network_dropout as a kwarg too).
-    drop = neuron_dropout
-    if drop is None:
-        drop = parse_probability("neuron_dropout", g("neuron_dropout"))
-    if drop is None:
-        drop = parse_probability("dropout", g("dropout"))
-    a.dropout = parse_probability("neuron_dropout", drop)
-    a.rank_dropout = parse_probability("rank_dropout", g("rank_dropout"))
-    a.module_dropout = parse_probability("module_dropout", g("module_dropout"))
-    a.exclude_patterns = parse_regex_list("exclude_patterns", g("exclude_patterns"))
-    a.include_patterns = parse_regex_list("include_patterns", g("include_patterns"))
-    a.reg_lrs = [
-        (p, float(v)) for p, v in parse_regex_pairs("network_reg_lrs", g("network_reg_lrs"), as_int=False)
-    ]
-    a.reg_dims = [
-        (p, int(v)) for p, v in parse_regex_pairs("network_reg_dims", g("network_reg_dims"), as_int=True)
-    ]
-    a.conv_dim = parse_int("conv_dim", g("conv_dim"))
-    if a.conv_dim is not None and a.conv_dim < 0:
-        raise NetworkArgError(f"network_args conv_dim={g('conv_dim')!r}: expected a rank >= 0")
-    if a.conv_dim == 0:
-        a.conv_dim = None
-    a.conv_alpha = parse_float("conv_alpha", g("conv_alpha"))
+    for name, spec, keys in _OPTION_FIELDS:
+        for key in keys:
+            value = spec.parse(key, kwargs.get(key))
+            if value is not None:
+                setattr(a, name, value)
+                break
     if a.conv_alpha is None and a.conv_dim is not None:
         a.conv_alpha = 1.0
-    a.use_tucker = bool(parse_bool("use_tucker", g("use_tucker")))
-    a.use_scalar = bool(parse_bool("use_scalar", g("use_scalar")))
-    factor = parse_int("factor", g("factor"))
-    a.factor = -1 if factor is None else factor
-    if a.factor == 0 or a.factor < -1:
-        raise NetworkArgError(
-            f"network_args factor={g('factor')!r}: expected -1 (automatic) or a positive integer"
-        )
-    a.decompose_both = bool(parse_bool("decompose_both", g("decompose_both")))
-    a.full_matrix = bool(parse_bool("full_matrix", g("full_matrix")))
-    a.keep_tucker_file = bool(parse_bool("keep_tucker_file", g("keep_tucker_file")))
-    a.merged_forward = bool(parse_bool("merged_forward", g("merged_forward")))
-    a.train_llm_adapter = bool(parse_bool("train_llm_adapter", g("train_llm_adapter")))
-    for k in ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio"):
-        v = parse_float(k, g(k))
-        if v is not None and v < 0:
-            raise NetworkArgError(f"network_args {k}={g(k)!r}: expected a ratio >= 0")
-        setattr(a, k, v)
     return a

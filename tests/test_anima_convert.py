@@ -9,8 +9,9 @@ from diffusers.models.condition_embedders.condition_embedder_anima import AnimaT
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
-from transformers import Qwen3Config, Qwen3Model
+from transformers import Qwen3Model
 
+from library.anima.loading import tiny_qwen3_config
 from library.anima.model import Anima, tiny_anima_config
 from networks import convert_anima_lora_to_comfy as conv
 from networks.network_io import sshs_hashes
@@ -18,20 +19,35 @@ from networks.network_io import sshs_hashes
 
 def _tiny_trees() -> tuple[nn.Module, nn.Module]:
     torch.manual_seed(0)
-    cfg = Qwen3Config(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-    )
+    cfg = tiny_qwen3_config(vocab_size=64)
     return Anima(tiny_anima_config()), Qwen3Model(cfg)
 
 
 def _leaves(root: nn.Module) -> dict[str, nn.Linear]:
     return {n: m for n, m in root.named_modules() if isinstance(m, nn.Linear)}
+
+
+def _diffusers_transformer() -> CosmosTransformer3DModel:
+    """diffusers' Anima DiT with the shapes of our tiny config."""
+    c = tiny_anima_config()
+    return CosmosTransformer3DModel(
+        num_attention_heads=c.num_heads,
+        attention_head_dim=c.head_dim,
+        num_layers=c.num_blocks,
+        text_embed_dim=c.crossattn_emb_channels,
+        adaln_lora_dim=c.adaln_lora_dim,
+        max_size=(c.max_frames, c.max_img_h, c.max_img_w),
+        extra_pos_embed_type=None,
+    )
+
+
+def _convert_with_baked_alpha(tmp_path, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`sd` written, converted by the CLI with --bake_alpha, and the ComfyUI file read back."""
+    src, dst = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    save_file(sd, str(src))
+    assert conv.main(["--input", str(src), "--output", str(dst), "--bake_alpha"]) == 0
+    with safe_open(str(dst), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
 
 
 def _make_file(algo: str, rank: int = 2) -> dict[str, torch.Tensor]:
@@ -133,11 +149,7 @@ def test_unknown_module_is_an_error_not_a_guess():
 def test_converted_file_loads_in_diffusers_anima_loader(tmp_path):
     """diffusers renames our ComfyUI keys; every renamed key must name a real Linear of the right shape."""
     sd = {k: v for k, v in _make_file("lora").items() if k.startswith("lora_unet_")}
-    src, dst = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
-    save_file(sd, str(src))
-    assert conv.main(["--input", str(src), "--output", str(dst), "--bake_alpha"]) == 0
-    with safe_open(str(dst), "pt") as f:
-        comfy = {k: f.get_tensor(k) for k in f.keys()}
+    comfy = _convert_with_baked_alpha(tmp_path, sd)
     assert not any(k.endswith(".alpha") for k in comfy)
     # baking keeps the strength: B'@A == alpha/r * up@down (r = 2, alpha = 1.5)
     k = "diffusion_model.blocks.1.self_attn.q_proj"
@@ -150,15 +162,7 @@ def test_converted_file_loads_in_diffusers_anima_loader(tmp_path):
     assert all("lora" in key for key in diff_sd)  # diffusers' own format check in load_lora_weights
     with torch.device("meta"):
         models = {
-            "transformer": CosmosTransformer3DModel(
-                num_attention_heads=4,
-                attention_head_dim=16,
-                num_layers=2,
-                text_embed_dim=32,
-                adaln_lora_dim=16,
-                max_size=(1, 64, 64),
-                extra_pos_embed_type=None,
-            ),
+            "transformer": _diffusers_transformer(),
             "text_conditioner": AnimaTextConditioner(
                 source_dim=32, target_dim=32, model_dim=32, num_layers=2, num_attention_heads=4
             ),
@@ -186,25 +190,13 @@ def test_converted_file_loads_into_diffusers_transformer_with_peft(tmp_path):
     from peft.utils import get_peft_model_state_dict
 
     sd = {k: v for k, v in _make_file("lora").items() if k.startswith("lora_unet_blocks_")}
-    src, dst = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
-    save_file(sd, str(src))
-    assert conv.main(["--input", str(src), "--output", str(dst), "--bake_alpha"]) == 0
-    with safe_open(str(dst), "pt") as f:
-        comfy = {k: f.get_tensor(k) for k in f.keys()}
+    comfy = _convert_with_baked_alpha(tmp_path, sd)
     diff_sd = AnimaLoraLoaderMixin.lora_state_dict(comfy)
     transformer_sd = {k.split(".", 1)[1]: v for k, v in diff_sd.items() if k.startswith("transformer.")}
     assert len(transformer_sd) == len(comfy) == len(diff_sd)
 
     torch.manual_seed(0)
-    transformer = CosmosTransformer3DModel(
-        num_attention_heads=4,
-        attention_head_dim=16,
-        num_layers=2,
-        text_embed_dim=32,
-        adaln_lora_dim=16,
-        max_size=(1, 64, 64),
-        extra_pos_embed_type=None,
-    )
+    transformer = _diffusers_transformer()
     AnimaLoraLoaderMixin.load_lora_into_transformer(
         {"transformer." + k: v for k, v in transformer_sd.items()}, transformer=transformer
     )

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_network_util import build_tiny_sdxl, one_thread, randomize  # noqa: F401
+from test_network_util import build_tiny_sdxl, randomize
 
 from networks import loha, lokr, lora
 from networks.functional.fused_linear import AdapterLinear, RebuildLinear, adapter_linear, rebuild_linear

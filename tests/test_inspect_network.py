@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_network_util import build_tiny_sdxl, one_thread, randomize  # noqa: F401
+from test_network_util import build_tiny_sdxl, randomize
 from transformers import Qwen3ForCausalLM
 
 from library.anima.loading import tiny_qwen3_config

@@ -9,7 +9,7 @@ import logging
 import pytest
 import torch
 from safetensors import safe_open
-from test_network_util import build_tiny_sdxl, one_thread, randomize, run_unet, unet_inputs  # noqa: F401
+from test_network_util import build_tiny_sdxl, randomize, run_unet, unet_inputs
 from torch import nn
 
 from networks import lokr

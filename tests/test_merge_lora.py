@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_network_util import one_thread, randomize, run_unet, unet_inputs  # noqa: F401
+from test_network_util import randomize, run_unet, unet_inputs
 from transformers import Qwen3ForCausalLM
 
 from library.anima.loading import load_anima_dit, load_qwen3_text_encoder, save_anima_dit, tiny_qwen3_config

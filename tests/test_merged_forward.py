@@ -14,7 +14,7 @@ import copy
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_network_util import build_tiny_sdxl, one_thread, randomize, write_tiny_images  # noqa: F401
+from test_network_util import build_tiny_sdxl, randomize, write_tiny_images
 
 import sdxl_train_network
 from library.sdxl.loading import build_tiny_sdxl_models, save_sdxl_single_file

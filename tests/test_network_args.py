@@ -4,7 +4,7 @@ and one clear error naming the argument for each kind of bad input."""
 from __future__ import annotations
 
 import pytest
-from test_network_util import build_tiny_sdxl, one_thread  # noqa: F401
+from test_network_util import build_tiny_sdxl
 
 from networks import loha, lokr, lora
 from networks.network_args import NetworkArgError, parse_network_args, parse_regex_pairs

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors import safe_open
-from test_network_util import build_tiny_sdxl, one_thread, randomize, run_tes, run_unet, unet_inputs  # noqa: F401
+from test_network_util import build_tiny_sdxl, randomize, run_tes, run_unet, unet_inputs
 
 from networks import loha, lokr, lora
 

@@ -8,7 +8,7 @@ import logging
 
 import pytest
 import torch
-from test_network_util import build_tiny_sdxl, one_thread, randomize  # noqa: F401
+from test_network_util import build_tiny_sdxl, randomize
 
 from networks import lokr
 

@@ -14,7 +14,6 @@ import pytest
 import torch
 from lycoris import kohya as lyco_kohya
 from safetensors.torch import load_file
-from test_network_util import one_thread  # noqa: F401
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 

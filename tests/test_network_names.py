@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
-from test_network_util import build_tiny_sdxl, one_thread  # noqa: F401
+from test_network_util import build_tiny_sdxl
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 

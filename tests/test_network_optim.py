@@ -4,7 +4,7 @@ dropped, exact descriptions, `get_trainable_params` = grouped params, plus param
 from __future__ import annotations
 
 import pytest
-from test_network_util import build_tiny_sdxl, one_thread  # noqa: F401
+from test_network_util import build_tiny_sdxl
 
 from networks import loha, lokr, lora
 

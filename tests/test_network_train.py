@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_network_util import build_tiny_sdxl, one_thread, randomize, run_unet, unet_inputs  # noqa: F401
+from test_network_util import build_tiny_sdxl, randomize, run_unet, unet_inputs
 from torch.utils.checkpoint import checkpoint
 
 from networks import loha, lokr, lora

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
-import pytest
 import torch
 from diffusers import UNet2DConditionModel
 from torch import nn
@@ -45,15 +44,6 @@ def unet_inputs(seed: int = 1) -> tuple:
     ctx = torch.randn(1, 7, 64, generator=g)
     added = {"text_embeds": torch.randn(1, 32, generator=g), "time_ids": torch.randn(1, 6, generator=g)}
     return x, t, ctx, added
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest single-threaded on the shared 2-core machine; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def run_unet(unet: nn.Module, inputs: tuple) -> torch.Tensor:

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_network_util import build_tiny_sdxl, one_thread, randomize, run_tes, run_unet, unet_inputs  # noqa: F401
+from test_network_util import build_tiny_sdxl, randomize, run_tes, run_unet, unet_inputs
 from transformers import Qwen3ForCausalLM
 
 from library.anima.loading import tiny_qwen3_config

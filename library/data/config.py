@@ -224,6 +224,12 @@ def load_user_config(path: str | Path) -> dict[str, Any]:
     return validate_user_config(raw, str(path))
 
 
+def _table_array(value: Any, what: str, toml_form: str) -> list:
+    if not isinstance(value, list):
+        raise DatasetConfigError(f"{what} must be an array of tables ({toml_form})")
+    return value
+
+
 def validate_user_config(raw: Any, source: str = "dataset config") -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise DatasetConfigError(f"{source}: top level must be a table with [general] and [[datasets]]")
@@ -234,16 +240,12 @@ def validate_user_config(raw: Any, source: str = "dataset config") -> dict[str, 
             )
     general_allowed = {**DATASET_KEYS, **SUBSET_KEYS}
     general = _validate_table(raw.get("general", {}), general_allowed, f"[general] of {source}")
-    datasets_raw = raw.get("datasets", [])
-    if not isinstance(datasets_raw, list):
-        raise DatasetConfigError(f"{source}: 'datasets' must be an array of tables ([[datasets]])")
+    datasets_raw = _table_array(raw.get("datasets", []), f"{source}: 'datasets'", "[[datasets]]")
     datasets = []
     for i, ds in enumerate(datasets_raw, 1):
         where = f"[[datasets]] #{i} of {source}"
         ds_v = _validate_table(ds, general_allowed, where, extra=("subsets",))
-        subsets_raw = ds_v.pop("subsets", [])
-        if not isinstance(subsets_raw, list):
-            raise DatasetConfigError(f"{where}: 'subsets' must be an array of tables ([[datasets.subsets]])")
+        subsets_raw = _table_array(ds_v.pop("subsets", []), f"{where}: 'subsets'", "[[datasets.subsets]]")
         subsets = []
         for j, ss in enumerate(subsets_raw, 1):
             sw = f"[[datasets.subsets]] #{j} of dataset #{i} in {source}"

@@ -6,7 +6,6 @@ files and our own load the same way. Used by `anima_minimal_inference.py`.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import re
 from collections.abc import Callable, Iterable
@@ -15,53 +14,26 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from networks import fp8
+from networks import fp8, network_io
+from networks.merge import merge_weights_to_tensor_for
 
 logger = logging.getLogger(__name__)
 
 
 def group_by_module(sd: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """`name.suffix` keys grouped by module name (the text before the first dot)."""
-    out: dict[str, dict[str, torch.Tensor]] = {}
-    for key, val in sd.items():
+    """`name.suffix` keys grouped by module name (the text before the first dot); ValueError on a bare key."""
+    for key in sd:
         if "." not in key:
             raise ValueError(f"LoRA key {key!r} has no '.<tensor>' suffix")
-        name, suffix = key.split(".", 1)
-        out.setdefault(name, {})[suffix] = val
-    return out
+    return network_io.group_by_module(sd)
 
 
 def detect_algorithm(name: str, tensors: dict[str, torch.Tensor]) -> str:
     """'lora' | 'loha' | 'lokr' from the keys of one module (the network base's rule); else ValueError."""
-    from networks.network_io import detect_algorithm as _detect
-
     try:
-        return _detect(name, set(tensors))
+        return network_io.detect_algorithm(name, set(tensors))
     except KeyError as e:
         raise ValueError(str(e).strip("'\"")) from None
-
-
-def merge_weights_to_tensor(
-    model_weight: torch.Tensor,
-    lora_name: str,
-    lora_sd: dict[str, torch.Tensor],
-    lora_weight_keys: set[str],
-    multiplier: float,
-    calc_device: torch.device | str | None = None,
-) -> torch.Tensor:
-    """W + m·ΔW for one module, whatever its algorithm (fp32 maths, one cast back).
-
-    Dispatches to the network modules' own `merge_weights_to_tensor`, so inference merges with exactly
-    the maths the trainer's network uses. Consumed keys leave `lora_weight_keys`.
-    """
-    prefix = lora_name + "."
-    mine = {k[len(prefix) :] for k in lora_sd if k.startswith(prefix)}
-    if not mine:
-        return model_weight
-    algo = detect_algorithm(lora_name, dict.fromkeys(mine))
-    module = importlib.import_module(f"networks.{algo}")
-    dev = calc_device or model_weight.device
-    return module.merge_weights_to_tensor(model_weight, lora_name, lora_sd, lora_weight_keys, multiplier, dev)
 
 
 @dataclass
@@ -104,13 +76,13 @@ def merge_into_modules(
             algo = detect_algorithm(name, groups[name])
             with torch.no_grad():
                 m = multiplier * (weight_of(name) if weight_of is not None else 1.0)
-                if fp8.is_fp8_layer(mod):  # merged into fp8 × scale in fp32, then quantized again
-                    w = fp8.dequantized_weight(mod, torch.float32)
-                    fp8.store_weight(
-                        mod, merge_weights_to_tensor(w, name, lora_sd, remaining, m, calc_device)
-                    )
+                fp8_layer = fp8.is_fp8_layer(mod)  # merged into fp8 × scale in fp32, then quantized again
+                w = fp8.dequantized_weight(mod, torch.float32) if fp8_layer else mod.weight
+                dev = calc_device or w.device
+                new = merge_weights_to_tensor_for(algo, w, name, lora_sd, remaining, m, dev)
+                if fp8_layer:
+                    fp8.store_weight(mod, new)
                 else:
-                    new = merge_weights_to_tensor(mod.weight, name, lora_sd, remaining, m, calc_device)
                     mod.weight.copy_(new)
             report.by_algo[algo] = report.by_algo.get(algo, 0) + 1
     report.unused = sorted(remaining)

@@ -21,6 +21,7 @@ from library.inference.prompt_options import (
     parse_prompt_line,
     read_prompt_file,
 )
+from library.io.png_metadata import SdxlSizeConditioning
 
 logger = logging.getLogger("gen_img")
 
@@ -37,20 +38,15 @@ def verify_sampler(name: str, what: str) -> None:
 
 
 @dataclass(frozen=True)
-class BatchKey:
-    """Everything that must be equal for images to share one denoising batch."""
+class BatchKey(SdxlSizeConditioning):
+    """Everything that must be equal for images to share one denoising batch: the SDXL size
+    conditioning (also written to the PNG) and the fields below."""
 
     width: int
     height: int
     steps: int
     scale: float
     sampler: str
-    original_width: int
-    original_height: int
-    original_width_negative: int
-    original_height_negative: int
-    crop_top: int
-    crop_left: int
     network_muls: tuple[float, ...] | None
 
 

@@ -98,6 +98,12 @@ _OC_LAYER = {
     "self_attn.out_proj": "attn.out_proj",
 }
 
+# HF -> OpenCLIP names of the embeddings (the final norm and the projection have their own rules below)
+_OC_TOP = {
+    "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+    "text_model.embeddings.position_embedding.weight": "positional_embedding",
+}
+
 
 def te2_state_to_openclip(sd: dict[str, torch.Tensor], logit_scale: torch.Tensor | None = None) -> dict:
     """HF CLIPTextModelWithProjection state -> OpenCLIP keys under `conditioner.embedders.1.model.`."""
@@ -106,10 +112,8 @@ def te2_state_to_openclip(sd: dict[str, torch.Tensor], logit_scale: torch.Tensor
     for k, v in sd.items():
         if k == "text_model.embeddings.position_ids":
             continue
-        if k == "text_model.embeddings.token_embedding.weight":
-            out["token_embedding.weight"] = v
-        elif k == "text_model.embeddings.position_embedding.weight":
-            out["positional_embedding"] = v
+        if k in _OC_TOP:
+            out[_OC_TOP[k]] = v
         elif k.startswith("text_model.final_layer_norm."):
             out["ln_final." + k.rsplit(".", 1)[1]] = v
         elif k == "text_projection.weight":
@@ -133,15 +137,14 @@ def te2_state_to_openclip(sd: dict[str, torch.Tensor], logit_scale: torch.Tensor
 def openclip_to_te2_state(oc: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
     """OpenCLIP keys (prefix removed) -> HF state dict; returns (state, logit_scale or None)."""
     inv_layer = {v: k for k, v in _OC_LAYER.items()}
+    inv_top = {v: k for k, v in _OC_TOP.items()}
     out: dict[str, torch.Tensor] = {}
     logit_scale = None
     for k, v in oc.items():
         if k == "logit_scale":
             logit_scale = v
-        elif k == "token_embedding.weight":
-            out["text_model.embeddings.token_embedding.weight"] = v
-        elif k == "positional_embedding":
-            out["text_model.embeddings.position_embedding.weight"] = v
+        elif k in inv_top:
+            out[inv_top[k]] = v
         elif k.startswith("ln_final."):
             out["text_model.final_layer_norm." + k.rsplit(".", 1)[1]] = v
         elif k == "text_projection":

@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+from networks.network_args import split_key_values
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -31,14 +33,8 @@ def import_network_module(name: str) -> ModuleType:
 
 
 def parse_network_args(tokens: list[str] | None) -> dict[str, str]:
-    """Each token split at the first ``=``; keys and values stay strings (the module converts them)."""
-    kwargs: dict[str, str] = {}
-    for token in tokens or []:
-        if "=" not in token:
-            raise ValueError(f"--network_args: {token!r} is not key=value")
-        key, value = token.split("=", 1)
-        kwargs[key.strip()] = value.strip()
-    return kwargs
+    """`--network_args k=v k2=v2`: each token split at the first ``=`` (the module converts the values)."""
+    return split_key_values(tokens or [], "key=value key2=value2")
 
 
 class LossRecorder:
