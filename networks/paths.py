@@ -7,7 +7,8 @@ they differ in speed and memory. The first row of `FORWARD_PATHS` whose conditio
 |---------------|--------------------------------------------------------------------------------------|
 | `off`         | the adapter is disabled, m = 0, or host-side module dropout dropped it this step     |
 | `merged`      | the network arg `merged_forward`, the branch is active on the device, and the base   |
-|               | is a plain float Linear/Conv2d of ≥ 16 bits (LoRA: a frozen Linear only)             |
+|               | is a plain float Linear/Conv2d (fp8 takes part dequantized; LoRA: a frozen ≥ 16-bit  |
+|               | Linear only)                                                                         |
 | `fused_node`  | a Linear whose base is a frozen plain float nn.Linear of ≥ 16 bits, the branch is    |
 |               | active on the device and not factored, σ is not trained and no per-step mask applies |
 | `fused`       | the same, with a trained σ or a per-step mask: the node takes (down, masked right)   |
