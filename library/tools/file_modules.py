@@ -37,24 +37,16 @@ class FileError(ValueError):
 def read_network_file(
     path: str, what: str = "network file"
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors, metadata) of a .safetensors file (or a weights-only `torch.save` dict); one-line errors."""
+    """(tensors, metadata) of a .safetensors file (or a weights-only `torch.save` dict). Unreadable,
+    pickled, truncated or foreign files are named by the shared reader (networks/tensor_files.py)."""
     from pathlib import Path
-
-    from safetensors import SafetensorError
 
     from networks.network_io import read_weights
 
     p = Path(path)
     if not p.is_file():
         raise FileError(f"{what} {path!r} does not exist (expected a .safetensors file)")
-    try:
-        sd, meta = read_weights(p)
-    except (SafetensorError, OSError, RuntimeError, EOFError) as e:
-        raise FileError(f"{what} {path!r} cannot be read as safetensors / a weights-only dict: {e}") from None
-    except Exception as e:  # noqa: BLE001 - torch.load(weights_only=True) refuses pickled objects this way
-        if type(e).__name__ == "UnpicklingError":
-            raise FileError(f"{what} {path!r}: not a plain dict of tensors ({e})") from None
-        raise
+    sd, meta = read_weights(p, f"{what} {path!r}")
     if not sd:
         raise FileError(f"{what} {path!r} holds no tensors")
     return sd, meta
