@@ -27,6 +27,7 @@ import importlib.util
 import itertools
 import json
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -40,6 +41,7 @@ REPO_ROOT = BENCH_DIR.parent
 SCRIPTS = {"sdxl": "sdxl_train_network.py", "anima": "anima_train_network.py"}
 SEED_FLAGS = ["--mixed_precision", "bf16", "--fp8_base", "--optimizer_type", "adamw8bit"]
 CPU_FLAGS = ["--optimizer_type", "AdamW"]  # what stands in for SEED_FLAGS where there is no CUDA
+OUR_MODE_FLAGS = {"eager": [], "graph": ["--cuda_graph"], "default": []}  # our trainer's step-mode flags
 CPU_DROPPED = (
     "--mixed_precision bf16 --fp8_base --optimizer_type adamw8bit -> --optimizer_type AdamW (no CUDA)"
 )
@@ -51,7 +53,7 @@ class RunSpec:
     algo: str  # loha | lokr
     batch: int
     cache: bool
-    mode: str  # eager | graph
+    mode: str  # eager | graph | default
     impl: str  # ours | sd-scripts
 
     @property
@@ -74,7 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--anima_batches", default="2", help="Anima batch sizes")
     p.add_argument("--cache", choices=["both", "on", "off"], default="both",
                    help="--cache_latents --cache_text_encoder_outputs on, off or both")  # fmt: skip
-    p.add_argument("--modes", default="eager,graph", help="eager, graph (--cuda_graph; ours on CUDA only)")
+    p.add_argument("--modes", default="eager,graph",
+                   help="eager, graph (--cuda_graph; ours on CUDA only), default (no step-mode flag: what a user gets)")  # fmt: skip
     p.add_argument("--impl", default="ours,sd-scripts", help="ours, sd-scripts")
     p.add_argument("--steps", type=int, default=16, help="--max_train_steps of every run")
     p.add_argument("--warmup", type=int, default=4, help="first steps left out of the steady s/it")
@@ -112,8 +115,10 @@ def plan_runs(opts: argparse.Namespace, cuda: bool) -> tuple[list[RunSpec], list
             for impl, mode in itertools.product(_csv(opts.impl), _csv(opts.modes)):
                 spec = RunSpec(model, algo, batch, cache, mode, impl)
                 why = None
-                if impl == "sd-scripts" and mode == "graph":
-                    why = "sd-scripts has no CUDA-graph step"
+                if mode not in OUR_MODE_FLAGS:
+                    raise SystemExit(f"--modes: unknown mode {mode!r} (expected {', '.join(OUR_MODE_FLAGS)})")
+                if impl == "sd-scripts" and mode != "eager":
+                    why = "sd-scripts has one step mode (eager)"
                 elif mode == "graph" and not cuda:
                     why = "--cuda_graph needs CUDA"
                 elif impl == "sd-scripts" and not opts.sd_scripts_path:
@@ -144,8 +149,8 @@ def trainer_argv(spec: RunSpec, files: dict, toml_path: Path, out_dir: Path, opt
     ]  # fmt: skip
     if spec.cache:
         argv += ["--cache_latents", "--cache_text_encoder_outputs"]
-    if spec.mode == "graph":
-        argv.append("--cuda_graph")
+    if spec.impl == "ours":
+        argv += OUR_MODE_FLAGS[spec.mode]
     return argv
 
 
@@ -183,6 +188,34 @@ def _wait(proc: subprocess.Popen, timeout: float) -> tuple[int | None, float]:
             proc.returncode = os.waitstatus_to_exitcode(status)
             return None, usage.ru_maxrss / 1024
         time.sleep(0.1)
+
+
+CAPTURE_RE = re.compile(
+    r"cuda graph: captured shape (?P<shape>.+?) in (?P<s>[\d.]+) s, reserved \+(?P<dres>-?[\d.]+) GiB "
+    r"\(now (?P<res>[\d.]+) GiB\), allocated peak (?P<peak>[\d.]+) GiB"
+)
+
+
+def parse_log(path: Path) -> dict:
+    """What our trainer's log says about its step mode and each CUDA-graph capture (none for sd-scripts)."""
+    text = path.read_text(encoding="utf-8", errors="replace") if path.exists() else ""
+    out: dict = {}
+    mode = re.search(r"step mode: (.+)", text)
+    if mode:
+        out["step_mode"] = mode.group(1).strip()
+    caps = [
+        {
+            "shape": m["shape"],
+            "capture_s": float(m["s"]),
+            "reserved_delta_gib": float(m["dres"]),
+            "reserved_gib": float(m["res"]),
+            "peak_allocated_gib": float(m["peak"]),
+        }  # fmt: skip
+        for m in CAPTURE_RE.finditer(text)
+    ]
+    if caps:
+        out["captures"] = caps
+    return out
 
 
 def _tail(path: Path, lines: int = 30) -> str:
@@ -230,7 +263,7 @@ def run_one(
     row = {"run": spec.name, **asdict(spec), "scale": opts.scale, "device": "cuda" if cuda else "cpu",
            "command": f"python {SCRIPTS[spec.model]} " + " ".join(argv), "cwd": str(root), "rc": res["rc"],
            "wall_s": res["wall_s"], "host_peak_rss_mib": res["host_peak_rss_mib"],
-           **summarise_steps(res["rows"], opts.warmup), "log": str(log)}  # fmt: skip
+           **summarise_steps(res["rows"], opts.warmup), **parse_log(log), "log": str(log)}  # fmt: skip
     if not cuda:
         row["dropped_flags"] = CPU_DROPPED
     if spec.impl == "sd-scripts" and shim:
@@ -307,7 +340,53 @@ def markdown_summary(rows: list[dict]) -> str:
     if ratios:
         text += ("\n| ours vs sd-scripts eager (same command) | s/it ratio | first-step ratio |\n"
                  "|---|---|---|\n" + "\n".join(ratios) + "\n")  # fmt: skip
-    return text
+    return text + compare_to_eager(by_key) + capture_table(rows)
+
+
+def loss_gap(a: list, b: list) -> dict:
+    """Per-step loss difference of two runs over the steps both finished."""
+    pairs = [(x, y) for x, y in zip(a, b) if x is not None and y is not None]
+    if not pairs:
+        return {}
+    diffs = [abs(x - y) for x, y in pairs]
+    rel = [d / max(abs(y), 1e-12) for d, (_, y) in zip(diffs, pairs)]
+    return {
+        "steps": len(pairs),
+        "max_abs": max(diffs),
+        "mean_abs": statistics.fmean(diffs),
+        "max_rel": max(rel),
+    }
+
+
+def compare_to_eager(by_key: dict) -> str:
+    """Each of our non-eager runs against our eager run of the same command: losses and peak memory."""
+    lines = []
+    for (model, algo, batch, cache, impl, mode), r in by_key.items():
+        base = by_key.get((model, algo, batch, cache, impl, "eager"))
+        if impl != "ours" or mode == "eager" or not base:
+            continue
+        gap = loss_gap(r.get("losses", []), base.get("losses", []))
+        mem = r.get("gpu_peak_allocated_mib", 0) - base.get("gpu_peak_allocated_mib", 0)
+        if gap:
+            lines.append(f"| {r['run']} | {r.get('step_mode', '—')} | {gap['steps']} | {gap['max_abs']:.2e} | "
+                         f"{gap['mean_abs']:.2e} | {gap['max_rel']:.2e} | {mem:+.0f} |")  # fmt: skip
+    if not lines:
+        return ""
+    return ("\n| ours vs ours eager | step mode | steps | max abs Δloss | mean abs Δloss | max rel Δloss "
+            "| Δ peak alloc MiB |\n|---|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n")  # fmt: skip
+
+
+def capture_table(rows: list[dict]) -> str:
+    """Capture time and memory per bucket shape, from our trainer's log."""
+    lines = [f"| {r['run']} | {c['shape']} | {c['capture_s']:.2f} | {c['reserved_delta_gib']:+.2f} | "
+             f"{c['reserved_gib']:.2f} | {c['peak_allocated_gib']:.2f} |"
+             for r in rows for c in r.get("captures", [])]  # fmt: skip
+    if not lines:
+        return ""
+    return (
+        "\n| run | captured shape | capture s | reserved Δ GiB | reserved GiB | peak alloc GiB |\n"
+        "|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n"
+    )
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -332,7 +411,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     start = time.time()
     files = {m: write_models(m, opts, device) for m in dict.fromkeys(s.model for s in runs)}
     toml_path, shapes = _import_setup().write_dataset(
-        out / f"dataset_{opts.dataset_scale}", opts.dataset_scale, opts.images, opts.shapes
+        out / f"dataset_{opts.dataset_scale}_{opts.images}x{opts.shapes}",
+        opts.dataset_scale,
+        opts.images,
+        opts.shapes,
     )
     print(f"[e2e] {len(runs)} runs, {opts.images} images over buckets {shapes}; setup {time.time() - start:.1f} s",
           flush=True)  # fmt: skip

@@ -59,7 +59,47 @@ def test_e2e_bench_tiny_cpu(tmp_path, monkeypatch):
     # the run wrote its network; graph mode was left out for want of CUDA, and says so
     assert (Path(r["cwd"]) == ROOT) and (out / "runs" / r["run"] / "net.safetensors").is_file()
     skipped = {x["run"]: x["skipped"] for x in lines if "skipped" in x}
-    assert skipped == {"sdxl-lokr-b2-cached-sd-scripts-graph": "sd-scripts has no CUDA-graph step",
+    assert skipped == {"sdxl-lokr-b2-cached-sd-scripts-graph": "sd-scripts has one step mode (eager)",
                        "sdxl-lokr-b2-cached-ours-graph": "--cuda_graph needs CUDA"}  # fmt: skip
     summary = (out / "e2e_summary.md").read_text()
     assert "sdxl-lokr-b2-cached-ours-eager | yes" in summary
+
+
+def test_e2e_log_parsing_and_eager_comparison(tmp_path):
+    bench = _load_bench()
+    log = tmp_path / "run.log"
+    log.write_text(
+        "INFO step mode: graph (default on CUDA; --no_cuda_graph turns it off)\n"
+        "INFO cuda graph: captured shape 1x4x128x128 in 3.25 s, reserved +1.50 GiB (now 9.75 GiB), "
+        "allocated peak 8.12 GiB\n"
+        "steps: 10%\n"
+        "INFO cuda graph: captured shape 1x4x112x144 in 0.90 s, reserved +0.00 GiB (now 9.75 GiB), "
+        "allocated peak 8.01 GiB\n"
+    )
+    got = bench.parse_log(log)
+    assert got["step_mode"] == "graph (default on CUDA; --no_cuda_graph turns it off)"
+    assert got["captures"] == [
+        {"shape": "1x4x128x128", "capture_s": 3.25, "reserved_delta_gib": 1.5, "reserved_gib": 9.75,
+         "peak_allocated_gib": 8.12},
+        {"shape": "1x4x112x144", "capture_s": 0.9, "reserved_delta_gib": 0.0, "reserved_gib": 9.75,
+         "peak_allocated_gib": 8.01},
+    ]  # fmt: skip
+    assert bench.parse_log(tmp_path / "missing.log") == {}
+    # a None loss (a step the hook saw without a backward) is left out of the comparison
+    gap = bench.loss_gap([0.5, 0.25, None, 0.1], [0.5, 0.2, 0.3, 0.125])
+    assert gap["steps"] == 3 and math.isclose(gap["max_abs"], 0.05) and math.isclose(gap["max_rel"], 0.25)
+    assert math.isclose(gap["mean_abs"], (0 + 0.05 + 0.025) / 3)
+    base = {
+        "run": "e",
+        "ok": True,
+        "losses": [0.5, 0.2],
+        "gpu_peak_allocated_mib": 1000.0,
+        "host_peak_rss_mib": 1,
+    }
+    rows = [
+        {**base, "model": "sdxl", "algo": "loha", "batch": 1, "cache": True, "impl": "ours", "mode": "eager"},
+        {**base, "run": "g", "model": "sdxl", "algo": "loha", "batch": 1, "cache": True, "impl": "ours",
+         "mode": "default", "losses": [0.5, 0.21], "gpu_peak_allocated_mib": 1300.0, "step_mode": "graph (x)"},
+    ]  # fmt: skip
+    text = bench.markdown_summary(rows)
+    assert "| g | graph (x) | 2 | 1.00e-02 | 5.00e-03 | 5.00e-02 | +300 |" in text
