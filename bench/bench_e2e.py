@@ -74,7 +74,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--anima_batches", default="2", help="Anima batch sizes")
     p.add_argument("--cache", choices=["both", "on", "off"], default="both",
                    help="--cache_latents --cache_text_encoder_outputs on, off or both")  # fmt: skip
-    p.add_argument("--modes", default="eager,graph", help="eager, graph (--cuda_graph; ours on CUDA only)")
+    p.add_argument(
+        "--modes",
+        default="eager,graph",
+        help="eager (ours: --no_cuda_graph), graph (--cuda_graph; ours on CUDA only)",
+    )
     p.add_argument("--impl", default="ours,sd-scripts", help="ours, sd-scripts")
     p.add_argument("--steps", type=int, default=16, help="--max_train_steps of every run")
     p.add_argument("--warmup", type=int, default=4, help="first steps left out of the steady s/it")
@@ -126,7 +130,8 @@ def plan_runs(opts: argparse.Namespace, cuda: bool) -> tuple[list[RunSpec], list
 
 
 def trainer_argv(spec: RunSpec, files: dict, toml_path: Path, out_dir: Path, opts, cuda: bool) -> list[str]:
-    """The command line after the script name: identical for ours and sd-scripts' (bar --cuda_graph)."""
+    """The command line after the script name: identical for ours and sd-scripts' (bar the step-mode flag:
+    our graph runs pass --cuda_graph, our eager runs on CUDA --no_cuda_graph since the graph is the default)."""
     argv = ["--dataset_config", str(toml_path)]
     if spec.model == "sdxl":
         argv += ["--pretrained_model_name_or_path", str(files["ckpt"]),
@@ -146,6 +151,8 @@ def trainer_argv(spec: RunSpec, files: dict, toml_path: Path, out_dir: Path, opt
         argv += ["--cache_latents", "--cache_text_encoder_outputs"]
     if spec.mode == "graph":
         argv.append("--cuda_graph")
+    elif spec.impl == "ours" and cuda:
+        argv.append("--no_cuda_graph")
     return argv
 
 
