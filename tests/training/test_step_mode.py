@@ -180,12 +180,17 @@ def test_capture_log_line_format() -> None:
     )
 
 
-def test_one_step_mode_line_in_a_tiny_cpu_run(tiny, tmp_path, caplog) -> None:
+def test_one_step_mode_line_in_a_tiny_run(tiny, tmp_path, caplog) -> None:
+    """On the CPU (CI) the eager step with its reason; on a GPU the default graph step and its capture."""
     argv = _argv(tiny, tmp_path / "out", "--network_module", "networks.lora", "--network_dim", "2",
                  "--max_train_steps", "1", "--network_train_unet_only", "--cache_text_encoder_outputs")  # fmt: skip
     with caplog.at_level(logging.INFO):
         result = sdxl_train_network.main(argv)
     assert result.global_step == 1
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step mode:")]
-    assert lines == ["step mode: eager (not a CUDA device: cpu)"]
-    assert not any("cuda graph: captured" in r.getMessage() for r in caplog.records)
+    captures = [r.getMessage() for r in caplog.records if r.getMessage().startswith("cuda graph: captured")]
+    if torch.cuda.is_available():
+        assert lines == ["step mode: graph (default on CUDA; --no_cuda_graph turns it off)"]
+        assert len(captures) == 1 and captures[0].startswith("cuda graph: captured shape (4, 4, 8, 8) in ")
+    else:
+        assert lines == ["step mode: eager (not a CUDA device: cpu)"] and not captures
