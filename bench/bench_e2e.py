@@ -41,7 +41,11 @@ REPO_ROOT = BENCH_DIR.parent
 SCRIPTS = {"sdxl": "sdxl_train_network.py", "anima": "anima_train_network.py"}
 SEED_FLAGS = ["--mixed_precision", "bf16", "--fp8_base", "--optimizer_type", "adamw8bit"]
 CPU_FLAGS = ["--optimizer_type", "AdamW"]  # what stands in for SEED_FLAGS where there is no CUDA
-OUR_MODE_FLAGS = {"eager": [], "graph": ["--cuda_graph"], "default": []}  # our trainer's step-mode flags
+OUR_MODE_FLAGS = {
+    "eager": ["--no_cuda_graph"],
+    "graph": ["--cuda_graph"],
+    "default": [],
+}  # our step-mode flags
 CPU_DROPPED = (
     "--mixed_precision bf16 --fp8_base --optimizer_type adamw8bit -> --optimizer_type AdamW (no CUDA)"
 )
@@ -77,7 +81,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cache", choices=["both", "on", "off"], default="both",
                    help="--cache_latents --cache_text_encoder_outputs on, off or both")  # fmt: skip
     p.add_argument("--modes", default="eager,graph",
-                   help="eager, graph (--cuda_graph; ours on CUDA only), default (no step-mode flag: what a user gets)")  # fmt: skip
+                   help="eager (ours: --no_cuda_graph), graph (--cuda_graph; ours on CUDA only), default (no step-mode flag)")  # fmt: skip
     p.add_argument("--impl", default="ours,sd-scripts", help="ours, sd-scripts")
     p.add_argument("--steps", type=int, default=16, help="--max_train_steps of every run")
     p.add_argument("--warmup", type=int, default=4, help="first steps left out of the steady s/it")
@@ -131,7 +135,8 @@ def plan_runs(opts: argparse.Namespace, cuda: bool) -> tuple[list[RunSpec], list
 
 
 def trainer_argv(spec: RunSpec, files: dict, toml_path: Path, out_dir: Path, opts, cuda: bool) -> list[str]:
-    """The command line after the script name: identical for ours and sd-scripts' (bar --cuda_graph)."""
+    """The command line after the script name: identical for ours and sd-scripts' (bar the step-mode flag:
+    our graph runs pass --cuda_graph, our eager runs on CUDA --no_cuda_graph since the graph is the default)."""
     argv = ["--dataset_config", str(toml_path)]
     if spec.model == "sdxl":
         argv += ["--pretrained_model_name_or_path", str(files["ckpt"]),
@@ -149,7 +154,7 @@ def trainer_argv(spec: RunSpec, files: dict, toml_path: Path, out_dir: Path, opt
     ]  # fmt: skip
     if spec.cache:
         argv += ["--cache_latents", "--cache_text_encoder_outputs"]
-    if spec.impl == "ours":
+    if spec.impl == "ours" and cuda:  # on a CPU every mode is eager, and the command stays sd-scripts'
         argv += OUR_MODE_FLAGS[spec.mode]
     return argv
 

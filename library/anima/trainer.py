@@ -181,9 +181,6 @@ class AnimaArchitecture(TrainingArchitecture):
         if args.blocks_to_swap and getattr(args, "torch_compile", False):
             # the swap hooks replace parameters inside the block call that --torch_compile compiles
             raise ValueError("--blocks_to_swap cannot be combined with --torch_compile; remove one of them")
-        if args.blocks_to_swap and getattr(args, "cuda_graph", False):
-            # the swap moves weights between devices on the host at every block, which a graph cannot replay
-            raise ValueError("--blocks_to_swap cannot be combined with --cuda_graph; remove one of them")
         if args.blocks_to_swap and getattr(args, "cpu_offload_checkpointing", False):
             raise ValueError("--blocks_to_swap cannot be combined with --cpu_offload_checkpointing")
         te_cache = args.cache_text_encoder_outputs or args.cache_text_encoder_outputs_to_disk
@@ -314,7 +311,7 @@ class AnimaArchitecture(TrainingArchitecture):
             m.vae.to(device)
         set_checkpointing_and_modes(
             m.dit, [m.text_encoder], gradient_checkpointing=bool(args.gradient_checkpointing),
-            cuda_graph=bool(getattr(args, "cuda_graph", False)), train_text_encoder=ctx.train_text_encoder,
+            graph_step=ctx.graph_step, train_text_encoder=ctx.train_text_encoder,
         )  # fmt: skip
         m.vae.eval()
 

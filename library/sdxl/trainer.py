@@ -129,7 +129,7 @@ class SdxlArchitecture(TrainingArchitecture):
             m.vae.to(device, self.vae_dtype)
         set_checkpointing_and_modes(
             m.unet, m.text_encoders, gradient_checkpointing=bool(args.gradient_checkpointing),
-            cuda_graph=bool(getattr(args, "cuda_graph", False)), train_text_encoder=ctx.train_text_encoder,
+            graph_step=ctx.graph_step, train_text_encoder=ctx.train_text_encoder,
         )  # fmt: skip
         m.vae.eval()
 

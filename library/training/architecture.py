@@ -19,6 +19,7 @@ from accelerate import Accelerator
 from PIL import Image
 
 from library.training import saving
+from library.training.step_mode import StepMode
 
 
 @dataclass
@@ -30,10 +31,16 @@ class RunContext:
     weight_dtype: torch.dtype  # dtype of the frozen base model
     train_unet: bool = True
     train_text_encoder: bool = True
+    step_mode: StepMode | None = None  # decided once by the run, before the models' checkpointing is set up
 
     @property
     def device(self) -> torch.device:
         return self.accelerator.device
+
+    @property
+    def graph_step(self) -> bool:
+        """Whether the training step replays CUDA graphs (`library.training.step_mode`)."""
+        return self.step_mode is not None and self.step_mode.graph
 
 
 @dataclass
@@ -156,8 +163,12 @@ class TrainingArchitecture(abc.ABC):
         return []
 
     def enable_cuda_graph(self, ctx: RunContext, params: list[torch.nn.Parameter], state_key: Any) -> None:
-        """`--cuda_graph`: route the denoiser call through `library.training.cuda_graph.GraphedCall`."""
-        raise ValueError(f"--cuda_graph is not supported by the {type(self).__name__} trainer")
+        """The graph step: route the denoiser call through `library.training.cuda_graph.GraphedCall`."""
+        raise NotImplementedError(f"the {type(self).__name__} trainer has no graph step")
+
+    def has_graph_step(self) -> bool:
+        """Whether this trainer implements `enable_cuda_graph` (the step-mode decision reads it)."""
+        return type(self).enable_cuda_graph is not TrainingArchitecture.enable_cuda_graph
 
     @abc.abstractmethod
     def per_sample_loss(self, ctx: RunContext, batch: dict[str, Any]) -> torch.Tensor:

@@ -17,6 +17,8 @@ from typing import Any
 
 import toml
 
+from library.training.step_mode import StepFacts, decide_step_mode
+
 logger = logging.getLogger(__name__)
 
 SAMPLERS = [
@@ -282,7 +284,10 @@ def _add_logging_and_runtime_flags(parser: argparse.ArgumentParser) -> None:
     _add(parser, "--compile_mode", type=str, default=None, choices=COMPILE_MODES,
          help="torch.compile mode (default: torch's default)")  # fmt: skip
     _add(parser, "--cuda_graph", action="store_true",
-         help="replay the U-Net/DiT forward and backward as CUDA graphs (one capture per bucket shape)")  # fmt: skip
+         help="require the CUDA-graph step (the default on CUDA): a conflicting option is an error, "
+              "not a fall-back to the eager step")  # fmt: skip
+    _add(parser, "--no_cuda_graph", action="store_true",
+         help="run the eager step instead of replaying the U-Net/DiT forward and backward as CUDA graphs")  # fmt: skip
     _add(parser, "--ddp_timeout", type=int, default=None)
     _add(parser, "--ddp_gradient_as_bucket_view", action="store_true")
     _add(parser, "--ddp_static_graph", action="store_true")
@@ -520,21 +525,13 @@ def _check_output_name(args: argparse.Namespace) -> None:
 
 
 def _verify_cuda_graph_args(args: argparse.Namespace) -> None:
-    """--cuda_graph conflicts that are known from the arguments alone (dropout is checked on the network)."""
-    if not getattr(args, "cuda_graph", False):
-        return
-    if getattr(args, "compile_mode", None) in ("reduce-overhead", "max-autotune"):
-        raise ValueError(
-            f"--cuda_graph captures the whole model; --compile_mode {args.compile_mode} would capture its own "
-            "CUDA graphs inside it: use --compile_mode default or max-autotune-no-cudagraphs"
-        )
-    if getattr(args, "deepspeed", False):
-        raise ValueError("--cuda_graph cannot be combined with --deepspeed")
-    if getattr(args, "network_dropout", None):
-        raise ValueError(
-            "--cuda_graph: --network_dropout draws a new element mask in every forward, which a replayed "
-            "graph cannot do; use rank_dropout in --network_args, or drop --cuda_graph"
-        )
+    """An explicit --cuda_graph's conflicts that the arguments alone show, before any model loads.
+
+    The run decides the step mode once it knows the device and the network (`library.training.step_mode`);
+    without --cuda_graph a conflict only means the eager step, so nothing is checked here.
+    """
+    if getattr(args, "cuda_graph", False):
+        decide_step_mode(StepFacts.from_args(args))
 
 
 def _verify_compile_args(args: argparse.Namespace) -> None:

@@ -1,4 +1,6 @@
-"""`--cuda_graph`: replay a model's forward and backward as two captured CUDA graphs.
+"""The graph step: replay a model's forward and backward as two captured CUDA graphs.
+
+The default step on CUDA (`library.training.step_mode` decides; `--no_cuda_graph` turns it off).
 
 Why: an SDXL training step launches tens of thousands of small kernels (722 adapted layers, each
 recomputed under gradient checkpointing) and the host, not the GPU, sets the pace. A replayed graph
@@ -6,7 +8,7 @@ launches the whole forward (or backward) at once, so the step runs at the GPU's 
 
 What is captured is one call of `fn(*tensors) -> tensor` (the U-Net / DiT call) and its backward to the
 trainable parameters and to the inputs that require grad. The noise, timesteps and loss stay eager,
-so they draw the same random numbers and compute the same loss as without `--cuda_graph`.
+so they draw the same random numbers and compute the same loss as the eager step.
 
 One capture per input signature (shapes, dtypes, autocast state, the caller's `state_key`); all
 captures share one memory pool, which is safe because a forward replay is always followed by its own
@@ -21,12 +23,14 @@ stream, which a capture cannot wait on). The trainers never keep one.
 
 What a graph cannot do: read tensor values on the host, draw from generators seeded on the host, or
 take a different Python branch per step. Our adapters' rank dropout and module dropout read values drawn
-once per step (see `networks.modules.adapter`); neuron (element) dropout is refused by the trainer under `--cuda_graph`.
+once per step (see `networks.modules.adapter`); neuron (element) dropout rules the graph step out.
+Each capture's wall time and memory are logged and kept in `GraphedCall.capture_stats`.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -68,6 +72,7 @@ class GraphedCall:
         self.state_key = state_key
         self.warmup = max(1, int(warmup))
         self.captures: dict[Hashable, _Capture] = {}
+        self.capture_stats: list[dict[str, Any]] = []  # one entry per capture (see _measured_capture)
         self._pool = None
         self._grad_bufs = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.params]
         self._anchor = torch.zeros(0, requires_grad=True)  # gives the autograd node an input to hang on
@@ -81,19 +86,53 @@ class GraphedCall:
         for i, x in enumerate(inputs):
             if not isinstance(x, torch.Tensor) or x.device.type != "cuda":
                 raise ValueError(
-                    f"--cuda_graph: input {i} of the graphed call must be a CUDA tensor, got "
+                    f"cuda graph: input {i} of the graphed call must be a CUDA tensor, got "
                     f"{type(x).__name__ if not isinstance(x, torch.Tensor) else x.device}"
                 )
         key = self._key(inputs)
         cap = self.captures.get(key)
         if cap is None:
-            cap = self._capture(inputs)
+            cap = self._measured_capture(inputs)
             self.captures[key] = cap
-            logger.info("--cuda_graph: captured signature %d: %s", len(self.captures), key[0])
         self._generation += 1
         return _Replay.apply(self, cap, self._generation, self._anchor, *inputs)
 
     # ------------------------------------------------------------------ internals
+    def _measured_capture(self, inputs: Sequence[torch.Tensor]) -> _Capture:
+        """`_capture` with its cost: wall time (synchronised, warmup included) and memory, logged and kept.
+
+        The allocated peak is the process's (`max_memory_allocated`, not reset here: other readers keep
+        theirs), so it includes this capture; the pool figure counts the segments of the shared graph pool.
+        """
+        dev = inputs[0].device
+        torch.cuda.synchronize(dev)
+        reserved0, pool0 = torch.cuda.memory_reserved(dev), self._pool_bytes()
+        start = time.perf_counter()
+        cap = self._capture(inputs)
+        torch.cuda.synchronize(dev)
+        seconds = time.perf_counter() - start
+        reserved = torch.cuda.memory_reserved(dev)
+        stats = {
+            "shape": tuple(inputs[0].shape),
+            "seconds": seconds,
+            "reserved_delta_bytes": reserved - reserved0,
+            "reserved_bytes": reserved,
+            "peak_allocated_bytes": torch.cuda.max_memory_allocated(dev),
+            "allocated_bytes": torch.cuda.memory_allocated(dev),
+            "pool_delta_bytes": self._pool_bytes() - pool0,
+        }
+        self.capture_stats.append(stats)
+        logger.info(capture_log_line(stats))
+        return cap
+
+    def _pool_bytes(self) -> int:
+        """Bytes of the device memory segments that belong to the captures' shared pool (0 before one)."""
+        if self._pool is None:
+            return 0
+        pool = tuple(self._pool)
+        segments = torch.cuda.memory_snapshot()
+        return sum(s["total_size"] for s in segments if tuple(s.get("segment_pool_id", ())) == pool)
+
     def _key(self, inputs: Sequence[torch.Tensor]) -> Hashable:
         sig = tuple((tuple(x.shape), x.dtype, x.requires_grad) for x in inputs)
         dev = inputs[0].device.type
@@ -122,7 +161,7 @@ class GraphedCall:
             del out, grads
         torch.cuda.current_stream(dev).wait_stream(side)
         if not used and not in_need:
-            raise RuntimeError("--cuda_graph: the graphed call has nothing that needs a gradient")
+            raise RuntimeError("cuda graph: the graphed call has nothing that needs a gradient")
 
         fwd, bwd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
         with torch.cuda.graph(fwd, pool=self._pool, capture_error_mode="thread_local"):
@@ -159,6 +198,18 @@ class GraphedCall:
             torch._foreach_zero_(to_zero)
 
 
+GIB = 1024**3
+
+
+def capture_log_line(stats: dict[str, Any]) -> str:
+    """The one INFO line per capture (benchmarks parse it): shape of input 0, seconds, memory in GiB."""
+    return (
+        f"cuda graph: captured shape {stats['shape']} in {stats['seconds']:.2f} s, "
+        f"reserved {stats['reserved_delta_bytes'] / GIB:+.2f} GiB (now {stats['reserved_bytes'] / GIB:.2f} GiB), "
+        f"allocated peak {stats['peak_allocated_bytes'] / GIB:.2f} GiB"
+    )
+
+
 class _Replay(torch.autograd.Function):
     @staticmethod
     def forward(ctx, runner: GraphedCall, cap: _Capture, generation: int, anchor, *inputs):  # type: ignore[override]
@@ -175,7 +226,7 @@ class _Replay(torch.autograd.Function):
         runner, cap = ctx.runner, ctx.cap
         if ctx.generation != runner._generation:
             raise RuntimeError(
-                "--cuda_graph: backward of an older forward; the graphed model was called again before "
+                "cuda graph: backward of an older forward; the graphed model was called again before "
                 "this output's backward ran (one forward, then its backward, per graphed call)"
             )
         runner._bind_grads(cap.param_index)
@@ -209,18 +260,18 @@ def set_checkpointing_and_modes(
     text_encoders: Sequence[torch.nn.Module],
     *,
     gradient_checkpointing: bool,
-    cuda_graph: bool,
+    graph_step: bool,
     train_text_encoder: bool,
 ) -> None:
     """Turn on gradient checkpointing where asked and put the frozen models in train or eval mode.
 
-    The denoiser (U-Net / DiT) is checkpointed without saving the RNG state under `--cuda_graph` (see
+    The denoiser (U-Net / DiT) is checkpointed without saving the RNG state for the graph step (see
     `enable_checkpointing_without_rng`); the text encoders only when they carry trained adapters. The
     models are in train mode only where checkpointing needs it: their own dropout would otherwise make
     the loss noisy.
     """
     if gradient_checkpointing:
-        if cuda_graph:
+        if graph_step:
             enable_checkpointing_without_rng(denoiser)
         else:
             denoiser.enable_gradient_checkpointing()
@@ -283,24 +334,27 @@ def host_side_dropout(network: torch.nn.Module) -> list[str]:
     return kinds
 
 
+def graph_unsafe_dropout(network: torch.nn.Module) -> list[str]:
+    """The network's dropout kinds a replayed graph cannot do, once module dropout is read from the device
+    where the network can (`enable_cuda_graph_training` switches it there)."""
+    kinds = host_side_dropout(network)
+    if hasattr(network, "use_device_module_dropout"):
+        kinds = [k for k in kinds if k != "module dropout"]
+    return kinds
+
+
 def enable_cuda_graph_training(
     arch: Any, ctx: Any, network: torch.nn.Module, trainable: list[torch.nn.Parameter]
 ) -> None:
-    """--cuda_graph: check what a replayed graph cannot do, then graph the denoiser call."""
+    """The graph step (decided by `library.training.step_mode`): graph the denoiser call."""
     if hasattr(network, "use_device_module_dropout"):
         network.use_device_module_dropout()
         network.prepare_step_masks()  # the buffer exists (at its fixed address) before the first capture
     unsafe = host_side_dropout(network)
-    if unsafe:
-        raise ValueError(
-            f"--cuda_graph: network {' and '.join(unsafe)} decide on the host in every forward, which a "
-            "replayed graph cannot do; use rank_dropout, or drop --cuda_graph"
-        )
-    if ctx.device.type != "cuda":
-        raise ValueError(f"--cuda_graph needs a CUDA device; this run is on {ctx.device}")
+    if unsafe:  # the step-mode decision reads graph_unsafe_dropout, which must agree
+        raise RuntimeError(f"graph step chosen with network {' and '.join(unsafe)} on the host (a bug)")
 
     def state_key() -> tuple[bool, float]:  # what the captured forward depends on besides the inputs
         return bool(network.training), float(getattr(network, "multiplier", 1.0))
 
     arch.enable_cuda_graph(ctx, trainable, state_key)
-    logger.info("--cuda_graph: forward and backward replay as CUDA graphs, one capture per input shape")

@@ -24,9 +24,10 @@ from tqdm import tqdm
 from library.io.errors import InputError, TrainingInterrupted
 from library.training import saving
 from library.training.architecture import RunContext, TrainingArchitecture, compile_repeated_blocks
-from library.training.cuda_graph import enable_cuda_graph_training, host_side_dropout
+from library.training.cuda_graph import enable_cuda_graph_training, graph_unsafe_dropout, host_side_dropout
 from library.training.optimizers import build_optimizer, build_scheduler
 from library.training.state import check_resume_folder, load_resume_state, run_settings, save_training_state
+from library.training.step_mode import StepFacts, StepMode, decide_step_mode
 from library.training.steps import (
     TrainResult,
     check_step,
@@ -141,7 +142,8 @@ class TrainingRun:
             logger.info("the network module returned no network; nothing to train")
             return False
         self.network = network
-        if (args.torch_compile or args.cuda_graph) and hasattr(network, "set_path_policy"):
+        self.ctx.step_mode = self.decide_step_mode()
+        if (args.torch_compile or self.ctx.graph_step) and hasattr(network, "set_path_policy"):
             # compiled blocks and replayed graphs have little per-op host cost: paths by the graph-mode model
             network.set_path_policy(mode="graph")
         ratios = (args.loraplus_lr_ratio, args.loraplus_unet_lr_ratio, args.loraplus_text_encoder_lr_ratio)
@@ -157,6 +159,21 @@ class TrainingRun:
             logger.warning("--scale_weight_norms: %s does not support it; disabled", args.network_module)
             args.scale_weight_norms = None
         return True
+
+    def decide_step_mode(self) -> StepMode:
+        """Graph or eager step, once per run: the network exists, the models' checkpointing is not set yet."""
+        acc, network = self.accelerator, self.network
+        facts = StepFacts.from_args(
+            self.args, device_type=acc.device.type, num_processes=acc.num_processes,
+            host_dropout=tuple(graph_unsafe_dropout(network)),
+            network_draws_per_step=hasattr(network, "prepare_step_masks"),
+            trainer_without_graph=None if self.arch.has_graph_step() else type(self.arch).__name__,
+        )  # fmt: skip
+        mode = decide_step_mode(facts)
+        for warning in mode.warnings:
+            logger.warning(warning)
+        logger.info(mode.log_line())
+        return mode
 
     def attach_network(self) -> None:
         """Patch the model's layers, load starting weights, then checkpointing and compiling."""
@@ -236,7 +253,7 @@ class TrainingRun:
             self.trainable = list(network.get_trainable_params())
         else:
             self.trainable = [p for p in network.parameters() if p.requires_grad]
-        if args.cuda_graph:
+        if self.ctx.graph_step:
             enable_cuda_graph_training(self.arch, self.ctx, network, self.trainable)
 
     def prepare_saving(self) -> None:
@@ -368,8 +385,8 @@ class TrainingRun:
                     acc.clip_grad_norm_(self.trainable, args.max_grad_norm)
             self.optimizer.step()
             self.lr_scheduler.step()
-            # --cuda_graph: grads stay bound to the buffers its backward graph accumulates into
-            self.optimizer.zero_grad(set_to_none=not args.cuda_graph)
+            # graph step: grads stay bound to the buffers its backward graph accumulates into
+            self.optimizer.zero_grad(set_to_none=not self.ctx.graph_step)
         logs: dict[str, float] = {}
         if args.scale_weight_norms:
             keys_scaled, mean_norm, max_norm = network.apply_max_norm_regularization(

@@ -143,6 +143,7 @@ def test_accumulation_second_shape_input_grads_and_stale_backward() -> None:
         _, got = _loss_and_grads(graphed, inputs, target, params)
         assert all(_close(g, w, 1e-4) for g, w in zip(got, want)), batch
     assert len(graphed.captures) == 2
+    _check_capture_stats(graphed, [(2, 4, 8, 8), (3, 4, 8, 8)])
     # an input that requires grad (a trained text encoder's context) gets its grad back
     (x, t, ctx, pooled, ids), target = _inputs(2, ctx_dim, pooled_dim, 14)
     ctx_e, ctx_g = ctx.clone().requires_grad_(True), ctx.clone().requires_grad_(True)
@@ -158,6 +159,18 @@ def test_accumulation_second_shape_input_grads_and_stale_backward() -> None:
     with torch.no_grad():
         before = graphed.replays
         assert torch.equal(graphed(*a), eager(*a)) and graphed.replays == before
+
+
+def _check_capture_stats(graphed: GraphedCall, shapes: list[tuple[int, ...]]) -> None:
+    """One entry per capture, in capture order, with figures the allocator itself reports."""
+    stats = graphed.capture_stats
+    assert [s["shape"] for s in stats] == shapes
+    for s in stats:
+        assert s["seconds"] > 0
+        assert s["reserved_bytes"] <= torch.cuda.memory_reserved()  # nothing is freed back in between
+        assert s["peak_allocated_bytes"] >= s["allocated_bytes"] > 0
+    # the first capture creates the shared pool: its segments are new reserved memory
+    assert 0 < stats[0]["pool_delta_bytes"] <= stats[0]["reserved_delta_bytes"]
 
 
 def test_bf16_autocast_and_the_unet_shim() -> None:

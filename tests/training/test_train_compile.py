@@ -10,6 +10,8 @@ aot_eager through a recording backend so the captured graphs can be inspected.
 
 from __future__ import annotations
 
+import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -80,7 +82,13 @@ def sdxl(tmp_path_factory, clip_tokenizer_dir):
     return {"root": root, "tok": clip_tokenizer_dir, "n_blocks": n_blocks}
 
 
-def _sdxl_argv(s: dict, out: Path, *extra: str) -> list[str]:
+def _step_flag(extra: tuple[str, ...], default_step: bool) -> tuple[str, ...]:
+    """The runs here compare eager and compiled steps: on a GPU, where the graph step is the default,
+    they ask for the eager one unless the test asks for the graph (--cuda_graph) or the default."""
+    return () if default_step or "--cuda_graph" in extra else ("--no_cuda_graph",)
+
+
+def _sdxl_argv(s: dict, out: Path, *extra: str, default_step: bool = False) -> list[str]:
     return [
         "--pretrained_model_name_or_path", str(s["root"] / "tiny.safetensors"), "--tokenizer_cache_dir",
         str(s["tok"]), "--dataset_config", str(s["root"] / "data.toml"), "--output_dir", str(out),
@@ -90,6 +98,7 @@ def _sdxl_argv(s: dict, out: Path, *extra: str) -> list[str]:
         # by sqrt(v) and turns rounding noise on ~0 gradients into ±lr steps)
         "--optimizer_type", "SGDNesterov", "--optimizer_args", "momentum=0.9", "--learning_rate", "0.1",
         "--network_train_unet_only", "--cache_text_encoder_outputs", "--gradient_checkpointing", *extra,
+        *_step_flag(extra, default_step),
     ]  # fmt: skip
 
 
@@ -123,7 +132,7 @@ def anima(tmp_path_factory, tokenizers_dir):
     return {"root": root, "files": files}
 
 
-def _anima_argv(s: dict, out: Path, *extra: str) -> list[str]:
+def _anima_argv(s: dict, out: Path, *extra: str, default_step: bool = False) -> list[str]:
     f = s["files"]
     return [
         "--pretrained_model_name_or_path", str(f["dit"]), "--qwen3", str(f["text_encoder"]),
@@ -133,11 +142,13 @@ def _anima_argv(s: dict, out: Path, *extra: str) -> list[str]:
         "--max_train_steps", "3", "--output_dir", str(out), "--output_name", "net", "--mixed_precision", "no",
         "--qwen3_max_token_length", "16", "--t5_max_token_length", "16", "--seed", "3",
         "--gradient_checkpointing", "--network_train_unet_only", "--cache_text_encoder_outputs", *extra,
+        *_step_flag(extra, default_step),
     ]  # fmt: skip
 
 
-def _anima_train(s: dict, out: Path, *extra: str):
-    return main_entry(AnimaArchitecture(), anima_train_network.build_parser, _anima_argv(s, out, *extra))
+def _anima_train(s: dict, out: Path, *extra: str, default_step: bool = False):
+    argv = _anima_argv(s, out, *extra, default_step=default_step)
+    return main_entry(AnimaArchitecture(), anima_train_network.build_parser, argv)
 
 
 def test_anima_lokr_compiled_step_equals_eager_with_adapters_in_graph(anima, tmp_path):
@@ -194,23 +205,38 @@ def test_compile_flags_fail_clearly(sdxl, anima, tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
-def test_cuda_graph_training_equals_eager_on_the_gpu(sdxl, anima, tmp_path, monkeypatch):
-    """Both trainers: --cuda_graph (alone and with --torch_compile) gives the eager loss curve and weights."""
+def test_cuda_graph_training_equals_eager_on_the_gpu(sdxl, anima, tmp_path, monkeypatch, caplog):
+    """Both trainers: the graph step (by default, --cuda_graph, and with --torch_compile) gives the eager
+    loss curve and weights; each run logs its step mode once, and each capture its cost."""
     extra = ("--network_args", "rank_dropout=0.25")
     # TF32 rounds to 10 bits and eager and capture may pick different conv algorithms: compare in fp32
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     before = torch.backends.cuda.matmul.allow_tf32  # a property of a module object: no monkeypatch
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        _cuda_graph_runs(sdxl, anima, tmp_path, extra)
+        with caplog.at_level(logging.INFO):
+            _cuda_graph_runs(sdxl, anima, tmp_path, extra)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = before
+    logs = [r.getMessage() for r in caplog.records]
+    no, flag = "step mode: eager (--no_cuda_graph)", "step mode: graph (--cuda_graph)"
+    default = "step mode: graph (default on CUDA; --no_cuda_graph turns it off)"
+    # one line per run, in the order of _cuda_graph_runs: e, g, d, gc, then Anima's ae, ag
+    assert [m for m in logs if m.startswith("step mode:")] == [no, flag, default, flag, no, flag]
+    captures = [m for m in logs if m.startswith("cuda graph: captured")]
+    line = (
+        r"cuda graph: captured shape \(\d+(, \d+)*\) in \d+\.\d\d s, reserved [+-]\d+\.\d\d GiB "
+        r"\(now \d+\.\d\d GiB\), allocated peak \d+\.\d\d GiB"
+    )
+    assert len(captures) >= 4 and all(re.fullmatch(line, m) for m in captures), captures
 
 
 def _cuda_graph_runs(sdxl: dict, anima: dict, tmp_path: Path, extra: tuple[str, ...]) -> None:
     eager = sdxl_train_network.main(_sdxl_argv(sdxl, tmp_path / "e", *extra))
     graphed = sdxl_train_network.main(_sdxl_argv(sdxl, tmp_path / "g", "--cuda_graph", *extra))
     _assert_same_run(eager, graphed, tmp_path / "e", tmp_path / "g", ".hada_w2_a")
+    default = sdxl_train_network.main(_sdxl_argv(sdxl, tmp_path / "d", *extra, default_step=True))
+    _assert_same_run(eager, default, tmp_path / "e", tmp_path / "d", ".hada_w2_a")
     _fresh_dynamo()
     both = sdxl_train_network.main(
         _sdxl_argv(sdxl, tmp_path / "gc", "--cuda_graph", "--torch_compile", *extra)
