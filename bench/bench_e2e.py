@@ -196,7 +196,7 @@ def _wait(proc: subprocess.Popen, timeout: float) -> tuple[int | None, float]:
 
 
 CAPTURE_RE = re.compile(
-    r"cuda graph: captured shape (?P<shape>.+?) in (?P<s>[\d.]+) s, reserved \+(?P<dres>-?[\d.]+) GiB "
+    r"cuda graph: captured shape (?P<shape>.+?) in (?P<s>[\d.]+) s, reserved (?P<dres>[+-][\d.]+) GiB "
     r"\(now (?P<res>[\d.]+) GiB\), allocated peak (?P<peak>[\d.]+) GiB"
 )
 

@@ -13,8 +13,8 @@ so they draw the same random numbers and compute the same loss as the eager step
 One capture per input signature (shapes, dtypes, autocast state, the caller's `state_key`); all
 captures share one memory pool, which is safe because a forward replay is always followed by its own
 backward before the next forward (checked: a stale backward raises). Parameter grads go into persistent
-buffers that the backward graph accumulates into, so gradient accumulation works and `.grad` keeps one
-address; the optimizer's `zero_grad(set_to_none=False)` keeps that binding, and a `None` grad is
+buffers that the backward graph accumulates into in place (one layer's grad alive at a time), so
+gradient accumulation works and `.grad` keeps one address; the optimizer's `zero_grad(set_to_none=False)` keeps that binding, and a `None` grad is
 re-bound (after zeroing) before the next backward.
 
 Capture happens on the first call of a new signature; at that moment no autograd graph of an eager
@@ -141,7 +141,6 @@ class GraphedCall:
         return (sig, amp, state)
 
     def _capture(self, inputs: Sequence[torch.Tensor]) -> _Capture:
-        dev = inputs[0].device
         static_inputs = [x.detach().clone().requires_grad_(x.requires_grad) for x in inputs]
         in_need = [i for i, x in enumerate(static_inputs) if x.requires_grad]
         amp_on, amp_dtype = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
@@ -149,19 +148,14 @@ class GraphedCall:
         def autocast():  # the weight-cast cache must be off: cached casts would be frozen into the graph
             return torch.autocast("cuda", dtype=amp_dtype, enabled=amp_on, cache_enabled=False)
 
-        targets = [static_inputs[i] for i in in_need] + list(self.params)
-        side = torch.cuda.Stream(dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):
-            for _ in range(self.warmup):
-                with autocast():
-                    out = self.fn(*static_inputs)
-                grads = torch.autograd.grad(out, targets, torch.ones_like(out), allow_unused=True)
-            used = [i for i, g in enumerate(grads[len(in_need) :]) if g is not None]
-            del out, grads
-        torch.cuda.current_stream(dev).wait_stream(side)
+        # cuBLAS/cuDNN set-up and autotuning per shape happen in the warmup; after the first capture
+        # one pass per new shape is enough
+        used = self._warmup(static_inputs, autocast, self.warmup if not self.captures else 1)
         if not used and not in_need:
             raise RuntimeError("cuda graph: the graphed call has nothing that needs a gradient")
+        # the warmup ran on a side stream: its cached blocks are of no use to the graphs or the eager
+        # code on the main stream, so they go back to the device instead of doubling what is reserved
+        torch.cuda.empty_cache()
 
         fwd, bwd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
         with torch.cuda.graph(fwd, pool=self._pool, capture_error_mode="thread_local"):
@@ -170,16 +164,65 @@ class GraphedCall:
         if self._pool is None:
             self._pool = fwd.pool()
         static_grad_out = torch.zeros_like(static_out)
+        # The backward accumulates each parameter's grad straight into its persistent buffer (bound as
+        # `.grad`; autograd adds in place when a grad exists), one layer's grad alive at a time, rather
+        # than returning every grad at once and adding them after: that held a second copy of all grads.
+        saved = [p.grad for p in self.params]
+        for i in used:
+            self.params[i].grad = self._grad_bufs[i]
+        for x in static_inputs:
+            x.grad = None
         grad_targets = [static_inputs[i] for i in in_need] + [self.params[i] for i in used]
-        with torch.cuda.graph(bwd, pool=self._pool, capture_error_mode="thread_local"):
-            grads = torch.autograd.grad(static_out, grad_targets, static_grad_out)
-            param_grads = list(grads[len(in_need) :])
-            if param_grads:
-                torch._foreach_add_([self._grad_bufs[i] for i in used], param_grads)
+        try:
+            with torch.cuda.graph(bwd, pool=self._pool, capture_error_mode="thread_local"):
+                torch.autograd.backward(static_out, static_grad_out, inputs=grad_targets)
+        finally:
+            for p, g in zip(self.params, saved):
+                p.grad = g
         input_grads: list[torch.Tensor | None] = [None] * len(static_inputs)
-        for k, i in enumerate(in_need):
-            input_grads[i] = grads[k]
+        for i in in_need:  # the graph writes these inputs' grads into the tensors captured here
+            input_grads[i], static_inputs[i].grad = static_inputs[i].grad, None
         return _Capture(static_inputs, static_out.detach(), static_grad_out, input_grads, fwd, bwd, used)
+
+    def _warmup(self, static_inputs: list[torch.Tensor], autocast: Callable, passes: int) -> list[int]:
+        """Eager passes on a side stream before a capture; returns the indices of params that get a grad.
+
+        Each param's warmup grad is dropped as soon as it is accumulated, so no full set of grads is
+        held, and the grads being accumulated by the training loop (bound `.grad`) are left untouched.
+        """
+        dev = static_inputs[0].device
+        saved = [p.grad for p in self.params]
+        used: set[int] = set()
+
+        def drop(i: int) -> Callable[[torch.Tensor], None]:
+            def hook(p: torch.Tensor) -> None:
+                used.add(i)
+                p.grad = None
+
+            return hook
+
+        hooks = [p.register_post_accumulate_grad_hook(drop(i)) for i, p in enumerate(self.params)]
+        targets = [x for x in static_inputs if x.requires_grad] + list(self.params)
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        try:
+            for p in self.params:
+                p.grad = None
+            with torch.cuda.stream(side):
+                for _ in range(passes):
+                    with autocast():
+                        out = self.fn(*static_inputs)
+                    torch.autograd.backward(out, torch.ones_like(out), inputs=targets)
+                    del out
+            torch.cuda.current_stream(dev).wait_stream(side)
+        finally:
+            for h in hooks:
+                h.remove()
+            for p, g in zip(self.params, saved):
+                p.grad = g
+            for x in static_inputs:
+                x.grad = None
+        return sorted(used)
 
     def _bind_grads(self, used: list[int]) -> None:
         """Make `.grad` of every used param our persistent buffer (zeroed if the grad was None)."""
