@@ -45,6 +45,7 @@ OUR_MODE_FLAGS = {
     "eager": ["--no_cuda_graph"],
     "graph": ["--cuda_graph"],
     "default": [],
+    "compile": ["--torch_compile"],  # the default step plus regional torch.compile
 }  # our step-mode flags
 CPU_DROPPED = (
     "--mixed_precision bf16 --fp8_base --optimizer_type adamw8bit -> --optimizer_type AdamW (no CUDA)"
@@ -394,6 +395,15 @@ def capture_table(rows: list[dict]) -> str:
     )
 
 
+def all_runs(jsonl: Path) -> list[dict]:
+    """Every run in e2e.jsonl, the latest line of each run name, in first-seen order."""
+    latest: dict[str, dict] = {}
+    for line in jsonl.read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        latest[row["run"]] = row  # a dict keeps the first position of a key and the last value
+    return list(latest.values())
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     opts = parse_args(argv)
     if opts.write:
@@ -444,7 +454,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             print("E2E " + json.dumps(brief), flush=True)
             if row.get("error_tail"):
                 print(row["error_tail"], flush=True)
-    summary = markdown_summary(rows + skipped)
+    # the summary covers every run recorded in this folder (earlier invocations too), the latest of each name
+    summary = markdown_summary(all_runs(out / "e2e.jsonl"))
     (out / "e2e_summary.md").write_text(summary, encoding="utf-8")
     print(summary, flush=True)
     return rows + skipped

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The GPU machine's end-to-end run (issue 17). Needs .whl/ and baselines/sd-scripts carried with the call
+# (see docs/benchmarks.md "End-to-end CLI benchmark"). Usage: bash bench/e2e_gpu.sh PART... (in order)
+#   sdxl      SDXL LoHa/LoKr batch 4, 4 bucket shapes: ours eager + graph, sd-scripts eager
+#   sdxl_def  SDXL LoKr (ALGOS) batch 4: ours default step, sd-scripts eager
+#   curve     SDXL LoKr batch 1, 8 bucket shapes, 56 steps: ours eager vs the default (graph) step
+#   anima     Anima LoKr batch 2: ours eager + graph, sd-scripts eager
+#   anima_def Anima LoKr batch 2: ours default step and default + --torch_compile
+# Results accumulate in /tmp/e2e (e2e.jsonl; e2e_summary.md covers every run there) and are copied to $OUT.
+set -uo pipefail
+out=${OUT:-/tmp/e2e_out}
+mkdir -p "$out"
+if [ ! -d /tmp/site ]; then
+  I="python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target"
+  $I /tmp/site .whl/common/*.whl .whl/test/*.whl
+  $I /tmp/site_sd .whl/sd/*.whl
+fi
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+B="python3 bench/bench_e2e.py --scale real --out /tmp/e2e --sd_scripts_path baselines/sd-scripts
+   --sd_pythonpath /tmp/site_sd --cache on --warmup 4 --run_timeout ${RUN_TIMEOUT:-150}"
+for part in "$@"; do
+  case $part in
+    sdxl) $B --models sdxl --algos ${ALGOS:-loha,lokr} --batches 4 --modes eager,graph --impl ours,sd-scripts \
+            --steps 12 --budget_s ${BUDGET:-330} ;;
+    sdxl_def) $B --models sdxl --algos ${ALGOS:-lokr} --batches 4 --modes default --impl ours --steps 12 \
+            --budget_s 90 && $B --models sdxl --algos ${ALGOS:-lokr} --batches 4 --modes eager --impl sd-scripts \
+            --steps 12 --budget_s 90 ;;
+    curve) $B --models sdxl --algos lokr --batches 1 --shapes 8 --modes eager,default --impl ours \
+            --steps 56 --budget_s ${CURVE_BUDGET:-280} ;;
+    anima) $B --models anima --algos ${ALGOS:-lokr} --anima_batches 2 --modes eager,graph \
+            --impl ours,sd-scripts --steps 12 --budget_s ${BUDGET:-300} ;;
+    anima_def) $B --models anima --algos lokr --anima_batches 2 --modes default,compile --impl ours \
+            --steps 12 --budget_s ${ANIMA_BUDGET:-160} ;;
+    *) echo "unknown part $part" >&2; exit 2 ;;
+  esac 2>&1 | grep --line-buffered -v "it/s\]" | tee -a "$out/e2e_gpu.log"
+done
+cp /tmp/e2e/e2e.jsonl /tmp/e2e/e2e_summary.md "$out/" 2>/dev/null
+mkdir -p "$out/logs" && cp /tmp/e2e/logs/*.log "$out/logs/" 2>/dev/null
+true
