@@ -298,10 +298,12 @@ def load_models(args: argparse.Namespace, dtype: torch.dtype, device: torch.devi
     """The trainer's loader: single-file SGM checkpoint or diffusers folder, optional --vae."""
     from library.sdxl.loading import load_sdxl_models
 
-    use_fp8 = args.fp8_base or args.fp8_scaled  # quantized from fp32 (one rounding), the rest then in dtype
+    # fp8: quantized from the stored weights (quantize widens them to fp32 itself: one rounding, and no fp32
+    # copy of the model on the host), the rest then cast to dtype
+    use_fp8 = args.fp8_base or args.fp8_scaled
     models = load_sdxl_models(
         args.ckpt, vae=args.vae, tokenizer_dir=args.tokenizer_dir or args.tokenizer_cache_dir,
-        dtype=torch.float32 if use_fp8 else dtype,
+        dtype=None if use_fp8 else dtype,
     )  # fmt: skip
     for m in (models.unet, models.text_encoder_1, models.text_encoder_2):
         if use_fp8:

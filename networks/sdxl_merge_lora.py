@@ -84,7 +84,10 @@ def main(argv: list[str] | None = None) -> int:
         models.text_encoders, models.unet, a.models, ratios, block_weights=block_weights
     ):
         print(line)
-    save_sdxl_single_file(models, a.save_to, DTYPES[a.save_precision or a.precision])
+    save_dtype = DTYPES[a.save_precision or a.precision]
+    for m in (models.unet, models.vae, *models.text_encoders):
+        m.to(save_dtype)  # cast in place, one tensor at a time: saving then makes no second copy
+    save_sdxl_single_file(models, a.save_to, save_dtype)
     print(f"wrote {a.save_to}")
     return 0
 

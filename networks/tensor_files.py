@@ -12,6 +12,9 @@ from __future__ import annotations
 import json
 import os
 import zipfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -143,31 +146,77 @@ def safetensors_header(
     return {k: (v["dtype"], tuple(v["shape"])) for k, v in header.items()}, dict(meta)
 
 
-def read_tensors(
-    path: str | os.PathLike[str], what: str | None = None, *, allow_torch: bool = True,
-    expected: str = "a .safetensors file",
-) -> tuple[dict[str, torch.Tensor], dict[str, str]]:  # fmt: skip
-    """(tensors, metadata) of a checked file; a PyTorch archive's ``state_dict`` entry is unwrapped."""
-    p = Path(path)
-    kind = check_tensor_file(p, what, allow_torch=allow_torch, expected=expected)
-    try:
-        if kind == SAFETENSORS:
-            from safetensors import safe_open
-            from safetensors.torch import load_file
+@dataclass
+class TensorSource:
+    """The tensors of one checked file, read one at a time.
 
-            with safe_open(str(p), framework="pt") as f:
-                meta = dict(f.metadata() or {})
-            return load_file(str(p)), meta
-        data: Any = torch.load(str(p), map_location="cpu", weights_only=True)
-    except MemoryError:
+    ``stand_ins`` has every tensor's name (in file order) and shape as a ``meta`` tensor (its dtype is not
+    the stored one), so names and shapes can be checked before any data is read; ``read(name)`` returns
+    the stored tensor, owned by the caller: a safetensors file is read with ``pread`` rather than mapped,
+    so each tensor's bytes stay in memory only as long as the caller keeps that tensor.
+    """
+
+    stand_ins: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+    read: Callable[[str], torch.Tensor]
+
+
+@contextmanager
+def _read_errors(p: Path, what: str | None, expected: str) -> Iterator[None]:
+    try:
+        yield
+    except (MemoryError, InputError):
         raise
     except Exception as e:  # SafetensorError has no common base; torch raises RuntimeError/UnpicklingError
         raise InputError(f"{_label(p, what)}: cannot be read ({_first_line(e)}); expected {expected}") from e
+
+
+def _stand_in(shape: Any) -> torch.Tensor:
+    return torch.empty(tuple(shape), device="meta")
+
+
+@contextmanager
+def open_tensors(
+    path: str | os.PathLike[str], what: str | None = None, *, allow_torch: bool = True,
+    expected: str = "a .safetensors file",
+) -> Iterator[TensorSource]:  # fmt: skip
+    """A :class:`TensorSource` of a checked file, open for the ``with`` block. A PyTorch archive (see
+    :func:`check_tensor_file`) is loaded whole by ``torch.load``; its ``state_dict`` entry is unwrapped."""
+    p = Path(path)
+    kind = check_tensor_file(p, what, allow_torch=allow_torch, expected=expected)
+    if kind == SAFETENSORS:
+        from safetensors import safe_open
+
+        with _read_errors(p, what, expected):
+            f = safe_open(str(p), framework="pt", backend="pread")  # pread: no mapping keeps the file's pages
+
+        def read(name: str) -> torch.Tensor:
+            with _read_errors(p, what, expected):
+                return f.get_tensor(name)
+
+        with f:
+            with _read_errors(p, what, expected):
+                stand_ins = {k: _stand_in(f.get_slice(k).get_shape()) for k in f.offset_keys()}
+                meta = dict(f.metadata() or {})
+            yield TensorSource(stand_ins, meta, read)
+        return
+    with _read_errors(p, what, expected):
+        data: Any = torch.load(str(p), map_location="cpu", weights_only=True)
     if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
         data = data["state_dict"]
     if not isinstance(data, dict) or not any(isinstance(v, torch.Tensor) for v in data.values()):
         raise InputError(f"{_label(p, what)}: holds no tensors; expected {expected}")
-    return {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}, {}
+    tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
+    yield TensorSource({k: _stand_in(v.shape) for k, v in tensors.items()}, {}, tensors.__getitem__)
+
+
+def read_tensors(
+    path: str | os.PathLike[str], what: str | None = None, *, allow_torch: bool = True,
+    expected: str = "a .safetensors file",
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:  # fmt: skip
+    """(tensors, metadata) of a checked file, all read at once (see :func:`open_tensors`)."""
+    with open_tensors(path, what, allow_torch=allow_torch, expected=expected) as src:
+        return {k: src.read(k) for k in src.stand_ins}, src.metadata
 
 
 def check_archive(path: str | os.PathLike[str], what: str | None = None, expected: str = "") -> None:

@@ -208,7 +208,7 @@ def test_dataset_toml_and_metadata_json_with_a_byte_order_mark(tmp_path: Path):
 
 def test_anima_dit_given_to_an_sdxl_script_is_named():
     """Flow: `gen_img.py --ckpt anima-preview.safetensors` said "it looks like not an SDXL layout"."""
-    from library.sdxl.loading import check_sdxl_state
+    from library.sdxl.single_file import check_sdxl_state
 
     dit_like = {
         "net.blocks.0.self_attn.q_proj.weight": torch.zeros(1),

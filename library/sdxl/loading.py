@@ -1,10 +1,9 @@
 """Load, build and save SDXL: diffusers UNet/VAE + transformers CLIP text encoders.
 
-Single-file SGM checkpoints are read with the key maps of `library.sdxl.keymap`; architecture
-sizes (channels, depths, vocab, ...) are inferred from tensor shapes so that the real model and
-the tiny test model go through exactly the same code. The few sizes that no tensor reveals
-(attention head width, GroupNorm groups) default to SDXL's values and are written to the file's
-metadata when they differ (only the tiny model does that).
+Single-file SGM checkpoints are written here and read by `library.sdxl.single_file`, both with the key
+maps of `library.sdxl.keymap`. The few sizes that no tensor reveals (attention head width, GroupNorm
+groups) default to SDXL's values and are written to the file's metadata when they differ (only the
+tiny model does that).
 """
 
 from __future__ import annotations
@@ -20,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -31,24 +29,16 @@ from library.sdxl import config as sdxl_config
 from library.sdxl.keymap import (
     DEFAULT_ARCH,
     TE1_PREFIX,
-    TE2_PREFIX,
-    UNET_PREFIX,
-    VAE_PREFIX,
-    infer_te_config,
-    infer_unet_config,
-    infer_vae_config,
-    openclip_to_te2_state,
     te2_state_to_openclip,
     unet_state_to_sgm,
     vae_state_to_ldm,
 )
-from networks.tensor_files import check_weight_folder, read_tensors
+from library.sdxl.single_file import ARCH_METADATA_KEY, load_sdxl_single_file, load_vae
+from networks.tensor_files import check_weight_folder
 
 logger = logging.getLogger(__name__)
 HUB_TOKENIZER_1 = "openai/clip-vit-large-patch14"
 HUB_TOKENIZER_2 = "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k"
-ARCH_METADATA_KEY = "sdxl_arch"  # JSON of the sizes that tensors cannot reveal
-SDXL_DETECT_KEY = TE2_PREFIX + "transformer.resblocks.0.attn.in_proj_weight"
 
 
 @dataclass
@@ -241,205 +231,6 @@ def save_sdxl_diffusers(models: SdxlModels, folder: str | Path) -> None:
 # ------------------------------------------------------------------------------------------ loading
 
 
-def _short_list(keys: list[str], n: int = 20) -> str:
-    keys = sorted(keys)
-    more = f" ... (+{len(keys) - n} more)" if len(keys) > n else ""
-    return ", ".join(keys[:n]) + more
-
-
-def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    # a torch.save archive (.ckpt) is read only when its pickle names nothing but tensors
-    return read_tensors(path, "checkpoint", expected="an SDXL .safetensors (or tensors-only .ckpt) file")
-
-
-def _describe_prefixes(keys: list[str]) -> str:
-    heads = sorted({".".join(k.split(".")[:2]) for k in keys})
-    return _short_list(heads, 8)
-
-
-def check_sdxl_state(sd: dict[str, torch.Tensor], source: str) -> None:
-    """Refuse anything that is not an SGM SDXL checkpoint with one clear message."""
-    has = {p: any(k.startswith(p) for k in sd) for p in (UNET_PREFIX, TE1_PREFIX, TE2_PREFIX, VAE_PREFIX)}
-    if all(has.values()) and SDXL_DETECT_KEY in sd:
-        return
-    found = "no tensors" if not sd else f"top-level keys {_describe_prefixes(list(sd))}"
-    if any(k.startswith("cond_stage_model.") for k in sd):
-        kind = "an SD1.x/SD2.x checkpoint (cond_stage_model.*)"
-    elif any(k.startswith(("encoder.", "decoder.")) for k in sd) or (
-        has[VAE_PREFIX] and not has[UNET_PREFIX]
-    ):
-        kind = "a VAE only"
-    elif any(k.startswith(("lora_", "lycoris_")) for k in sd):
-        kind = "a LoRA/LyCORIS network file"
-    elif any(k.startswith(("net.llm_adapter.", "llm_adapter.")) for k in sd):
-        kind = "an Anima DiT (use anima_train_network.py / anima_minimal_inference.py)"
-    else:
-        kind = "another kind of model"
-    missing = [p + "*" for p, ok in has.items() if not ok]
-    raise ValueError(
-        f"{source} is not an SDXL single-file checkpoint: it looks like {kind}; found {found}; "
-        f"expected model.diffusion_model.*, conditioner.embedders.0.transformer.*, "
-        f"conditioner.embedders.1.model.* (OpenCLIP bigG) and first_stage_model.*"
-        + (f" (missing: {', '.join(missing)})" if missing else "")
-    )
-
-
-def _strip(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
-
-
-def _load_into(module: torch.nn.Module, converted: dict[str, torch.Tensor], source: str, what: str) -> None:
-    """Strict load: every key of the module filled, nothing left over; shapes must match."""
-    own = module.state_dict()
-    missing = [k for k in own if k not in converted]
-    unexpected = [k for k in converted if k not in own]
-    if missing or unexpected:
-        raise ValueError(
-            f"{source}: {what} keys do not match the model"
-            + (f"; missing: {_short_list(missing)}" if missing else "")
-            + (f"; unexpected: {_short_list(unexpected)}" if unexpected else "")
-        )
-    bad = [
-        f"{k} {tuple(converted[k].shape)}!={tuple(own[k].shape)}"
-        for k in own
-        if converted[k].shape != own[k].shape
-    ]
-    if bad:
-        raise ValueError(f"{source}: {what} tensor shapes do not match: {_short_list(bad, 10)}")
-    module.load_state_dict(converted, strict=True, assign=True)
-
-
-def _build(cls: Any, source: str, what: str, *args: Any, **kwargs: Any) -> Any:
-    """Instantiate without allocating; a failure means the shapes do not describe an SDXL part."""
-    try:
-        with init_empty_weights():
-            return cls(*args, **kwargs)
-    except Exception as e:
-        raise ValueError(
-            f"{source}: cannot build the SDXL {what} from its tensor shapes ({e}); "
-            f"non-standard head widths/GroupNorm groups must be given in the '{ARCH_METADATA_KEY}' metadata"
-        ) from e
-
-
-def _unet_from_sgm(
-    u: dict[str, torch.Tensor], cfg: dict[str, Any], source: str, dtype: torch.dtype
-) -> UNet2DConditionModel:
-    unet = _build(UNet2DConditionModel, source, "UNet", **cfg)
-    # the forward map of the model's own keys, inverted, tells which SGM tensor fills each key
-    own_keys = list(unet.state_dict().keys())
-    fwd = unet_state_to_sgm({k: k for k in own_keys}, list(cfg["up_block_types"]), cfg["layers_per_block"])
-    conv = {}
-    for sgm_key, diff_key in fwd.items():
-        key = sgm_key[len(UNET_PREFIX) :]
-        if key in u:
-            conv[diff_key] = u[key].to(dtype)
-    leftover = set(u) - {k[len(UNET_PREFIX) :] for k in fwd}
-    for k in leftover:
-        conv["<unexpected>." + k] = u[k]
-    _load_into(unet, conv, source, "UNet (model.diffusion_model.*)")
-    return unet
-
-
-def vae_from_ldm(
-    v: dict[str, torch.Tensor], source: str, dtype: torch.dtype, arch: dict[str, int] | None = None
-) -> AutoencoderKL:
-    """AutoencoderKL from LDM-layout VAE tensors (no prefix)."""
-    cfg = infer_vae_config(v, arch or DEFAULT_ARCH)
-    vae = _build(AutoencoderKL, source, "VAE", **cfg)
-    own = vae.state_dict()
-    fwd = vae_state_to_ldm({k: torch.empty(0) for k in own}, len(cfg["block_out_channels"]), prefix="")
-    names = dict(zip(fwd.keys(), own.keys()))
-    conv = {}
-    for lk, dk in names.items():
-        if lk in v:
-            t = v[lk]
-            if t.ndim == 4 and own[dk].ndim == 2:
-                t = t[:, :, 0, 0].contiguous()
-            conv[dk] = t.to(dtype)
-    for k in set(v) - set(names):
-        conv["<unexpected>." + k] = v[k]
-    _load_into(vae, conv, source, "VAE (first_stage_model.*)")
-    return vae
-
-
-def _te_from_hf(
-    hf: dict[str, torch.Tensor], cfg: dict[str, Any], cls: type, source: str, what: str, dtype: torch.dtype
-) -> Any:
-    te = _build(cls, source, what, _te_config(cfg))
-    own_flat = not any(k.startswith("text_model.") for k in te.state_dict())
-    hf = {
-        (k[len("text_model.") :] if own_flat and k.startswith("text_model.") else k): v.to(dtype)
-        for k, v in hf.items()
-        if k != "text_model.embeddings.position_ids"
-    }
-    _load_into(te, hf, source, what)
-    return te
-
-
-def _arch_from_meta(meta: dict[str, str]) -> dict[str, int]:
-    arch = {**DEFAULT_ARCH, "te1_head_dim": 64, "te2_head_dim": 64}
-    if ARCH_METADATA_KEY in meta:
-        arch.update(json.loads(meta[ARCH_METADATA_KEY]))
-    return arch
-
-
-def load_sdxl_single_file(path: str | Path, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
-    """unet, vae, text_encoder_1, text_encoder_2, extra from an SGM single-file checkpoint."""
-    path = Path(path)
-    sd, meta = _read_safetensors(path)
-    check_sdxl_state(sd, str(path))
-    arch = _arch_from_meta(meta)
-    te2_hf, logit_scale = openclip_to_te2_state(_strip(sd, TE2_PREFIX))
-    te2_cfg = infer_te_config(te2_hf, arch["te2_head_dim"], sdxl_config.SDXL_TE2_CONFIG)
-    te1_hf = _strip(sd, TE1_PREFIX)
-    te1_cfg = infer_te_config(te1_hf, arch["te1_head_dim"], sdxl_config.SDXL_TE1_CONFIG)
-    unet_sd = _strip(sd, UNET_PREFIX)
-    unet = _unet_from_sgm(
-        unet_sd, infer_unet_config(unet_sd, arch, te2_cfg["projection_dim"]), str(path), dtype
-    )
-    vae = vae_from_ldm(_strip(sd, VAE_PREFIX), str(path), dtype, arch)
-    te1 = _te_from_hf(
-        te1_hf, te1_cfg, CLIPTextModel, str(path), "text encoder 1 (conditioner.embedders.0)", dtype
-    )
-    te2 = _te_from_hf(
-        te2_hf,
-        te2_cfg,
-        CLIPTextModelWithProjection,
-        str(path),
-        "text encoder 2 (conditioner.embedders.1)",
-        dtype,
-    )
-    extra = {"logit_scale": logit_scale} if logit_scale is not None else {}
-    return {"unet": unet, "vae": vae, "text_encoder_1": te1, "text_encoder_2": te2, "extra": extra}
-
-
-def load_vae(path: str | Path, dtype: torch.dtype = torch.float32) -> AutoencoderKL:
-    """`--vae`: a diffusers folder (or a folder with vae/), or a single file in LDM or diffusers layout."""
-    p = Path(path)
-    if p.is_dir():
-        sub = p / "vae" if (p / "vae" / "config.json").is_file() else p
-        if not (sub / "config.json").is_file():
-            raise FileNotFoundError(
-                f"VAE folder {p} has no config.json (expected a diffusers AutoencoderKL folder)"
-            )
-        return AutoencoderKL.from_pretrained(str(sub), torch_dtype=dtype, local_files_only=True)
-    sd, meta = _read_safetensors(p)
-    if any(k.startswith(VAE_PREFIX) for k in sd):
-        sd = _strip(sd, VAE_PREFIX)
-    if "encoder.down.0.block.0.conv1.weight" in sd:
-        return vae_from_ldm(sd, str(p), dtype, _arch_from_meta(meta))
-    if "encoder.down_blocks.0.resnets.0.conv1.weight" in sd:
-        # a diffusers-layout file (e.g. diffusion_pytorch_model.safetensors): map it to LDM names first
-        n_levels = len({k.split(".")[2] for k in sd if k.startswith("encoder.down_blocks.")})
-        return vae_from_ldm(vae_state_to_ldm(sd, n_levels, prefix=""), str(p), dtype, _arch_from_meta(meta))
-    raise ValueError(
-        f"VAE file {p} is not an SDXL/LDM VAE: expected encoder.down.*/decoder.up.* keys, "
-        f"found {_describe_prefixes(list(sd))}"
-    )
-
-
 def _resolve_folder(name: str) -> Path:
     p = Path(name)
     if p.is_dir():
@@ -462,9 +253,10 @@ def load_sdxl_models(
     pretrained_model_name_or_path: str | Path,
     vae: str | Path | None = None,
     tokenizer_dir: str | Path | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = torch.float32,
 ) -> SdxlModels:
-    """SDXL from a single-file SGM checkpoint, a diffusers folder, or a cached hub id (offline)."""
+    """SDXL from a single-file SGM checkpoint, a diffusers folder, or a cached hub id (offline). `dtype`
+    None keeps a single file's stored dtypes; a diffusers folder then loads as from_pretrained does."""
     name = str(pretrained_model_name_or_path)
     if Path(name).is_file():
         parts = load_sdxl_single_file(name, dtype)

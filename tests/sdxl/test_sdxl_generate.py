@@ -13,11 +13,6 @@ from library.sdxl.generate import generate_sdxl
 from library.sdxl.loading import SdxlModels, build_tiny_sdxl_models
 
 
-@pytest.fixture(scope="module")
-def tiny(clip_tokenizer_dir: Path) -> SdxlModels:
-    return build_tiny_sdxl_models(clip_tokenizer_dir, seed=0)
-
-
 def _px(img) -> np.ndarray:
     return np.asarray(img).astype(np.int16)
 

@@ -16,30 +16,17 @@ from safetensors.torch import save_file
 
 from library.sdxl.loading import (
     SdxlModels,
-    _read_safetensors,
     build_tiny_sdxl_models,
     hf_text_state,
     load_sdxl_models,
     load_sdxl_tokenizers,
     load_vae,
     save_sdxl_diffusers,
-    save_sdxl_single_file,
     sdxl_single_file_state,
 )
+from library.sdxl.single_file import _open_checkpoint
 
 COMPONENTS = ("unet", "vae", "text_encoder_1", "text_encoder_2")
-
-
-@pytest.fixture(scope="module")
-def tiny(clip_tokenizer_dir: Path) -> SdxlModels:
-    return build_tiny_sdxl_models(clip_tokenizer_dir, seed=0)
-
-
-@pytest.fixture(scope="module")
-def tiny_file(tiny: SdxlModels, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("ckpt") / "tiny_sdxl.safetensors"
-    save_sdxl_single_file(tiny, path)
-    return path
 
 
 def _assert_same(a: SdxlModels, b: SdxlModels) -> None:
@@ -254,8 +241,13 @@ def test_real_size_layout_on_meta_device() -> None:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from library.sdxl import config as c
-    from library.sdxl.keymap import openclip_to_te2_state
-    from library.sdxl.loading import DEFAULT_ARCH, infer_te_config, infer_unet_config, infer_vae_config
+    from library.sdxl.keymap import (
+        DEFAULT_ARCH,
+        infer_te_config,
+        infer_unet_config,
+        infer_vae_config,
+        openclip_to_te2_state,
+    )
 
     with torch.device("meta"):
         real = SdxlModels(
@@ -323,7 +315,8 @@ def test_load_in_bf16_and_convert_file_to_folder(tiny_file: Path, tmp_path: Path
     with safe_open(str(tiny_file), framework="pt") as f:
         sd = {k: f.get_tensor(k) for k in f.keys()}
     torch.save({"state_dict": sd}, tmp_path / "tiny.ckpt")
-    read, meta = _read_safetensors(tmp_path / "tiny.ckpt")
+    with _open_checkpoint(tmp_path / "tiny.ckpt") as src:
+        read, meta = {k: src.read(k) for k in src.stand_ins}, src.metadata
     assert read.keys() == sd.keys() and all(torch.equal(read[k], sd[k]) for k in sd) and meta == {}
     with pytest.raises(ValueError, match=r"tiny\.ckpt: cannot build the SDXL VAE from its tensor shapes"):
         load_sdxl_models(str(tmp_path / "tiny.ckpt"))

@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
-from library.sdxl.loading import SdxlModels, build_tiny_sdxl_models
+from library.sdxl.loading import SdxlModels
 from library.sdxl.text import encode_prompts, encode_sdxl_text, tokenize_sdxl
 
 ASTRONAUT = [49406, 320, 1125, 539, 550, 18376, 49407]
-
-
-@pytest.fixture(scope="module")
-def tiny(clip_tokenizer_dir: Path) -> SdxlModels:
-    return build_tiny_sdxl_models(clip_tokenizer_dir, seed=0)
 
 
 def test_tokenize_real_ids_and_padding(tiny: SdxlModels) -> None:
