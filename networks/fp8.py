@@ -45,18 +45,28 @@ def is_fp8_layer(module: nn.Module) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------ maths
-def quantize(w: torch.Tensor, scaled: bool) -> Packed:
+def quantize(w: torch.Tensor, scaled: bool, scratch: torch.Tensor | None = None) -> Packed:
     """float weight -> (e4m3 weight, per-output-channel float32 scale of shape (out, 1, ...) or None).
 
     Values beyond ±448 saturate (e4m3fn has no infinity; an unclamped cast would give NaN). A channel that
-    is all zero gets scale 1."""
-    w32 = w.detach().float()
-    if not scaled:
-        return w32.clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), None
-    amax = w32.abs().reshape(w32.shape[0], -1).amax(dim=1)
-    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-    scale = scale.reshape(-1, *([1] * (w32.dim() - 1)))
-    return (w32 / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
+    is all zero gets scale 1. The maths runs in place in one float32 copy of `w`, made in `scratch` (a
+    float32 buffer of at least `w.numel()` elements) when given: a loader quantizing weight after weight then
+    allocates only the fp8 results it keeps."""
+    n = w.numel()
+    w32 = (
+        torch.empty(w.shape, dtype=torch.float32, device=w.device)
+        if scratch is None
+        else scratch[:n].view(w.shape)
+    )
+    w32.copy_(w.detach())
+    scale = None
+    if scaled:
+        rows = w32.reshape(w32.shape[0], -1)
+        amax = torch.maximum(rows.amax(dim=1), rows.amin(dim=1).neg())  # max |w| per row, no |w| copy
+        scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+        scale = scale.reshape(-1, *([1] * (w32.dim() - 1)))
+        w32.div_(scale)
+    return w32.clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
 
 
 def dequantize(w8: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:

@@ -47,7 +47,8 @@ class TensorStream:
     """The tensors of one or more checked files (e.g. a model's shards), read on demand.
 
     `keys()` lists them in file order, `meta(key)` is a meta-device tensor with the stored dtype and shape
-    (for shape-only work such as inferring a config), `read(key)` a fresh CPU tensor with memory of its own.
+    (for shape-only work such as inferring a config), `read(key)` a CPU tensor with memory of its own (or,
+    `staged`, in a reused buffer).
     A key present in several files is read from the last one. Use as a context manager (closes the files).
     """
 
@@ -61,6 +62,7 @@ class TensorStream:
         self._entries: dict[str, _Entry] = {}
         self._handles: list[BinaryIO | None] = []
         self._archives: dict[str, torch.Tensor] = {}  # tensors of torch.save archives, handed out once
+        self._staging: torch.Tensor | None = None
         try:
             for i, p in enumerate(self.paths):
                 self._add(i, p, allow_torch)
@@ -116,11 +118,20 @@ class TensorStream:
         e = self._entries[key]
         return torch.empty(e.shape, dtype=e.dtype, device="meta")
 
-    def read(self, key: str) -> torch.Tensor:
+    def read(self, key: str, staged: bool = False) -> torch.Tensor:
+        """The tensor `key` on the CPU. `staged`: in one buffer that every staged read reuses (valid until
+        the next one; `is_staged` tells), for a tensor the caller converts or copies at once. Loading a
+        model that way allocates only what it keeps: fresh read buffers freed after a cast would leave
+        holes in the heap that the process keeps resident."""
         e = self._entries[key]
         if e.start < 0:
             return self._archives.pop(key)
-        buf = torch.empty(e.nbytes, dtype=torch.uint8)
+        if staged:
+            if self._staging is None:
+                self._staging = torch.empty(max(x.nbytes for x in self._entries.values()), dtype=torch.uint8)
+            buf = self._staging[: e.nbytes]
+        else:
+            buf = torch.empty(e.nbytes, dtype=torch.uint8)
         f = self._handles[e.file]
         assert f is not None
         f.seek(e.start)
@@ -134,12 +145,19 @@ class TensorStream:
             done += got
         return buf.view(e.dtype).reshape(e.shape)
 
-    def items(self, keys: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    def is_staged(self, t: torch.Tensor) -> bool:
+        """Whether `t` lives in the buffer that staged reads reuse (so it must be copied to be kept)."""
+        s = self._staging
+        return s is not None and t.device.type == "cpu" and t.untyped_storage().data_ptr() == s.data_ptr()
+
+    def items(
+        self, keys: Iterable[str] | None = None, staged: bool = False
+    ) -> Iterator[tuple[str, torch.Tensor]]:
         """(key, tensor) for `keys` (default all) in file order, each read when its turn comes."""
         wanted = None if keys is None else set(keys)
         for k in self.keys():
             if wanted is None or k in wanted:
-                yield k, self.read(k)
+                yield k, self.read(k, staged)
 
     def close(self) -> None:
         for f in self._handles:
@@ -147,6 +165,7 @@ class TensorStream:
                 f.close()
         self._handles = []
         self._archives = {}
+        self._staging = None
 
     def __enter__(self) -> TensorStream:
         return self

@@ -50,8 +50,9 @@ class AnimaModels:
 # Loading streams: the model is built on the meta device, each tensor is read from the file on its own
 # (networks/tensor_stream.py), converted and placed on its device, so the host never holds the file's
 # bytes and the converted model at once.
-Placement = Callable[[str], "str | torch.device"]  # state-dict key -> device of that tensor
-Put = Callable[[str, torch.Tensor, "str | torch.device"], None]  # (key, tensor as read, device)
+Device = str | torch.device
+Placement = Callable[[str], Device]  # state-dict key -> device of that tensor
+Put = Callable[[str, torch.Tensor, Device], None]  # (key, tensor as read, device)
 
 
 def _open(path: PathLike, what: str) -> TensorStream:
@@ -105,13 +106,20 @@ def _assign(model: nn.Module, key: str, t: torch.Tensor) -> None:
         mod._buffers[leaf] = t
 
 
+def _settle(stream: TensorStream, t: torch.Tensor, dtype: torch.dtype | None, device: Device) -> torch.Tensor:
+    """`t` cast to `dtype` on `device`, with memory of its own (copied out of the stream's staging buffer)."""
+    out = _cast_one(t, dtype).to(device)
+    return out.clone() if stream.is_staged(out) else out
+
+
 def _stream_into(
     model: nn.Module, stream: TensorStream, names: dict[str, str], place: Placement, put: Put
 ) -> None:
-    """Read every file tensor named in `names` (model key -> file key) once, in file order, and hand it to
-    `put`; then move the built-in buffers (those no file holds) where `place` says."""
+    """Read every file tensor named in `names` (model key -> file key) once, in file order, into the stream's
+    staging buffer, and hand it to `put` (which settles it); then move the built-in buffers (those no file
+    holds) where `place` says."""
     by_file = {v: k for k, v in names.items()}
-    for file_key, t in stream.items(by_file):
+    for file_key, t in stream.items(by_file, staged=True):
         key = by_file[file_key]
         put(key, t, place(key))
     for owner, mod in model.named_modules():
@@ -126,7 +134,7 @@ def _load_streamed(
     names: dict[str, str],
     what: str,
     dtype: torch.dtype | None,
-    device: str | torch.device,
+    device: Device,
     ignore_unexpected: bool = False,
 ) -> nn.Module:
     """Build on the meta device, then read each tensor into `dtype` on `device`; frozen, eval."""
@@ -137,7 +145,7 @@ def _load_streamed(
         stream,
         names,
         lambda _k: device,
-        lambda k, t, dev: _assign(model, k, _cast_one(t, dtype).to(dev)),
+        lambda k, t, dev: _assign(model, k, _settle(stream, t, dtype, dev)),
     )
     return model.eval().requires_grad_(False)
 
@@ -165,7 +173,7 @@ def anima_fp8_layer(name: str) -> bool:
     return not any(part in name for part in _FP8_KEEP)
 
 
-def _block_placement(num_blocks: int, offload_blocks: int, device: str | torch.device) -> Placement:
+def _block_placement(num_blocks: int, offload_blocks: int, device: Device) -> Placement:
     """`device` for every tensor except those of the last `offload_blocks` DiT blocks, which stay on the CPU."""
     first = num_blocks - max(0, offload_blocks)
     return lambda key: "cpu" if key.startswith("blocks.") and int(key.split(".")[1]) >= first else device
@@ -174,7 +182,7 @@ def _block_placement(num_blocks: int, offload_blocks: int, device: str | torch.d
 def load_anima_dit(
     path: PathLike,
     dtype: torch.dtype | None = None,
-    device: str | torch.device = "cpu",
+    device: Device = "cpu",
     fp8_base: bool = False,
     fp8_scaled: bool = False,
     offload_blocks: int = 0,
@@ -200,7 +208,8 @@ def load_anima_dit(
         model = _build_empty(lambda: Anima(cfg))
         weights = {k: v for k, v in names.items() if not fp8.is_storage_key(k)}
         weights = _matching(model, weights, f"Anima DiT {path}")
-        put = _DitPut(model, scales, dtype, fp8_base or fp8_scaled, fp8_scaled)
+        put = _DitPut(model, stream, scales, dtype, fp8_base or fp8_scaled, fp8_scaled)
+        put.largest = max((m.numel() for k, m in meta.items() if anima_fp8_layer(k)), default=0)
         _stream_into(model, stream, weights, _block_placement(cfg.num_blocks, offload_blocks, device), put)
     if fp8_base or fp8_scaled:
         logger.info(
@@ -217,12 +226,28 @@ class _DitPut:
     --fp8_base, as e4m3 (the file's fp8 values and scale when it has them, else quantized from its value)."""
 
     def __init__(
-        self, model: Anima, scales: dict[str, torch.Tensor], dtype: torch.dtype, to_fp8: bool, scaled: bool
+        self,
+        model: Anima,
+        stream: TensorStream,
+        scales: dict[str, torch.Tensor],
+        dtype: torch.dtype,
+        to_fp8: bool,
+        scaled: bool,
     ) -> None:
-        self.model, self.scales, self.dtype, self.to_fp8, self.scaled = model, scales, dtype, to_fp8, scaled
+        self.model, self.stream, self.scales, self.dtype = model, stream, scales, dtype
+        self.to_fp8, self.scaled = to_fp8, scaled
         self.converted = self.as_stored = 0
+        self.largest = 0  # elements of the largest weight that may be quantized (sizes the scratch buffer)
+        self._scratch: torch.Tensor | None = None
 
-    def __call__(self, key: str, t: torch.Tensor, device: str | torch.device) -> None:
+    def _quantize(self, w: torch.Tensor) -> fp8.Packed:
+        # one float32 scratch for every layer: the loader then allocates only the fp8 weights it keeps
+        if self._scratch is None or self._scratch.numel() < w.numel():
+            self._scratch = None
+            self._scratch = torch.empty(max(self.largest, w.numel()), dtype=torch.float32)
+        return fp8.quantize(w, self.scaled, self._scratch)
+
+    def __call__(self, key: str, t: torch.Tensor, device: Device) -> None:
         layer = key[: -len(".weight")] if key.endswith(".weight") else None
         scale = None if layer is None else self.scales.get(layer)
         mod = None if layer is None or not self.to_fp8 else self.model.get_submodule(layer)
@@ -231,10 +256,10 @@ class _DitPut:
         if self.to_fp8 and packed is not None and anima_fp8_layer(layer or ""):
             self.as_stored += 1
         if not quantize:
-            _assign(self.model, key, _cast_one(value, self.dtype).to(device))
+            _assign(self.model, key, _settle(self.stream, value, self.dtype, device))
             return
-        w8, s = packed if packed is not None else fp8.quantize(value, self.scaled)
-        fp8.set_fp8_weight(mod, w8.to(device), None if s is None else s.to(device))
+        w8, s = packed if packed is not None else self._quantize(value)
+        fp8.set_fp8_weight(mod, _settle(self.stream, w8, None, device), None if s is None else s.to(device))
         self.converted += 1
 
 
@@ -270,7 +295,7 @@ def _qwen3_files(d: Path) -> list[Path]:
 
 
 def load_qwen3_text_encoder(
-    path: PathLike | None, dtype: torch.dtype | None = torch.bfloat16, device: str | torch.device = "cpu"
+    path: PathLike | None, dtype: torch.dtype | None = torch.bfloat16, device: Device = "cpu"
 ) -> Qwen3Model:
     """Qwen3 from an HF folder (config.json + safetensors) or a single safetensors file; frozen, eval."""
     if path is None or str(path) == "":
@@ -425,7 +450,7 @@ def _vae_from_dims(base_dim: int, z_dim: int) -> AutoencoderKLQwenImage:
 
 
 def load_anima_vae(
-    path: PathLike, dtype: torch.dtype | None = torch.float32, device: str | torch.device = "cpu"
+    path: PathLike, dtype: torch.dtype | None = torch.float32, device: Device = "cpu"
 ) -> AutoencoderKLQwenImage:
     """Qwen-Image VAE from a single file (Wan or diffusers key names) or a diffusers folder."""
     p = Path(path)
@@ -566,7 +591,7 @@ def load_anima_models(
     dit_dtype: torch.dtype | None = None,
     te_dtype: torch.dtype | None = torch.bfloat16,
     vae_dtype: torch.dtype | None = torch.float32,
-    device: str | torch.device = "cpu",
+    device: Device = "cpu",
 ) -> AnimaModels:
     """All five pieces from released files; tokenizers as load_anima_tokenizers finds them."""
     te = load_qwen3_text_encoder(text_encoder_path, te_dtype, device)
