@@ -45,13 +45,15 @@ def is_fp8_layer(module: nn.Module) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------ maths
-def quantize(w: torch.Tensor, scaled: bool, scratch: torch.Tensor | None = None) -> Packed:
+def quantize(
+    w: torch.Tensor, scaled: bool, scratch: torch.Tensor | None = None, out: torch.Tensor | None = None
+) -> Packed:
     """float weight -> (e4m3 weight, per-output-channel float32 scale of shape (out, 1, ...) or None).
 
     Values beyond ±448 saturate (e4m3fn has no infinity; an unclamped cast would give NaN). A channel that
     is all zero gets scale 1. The maths runs in place in one float32 copy of `w`, made in `scratch` (a
-    float32 buffer of at least `w.numel()` elements) when given: a loader quantizing weight after weight then
-    allocates only the fp8 results it keeps."""
+    float32 buffer of at least `w.numel()` elements) when given, and the result lands in `out` (an e4m3
+    buffer as large) when given: a loader quantizing weight after weight then allocates only what it keeps."""
     n = w.numel()
     w32 = (
         torch.empty(w.shape, dtype=torch.float32, device=w.device)
@@ -66,7 +68,8 @@ def quantize(w: torch.Tensor, scaled: bool, scratch: torch.Tensor | None = None)
         scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
         scale = scale.reshape(-1, *([1] * (w32.dim() - 1)))
         w32.div_(scale)
-    return w32.clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
+    w32.clamp_(-FP8_MAX, FP8_MAX)
+    return (w32.to(FP8_DTYPE) if out is None else out[:n].view(w.shape).copy_(w32)), scale
 
 
 def dequantize(w8: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:

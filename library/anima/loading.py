@@ -107,8 +107,11 @@ def _assign(model: nn.Module, key: str, t: torch.Tensor) -> None:
 
 
 def _settle(stream: TensorStream, t: torch.Tensor, dtype: torch.dtype | None, device: Device) -> torch.Tensor:
-    """`t` cast to `dtype` on `device`, with memory of its own (copied out of the stream's staging buffer)."""
-    out = _cast_one(t, dtype).to(device)
+    """`t` cast to `dtype` on `device`, with memory of its own (copied out of the stream's staging buffer).
+    For another device the cast runs there: a host copy freed right after would stay resident as a heap hole."""
+    if torch.device(device).type != "cpu":
+        return _cast_one(t.to(device), dtype)
+    out = _cast_one(t, dtype)
     return out.clone() if stream.is_staged(out) else out
 
 
@@ -209,7 +212,7 @@ def load_anima_dit(
         weights = {k: v for k, v in names.items() if not fp8.is_storage_key(k)}
         weights = _matching(model, weights, f"Anima DiT {path}")
         put = _DitPut(model, stream, scales, dtype, fp8_base or fp8_scaled, fp8_scaled)
-        put.largest = max((m.numel() for k, m in meta.items() if anima_fp8_layer(k)), default=0)
+        put.largest = max((m.weight.numel() for n, m in _fp8_candidates(model)), default=0)
         _stream_into(model, stream, weights, _block_placement(cfg.num_blocks, offload_blocks, device), put)
     if fp8_base or fp8_scaled:
         logger.info(
@@ -219,6 +222,14 @@ def load_anima_dit(
             put.as_stored,
         )
     return model.eval().requires_grad_(False)
+
+
+def _fp8_candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [
+        (n, m)
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear | nn.Conv2d) and anima_fp8_layer(n)
+    ]
 
 
 class _DitPut:
@@ -238,14 +249,17 @@ class _DitPut:
         self.to_fp8, self.scaled = to_fp8, scaled
         self.converted = self.as_stored = 0
         self.largest = 0  # elements of the largest weight that may be quantized (sizes the scratch buffer)
-        self._scratch: torch.Tensor | None = None
+        self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def _quantize(self, w: torch.Tensor) -> fp8.Packed:
-        # one float32 scratch for every layer: the loader then allocates only the fp8 weights it keeps
-        if self._scratch is None or self._scratch.numel() < w.numel():
-            self._scratch = None
-            self._scratch = torch.empty(max(self.largest, w.numel()), dtype=torch.float32)
-        return fp8.quantize(w, self.scaled, self._scratch)
+    def _quantize(self, w: torch.Tensor, device: Device) -> fp8.Packed:
+        # one float32 scratch for every layer, and one e4m3 buffer when the result goes to another device
+        # (settled from there): the host then allocates only the fp8 weights it keeps
+        if self._buffers is None or self._buffers[0].numel() < w.numel():
+            self._buffers = None
+            n = max(self.largest, w.numel())
+            self._buffers = torch.empty(n, dtype=torch.float32), torch.empty(n, dtype=fp8.FP8_DTYPE)
+        scratch, out8 = self._buffers
+        return fp8.quantize(w, self.scaled, scratch, None if torch.device(device).type == "cpu" else out8)
 
     def __call__(self, key: str, t: torch.Tensor, device: Device) -> None:
         layer = key[: -len(".weight")] if key.endswith(".weight") else None
@@ -258,7 +272,7 @@ class _DitPut:
         if not quantize:
             _assign(self.model, key, _settle(self.stream, value, self.dtype, device))
             return
-        w8, s = packed if packed is not None else self._quantize(value)
+        w8, s = packed if packed is not None else self._quantize(value, device)
         fp8.set_fp8_weight(mod, _settle(self.stream, w8, None, device), None if s is None else s.to(device))
         self.converted += 1
 

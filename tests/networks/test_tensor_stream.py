@@ -56,6 +56,19 @@ def test_every_dtype_reads_bit_exact_in_file_order(tmp_path) -> None:
         assert [k for k, _ in s.items(["scalar", "bool"])] == [k for k in s.keys() if k in ("scalar", "bool")]
 
 
+def test_staged_reads_share_one_buffer(tmp_path) -> None:
+    path = tmp_path / "two.safetensors"
+    save_file({"a": torch.arange(6.0).reshape(2, 3), "b": torch.arange(4, dtype=torch.int16)}, str(path))
+    with TensorStream([path]) as s:
+        a = s.read("a", staged=True)
+        assert s.is_staged(a) and torch.equal(a, torch.arange(6.0).reshape(2, 3))
+        kept = a.clone()
+        b = s.read("b", staged=True)  # overwrites the bytes `a` showed
+        assert s.is_staged(b) and torch.equal(b, torch.arange(4, dtype=torch.int16))
+        assert a.data_ptr() == b.data_ptr() and not torch.equal(a, kept)
+        assert not s.is_staged(kept) and not s.is_staged(s.read("a"))
+
+
 def test_shards_archives_and_the_last_file_wins(tmp_path) -> None:
     save_file({"a": torch.ones(2), "b": torch.zeros(3)}, str(tmp_path / "1.safetensors"))
     torch.save({"state_dict": {"b": torch.full((3,), 7.0), "c": torch.arange(4)}}, tmp_path / "2.pt")
