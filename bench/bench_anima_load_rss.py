@@ -4,8 +4,8 @@ Runs the trainer's own hooks in this fresh process: `load_models`, the moves `ca
 --cache_latents / --cache_text_encoder_outputs (without a dataset), and `prepare_models`; prints the peak
 RSS (ru_maxrss) after each phase as one JSON line. Real-size files come from bench/e2e_setup.py:
 
-    python bench/e2e_setup.py ...  # or write_anima(folder, "real", "cpu") from Python
-    python bench/bench_anima_load_rss.py --folder /tmp/anima_real [--device cpu]
+    python -c "import sys; sys.path[:0] = ['.', 'bench']; from pathlib import Path; from e2e_setup import write_anima; write_anima(Path('/tmp/anima_real'), 'real', 'cpu')"
+    python bench/bench_anima_load_rss.py --folder /tmp/anima_real [--no_fp8] [--meta_device]
 
 The flags are the seed's: --mixed_precision bf16 --fp8_base --gradient_checkpointing --cache_latents
 --cache_text_encoder_outputs --network_train_unet_only (the device is accelerate's: CUDA when present).
@@ -19,6 +19,7 @@ import resource
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -45,6 +46,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--folder", type=Path, required=True, help="folder written by write_anima(folder, ...)")
     p.add_argument("--no_fp8", action="store_true", help="leave --fp8_base out")
+    p.add_argument("--meta_device", action="store_true",
+                   help="the meta device stands in for the GPU (no CUDA here): what the host keeps when the "
+                        "DiT goes to the device; the cache moves are skipped (meta holds no values)")  # fmt: skip
     a = p.parse_args()
     import torch
 
@@ -62,7 +66,7 @@ def main() -> None:
     args = build_parser().parse_args(argv)
     arch = AnimaArchitecture()
     arch.verify_args(args)
-    acc = make_accelerator(args)
+    acc = SimpleNamespace(device=torch.device("meta")) if a.meta_device else make_accelerator(args)
     weight_dtype, _ = dtypes(args)
     ctx = RunContext(args, acc, weight_dtype, train_unet=True, train_text_encoder=False)
     phases: dict[str, dict[str, float]] = {"start": {"peak": _peak_mib(), "now": _current_mib()}}
@@ -70,10 +74,11 @@ def main() -> None:
     arch.load_models(ctx)
     phases["load_models"] = {"peak": _peak_mib(), "now": _current_mib(), "s": time.perf_counter() - t0}
     m = arch.models
-    m.vae.to(ctx.device)  # what cache() does around the latent and text-encoder caching
-    m.vae.to("cpu")
-    m.text_encoder.to(ctx.device, weight_dtype)
-    m.text_encoder.to("cpu")
+    if not a.meta_device:  # what cache() does around the latent and text-encoder caching
+        m.vae.to(ctx.device)
+        m.vae.to("cpu")
+        m.text_encoder.to(ctx.device, weight_dtype)
+        m.text_encoder.to("cpu")
     arch.text_cached = True
     phases["cache_moves"] = {"peak": _peak_mib(), "now": _current_mib()}
     arch.prepare_models(ctx)
