@@ -25,7 +25,6 @@ from library.anima.sampling import check_image_size, euler_sample, initial_noise
 from library.inference.lora_merge import MergeReport, group_by_module, looks_like_sdxl, merge_into_modules
 from library.io.console import setup_logging
 from networks.block_weights import BlockWeights, anima_per_file, check_anima_syntax
-from networks.fp8 import cast_keeping_fp8
 from networks.tensor_files import read_tensors
 
 logger = logging.getLogger("anima_minimal_inference")
@@ -225,12 +224,9 @@ def load_models(args: argparse.Namespace, device: torch.device, dtype: torch.dty
             f"--text_encoder: {te_path} does not exist (a Qwen3 folder or .safetensors file)"
         )
     use_fp8 = args.fp8 or args.fp8_scaled
-    # fp8 weights are quantized from fp32 (one rounding); the other DiT tensors then take --dtype
-    dit = load_anima_dit(
-        args.dit, torch.float32 if use_fp8 else dtype, fp8_base=use_fp8, fp8_scaled=args.fp8_scaled
-    )
-    if use_fp8:
-        cast_keeping_fp8(dit, "cpu", dtype)
+    # read tensor by tensor into --dtype (fp8 weights quantized from the file's values: one rounding); on the
+    # CPU, where the LoRA files are merged in before the move to the device
+    dit = load_anima_dit(args.dit, dtype, fp8_base=use_fp8, fp8_scaled=args.fp8_scaled)
     te = load_qwen3_text_encoder(args.text_encoder, dtype)
     vae = load_anima_vae(args.vae, dtype)
     qwen_tok, t5_tok = load_anima_tokenizers(args.qwen3_tokenizer_path, args.t5_tokenizer_path, te_path)

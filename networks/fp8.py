@@ -16,7 +16,7 @@ either key convention (``<layer>.scale_weight`` with an optional ``scaled_fp8`` 
 from __future__ import annotations
 
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -45,18 +45,31 @@ def is_fp8_layer(module: nn.Module) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------ maths
-def quantize(w: torch.Tensor, scaled: bool) -> Packed:
+def quantize(
+    w: torch.Tensor, scaled: bool, scratch: torch.Tensor | None = None, out: torch.Tensor | None = None
+) -> Packed:
     """float weight -> (e4m3 weight, per-output-channel float32 scale of shape (out, 1, ...) or None).
 
     Values beyond ±448 saturate (e4m3fn has no infinity; an unclamped cast would give NaN). A channel that
-    is all zero gets scale 1."""
-    w32 = w.detach().float()
-    if not scaled:
-        return w32.clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), None
-    amax = w32.abs().reshape(w32.shape[0], -1).amax(dim=1)
-    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-    scale = scale.reshape(-1, *([1] * (w32.dim() - 1)))
-    return (w32 / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
+    is all zero gets scale 1. The maths runs in place in one float32 copy of `w`, made in `scratch` (a
+    float32 buffer of at least `w.numel()` elements) when given, and the result lands in `out` (an e4m3
+    buffer as large) when given: a loader quantizing weight after weight then allocates only what it keeps."""
+    n = w.numel()
+    w32 = (
+        torch.empty(w.shape, dtype=torch.float32, device=w.device)
+        if scratch is None
+        else scratch[:n].view(w.shape)
+    )
+    w32.copy_(w.detach())
+    scale = None
+    if scaled:
+        rows = w32.reshape(w32.shape[0], -1)
+        amax = torch.maximum(rows.amax(dim=1), rows.amin(dim=1).neg())  # max |w| per row, no |w| copy
+        scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+        scale = scale.reshape(-1, *([1] * (w32.dim() - 1)))
+        w32.div_(scale)
+    w32.clamp_(-FP8_MAX, FP8_MAX)
+    return (w32.to(FP8_DTYPE) if out is None else out[:n].view(w.shape).copy_(w32)), scale
 
 
 def dequantize(w8: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
@@ -160,10 +173,15 @@ def store_weight(module: nn.Module, w: torch.Tensor) -> None:
         module._buffers[SCALE_NAME] = scale.to(module.weight.device)
 
 
-def cast_keeping_fp8(model: nn.Module, device: torch.device | str, dtype: torch.dtype) -> nn.Module:
+def cast_keeping_fp8(
+    model: nn.Module, device: torch.device | str, dtype: torch.dtype, skip: Iterable[nn.Module] = ()
+) -> nn.Module:
     """`model.to(device, dtype)` except that fp8 weights and their float32 scales keep their dtype
-    (Module.to would upcast them: fp8 counts as floating point)."""
+    (Module.to would upcast them: fp8 counts as floating point); submodules in `skip` are left alone."""
+    skipped = {id(m) for s in skip for m in s.modules()}
     for module in model.modules():
+        if id(module) in skipped:
+            continue
         for p in module._parameters.values():
             if p is not None:
                 keep = is_fp8(p) or not p.is_floating_point()
@@ -196,6 +214,38 @@ def _broadcast_scale(scale: torch.Tensor, weight: torch.Tensor, key: str) -> tor
     )
 
 
+def is_storage_key(key: str) -> bool:
+    """Whether a checkpoint key describes fp8 storage (a scale, input scale or marker), not a model tensor."""
+    return key == _MARKER or key.endswith("." + _MARKER) or key.endswith(_SCALE_SUFFIXES + _DROPPED_SUFFIXES)
+
+
+def scale_layer(key: str) -> str | None:
+    """The layer whose weight scale the checkpoint key `key` holds, else None."""
+    for s in _SCALE_SUFFIXES:
+        if key.endswith(s):
+            return key[: -len(s)]
+    return None
+
+
+def unpack_fp8_tensor(
+    key: str, t: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype
+) -> tuple[torch.Tensor, Packed | None]:
+    """One checkpoint tensor: (`t` itself when it is not fp8, else its dequantized value in `dtype`;
+    (fp8 weight, broadcast scale or None) when `key` is a layer weight stored with one scale per tensor or
+    per output channel, or with none). `scale` is the layer's stored scale, if any."""
+    if not is_fp8(t):
+        return t, None
+    layer = key[: -len(".weight")] if key.endswith(".weight") else None
+    if scale is None or layer is None:
+        return t.to(dtype), None if layer is None else (t, None)
+    s = _broadcast_scale(scale, t, key)
+    if s is None:  # block-wise: (out, blocks, 1) over the input dimension
+        blocks = scale.shape[1]
+        w = t.float().reshape(t.shape[0], blocks, -1) * scale.float()
+        return w.reshape(t.shape).to(dtype), None
+    return dequantize(t, s, torch.float32).to(dtype), (t, s)
+
+
 def unpack_fp8_state_dict(
     sd: dict[str, torch.Tensor], dtype: torch.dtype
 ) -> tuple[dict[str, torch.Tensor], dict[str, Packed]]:
@@ -204,30 +254,16 @@ def unpack_fp8_state_dict(
     Returns (state dict with every fp8 weight dequantized to `dtype` and the storage keys removed,
     {layer name: (fp8 weight, scale or None)} for the layers stored as fp8 with one scale per tensor or per
     output channel). Block-wise scaled layers are dequantized only."""
-    scales = {k[: -len(s)]: v for k, v in sd.items() for s in _SCALE_SUFFIXES if k.endswith(s)}
+    scales = {layer: v for k, v in sd.items() if (layer := scale_layer(k)) is not None}
     out: dict[str, torch.Tensor] = {}
     packed: dict[str, Packed] = {}
     for key, t in sd.items():
-        if key == _MARKER or key.endswith("." + _MARKER) or key.endswith(_SCALE_SUFFIXES + _DROPPED_SUFFIXES):
-            continue
-        if not is_fp8(t):
-            out[key] = t
+        if is_storage_key(key):
             continue
         layer = key[: -len(".weight")] if key.endswith(".weight") else None
-        scale = scales.get(layer) if layer is not None else None
-        if scale is None:
-            out[key] = t.to(dtype)
-            if layer is not None:
-                packed[layer] = (t, None)
-            continue
-        s = _broadcast_scale(scale, t, key)
-        if s is None:  # block-wise: (out, blocks, 1) over the input dimension
-            blocks = scale.shape[1]
-            w = t.float().reshape(t.shape[0], blocks, -1) * scale.float()
-            out[key] = w.reshape(t.shape).to(dtype)
-            continue
-        out[key] = dequantize(t, s, torch.float32).to(dtype)
-        packed[layer] = (t, s)
+        out[key], p = unpack_fp8_tensor(key, t, None if layer is None else scales.get(layer), dtype)
+        if p is not None and layer is not None:
+            packed[layer] = p
     return out, packed
 
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from networks.arch import Architecture, detect_architecture
 from networks.merge import merge_module_into_base
-from networks.modules.adapter import AdapterModule, DropoutClock, attach_adapter, detach_adapter
+from networks.modules.adapter import AdapterModule, DropoutClock, attach_adapter, detach_adapter, drawn_on_cpu
 from networks.network_args import NetworkArgError, NetworkArgs, parse_network_args
 from networks.network_io import detect_algorithm, group_by_module, read_weights, write_weights
 from networks.network_optim import NetworkOptimMixin
@@ -378,7 +378,9 @@ def create_network_for(
             if rank == 0:
                 net.excluded_names.append(name)
                 continue
-            net.add_adapter(cls.create(name, leaf, multiplier, int(rank), a, args), root.te_index, original)
+            with drawn_on_cpu():  # the same starting values whether the model is on the CPU or the device
+                module = cls.create(name, leaf, multiplier, int(rank), a, args)
+            net.add_adapter(module.to(leaf.weight.device), root.te_index, original)
     for used, (pat, _) in zip(reg_dim_used, reg_dims):
         if not used:
             raise NetworkArgError(f"network_args network_reg_dims: pattern {pat.pattern!r} matches no module")

@@ -12,9 +12,9 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from accelerate import init_empty_weights
@@ -27,7 +27,7 @@ from library.io import bundled_tokenizers
 from library.io.atomic_io import save_safetensors_atomic
 from library.io.bundled_tokenizers import load_bundled
 from networks import fp8
-from networks.tensor_files import read_tensors
+from networks.tensor_stream import TensorStream
 
 LATENTS_MEAN = [-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
                 0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921]  # fmt: skip
@@ -47,37 +47,45 @@ class AnimaModels:
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-def _read_state_dict(path: PathLike, what: str) -> dict[str, torch.Tensor]:
+# Loading streams: the model is built on the meta device, each tensor is read from the file on its own
+# (networks/tensor_stream.py), converted and placed on its device, so the host never holds the file's
+# bytes and the converted model at once.
+Device = str | torch.device
+Placement = Callable[[str], Device]  # state-dict key -> device of that tensor
+Put = Callable[[str, torch.Tensor, Device], None]  # (key, tensor as read, device)
+
+
+def _open(path: PathLike, what: str) -> TensorStream:
     p = Path(path)
     if not p.is_file() and not p.is_dir():
         raise FileNotFoundError(f"{what} file not found: {p}")
     # a torch.save archive is read only when its pickle names nothing but tensors
-    return read_tensors(p, f"{what} file", expected=f"a {what} .safetensors file")[0]
+    return TensorStream([p], f"{what} file", expected=f"a {what} .safetensors file")
 
 
 def _cast(sd: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    if dtype is None:
-        return sd
-    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+    return {k: _cast_one(v, dtype) for k, v in sd.items()}
 
 
-def _load_into_empty(
-    build: Any,
-    sd: dict[str, torch.Tensor],
-    what: str,
-    device: str | torch.device,
-    ignore_unexpected: bool = False,
-) -> nn.Module:
-    """Build on the meta device (no RAM for weights), then adopt the checkpoint tensors; strict with clear errors."""
+def _cast_one(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+
+def _build_empty(build: Callable[[], nn.Module]) -> nn.Module:
+    """The module with its parameters on the meta device (no memory); buffers are real (e.g. RoPE tables)."""
     with init_empty_weights(include_buffers=False):
-        model = build()
+        return build()
+
+
+def _matching(model: nn.Module, names: dict[str, str], what: str, ignore_unexpected: bool = False) -> dict:
+    """`names` (model key -> file key) limited to the model's keys; strict with clear errors."""
     expected = set(model.state_dict())
-    missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
+    missing, unexpected = sorted(expected - set(names)), sorted(set(names) - expected)
     if unexpected and ignore_unexpected:
         logger.warning(
             "%s: ignoring %d tensors the model does not use, e.g. %s", what, len(unexpected), unexpected[:3]
         )
-        sd = {k: v for k, v in sd.items() if k in expected}
+        names = {k: v for k, v in names.items() if k in expected}
         unexpected = []
     if missing or unexpected:
         raise ValueError(
@@ -85,8 +93,64 @@ def _load_into_empty(
             f"{' …' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
             f"{' …' if len(unexpected) > 8 else ''}"
         )
-    model.load_state_dict(sd, strict=True, assign=True)
-    return model.to(device)
+    return names
+
+
+def _assign(model: nn.Module, key: str, t: torch.Tensor) -> None:
+    """Adopt `t` as the parameter or buffer `key` (as load_state_dict(assign=True) does)."""
+    owner, _, leaf = key.rpartition(".")
+    mod = model.get_submodule(owner)
+    if leaf in mod._parameters:
+        mod._parameters[leaf] = nn.Parameter(t, requires_grad=mod._parameters[leaf].requires_grad)
+    else:
+        mod._buffers[leaf] = t
+
+
+def _settle(stream: TensorStream, t: torch.Tensor, dtype: torch.dtype | None, device: Device) -> torch.Tensor:
+    """`t` cast to `dtype` on `device`, with memory of its own (copied out of the stream's staging buffer).
+    For another device the cast runs there: a host copy freed right after would stay resident as a heap hole."""
+    if torch.device(device).type != "cpu":
+        return _cast_one(t.to(device), dtype)
+    out = _cast_one(t, dtype)
+    return out.clone() if stream.is_staged(out) else out
+
+
+def _stream_into(
+    model: nn.Module, stream: TensorStream, names: dict[str, str], place: Placement, put: Put
+) -> None:
+    """Read every file tensor named in `names` (model key -> file key) once, in file order, into the stream's
+    staging buffer, and hand it to `put` (which settles it); then move the built-in buffers (those no file
+    holds) where `place` says."""
+    by_file = {v: k for k, v in names.items()}
+    for file_key, t in stream.items(by_file, staged=True):
+        key = by_file[file_key]
+        put(key, t, place(key))
+    for owner, mod in model.named_modules():
+        for leaf, b in mod._buffers.items():
+            if b is not None and b.device.type != "meta":
+                mod._buffers[leaf] = b.to(place(f"{owner}.{leaf}" if owner else leaf))
+
+
+def _load_streamed(
+    build: Callable[[], nn.Module],
+    stream: TensorStream,
+    names: dict[str, str],
+    what: str,
+    dtype: torch.dtype | None,
+    device: Device,
+    ignore_unexpected: bool = False,
+) -> nn.Module:
+    """Build on the meta device, then read each tensor into `dtype` on `device`; frozen, eval."""
+    model = _build_empty(build)
+    names = _matching(model, names, what, ignore_unexpected)
+    _stream_into(
+        model,
+        stream,
+        names,
+        lambda _k: device,
+        lambda k, t, dev: _assign(model, k, _settle(stream, t, dtype, dev)),
+    )
+    return model.eval().requires_grad_(False)
 
 
 # ----------------------------------------------------------------------------------------------- DiT
@@ -112,35 +176,105 @@ def anima_fp8_layer(name: str) -> bool:
     return not any(part in name for part in _FP8_KEEP)
 
 
+def _block_placement(num_blocks: int, offload_blocks: int, device: Device) -> Placement:
+    """`device` for every tensor except those of the last `offload_blocks` DiT blocks, which stay on the CPU."""
+    first = num_blocks - max(0, offload_blocks)
+    return lambda key: "cpu" if key.startswith("blocks.") and int(key.split(".")[1]) >= first else device
+
+
 def load_anima_dit(
     path: PathLike,
     dtype: torch.dtype | None = None,
-    device: str | torch.device = "cpu",
+    device: Device = "cpu",
     fp8_base: bool = False,
     fp8_scaled: bool = False,
+    offload_blocks: int = 0,
 ) -> Anima:
     """Load the DiT single file; block count and widths come from the tensors.
 
-    A file stored in fp8 (plain or scaled, networks/fp8.py) loads too: dequantized into `dtype`, or, with
-    `fp8_base`, its fp8 layers kept exactly as stored. `fp8_base` stores the other Linear weights that
-    `anima_fp8_layer` names as e4m3 (with a per-output-channel scale if `fp8_scaled`); `dtype` is then the
-    dtype the weights are quantized from and that the remaining tensors keep."""
-    raw = strip_dit_prefix(_read_state_dict(path, "Anima DiT"))
-    cfg = anima_config_from_state_dict(raw, source=f"DiT file {path}")
-    if dtype is None:  # one dtype for the whole model even if the file mixes them (e.g. fp32 norms)
-        dtype = raw["blocks.0.self_attn.q_proj.weight"].dtype
-        dtype = torch.bfloat16 if fp8.is_fp8(raw["blocks.0.self_attn.q_proj.weight"]) else dtype
-    sd, stored = fp8.unpack_fp8_state_dict(raw, dtype)
-    model = _load_into_empty(lambda: Anima(cfg), _cast(sd, dtype), f"Anima DiT {path}", "cpu")
+    Each tensor is read on its own and placed on `device` in `dtype` (the last `offload_blocks` blocks on
+    the CPU, for block swap). A file stored in fp8 (plain or scaled, networks/fp8.py) loads too: dequantized
+    into `dtype`, or, with `fp8_base`, its fp8 layers kept exactly as stored. `fp8_base` stores the other
+    Linear weights that `anima_fp8_layer` names as e4m3 (with a per-output-channel scale if `fp8_scaled`),
+    quantized from the file's values (in fp32, so one rounding whatever `dtype` is); `dtype` is the dtype of
+    the remaining tensors."""
+    with _open(path, "Anima DiT") as stream:
+        names = strip_dit_prefix({k: k for k in stream.keys()})  # model key -> file key
+        meta = {k: stream.meta(v) for k, v in names.items()}
+        cfg = anima_config_from_state_dict(meta, source=f"DiT file {path}")
+        if dtype is None:  # one dtype for the whole model even if the file mixes them (e.g. fp32 norms)
+            q = meta["blocks.0.self_attn.q_proj.weight"]
+            dtype = torch.bfloat16 if fp8.is_fp8(q) else q.dtype
+        scales = {
+            layer: stream.read(v) for k, v in names.items() if (layer := fp8.scale_layer(k)) is not None
+        }
+        model = _build_empty(lambda: Anima(cfg))
+        weights = {k: v for k, v in names.items() if not fp8.is_storage_key(k)}
+        weights = _matching(model, weights, f"Anima DiT {path}")
+        put = _DitPut(model, stream, scales, dtype, fp8_base or fp8_scaled, fp8_scaled)
+        put.largest = max((m.weight.numel() for n, m in _fp8_candidates(model)), default=0)
+        _stream_into(model, stream, weights, _block_placement(cfg.num_blocks, offload_blocks, device), put)
     if fp8_base or fp8_scaled:
-        n = fp8.apply_fp8_base(model, fp8_scaled, anima_fp8_layer, stored)
         logger.info(
             "fp8 base: %d DiT Linear weights stored as float8_e4m3fn%s (%d as found in the file)",
-            n,
+            put.converted,
             " with one scale per output channel" if fp8_scaled else "",
-            sum(1 for k in stored if anima_fp8_layer(k)),
+            put.as_stored,
         )
-    return model.to(device).eval().requires_grad_(False)
+    return model.eval().requires_grad_(False)
+
+
+def _fp8_candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [
+        (n, m)
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear | nn.Conv2d) and anima_fp8_layer(n)
+    ]
+
+
+class _DitPut:
+    """Places one DiT tensor as read: cast to the model dtype, or, for a Linear weight stored in fp8 under
+    --fp8_base, as e4m3 (the file's fp8 values and scale when it has them, else quantized from its value)."""
+
+    def __init__(
+        self,
+        model: Anima,
+        stream: TensorStream,
+        scales: dict[str, torch.Tensor],
+        dtype: torch.dtype,
+        to_fp8: bool,
+        scaled: bool,
+    ) -> None:
+        self.model, self.stream, self.scales, self.dtype = model, stream, scales, dtype
+        self.to_fp8, self.scaled = to_fp8, scaled
+        self.converted = self.as_stored = 0
+        self.largest = 0  # elements of the largest weight that may be quantized (sizes the scratch buffer)
+        self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _quantize(self, w: torch.Tensor, device: Device) -> fp8.Packed:
+        # one float32 scratch for every layer, and one e4m3 buffer when the result goes to another device
+        # (settled from there): the host then allocates only the fp8 weights it keeps
+        if self._buffers is None or self._buffers[0].numel() < w.numel():
+            self._buffers = None
+            n = max(self.largest, w.numel())
+            self._buffers = torch.empty(n, dtype=torch.float32), torch.empty(n, dtype=fp8.FP8_DTYPE)
+        scratch, out8 = self._buffers
+        return fp8.quantize(w, self.scaled, scratch, None if torch.device(device).type == "cpu" else out8)
+
+    def __call__(self, key: str, t: torch.Tensor, device: Device) -> None:
+        layer = key[: -len(".weight")] if key.endswith(".weight") else None
+        scale = None if layer is None else self.scales.get(layer)
+        mod = None if layer is None or not self.to_fp8 else self.model.get_submodule(layer)
+        quantize = isinstance(mod, nn.Linear | nn.Conv2d) and anima_fp8_layer(layer or "")
+        value, packed = fp8.unpack_fp8_tensor(key, t, scale, torch.float32 if quantize else self.dtype)
+        if self.to_fp8 and packed is not None and anima_fp8_layer(layer or ""):
+            self.as_stored += 1
+        if not quantize:
+            _assign(self.model, key, _settle(self.stream, value, self.dtype, device))
+            return
+        w8, s = packed if packed is not None else self._quantize(value, device)
+        fp8.set_fp8_weight(mod, _settle(self.stream, w8, None, device), None if s is None else s.to(device))
+        self.converted += 1
 
 
 def save_anima_dit(
@@ -167,18 +301,15 @@ def qwen3_config_from_state_dict(sd: dict[str, torch.Tensor]) -> Qwen3Config:
     )  # fmt: skip
 
 
-def _qwen3_weights_from_dir(d: Path) -> dict[str, torch.Tensor]:
+def _qwen3_files(d: Path) -> list[Path]:
     files = sorted(d.glob("*.safetensors")) or sorted(d.glob("pytorch_model*.bin"))
     if not files:
         raise FileNotFoundError(f"text encoder folder {d} has no *.safetensors weights")
-    sd: dict[str, torch.Tensor] = {}
-    for f in files:
-        sd.update(_read_state_dict(f, "Qwen3 text encoder"))
-    return sd
+    return files
 
 
 def load_qwen3_text_encoder(
-    path: PathLike | None, dtype: torch.dtype | None = torch.bfloat16, device: str | torch.device = "cpu"
+    path: PathLike | None, dtype: torch.dtype | None = torch.bfloat16, device: Device = "cpu"
 ) -> Qwen3Model:
     """Qwen3 from an HF folder (config.json + safetensors) or a single safetensors file; frozen, eval."""
     if path is None or str(path) == "":
@@ -190,23 +321,24 @@ def load_qwen3_text_encoder(
         raise FileNotFoundError(
             f"Qwen3 text encoder not found: {p} (expected a folder or a .safetensors file)"
         )
-    sd = _qwen3_weights_from_dir(p) if p.is_dir() else _read_state_dict(p, "Qwen3 text encoder")
-    sd = {(k[6:] if k.startswith("model.") else k): v for k, v in sd.items()}
-    sd.pop("lm_head.weight", None)  # tied to embed_tokens; Qwen3Model has no head
-    if "embed_tokens.weight" not in sd or "layers.0.self_attn.q_norm.weight" not in sd:
-        raise ValueError(
-            f"{p} is not a Qwen3 text encoder checkpoint (no embed_tokens / layers.0.self_attn.q_norm)"
+    files = _qwen3_files(p) if p.is_dir() else [p]
+    what = "Qwen3 text encoder"
+    with TensorStream(files, f"{what} file", expected=f"a {what} .safetensors file") as stream:
+        names = {(k[6:] if k.startswith("model.") else k): k for k in stream.keys()}
+        names.pop("lm_head.weight", None)  # tied to embed_tokens; Qwen3Model has no head
+        if "embed_tokens.weight" not in names or "layers.0.self_attn.q_norm.weight" not in names:
+            raise ValueError(
+                f"{p} is not a Qwen3 text encoder checkpoint (no embed_tokens / layers.0.self_attn.q_norm)"
+            )
+        if p.is_dir() and (p / "config.json").is_file():
+            cfg = Qwen3Config.from_pretrained(str(p), local_files_only=True)
+        else:
+            cfg = qwen3_config_from_state_dict({k: stream.meta(v) for k, v in names.items()})
+        cfg._attn_implementation = "sdpa"
+        # Non-strict for extra tensors (as the reference loader), strict for missing ones: a partial TE is an error.
+        return _load_streamed(
+            lambda: Qwen3Model(cfg), stream, names, f"{what} {p}", dtype, device, ignore_unexpected=True
         )
-    if p.is_dir() and (p / "config.json").is_file():
-        cfg = Qwen3Config.from_pretrained(str(p), local_files_only=True)
-    else:
-        cfg = qwen3_config_from_state_dict(sd)
-    cfg._attn_implementation = "sdpa"
-    # Non-strict for extra tensors (as the reference loader), strict for missing ones: a partial TE is an error.
-    model = _load_into_empty(
-        lambda: Qwen3Model(cfg), _cast(sd, dtype), f"Qwen3 text encoder {p}", device, ignore_unexpected=True
-    )
-    return model.eval().requires_grad_(False)
 
 
 # ----------------------------------------------------------------------------------------------- tokenizers
@@ -332,7 +464,7 @@ def _vae_from_dims(base_dim: int, z_dim: int) -> AutoencoderKLQwenImage:
 
 
 def load_anima_vae(
-    path: PathLike, dtype: torch.dtype | None = torch.float32, device: str | torch.device = "cpu"
+    path: PathLike, dtype: torch.dtype | None = torch.float32, device: Device = "cpu"
 ) -> AutoencoderKLQwenImage:
     """Qwen-Image VAE from a single file (Wan or diffusers key names) or a diffusers folder."""
     p = Path(path)
@@ -343,16 +475,18 @@ def load_anima_vae(
             )
         vae = AutoencoderKLQwenImage.from_pretrained(str(p), local_files_only=True, torch_dtype=dtype)
         return vae.to(device).eval().requires_grad_(False)
-    sd = _read_state_dict(p, "Qwen-Image VAE")
-    if "conv1.bias" in sd:  # the official file keeps the original Wan names
-        sd = wan_to_diffusers_vae_keys(sd)
-    if "encoder.conv_in.weight" not in sd or "post_quant_conv.weight" not in sd:
-        raise ValueError(
-            f"{p} is not a Qwen-Image/Wan VAE checkpoint (no conv1.bias / encoder.conv_in.weight)"
-        )
-    base_dim, z_dim = sd["encoder.conv_in.weight"].shape[0], sd["post_quant_conv.weight"].shape[0]
-    vae = _load_into_empty(lambda: _vae_from_dims(base_dim, z_dim), _cast(sd, dtype), f"VAE {p}", device)
-    return vae.eval().requires_grad_(False)
+    with _open(p, "Qwen-Image VAE") as stream:
+        names = {k: k for k in stream.keys()}  # model key -> file key
+        if "conv1.bias" in names:  # the official file keeps the original Wan names
+            names = wan_to_diffusers_vae_keys(names)
+        if "encoder.conv_in.weight" not in names or "post_quant_conv.weight" not in names:
+            raise ValueError(
+                f"{p} is not a Qwen-Image/Wan VAE checkpoint (no conv1.bias / encoder.conv_in.weight)"
+            )
+        base_dim = stream.meta(names["encoder.conv_in.weight"]).shape[0]
+        z_dim = stream.meta(names["post_quant_conv.weight"]).shape[0]
+        build = lambda: _vae_from_dims(base_dim, z_dim)  # noqa: E731
+        return _load_streamed(build, stream, names, f"VAE {p}", dtype, device)
 
 
 def _latent_stats(vae: AutoencoderKLQwenImage, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -471,7 +605,7 @@ def load_anima_models(
     dit_dtype: torch.dtype | None = None,
     te_dtype: torch.dtype | None = torch.bfloat16,
     vae_dtype: torch.dtype | None = torch.float32,
-    device: str | torch.device = "cpu",
+    device: Device = "cpu",
 ) -> AnimaModels:
     """All five pieces from released files; tokenizers as load_anima_tokenizers finds them."""
     te = load_qwen3_text_encoder(text_encoder_path, te_dtype, device)

@@ -210,12 +210,18 @@ class AnimaArchitecture(TrainingArchitecture):
 
         args = ctx.args
         te_path = Path(args.qwen3)
-        # fp8: quantized from the fp32 weights (one rounding), the DiT's other tensors cast later
+        if args.base_weights:  # merged in fp32 on the CPU first, then cast once by prepare_models
+            dtype, dit_device = torch.float32, torch.device("cpu")
+        else:  # streamed from the file into the weight dtype on the device: no copy of the DiT on the host
+            dtype, dit_device = ctx.weight_dtype, ctx.device
+        # fp8 weights are quantized from the file's values (one rounding); the blocks that --blocks_to_swap
+        # keeps on the CPU are loaded there
         dit = load_anima_dit(
-            args.pretrained_model_name_or_path, torch.float32, fp8_base=bool(getattr(args, "fp8_base", False)),
-            fp8_scaled=bool(getattr(args, "fp8_scaled", False)),
+            args.pretrained_model_name_or_path, dtype, dit_device, fp8_base=bool(getattr(args, "fp8_base", False)),
+            fp8_scaled=bool(getattr(args, "fp8_scaled", False)), offload_blocks=args.blocks_to_swap or 0,
         )  # fmt: skip
-        te = load_qwen3_text_encoder(args.qwen3, torch.float32)
+        # Qwen3 and the VAE stay on the CPU between caching and sampling: loaded there in their final dtypes
+        te = load_qwen3_text_encoder(args.qwen3, dtype)
         vae = load_anima_vae(args.vae, torch.float32)
         qwen_tok, t5_tok = load_anima_tokenizers(args.qwen3_tokenizer_path, args.t5_tokenizer_path, te_path)
         self.models = AnimaModels(
@@ -302,7 +308,11 @@ class AnimaArchitecture(TrainingArchitecture):
         m, args, device, weight_dtype = self.models, ctx.args, ctx.device, ctx.weight_dtype
         for model in (m.dit, m.text_encoder, m.vae):
             model.requires_grad_(False)
-        cast_keeping_fp8(m.dit, device, weight_dtype)  # Module.to(dtype) would upcast fp8 weights
+        # Module.to(dtype) would upcast fp8 weights; swapped blocks keep their CPU home (no trip to the device)
+        swapped = list(m.dit.blocks)[len(m.dit.blocks) - args.blocks_to_swap :] if args.blocks_to_swap else []
+        cast_keeping_fp8(m.dit, device, weight_dtype, skip=swapped)
+        for blk in swapped:
+            cast_keeping_fp8(blk, "cpu", weight_dtype)
         if args.blocks_to_swap:
             enable_block_swap(m.dit, args.blocks_to_swap, device)
         if not self.text_cached:

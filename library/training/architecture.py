@@ -140,7 +140,8 @@ class TrainingArchitecture(abc.ABC):
     # ------------------------------------------------------------------ architecture hooks
     @abc.abstractmethod
     def load_models(self, ctx: RunContext) -> None:
-        """Load the base model (stays on CPU until :meth:`prepare_models`)."""
+        """Load the base model: on the CPU, or straight onto the device where the architecture can (see
+        :meth:`prepare_models`, which casts and places whatever is left)."""
 
     @abc.abstractmethod
     def network_targets(self) -> tuple[Any, Any, Any]:

@@ -12,7 +12,9 @@ Merging lives in `networks.merge`. An algorithm class adds its factors and ΔW m
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -36,6 +38,7 @@ __all__ = [
     "attach_adapter",
     "detach_adapter",
     "dropout_kwargs",
+    "drawn_on_cpu",
     "is_patched",
     "kaiming_",
     "mix_seed",
@@ -93,8 +96,12 @@ class AdapterModule(ForwardMixin, DropoutMixin, FileTensorsMixin, AlphaMixin, nn
     def _org_device(self) -> torch.device:
         return self.org_module.weight.device
 
+    def _init_device(self) -> torch.device:
+        """Where the constructor creates and draws the parameters (see `drawn_on_cpu`)."""
+        return torch.device("cpu") if _DRAW_ON_CPU else self._org_device()
+
     def _new_param(self, *shape: int) -> nn.Parameter:
-        return nn.Parameter(torch.empty(*shape, dtype=torch.float32, device=self._org_device()))
+        return nn.Parameter(torch.empty(*shape, dtype=torch.float32, device=self._init_device()))
 
     @property
     def layer_shape(self) -> tuple[int, ...]:
@@ -171,6 +178,22 @@ class AdapterModule(ForwardMixin, DropoutMixin, FileTensorsMixin, AlphaMixin, nn
     @classmethod
     def log_created(cls, modules: list[AdapterModule], args: NetworkArgs) -> None:
         """Hook: a note about freshly created modules of this algorithm (LoKr reports its full-W2 layers)."""
+
+
+_DRAW_ON_CPU = False
+
+
+@contextlib.contextmanager
+def drawn_on_cpu() -> Iterator[None]:
+    """Adapters constructed inside create and draw their parameters on the CPU, whatever device the base
+    layer is on (the caller moves them there): fresh random factors are then the same values on every
+    device, from the CPU generator, as when the base model is still on the CPU."""
+    global _DRAW_ON_CPU
+    before, _DRAW_ON_CPU = _DRAW_ON_CPU, True
+    try:
+        yield
+    finally:
+        _DRAW_ON_CPU = before
 
 
 def kaiming_(t: torch.Tensor) -> torch.Tensor:

@@ -54,11 +54,11 @@ class AlphaMixin:
             self.alpha.fill_(self.alpha_value)
         else:
             self.register_buffer(
-                "alpha", torch.tensor(self.alpha_value, dtype=torch.float32, device=self._org_device())
+                "alpha", torch.tensor(self.alpha_value, dtype=torch.float32, device=self._init_device())
             )
 
     def _enable_scalar(self) -> None:
-        self.scalar = nn.Parameter(torch.zeros((), dtype=torch.float32, device=self._org_device()))
+        self.scalar = nn.Parameter(torch.zeros((), dtype=torch.float32, device=self._init_device()))
 
     def alpha_is_ignored(self) -> bool:
         """True where the layout fixes s = 1 whatever α says (LoKr with both factors full)."""

@@ -41,7 +41,7 @@ class LoRAModule(AdapterModule):
         super().__init__(lora_name, org_module, multiplier, **dropouts)
         if rank < 1:
             raise ValueError(f"{lora_name}: rank must be >= 1, got {rank}")
-        dev = self._org_device()
+        dev = self._init_device()
         self.tucker = bool(tucker and self.is_kxk)
         if self.tucker:  # 1×1 down, k×k core with the layer's stride/padding, 1×1 up
             self.lora_down = nn.Conv2d(self.in_dim, rank, 1, bias=False, device=dev)

@@ -72,6 +72,34 @@ def test_quantize_bounds_and_scaled_error_is_smaller() -> None:
     assert e["per_channel"] < e["per_tensor"] < e["plain"], e
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_quantize_in_place_equals_the_plain_formula(dtype) -> None:
+    """The in-place maths (optionally in a caller's scratch and result buffers) gives the bits of the formula:
+    |w| max per row, w / scale, clamp to ±448, cast; zero rows, -0, saturating and tiny values included."""
+    g = torch.Generator().manual_seed(0)
+    w = (torch.randn(24, 40, generator=g) * torch.logspace(-6, 3, 24)[:, None]).to(dtype)
+    w[3] = 0.0
+    w[4, :5] = -0.0
+    w[5, 7] = 1e5 if dtype != torch.bfloat16 else 1e4
+    w32 = w.float()
+    amax = w32.abs().reshape(24, -1).amax(dim=1)
+    scale = torch.where(amax > 0, amax / fp8.FP8_MAX, torch.ones_like(amax)).reshape(-1, 1)
+    want = {False: (w32.clamp(-448, 448).to(fp8.FP8_DTYPE), None),
+            True: ((w32 / scale).clamp(-448, 448).to(fp8.FP8_DTYPE), scale)}  # fmt: skip
+    scratch, out = torch.full((2000,), float("nan")), torch.full((2000,), 7.0).to(fp8.FP8_DTYPE)
+    for scaled in (False, True):
+        for got in (
+            fp8.quantize(w, scaled),
+            fp8.quantize(w, scaled, scratch),
+            fp8.quantize(w, scaled, None, out),
+        ):
+            assert torch.equal(_bits(got[0]), _bits(want[scaled][0]))
+            assert (got[1] is None) == (want[scaled][1] is None)
+            assert got[1] is None or torch.equal(got[1], want[scaled][1])
+    assert torch.equal(w32, w.float())  # the input is left as it was
+    assert out.data_ptr() == fp8.quantize(w, True, scratch, out)[0].data_ptr()  # written in place
+
+
 def test_fp8_linear_node_is_exact_and_keeps_fp8_for_backward() -> None:
     torch.manual_seed(0)
     lin = nn.Linear(24, 16).double()
