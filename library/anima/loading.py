@@ -4,6 +4,9 @@
 - Text encoder: Qwen3-0.6B from an HF folder or one safetensors file (`model.` prefix stripped).
 - VAE: Qwen-Image VAE = diffusers `AutoencoderKLQwenImage`; original Wan key names are renamed.
 - Tokenizers: the given folders, else Qwen3's from the text-encoder folder, else the bundled copies.
+
+The weight files are read tensor by tensor into models built on the meta device (library/io/stream_load.py),
+each tensor converted as it is read and placed on the device asked for: no second copy on the host.
 """
 
 from __future__ import annotations
@@ -12,12 +15,10 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate import init_empty_weights
 from diffusers import AutoencoderKLQwenImage
 from torch import nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, Qwen3Config, Qwen3ForCausalLM, Qwen3Model
@@ -26,6 +27,17 @@ from library.anima.model import OPTIONAL_DIT_BUFFERS, Anima, anima_config_from_s
 from library.io import bundled_tokenizers
 from library.io.atomic_io import save_safetensors_atomic
 from library.io.bundled_tokenizers import load_bundled
+from library.io.stream_load import (
+    Device,
+    Placement,
+    assign,
+    build_empty,
+    cast_one,
+    load_streamed,
+    matching,
+    settle,
+    stream_into,
+)
 from networks import fp8
 from networks.tensor_stream import TensorStream
 
@@ -47,14 +59,6 @@ class AnimaModels:
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-# Loading streams: the model is built on the meta device, each tensor is read from the file on its own
-# (networks/tensor_stream.py), converted and placed on its device, so the host never holds the file's
-# bytes and the converted model at once.
-Device = str | torch.device
-Placement = Callable[[str], Device]  # state-dict key -> device of that tensor
-Put = Callable[[str, torch.Tensor, Device], None]  # (key, tensor as read, device)
-
-
 def _open(path: PathLike, what: str) -> TensorStream:
     p = Path(path)
     if not p.is_file() and not p.is_dir():
@@ -64,93 +68,7 @@ def _open(path: PathLike, what: str) -> TensorStream:
 
 
 def _cast(sd: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    return {k: _cast_one(v, dtype) for k, v in sd.items()}
-
-
-def _cast_one(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    return t.to(dtype) if dtype is not None and t.is_floating_point() else t
-
-
-def _build_empty(build: Callable[[], nn.Module]) -> nn.Module:
-    """The module with its parameters on the meta device (no memory); buffers are real (e.g. RoPE tables)."""
-    with init_empty_weights(include_buffers=False):
-        return build()
-
-
-def _matching(model: nn.Module, names: dict[str, str], what: str, ignore_unexpected: bool = False) -> dict:
-    """`names` (model key -> file key) limited to the model's keys; strict with clear errors."""
-    expected = set(model.state_dict())
-    missing, unexpected = sorted(expected - set(names)), sorted(set(names) - expected)
-    if unexpected and ignore_unexpected:
-        logger.warning(
-            "%s: ignoring %d tensors the model does not use, e.g. %s", what, len(unexpected), unexpected[:3]
-        )
-        names = {k: v for k, v in names.items() if k in expected}
-        unexpected = []
-    if missing or unexpected:
-        raise ValueError(
-            f"{what}: checkpoint does not match the model: missing {missing[:8]}"
-            f"{' …' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
-            f"{' …' if len(unexpected) > 8 else ''}"
-        )
-    return names
-
-
-def _assign(model: nn.Module, key: str, t: torch.Tensor) -> None:
-    """Adopt `t` as the parameter or buffer `key` (as load_state_dict(assign=True) does)."""
-    owner, _, leaf = key.rpartition(".")
-    mod = model.get_submodule(owner)
-    if leaf in mod._parameters:
-        mod._parameters[leaf] = nn.Parameter(t, requires_grad=mod._parameters[leaf].requires_grad)
-    else:
-        mod._buffers[leaf] = t
-
-
-def _settle(stream: TensorStream, t: torch.Tensor, dtype: torch.dtype | None, device: Device) -> torch.Tensor:
-    """`t` cast to `dtype` on `device`, with memory of its own (copied out of the stream's staging buffer).
-    For another device the cast runs there: a host copy freed right after would stay resident as a heap hole."""
-    if torch.device(device).type != "cpu":
-        return _cast_one(t.to(device), dtype)
-    out = _cast_one(t, dtype)
-    return out.clone() if stream.is_staged(out) else out
-
-
-def _stream_into(
-    model: nn.Module, stream: TensorStream, names: dict[str, str], place: Placement, put: Put
-) -> None:
-    """Read every file tensor named in `names` (model key -> file key) once, in file order, into the stream's
-    staging buffer, and hand it to `put` (which settles it); then move the built-in buffers (those no file
-    holds) where `place` says."""
-    by_file = {v: k for k, v in names.items()}
-    for file_key, t in stream.items(by_file, staged=True):
-        key = by_file[file_key]
-        put(key, t, place(key))
-    for owner, mod in model.named_modules():
-        for leaf, b in mod._buffers.items():
-            if b is not None and b.device.type != "meta":
-                mod._buffers[leaf] = b.to(place(f"{owner}.{leaf}" if owner else leaf))
-
-
-def _load_streamed(
-    build: Callable[[], nn.Module],
-    stream: TensorStream,
-    names: dict[str, str],
-    what: str,
-    dtype: torch.dtype | None,
-    device: Device,
-    ignore_unexpected: bool = False,
-) -> nn.Module:
-    """Build on the meta device, then read each tensor into `dtype` on `device`; frozen, eval."""
-    model = _build_empty(build)
-    names = _matching(model, names, what, ignore_unexpected)
-    _stream_into(
-        model,
-        stream,
-        names,
-        lambda _k: device,
-        lambda k, t, dev: _assign(model, k, _settle(stream, t, dtype, dev)),
-    )
-    return model.eval().requires_grad_(False)
+    return {k: cast_one(v, dtype) for k, v in sd.items()}
 
 
 # ----------------------------------------------------------------------------------------------- DiT
@@ -208,12 +126,11 @@ def load_anima_dit(
         scales = {
             layer: stream.read(v) for k, v in names.items() if (layer := fp8.scale_layer(k)) is not None
         }
-        model = _build_empty(lambda: Anima(cfg))
+        model = build_empty(lambda: Anima(cfg))
         weights = {k: v for k, v in names.items() if not fp8.is_storage_key(k)}
-        weights = _matching(model, weights, f"Anima DiT {path}")
+        weights = matching(model, weights, f"Anima DiT {path}")
         put = _DitPut(model, stream, scales, dtype, fp8_base or fp8_scaled, fp8_scaled)
-        put.largest = max((m.weight.numel() for n, m in _fp8_candidates(model)), default=0)
-        _stream_into(model, stream, weights, _block_placement(cfg.num_blocks, offload_blocks, device), put)
+        stream_into(model, stream, weights, _block_placement(cfg.num_blocks, offload_blocks, device), put)
     if fp8_base or fp8_scaled:
         logger.info(
             "fp8 base: %d DiT Linear weights stored as float8_e4m3fn%s (%d as found in the file)",
@@ -222,14 +139,6 @@ def load_anima_dit(
             put.as_stored,
         )
     return model.eval().requires_grad_(False)
-
-
-def _fp8_candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [
-        (n, m)
-        for n, m in model.named_modules()
-        if isinstance(m, nn.Linear | nn.Conv2d) and anima_fp8_layer(n)
-    ]
 
 
 class _DitPut:
@@ -248,7 +157,12 @@ class _DitPut:
         self.model, self.stream, self.scales, self.dtype = model, stream, scales, dtype
         self.to_fp8, self.scaled = to_fp8, scaled
         self.converted = self.as_stored = 0
-        self.largest = 0  # elements of the largest weight that may be quantized (sizes the scratch buffer)
+        # elements of the largest weight that may be quantized: sizes the buffers below once
+        self.largest = max(
+            (m.weight.numel() for n, m in model.named_modules()
+             if to_fp8 and isinstance(m, nn.Linear | nn.Conv2d) and anima_fp8_layer(n)),
+            default=0,
+        )  # fmt: skip
         self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _quantize(self, w: torch.Tensor, device: Device) -> fp8.Packed:
@@ -270,10 +184,10 @@ class _DitPut:
         if self.to_fp8 and packed is not None and anima_fp8_layer(layer or ""):
             self.as_stored += 1
         if not quantize:
-            _assign(self.model, key, _settle(self.stream, value, self.dtype, device))
+            assign(self.model, key, settle(self.stream, value, self.dtype, device))
             return
         w8, s = packed if packed is not None else self._quantize(value, device)
-        fp8.set_fp8_weight(mod, _settle(self.stream, w8, None, device), None if s is None else s.to(device))
+        fp8.set_fp8_weight(mod, settle(self.stream, w8, None, device), None if s is None else s.to(device))
         self.converted += 1
 
 
@@ -336,7 +250,7 @@ def load_qwen3_text_encoder(
             cfg = qwen3_config_from_state_dict({k: stream.meta(v) for k, v in names.items()})
         cfg._attn_implementation = "sdpa"
         # Non-strict for extra tensors (as the reference loader), strict for missing ones: a partial TE is an error.
-        return _load_streamed(
+        return load_streamed(
             lambda: Qwen3Model(cfg), stream, names, f"{what} {p}", dtype, device, ignore_unexpected=True
         )
 
@@ -486,7 +400,7 @@ def load_anima_vae(
         base_dim = stream.meta(names["encoder.conv_in.weight"]).shape[0]
         z_dim = stream.meta(names["post_quant_conv.weight"]).shape[0]
         build = lambda: _vae_from_dims(base_dim, z_dim)  # noqa: E731
-        return _load_streamed(build, stream, names, f"VAE {p}", dtype, device)
+        return load_streamed(build, stream, names, f"VAE {p}", dtype, device)
 
 
 def _latent_stats(vae: AutoencoderKLQwenImage, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
