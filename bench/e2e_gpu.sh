@@ -29,7 +29,7 @@ for part in "$@"; do
             --steps 56 --budget_s ${CURVE_BUDGET:-280} ;;
     anima) $B --models anima --algos ${ALGOS:-lokr} --anima_batches 2 --modes eager,graph \
             --impl ours,sd-scripts --steps 12 --budget_s ${BUDGET:-300} ;;
-    anima_def) $B --models anima --algos lokr --anima_batches 2 --modes default,compile --impl ours \
+    anima_def) $B --models anima --algos lokr --anima_batches 2 --modes ${ANIMA_MODES:-default,compile} --impl ours \
             --steps 12 --budget_s ${ANIMA_BUDGET:-160} ;;
     *) echo "unknown part $part" >&2; exit 2 ;;
   esac 2>&1 | grep --line-buffered -v "it/s\]" | tee -a "$out/e2e_gpu.log"
