@@ -45,7 +45,7 @@ OUR_MODE_FLAGS = {
     "eager": ["--no_cuda_graph"],
     "graph": ["--cuda_graph"],
     "default": [],
-    "compile": ["--torch_compile"],  # the default step plus regional torch.compile
+    "compile": ["--cuda_graph", "--torch_compile"],  # the graph step plus regional torch.compile
 }  # our step-mode flags
 CPU_DROPPED = (
     "--mixed_precision bf16 --fp8_base --optimizer_type adamw8bit -> --optimizer_type AdamW (no CUDA)"

@@ -2,10 +2,11 @@
 # The GPU machine's end-to-end run (issue 17). Needs .whl/ and baselines/sd-scripts carried with the call
 # (see docs/benchmarks.md "End-to-end CLI benchmark"). Usage: bash bench/e2e_gpu.sh PART... (in order)
 #   sdxl      SDXL LoHa/LoKr batch 4, 4 bucket shapes: ours eager + graph, sd-scripts eager
-#   sdxl_def  SDXL LoKr (ALGOS) batch 4: ours default step, sd-scripts eager
-#   curve     SDXL LoKr batch 1, 8 bucket shapes, 56 steps: ours eager vs the default (graph) step
+#   sdxl_def  SDXL LoKr (ALGOS) batch 4: ours graph step, sd-scripts eager
+#   curve     SDXL LoKr batch 1, 8 bucket shapes, 56 steps: ours eager vs graph (the evidence the graph
+#             step needs before GRAPH_STEP_IS_DEFAULT turns it on: loss curve, captures, peak memory)
 #   anima     Anima LoKr batch 2: ours eager + graph, sd-scripts eager
-#   anima_def Anima LoKr batch 2: ours default step and default + --torch_compile
+#   anima_def Anima LoKr batch 2: ours graph step and graph + --torch_compile (ANIMA_MODES)
 # Results accumulate in /tmp/e2e (e2e.jsonl; e2e_summary.md covers every run there) and are copied to $OUT.
 set -uo pipefail
 out=${OUT:-/tmp/e2e_out}
@@ -22,14 +23,14 @@ for part in "$@"; do
   case $part in
     sdxl) $B --models sdxl --algos ${ALGOS:-loha,lokr} --batches 4 --modes eager,graph --impl ours,sd-scripts \
             --steps 12 --budget_s ${BUDGET:-330} ;;
-    sdxl_def) $B --models sdxl --algos ${ALGOS:-lokr} --batches 4 --modes default --impl ours --steps 12 \
+    sdxl_def) $B --models sdxl --algos ${ALGOS:-lokr} --batches 4 --modes graph --impl ours --steps 12 \
             --budget_s 90 && $B --models sdxl --algos ${ALGOS:-lokr} --batches 4 --modes eager --impl sd-scripts \
             --steps 12 --budget_s 90 ;;
-    curve) $B --models sdxl --algos lokr --batches 1 --shapes 8 --modes eager,default --impl ours \
+    curve) $B --models sdxl --algos lokr --batches 1 --shapes 8 --modes eager,graph --impl ours \
             --steps 56 --budget_s ${CURVE_BUDGET:-280} ;;
     anima) $B --models anima --algos ${ALGOS:-lokr} --anima_batches 2 --modes eager,graph \
             --impl ours,sd-scripts --steps 12 --budget_s ${BUDGET:-300} ;;
-    anima_def) $B --models anima --algos lokr --anima_batches 2 --modes ${ANIMA_MODES:-default,compile} --impl ours \
+    anima_def) $B --models anima --algos lokr --anima_batches 2 --modes ${ANIMA_MODES:-graph,compile} --impl ours \
             --steps 12 --budget_s ${ANIMA_BUDGET:-160} ;;
     *) echo "unknown part $part" >&2; exit 2 ;;
   esac 2>&1 | grep --line-buffered -v "it/s\]" | tee -a "$out/e2e_gpu.log"
