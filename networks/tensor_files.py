@@ -12,9 +12,8 @@ from __future__ import annotations
 import json
 import os
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -146,21 +145,6 @@ def safetensors_header(
     return {k: (v["dtype"], tuple(v["shape"])) for k, v in header.items()}, dict(meta)
 
 
-@dataclass
-class TensorSource:
-    """The tensors of one checked file, read one at a time.
-
-    ``stand_ins`` has every tensor's name (in file order) and shape as a ``meta`` tensor (its dtype is not
-    the stored one), so names and shapes can be checked before any data is read; ``read(name)`` returns
-    the stored tensor, owned by the caller: a safetensors file is read with ``pread`` rather than mapped,
-    so each tensor's bytes stay in memory only as long as the caller keeps that tensor.
-    """
-
-    stand_ins: dict[str, torch.Tensor]
-    metadata: dict[str, str]
-    read: Callable[[str], torch.Tensor]
-
-
 @contextmanager
 def _read_errors(p: Path, what: str | None, expected: str) -> Iterator[None]:
     try:
@@ -171,52 +155,30 @@ def _read_errors(p: Path, what: str | None, expected: str) -> Iterator[None]:
         raise InputError(f"{_label(p, what)}: cannot be read ({_first_line(e)}); expected {expected}") from e
 
 
-def _stand_in(shape: Any) -> torch.Tensor:
-    return torch.empty(tuple(shape), device="meta")
-
-
-@contextmanager
-def open_tensors(
+def read_tensors(
     path: str | os.PathLike[str], what: str | None = None, *, allow_torch: bool = True,
     expected: str = "a .safetensors file",
-) -> Iterator[TensorSource]:  # fmt: skip
-    """A :class:`TensorSource` of a checked file, open for the ``with`` block. A PyTorch archive (see
-    :func:`check_tensor_file`) is loaded whole by ``torch.load``; its ``state_dict`` entry is unwrapped."""
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:  # fmt: skip
+    """(tensors, metadata) of a checked file, all read at once; a PyTorch archive (see
+    :func:`check_tensor_file`) is loaded by ``torch.load(weights_only=True)``, its ``state_dict`` entry
+    unwrapped. A safetensors file is read with ``pread`` rather than mapped, so the tensors own their
+    memory and nothing of the file stays resident after them (`networks.tensor_stream` reads a large
+    model one tensor at a time)."""
     p = Path(path)
     kind = check_tensor_file(p, what, allow_torch=allow_torch, expected=expected)
     if kind == SAFETENSORS:
         from safetensors import safe_open
 
         with _read_errors(p, what, expected):
-            f = safe_open(str(p), framework="pt", backend="pread")  # pread: no mapping keeps the file's pages
-
-        def read(name: str) -> torch.Tensor:
-            with _read_errors(p, what, expected):
-                return f.get_tensor(name)
-
-        with f:
-            with _read_errors(p, what, expected):
-                stand_ins = {k: _stand_in(f.get_slice(k).get_shape()) for k in f.offset_keys()}
-                meta = dict(f.metadata() or {})
-            yield TensorSource(stand_ins, meta, read)
-        return
+            with safe_open(str(p), framework="pt", backend="pread") as f:
+                return {k: f.get_tensor(k) for k in f.offset_keys()}, dict(f.metadata() or {})
     with _read_errors(p, what, expected):
         data: Any = torch.load(str(p), map_location="cpu", weights_only=True)
     if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
         data = data["state_dict"]
     if not isinstance(data, dict) or not any(isinstance(v, torch.Tensor) for v in data.values()):
         raise InputError(f"{_label(p, what)}: holds no tensors; expected {expected}")
-    tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
-    yield TensorSource({k: _stand_in(v.shape) for k, v in tensors.items()}, {}, tensors.__getitem__)
-
-
-def read_tensors(
-    path: str | os.PathLike[str], what: str | None = None, *, allow_torch: bool = True,
-    expected: str = "a .safetensors file",
-) -> tuple[dict[str, torch.Tensor], dict[str, str]]:  # fmt: skip
-    """(tensors, metadata) of a checked file, all read at once (see :func:`open_tensors`)."""
-    with open_tensors(path, what, allow_torch=allow_torch, expected=expected) as src:
-        return {k: src.read(k) for k in src.stand_ins}, src.metadata
+    return {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}, {}
 
 
 def check_archive(path: str | os.PathLike[str], what: str | None = None, expected: str = "") -> None:

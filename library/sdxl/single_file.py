@@ -37,7 +37,7 @@ from library.sdxl.keymap import (
     vae_state_to_ldm,
 )
 from networks.fp8 import is_fp8
-from networks.tensor_files import TensorSource, open_tensors
+from networks.tensor_stream import TensorStream
 
 ARCH_METADATA_KEY = "sdxl_arch"  # JSON of the sizes that tensors cannot reveal
 SDXL_DETECT_KEY = TE2_PREFIX + "transformer.resblocks.0.attn.in_proj_weight"
@@ -49,15 +49,24 @@ def _short_list(keys: list[str], n: int = 20) -> str:
     return ", ".join(keys[:n]) + more
 
 
+@dataclass
+class _Checkpoint:
+    """A checkpoint open for reading: every tensor's name and shape as a `meta` stand-in (in file order),
+    checked before any data is read, the file's metadata, and how to read one tensor (memory of its own)."""
+
+    stand_ins: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+    read: Callable[[str], torch.Tensor]
+
+
 @contextmanager
-def _open_checkpoint(path: Path) -> Iterator[TensorSource]:
+def _open_checkpoint(path: Path) -> Iterator[_Checkpoint]:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     # a torch.save archive (.ckpt) is read only when its pickle names nothing but tensors
-    with open_tensors(
-        path, "checkpoint", expected="an SDXL .safetensors (or tensors-only .ckpt) file"
-    ) as src:
-        yield src
+    expected = "an SDXL .safetensors (or tensors-only .ckpt) file"
+    with TensorStream([path], "checkpoint", expected=expected) as stream:
+        yield _Checkpoint({k: stream.meta(k) for k in stream.keys()}, stream.metadata, stream.read)
 
 
 def _describe_prefixes(keys: list[str]) -> str:
@@ -105,7 +114,7 @@ class _Part:
     read: Callable[[str], torch.Tensor]
 
     @classmethod
-    def of(cls, src: TensorSource, prefix: str, skip: tuple[str, ...] = ()) -> _Part:
+    def of(cls, src: _Checkpoint, prefix: str, skip: tuple[str, ...] = ()) -> _Part:
         stand_ins = {k: v for k, v in _strip(src.stand_ins, prefix).items() if k not in skip}
         return cls(stand_ins, lambda k: src.read(prefix + k))
 
@@ -250,7 +259,7 @@ def _arch_from_meta(meta: dict[str, str]) -> dict[str, int]:
     return arch
 
 
-def _sdxl_targets(src: TensorSource, source: str) -> dict[str, _Target]:
+def _sdxl_targets(src: _Checkpoint, source: str) -> dict[str, _Target]:
     """The four modules on the meta device, each checked against the file's names and shapes."""
     check_sdxl_state(src.stand_ins, source)
     arch = _arch_from_meta(src.metadata)

@@ -17,7 +17,6 @@ from library.sdxl import single_file
 from library.sdxl.keymap import TE2_PREFIX, VAE_PREFIX
 from library.sdxl.loading import SdxlModels, save_sdxl_single_file
 from library.sdxl.single_file import load_sdxl_single_file, load_vae
-from networks.tensor_files import TensorSource
 
 COMPONENTS = ("unet", "vae", "text_encoder_1", "text_encoder_2")
 CONV_IN = "model.diffusion_model.input_blocks.0.0.weight"  # the U-Net's conv_in.weight
@@ -64,10 +63,10 @@ def reads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, weakref.ref, int]]
     """Every tensor the loader reads from a file: (name, weak reference, how many tensors read earlier
     were still alive when it was read)."""
     log: list[tuple[str, weakref.ref, int]] = []
-    real_open = single_file.open_tensors
+    real_open = single_file._open_checkpoint
 
     @contextmanager
-    def tracked(*args, **kwargs) -> Iterator[TensorSource]:
+    def tracked(*args, **kwargs) -> Iterator[single_file._Checkpoint]:
         with real_open(*args, **kwargs) as src:
 
             def read(name: str) -> torch.Tensor:
@@ -76,9 +75,9 @@ def reads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, weakref.ref, int]]
                 log.append((name, weakref.ref(t), alive))
                 return t
 
-            yield TensorSource(src.stand_ins, src.metadata, read)
+            yield single_file._Checkpoint(src.stand_ins, src.metadata, read)
 
-    monkeypatch.setattr(single_file, "open_tensors", tracked)
+    monkeypatch.setattr(single_file, "_open_checkpoint", tracked)
     return log
 
 
