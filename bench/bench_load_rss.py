@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--root", type=Path, default=ROOT, help="the project checkout whose loader is measured")
     a = p.parse_args(argv)
     if a.write and not a.ckpt.is_file():
-        sys.path.insert(0, str(ROOT / "bench"))
+        sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
         from e2e_setup import write_sdxl
 
         write_sdxl(a.ckpt.parent, "real", "cpu")["ckpt"].rename(a.ckpt)

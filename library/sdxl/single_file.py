@@ -57,6 +57,9 @@ class _Checkpoint:
     stand_ins: dict[str, torch.Tensor]
     metadata: dict[str, str]
     read: Callable[[str], torch.Tensor]
+    # a read into one buffer that the next such read reuses, and the test whether a tensor lives there
+    read_staged: Callable[[str], torch.Tensor]
+    is_staged: Callable[[torch.Tensor], bool]
 
 
 @contextmanager
@@ -66,7 +69,10 @@ def _open_checkpoint(path: Path) -> Iterator[_Checkpoint]:
     # a torch.save archive (.ckpt) is read only when its pickle names nothing but tensors
     expected = "an SDXL .safetensors (or tensors-only .ckpt) file"
     with TensorStream([path], "checkpoint", expected=expected) as stream:
-        yield _Checkpoint({k: stream.meta(k) for k in stream.keys()}, stream.metadata, stream.read)
+        stand_ins = {k: stream.meta(k) for k in stream.keys()}
+        yield _Checkpoint(
+            stand_ins, stream.metadata, stream.read, lambda k: stream.read(k, staged=True), stream.is_staged
+        )
 
 
 def _describe_prefixes(keys: list[str]) -> str:
@@ -112,15 +118,19 @@ class _Part:
 
     stand_ins: dict[str, torch.Tensor]
     read: Callable[[str], torch.Tensor]
+    read_staged: Callable[[str], torch.Tensor]  # see _Checkpoint
+    is_staged: Callable[[torch.Tensor], bool]
 
     @classmethod
     def of(cls, src: _Checkpoint, prefix: str, skip: tuple[str, ...] = ()) -> _Part:
         stand_ins = {k: v for k, v in _strip(src.stand_ins, prefix).items() if k not in skip}
-        return cls(stand_ins, lambda k: src.read(prefix + k))
+        return cls(
+            stand_ins, lambda k: src.read(prefix + k), lambda k: src.read_staged(prefix + k), src.is_staged
+        )
 
     @classmethod
     def in_memory(cls, sd: dict[str, torch.Tensor]) -> _Part:
-        return cls(sd, sd.__getitem__)
+        return cls(sd, sd.__getitem__, sd.__getitem__, lambda t: False)
 
 
 # the module's names for some of a component's tensors (names without the prefix); per tensor, so that
@@ -171,8 +181,11 @@ class _Target:
         weights in `dtype` (assigned, not copied again)."""
         loaded: dict[str, torch.Tensor] = {}
         for key in self.part.stand_ins:
-            for name, t in self.convert({key: self.part.read(key)}).items():
-                loaded[name] = _cast(t, dtype)
+            # read into the reused buffer: a fresh buffer per tensor, freed after its cast, would leave
+            # holes in the heap that the process keeps resident; what the cast did not copy is copied here
+            for name, t in self.convert({key: self.part.read_staged(key)}).items():
+                t = _cast(t, dtype)
+                loaded[name] = t.clone() if self.part.is_staged(t) else t
         self.module.load_state_dict(loaded, strict=True, assign=True)
 
 

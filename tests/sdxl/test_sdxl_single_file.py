@@ -69,13 +69,18 @@ def reads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, weakref.ref, int]]
     def tracked(*args, **kwargs) -> Iterator[single_file._Checkpoint]:
         with real_open(*args, **kwargs) as src:
 
-            def read(name: str) -> torch.Tensor:
-                alive = sum(ref() is not None for _, ref, _ in log)
-                t = src.read(name)
-                log.append((name, weakref.ref(t), alive))
-                return t
+            def logged(reader):
+                def read(name: str) -> torch.Tensor:
+                    alive = sum(ref() is not None for _, ref, _ in log)
+                    t = reader(name)
+                    log.append((name, weakref.ref(t), alive))
+                    return t
 
-            yield single_file._Checkpoint(src.stand_ins, src.metadata, read)
+                return read
+
+            yield single_file._Checkpoint(
+                src.stand_ins, src.metadata, logged(src.read), logged(src.read_staged), src.is_staged
+            )
 
     monkeypatch.setattr(single_file, "_open_checkpoint", tracked)
     return log
