@@ -110,6 +110,12 @@ def _move_params(mod: nn.Module, device: torch.device | str) -> None:
                 sub._buffers[name] = b.to(device)
 
 
+def swapped_blocks(dit: nn.Module, n: int | None) -> list[nn.Module]:
+    """The blocks `--blocks_to_swap n` keeps off the device: the last `n` (the loader keeps the same on the CPU)."""
+    blocks = list(dit.blocks)
+    return blocks[len(blocks) - n :] if n else []
+
+
 def enable_block_swap(
     dit: nn.Module, n: int, device: torch.device | str, offload_device: torch.device | str = "cpu"
 ) -> list[Any]:
@@ -131,7 +137,7 @@ def enable_block_swap(
             f"--blocks_to_swap {n}: must be between 1 and {max_swap} for a DiT with {len(blocks)} blocks"
         )
     handles = []
-    for blk in list(blocks)[len(blocks) - n :]:
+    for blk in swapped_blocks(dit, n):
         _move_params(blk, offload_device)
         handles.append(blk.register_forward_pre_hook(lambda mod, _a: _move_params(mod, device)))
         handles.append(blk.register_forward_hook(lambda mod, _a, _o: _move_params(mod, offload_device)))
@@ -309,7 +315,7 @@ class AnimaArchitecture(TrainingArchitecture):
         for model in (m.dit, m.text_encoder, m.vae):
             model.requires_grad_(False)
         # Module.to(dtype) would upcast fp8 weights; swapped blocks keep their CPU home (no trip to the device)
-        swapped = list(m.dit.blocks)[len(m.dit.blocks) - args.blocks_to_swap :] if args.blocks_to_swap else []
+        swapped = swapped_blocks(m.dit, args.blocks_to_swap)
         cast_keeping_fp8(m.dit, device, weight_dtype, skip=swapped)
         for blk in swapped:
             cast_keeping_fp8(blk, "cpu", weight_dtype)
