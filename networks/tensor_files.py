@@ -15,7 +15,7 @@ import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -132,6 +132,13 @@ def check_tensor_file(
     return kind
 
 
+def checked_header(f: BinaryIO) -> tuple[int, dict[str, Any]]:
+    """(length, parsed JSON) of the header of a safetensors file open at offset 0 that `check_tensor_file`
+    has passed (so the length fits the file and the JSON is valid)."""
+    n = int.from_bytes(f.read(8), "little")
+    return n, json.loads(f.read(n))
+
+
 def safetensors_header(
     path: str | os.PathLike[str], what: str | None = None
 ) -> tuple[dict[str, tuple[str, tuple[int, ...]]], dict[str, str]]:
@@ -139,8 +146,7 @@ def safetensors_header(
     p = Path(path)
     check_tensor_file(p, what, allow_torch=False)
     with open(p, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
+        _, header = checked_header(f)
     meta = header.pop("__metadata__", None) or {}
     return {k: (v["dtype"], tuple(v["shape"])) for k, v in header.items()}, dict(meta)
 

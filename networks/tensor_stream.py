@@ -13,7 +13,6 @@ foreign files). A tensors-only `torch.save` archive cannot be read piecewise; it
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from typing import BinaryIO
 import torch
 
 from networks.errors import InputError
-from networks.tensor_files import SAFETENSORS, check_tensor_file, read_tensors
+from networks.tensor_files import SAFETENSORS, check_tensor_file, checked_header, read_tensors
 
 # safetensors dtype names -> torch dtypes
 DTYPES: dict[str, torch.dtype] = {
@@ -83,8 +82,7 @@ class TensorStream:
             return
         f = open(p, "rb")  # noqa: SIM115  (kept open for the reads; closed by close())
         self._handles.append(f)
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))  # checked above: valid JSON whose offsets fit the file
+        n, header = checked_header(f)
         self.metadata.update(header.pop("__metadata__", None) or {})
         entries = []
         for k, v in header.items():
