@@ -142,6 +142,8 @@ def load_resume_state(
     """Load optimizer/scheduler/RNG (weights_only) and the network; errors name --resume and the folder."""
     folder = Path(args.resume)
     check_network_fits(args, network)
+    optimizers = [getattr(o, "optimizer", o) for o in accelerator._optimizers]
+    expected_keys = [[set(g) for g in o.param_groups] for o in optimizers]
     try:
         # every file is read with weights_only=True (numpy RNG arrays are allow-listed by accelerate)
         accelerator.load_state(str(folder), load_kwargs={"weights_only": True})
@@ -151,6 +153,8 @@ def load_resume_state(
             f"--resume {folder}: the saved optimizer/scheduler state does not fit this run's optimizer "
             f"{optimizer_desc} ({first}); expected a state saved with the same --optimizer_type and network"
         ) from e
+    if not (folder / SETTINGS_FILE).is_file():  # otherwise check_resume_folder compared the optimizer class
+        _check_optimizer_kind(folder, optimizers, expected_keys, optimizer_desc)
     sd = load_file(str(folder / NETWORK_STATE_FILE))
     network.load_state_dict({k: v.to(accelerator.device) for k, v in sd.items()}, strict=True)
     state = saving.read_train_state(folder)
@@ -161,6 +165,35 @@ def load_resume_state(
         skip_batches=int(pos_file.read_text()) if pos_file.is_file() else 0,
         step_starts=int(starts_file.read_text()) if starts_file.is_file() else 0,
     )
+
+
+def _check_optimizer_kind(
+    folder: Path, optimizers: list[Any], expected_keys: list[list[set[str]]], optimizer_desc: str
+) -> None:
+    """After loading: each param group carries the hyperparameter names of this run's optimizer.
+
+    A folder written before run_settings.json (or by another trainer) names no optimizer, and loading
+    another optimizer's state succeeds; its param groups then hold the saved optimizer's hyperparameters
+    (e.g. AdamW's betas and eps in SGD's groups), which fail only at the first step. torch fills in
+    defaults for names added in later versions, so a name the saved groups have and this optimizer's lack,
+    or the reverse, means another kind.
+    """
+    for opt, before in zip(optimizers, expected_keys):
+        for now, want in zip(opt.param_groups, before):
+            extra, missing = sorted(set(now) - want), sorted(want - set(now))
+            if extra or missing:
+                what = "; ".join(
+                    part
+                    for part in (
+                        f"it has {', '.join(extra)}" if extra else "",
+                        f"it lacks {', '.join(missing)}" if missing else "",
+                    )
+                    if part
+                )
+                raise InputError(
+                    f"--resume {folder}: the saved optimizer state is another optimizer's ({what}), not "
+                    f"{optimizer_desc}'s; expected a state saved with the same --optimizer_type"
+                )
 
 
 def state_size(network: torch.nn.Module, optimizer: Any) -> int:
