@@ -7,6 +7,8 @@
 #             step needs before GRAPH_STEP_IS_DEFAULT turns it on: loss curve, captures, peak memory)
 #   anima     Anima LoKr batch 2: ours eager + graph, sd-scripts eager
 #   anima_def Anima LoKr batch 2: ours graph step and graph + --torch_compile (ANIMA_MODES)
+#   b1        SDXL LoHa/LoKr (ALGOS) batch 1, 4 bucket shapes: ours default step (B1_MODES), sd-scripts eager
+# CACHE=off runs without --cache_latents / --cache_text_encoder_outputs (default on).
 # Results accumulate in /tmp/e2e (e2e.jsonl; e2e_summary.md covers every run there) and are copied to $OUT.
 set -uo pipefail
 out=${OUT:-/tmp/e2e_out}
@@ -18,7 +20,7 @@ if [ ! -d /tmp/site ]; then
 fi
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 B="python3 bench/bench_e2e.py --scale real --out /tmp/e2e --sd_scripts_path baselines/sd-scripts
-   --sd_pythonpath /tmp/site_sd --cache on --warmup 4 --run_timeout ${RUN_TIMEOUT:-150}"
+   --sd_pythonpath /tmp/site_sd --cache ${CACHE:-on} --warmup 4 --run_timeout ${RUN_TIMEOUT:-150}"
 for part in "$@"; do
   case $part in
     sdxl) $B --models sdxl --algos ${ALGOS:-loha,lokr} --batches 4 --modes eager,graph --impl ours,sd-scripts \
@@ -32,6 +34,9 @@ for part in "$@"; do
             --impl ours,sd-scripts --steps 12 --budget_s ${BUDGET:-300} ;;
     anima_def) $B --models anima --algos lokr --anima_batches 2 --modes ${ANIMA_MODES:-graph,compile} --impl ours \
             --steps 12 --budget_s ${ANIMA_BUDGET:-160} ;;
+    b1) $B --models sdxl --algos ${ALGOS:-loha,lokr} --batches 1 --modes ${B1_MODES:-default} --impl ours \
+            --steps 12 --budget_s ${B1_BUDGET:-150} && $B --models sdxl --algos ${ALGOS:-loha,lokr} --batches 1 \
+            --modes eager --impl sd-scripts --steps 12 --budget_s ${B1_BUDGET:-150} ;;
     *) echo "unknown part $part" >&2; exit 2 ;;
   esac 2>&1 | grep --line-buffered -v "it/s\]" | tee -a "$out/e2e_gpu.log"
 done
