@@ -39,7 +39,8 @@ for part in "$@"; do
             --modes eager --impl sd-scripts --steps 12 --budget_s ${B1_BUDGET:-150} ;;
     *) echo "unknown part $part" >&2; exit 2 ;;
   esac 2>&1 | grep --line-buffered -v "it/s\]" | tee -a "$out/e2e_gpu.log"
+  # after every part: a call cut off at its time limit still brings back the parts that finished
+  cp /tmp/e2e/e2e.jsonl /tmp/e2e/e2e_summary.md "$out/" 2>/dev/null
+  mkdir -p "$out/logs" && cp /tmp/e2e/logs/*.log "$out/logs/" 2>/dev/null
 done
-cp /tmp/e2e/e2e.jsonl /tmp/e2e/e2e_summary.md "$out/" 2>/dev/null
-mkdir -p "$out/logs" && cp /tmp/e2e/logs/*.log "$out/logs/" 2>/dev/null
 true
