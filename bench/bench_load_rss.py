@@ -1,6 +1,7 @@
 """Peak host memory (RSS) of loading an SDXL single-file checkpoint, each load in a fresh process.
 
     python3 bench/bench_load_rss.py --ckpt /tmp/sdxl/sdxl_real.safetensors --write --dtypes fp32 bf16
+    python3 bench/bench_load_rss.py --ckpt /tmp/sdxl/sdxl_real.safetensors --dtypes trainer_fp8
     python3 bench/bench_load_rss.py --ckpt /tmp/sdxl/sdxl_real.safetensors --root /tmp/older-checkout
 
 `--write` first writes a random-init fp16 SDXL of the released size there (bench/e2e_setup.py, ~6.9 GB) when
@@ -19,7 +20,14 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "stored": None}
+# "trainer_fp8": the SDXL trainer's load_models under --fp8_base, not the bare single-file reader
+DTYPES = {
+    "fp32": "float32",
+    "bf16": "bfloat16",
+    "fp16": "float16",
+    "stored": None,
+    "trainer_fp8": "trainer_fp8",
+}
 
 # runs in the child: `root` first on sys.path, so `library` is that checkout's package
 _CHILD = """
@@ -28,10 +36,18 @@ root, ckpt, dtype_name = sys.argv[1:4]
 sys.path.insert(0, root)
 import torch
 from library.sdxl.loading import load_sdxl_single_file
-dtype = None if dtype_name == "None" else getattr(torch, dtype_name)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t0 = time.perf_counter()
-parts = load_sdxl_single_file(ckpt, dtype)
+if dtype_name == "trainer_fp8":  # the trainer's own load under --fp8_base (quantized, the rest float32)
+    from types import SimpleNamespace
+    from library.sdxl.trainer import SdxlArchitecture
+    args = SimpleNamespace(pretrained_model_name_or_path=ckpt, vae=None, tokenizer_cache_dir=None,
+                           fp8_base=True, fp8_scaled=False, no_half_vae=False)
+    arch = SdxlArchitecture()
+    arch.load_models(SimpleNamespace(args=args, weight_dtype=torch.bfloat16))
+    parts = {k: getattr(arch.models, k) for k in ("unet", "vae", "text_encoder_1", "text_encoder_2")}
+else:
+    parts = load_sdxl_single_file(ckpt, None if dtype_name == "None" else getattr(torch, dtype_name))
 seconds = time.perf_counter() - t0
 models = [parts[k] for k in ("unet", "vae", "text_encoder_1", "text_encoder_2")]
 weights = sum(t.numel() * t.element_size() for m in models for t in m.state_dict().values())

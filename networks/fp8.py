@@ -147,15 +147,25 @@ def apply_fp8_base(
     `stored`: layers whose checkpoint was already fp8 (from `unpack_fp8_state_dict`) keep those exact values
     and scales instead of being quantized again from their dequantized copy."""
     stored = stored or {}
+    layers = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear | nn.Conv2d)
+        and (include is None or include(name))
+        and not is_fp8_layer(module)
+    ]
+    # one float32 scratch per device for all layers: a fresh one per layer, freed after, leaves holes in a
+    # host heap that the process keeps resident
+    largest: dict[torch.device, int] = {}
+    for _, module in layers:
+        w = module.weight
+        largest[w.device] = max(largest.get(w.device, 0), w.numel())
+    scratch = {dev: torch.empty(n, dtype=torch.float32, device=dev) for dev, n in largest.items()}
     count = 0
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear | nn.Conv2d) or (include is not None and not include(name)):
-            continue
-        if is_fp8_layer(module):
-            continue
+    for name, module in layers:
         packed = stored.get(name)
         if packed is None:
-            packed = quantize(module.weight, scaled)
+            packed = quantize(module.weight, scaled, scratch[module.weight.device])
         w8, scale = packed
         set_fp8_weight(module, w8.to(module.weight.device), None if scale is None else scale.to(w8.device))
         count += 1

@@ -11,7 +11,7 @@ from PIL import Image
 
 from library.training.architecture import DatasetInfo, RunContext, SampleRequest, TrainingArchitecture
 from library.training.cuda_graph import GraphedUNet, set_checkpointing_and_modes
-from networks.fp8 import apply_fp8_base
+from networks.fp8 import apply_fp8_base, cast_keeping_fp8
 
 logger = logging.getLogger(__name__)
 
@@ -50,9 +50,13 @@ class SdxlArchitecture(TrainingArchitecture):
         from library.sdxl.loading import load_sdxl_models
 
         args, weight_dtype = ctx.args, ctx.weight_dtype
+        # --fp8_base loads the stored dtypes (fp16 in the released files) and quantizes before widening the
+        # rest to float32: the host never holds a float32 copy of the weights that become fp8. The values
+        # equal a float32 load's (fp16/bf16 widen exactly, and quantize works on a float32 copy either way).
         self.models = load_sdxl_models(
-            args.pretrained_model_name_or_path, vae=args.vae, tokenizer_dir=args.tokenizer_cache_dir
-        )
+            args.pretrained_model_name_or_path, vae=args.vae, tokenizer_dir=args.tokenizer_cache_dir,
+            dtype=None if args.fp8_base else torch.float32,
+        )  # fmt: skip
         # SDXL's VAE makes NaNs in fp16: it stays fp32 under fp16 unless told otherwise (sd-scripts rule)
         self.vae_dtype = (
             torch.float32 if (args.no_half_vae or weight_dtype == torch.float16) else weight_dtype
@@ -62,6 +66,8 @@ class SdxlArchitecture(TrainingArchitecture):
             n = apply_fp8_base(self.models.unet, scaled)
             for te in self.models.text_encoders:
                 n += apply_fp8_base(te, scaled)
+            for model in (self.models.unet, *self.models.text_encoders, self.models.vae):
+                cast_keeping_fp8(model, "cpu", torch.float32)
             logger.info(
                 "--fp8_base: %d Linear/Conv2d weights stored as float8_e4m3fn%s",
                 n,

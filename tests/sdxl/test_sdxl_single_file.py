@@ -139,3 +139,34 @@ def test_fp8_from_stored_weights_equals_fp8_from_fp32(tiny: SdxlModels, tmp_path
     scales = [k for k in want if k.endswith("scale_weight")]
     assert len(scales) == (len(fp8) if scaled else 0)
     assert all(torch.equal(got[k], want[k]) for k in scales)
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_trainer_fp8_load_equals_a_float32_load(
+    tiny: SdxlModels, tmp_path: Path, clip_tokenizer_dir: Path, scaled: bool
+) -> None:
+    """The trainer's --fp8_base load (stored dtypes, quantized, the rest widened to float32) gives every
+    tensor of the four models the dtype and value that a float32 load quantized afterwards gives."""
+    from types import SimpleNamespace
+
+    from library.sdxl.loading import load_sdxl_models
+    from library.sdxl.trainer import SdxlArchitecture
+    from networks.fp8 import apply_fp8_base
+
+    path = tmp_path / "half.safetensors"
+    save_sdxl_single_file(tiny, path, dtype=torch.float16)
+    args = SimpleNamespace(pretrained_model_name_or_path=str(path), vae=None, fp8_base=True, no_half_vae=False,
+                           fp8_scaled=scaled, tokenizer_cache_dir=str(clip_tokenizer_dir))  # fmt: skip
+    arch = SdxlArchitecture()
+    arch.load_models(SimpleNamespace(args=args, weight_dtype=torch.bfloat16))
+    want = load_sdxl_models(path, tokenizer_dir=clip_tokenizer_dir, dtype=torch.float32)
+    for m in (want.unet, want.text_encoder_1, want.text_encoder_2):
+        apply_fp8_base(m, scaled)
+    n_fp8 = 0
+    for name in COMPONENTS:
+        got, ref = getattr(arch.models, name).state_dict(), getattr(want, name).state_dict()
+        assert got.keys() == ref.keys(), name
+        for k, w in ref.items():
+            assert got[k].dtype == w.dtype and torch.equal(got[k], w), f"{name}.{k}"
+            n_fp8 += w.dtype == torch.float8_e4m3fn
+    assert n_fp8 > 0 and arch.models.unet.conv_in.bias.dtype == torch.float32
