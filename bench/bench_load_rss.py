@@ -1,7 +1,7 @@
 """Peak host memory (RSS) of loading an SDXL single-file checkpoint, each load in a fresh process.
 
     python3 bench/bench_load_rss.py --ckpt /tmp/sdxl/sdxl_real.safetensors --write --dtypes fp32 bf16
-    python3 bench/bench_load_rss.py --ckpt /tmp/sdxl/sdxl_real.safetensors --dtypes trainer_fp8
+    python3 bench/bench_load_rss.py --ckpt /tmp/sdxl/sdxl_real.safetensors --dtypes trainer_fp8 trainer_bf16
     python3 bench/bench_load_rss.py --ckpt /tmp/sdxl/sdxl_real.safetensors --root /tmp/older-checkout
 
 `--write` first writes a random-init fp16 SDXL of the released size there (bench/e2e_setup.py, ~6.9 GB) when
@@ -20,13 +20,15 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# "trainer_fp8": the SDXL trainer's load_models under --fp8_base, not the bare single-file reader
+# "trainer_*": the SDXL trainer's load_models (--mixed_precision bf16, with or without --fp8_base), not the
+# bare single-file reader
 DTYPES = {
     "fp32": "float32",
     "bf16": "bfloat16",
     "fp16": "float16",
     "stored": None,
     "trainer_fp8": "trainer_fp8",
+    "trainer_bf16": "trainer_bf16",
 }
 
 # runs in the child: `root` first on sys.path, so `library` is that checkout's package
@@ -38,11 +40,11 @@ import torch
 from library.sdxl.loading import load_sdxl_single_file
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t0 = time.perf_counter()
-if dtype_name == "trainer_fp8":  # the trainer's own load under --fp8_base (quantized, the rest float32)
+if dtype_name.startswith("trainer_"):  # the trainer's own load_models, with --fp8_base or without (bf16)
     from types import SimpleNamespace
     from library.sdxl.trainer import SdxlArchitecture
     args = SimpleNamespace(pretrained_model_name_or_path=ckpt, vae=None, tokenizer_cache_dir=None,
-                           fp8_base=True, fp8_scaled=False, no_half_vae=False)
+                           fp8_base=dtype_name == "trainer_fp8", fp8_scaled=False, no_half_vae=False)
     arch = SdxlArchitecture()
     arch.load_models(SimpleNamespace(args=args, weight_dtype=torch.bfloat16))
     parts = {k: getattr(arch.models, k) for k in ("unet", "vae", "text_encoder_1", "text_encoder_2")}

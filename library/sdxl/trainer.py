@@ -50,29 +50,36 @@ class SdxlArchitecture(TrainingArchitecture):
         from library.sdxl.loading import load_sdxl_models
 
         args, weight_dtype = ctx.args, ctx.weight_dtype
-        # --fp8_base loads the stored dtypes (fp16 in the released files) and quantizes before widening the
-        # rest to float32: the host never holds a float32 copy of the weights that become fp8. The values
-        # equal a float32 load's (fp16/bf16 widen exactly, and quantize works on a float32 copy either way).
-        self.models = load_sdxl_models(
-            args.pretrained_model_name_or_path, vae=args.vae, tokenizer_dir=args.tokenizer_cache_dir,
-            dtype=None if args.fp8_base else torch.float32,
-        )  # fmt: skip
+        # The stored dtypes are loaded (fp16 in the released files), then each model takes the dtype it had
+        # when the whole file was loaded in float32 and cast afterwards, with the same values (fp16/bf16 widen
+        # exactly; a cast from them rounds as from their float32 copy): the host never holds a float32 copy
+        # of the weights that become fp8 or the U-Net's weight dtype.
+        m = self.models = load_sdxl_models(
+            args.pretrained_model_name_or_path,
+            vae=args.vae,
+            tokenizer_dir=args.tokenizer_cache_dir,
+            dtype=None,
+        )
         # SDXL's VAE makes NaNs in fp16: it stays fp32 under fp16 unless told otherwise (sd-scripts rule)
         self.vae_dtype = (
             torch.float32 if (args.no_half_vae or weight_dtype == torch.float16) else weight_dtype
         )
+        wide = [*m.text_encoders, m.vae]
         if args.fp8_base:
             scaled = bool(getattr(args, "fp8_scaled", False))
-            n = apply_fp8_base(self.models.unet, scaled)
-            for te in self.models.text_encoders:
-                n += apply_fp8_base(te, scaled)
-            for model in (self.models.unet, *self.models.text_encoders, self.models.vae):
-                cast_keeping_fp8(model, "cpu", torch.float32)
+            n = sum(apply_fp8_base(model, scaled) for model in (m.unet, *m.text_encoders))
+            wide.append(m.unet)
             logger.info(
                 "--fp8_base: %d Linear/Conv2d weights stored as float8_e4m3fn%s",
                 n,
                 " with one scale per output channel" if scaled else "",
             )
+        elif getattr(args, "base_weights", None):
+            wide.append(m.unet)  # merged in float32, rounded once to the weight dtype by prepare_models
+        else:
+            m.unet.to(weight_dtype)  # what prepare_models casts it to
+        for model in wide:
+            cast_keeping_fp8(model, "cpu", torch.float32)
 
     def network_targets(self) -> tuple[Any, Any, Any]:
         m = self.models

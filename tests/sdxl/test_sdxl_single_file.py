@@ -141,12 +141,21 @@ def test_fp8_from_stored_weights_equals_fp8_from_fp32(tiny: SdxlModels, tmp_path
     assert all(torch.equal(got[k], want[k]) for k in scales)
 
 
-@pytest.mark.parametrize("scaled", [False, True])
-def test_trainer_fp8_load_equals_a_float32_load(
-    tiny: SdxlModels, tmp_path: Path, clip_tokenizer_dir: Path, scaled: bool
+@pytest.mark.parametrize(
+    "fp8,scaled,base_weights",
+    [(True, False, None), (True, True, None), (False, False, None), (False, False, ["n"])],
+)
+def test_trainer_load_equals_a_float32_load_cast_after(
+    tiny: SdxlModels,
+    tmp_path: Path,
+    clip_tokenizer_dir: Path,
+    fp8: bool,
+    scaled: bool,
+    base_weights: list | None,
 ) -> None:
-    """The trainer's --fp8_base load (stored dtypes, quantized, the rest widened to float32) gives every
-    tensor of the four models the dtype and value that a float32 load quantized afterwards gives."""
+    """The trainer loads the stored dtypes and then quantizes (--fp8_base) or casts the U-Net to the weight
+    dtype; every tensor of the four models has the dtype and value that a float32 load gets when quantized,
+    or when cast by prepare_models, afterwards. With --base_weights the U-Net stays float32 for the merge."""
     from types import SimpleNamespace
 
     from library.sdxl.loading import load_sdxl_models
@@ -155,13 +164,17 @@ def test_trainer_fp8_load_equals_a_float32_load(
 
     path = tmp_path / "half.safetensors"
     save_sdxl_single_file(tiny, path, dtype=torch.float16)
-    args = SimpleNamespace(pretrained_model_name_or_path=str(path), vae=None, fp8_base=True, no_half_vae=False,
-                           fp8_scaled=scaled, tokenizer_cache_dir=str(clip_tokenizer_dir))  # fmt: skip
+    args = SimpleNamespace(pretrained_model_name_or_path=str(path), vae=None, fp8_base=fp8, fp8_scaled=scaled,
+                           no_half_vae=False, base_weights=base_weights,
+                           tokenizer_cache_dir=str(clip_tokenizer_dir))  # fmt: skip
     arch = SdxlArchitecture()
     arch.load_models(SimpleNamespace(args=args, weight_dtype=torch.bfloat16))
     want = load_sdxl_models(path, tokenizer_dir=clip_tokenizer_dir, dtype=torch.float32)
-    for m in (want.unet, want.text_encoder_1, want.text_encoder_2):
-        apply_fp8_base(m, scaled)
+    if fp8:
+        for m in (want.unet, want.text_encoder_1, want.text_encoder_2):
+            apply_fp8_base(m, scaled)
+    elif not base_weights:
+        want.unet.to(torch.bfloat16)
     n_fp8 = 0
     for name in COMPONENTS:
         got, ref = getattr(arch.models, name).state_dict(), getattr(want, name).state_dict()
@@ -169,4 +182,6 @@ def test_trainer_fp8_load_equals_a_float32_load(
         for k, w in ref.items():
             assert got[k].dtype == w.dtype and torch.equal(got[k], w), f"{name}.{k}"
             n_fp8 += w.dtype == torch.float8_e4m3fn
-    assert n_fp8 > 0 and arch.models.unet.conv_in.bias.dtype == torch.float32
+    assert (n_fp8 > 0) == fp8
+    bias = arch.models.unet.conv_in.bias.dtype
+    assert bias == (torch.bfloat16 if not (fp8 or base_weights) else torch.float32)
