@@ -87,7 +87,9 @@ def test_default_on_cuda_without_conflict() -> None:
         device_type="cuda", compile_mode="max-autotune-no-cudagraphs", network_dropout=0.0, blocks_to_swap=0
     )
     assert decide_step_mode(quiet, graph_by_default=True).graph
-    assert decide_step_mode(StepFacts(device_type="cuda", compile_mode="default"), graph_by_default=True).graph
+    assert decide_step_mode(
+        StepFacts(device_type="cuda", compile_mode="default"), graph_by_default=True
+    ).graph
 
 
 @pytest.mark.parametrize("facts,reason,error", RULED_OUT, ids=[r[1][:40] for r in RULED_OUT])
