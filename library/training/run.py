@@ -280,7 +280,9 @@ class TrainingRun:
         self.first_epoch, self.skip_batches, self.resume_rng = 0, 0, None
         if not self.args.resume:
             return
-        point = load_resume_state(self.args, self.accelerator, self.network, self.optimizer_desc)
+        point = load_resume_state(
+            self.args, self.accelerator, self.network, self.optimizer, self.optimizer_desc
+        )
         self.first_epoch, self.global_step, self.skip_batches = point.epoch, point.step, point.skip_batches
         if hasattr(self.network, "on_step_start"):
             # replay the step starts so dropout continues with the draws the interrupted run would make

@@ -137,13 +137,13 @@ class ResumePoint:
 
 
 def load_resume_state(
-    args: argparse.Namespace, accelerator: Accelerator, network: torch.nn.Module, optimizer_desc: str
-) -> ResumePoint:
+    args: argparse.Namespace, accelerator: Accelerator, network: torch.nn.Module, optimizer: Any,
+    optimizer_desc: str,
+) -> ResumePoint:  # fmt: skip
     """Load optimizer/scheduler/RNG (weights_only) and the network; errors name --resume and the folder."""
     folder = Path(args.resume)
     check_network_fits(args, network)
-    optimizers = [getattr(o, "optimizer", o) for o in accelerator._optimizers]
-    expected_keys = [[set(g) for g in o.param_groups] for o in optimizers]
+    expected_keys = [set(g) for g in optimizer.param_groups]
     try:
         # every file is read with weights_only=True (numpy RNG arrays are allow-listed by accelerate)
         accelerator.load_state(str(folder), load_kwargs={"weights_only": True})
@@ -154,7 +154,7 @@ def load_resume_state(
             f"{optimizer_desc} ({first}); expected a state saved with the same --optimizer_type and network"
         ) from e
     if not (folder / SETTINGS_FILE).is_file():  # otherwise check_resume_folder compared the optimizer class
-        _check_optimizer_kind(folder, optimizers, expected_keys, optimizer_desc)
+        _check_optimizer_kind(folder, optimizer.param_groups, expected_keys, optimizer_desc)
     sd = load_file(str(folder / NETWORK_STATE_FILE))
     network.load_state_dict({k: v.to(accelerator.device) for k, v in sd.items()}, strict=True)
     state = saving.read_train_state(folder)
@@ -168,7 +168,7 @@ def load_resume_state(
 
 
 def _check_optimizer_kind(
-    folder: Path, optimizers: list[Any], expected_keys: list[list[set[str]]], optimizer_desc: str
+    folder: Path, groups: list[dict[str, Any]], expected_keys: list[set[str]], optimizer_desc: str
 ) -> None:
     """After loading: each param group carries the hyperparameter names of this run's optimizer.
 
@@ -178,22 +178,16 @@ def _check_optimizer_kind(
     defaults for names added in later versions, so a name the saved groups have and this optimizer's lack,
     or the reverse, means another kind.
     """
-    for opt, before in zip(optimizers, expected_keys):
-        for now, want in zip(opt.param_groups, before):
-            extra, missing = sorted(set(now) - want), sorted(want - set(now))
-            if extra or missing:
-                what = "; ".join(
-                    part
-                    for part in (
-                        f"it has {', '.join(extra)}" if extra else "",
-                        f"it lacks {', '.join(missing)}" if missing else "",
-                    )
-                    if part
-                )
-                raise InputError(
-                    f"--resume {folder}: the saved optimizer state is another optimizer's ({what}), not "
-                    f"{optimizer_desc}'s; expected a state saved with the same --optimizer_type"
-                )
+    for group, want in zip(groups, expected_keys):
+        extra, missing = sorted(set(group) - want), sorted(want - set(group))
+        parts = ([f"it has {', '.join(extra)}"] if extra else []) + (
+            [f"it lacks {', '.join(missing)}"] if missing else []
+        )
+        if parts:
+            raise InputError(
+                f"--resume {folder}: the saved optimizer state is another optimizer's ({'; '.join(parts)}), "
+                f"not {optimizer_desc}'s; expected a state saved with the same --optimizer_type"
+            )
 
 
 def state_size(network: torch.nn.Module, optimizer: Any) -> int:
