@@ -86,6 +86,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--impl", default="ours,sd-scripts", help="ours, sd-scripts")
     p.add_argument("--steps", type=int, default=16, help="--max_train_steps of every run")
     p.add_argument("--warmup", type=int, default=4, help="first steps left out of the steady s/it")
+    p.add_argument("--profile_step", type=int, default=0,
+                   help="profile the step after this one in every run (torch.profiler; 0: none)")  # fmt: skip
     p.add_argument("--images", type=int, default=16)
     p.add_argument("--dataset_scale", choices=["real", "tiny"], default=None,
                    help="image sizes (default: --scale); tiny images let real models run on a CPU")  # fmt: skip
@@ -162,14 +164,22 @@ def trainer_argv(spec: RunSpec, files: dict, toml_path: Path, out_dir: Path, opt
 
 def summarise_steps(rows: list[dict], warmup: int) -> dict:
     """Timing and losses from the hook's lines (see bench/e2e_child.py)."""
-    steps = [r for r in rows if "step" in r]
+    steps = [r for r in rows if "step" in r and not r.get("profile")]
     final = next((r for r in rows if r.get("final")), {})
+    profiled = next((r for r in rows if r.get("profile")), None)
     out: dict = {"steps_done": len(steps), "losses": [r["loss"] for r in steps]}
+    if profiled:
+        out["profile"] = profiled
     if steps:
         out["time_to_first_step_s"] = round(steps[0]["t"], 3)
         intervals = [b["t"] - a["t"] for a, b in zip(steps, steps[1:])]
         out["step_times_s"] = [round(x, 4) for x in intervals]
-        steady = intervals[max(warmup - 1, 0) :]  # interval i ends step i+2: skip the first `warmup` steps
+        # interval i ends step i+2: skip the first `warmup` steps, and the profiled one (profiler overhead)
+        steady = [
+            x
+            for i, x in enumerate(intervals)
+            if i >= warmup - 1 and not (profiled and i + 2 == profiled["step"])
+        ]
         if steady:
             out["steady_s_per_it"] = round(statistics.median(steady), 4)
             out["steady_mean_s_per_it"] = round(statistics.fmean(steady), 4)
@@ -244,6 +254,8 @@ def launch(cmd: list[str], cwd: Path, env: dict, log: Path, hook: Path, timeout:
 
 def child_env(spec: RunSpec, opts: argparse.Namespace, shim: bool) -> dict:
     env = dict(os.environ)
+    if opts.profile_step:
+        env["E2E_PROFILE_STEP"] = str(opts.profile_step)
     if spec.impl == "sd-scripts":
         extra = [str(Path(opts.sd_pythonpath).resolve())] if opts.sd_pythonpath else []
         env["PYTHONPATH"] = os.pathsep.join(extra + [p for p in [env.get("PYTHONPATH")] if p])
@@ -346,7 +358,20 @@ def markdown_summary(rows: list[dict]) -> str:
     if ratios:
         text += ("\n| ours vs sd-scripts eager (same command) | s/it ratio | first-step ratio |\n"
                  "|---|---|---|\n" + "\n".join(ratios) + "\n")  # fmt: skip
-    return text + compare_to_eager(by_key) + capture_table(rows)
+    return text + compare_to_eager(by_key) + capture_table(rows) + profile_table(rows)
+
+
+def profile_table(rows: list[dict]) -> str:
+    """Where the profiled step's time went: kernel time against wall time, and the time per kernel group."""
+    prof = [(r["run"], r["profile"]) for r in rows if r.get("profile")]
+    if not prof:
+        return ""
+    lines = ["\n| profiled step | wall s | kernels s (fraction) | by group (s) |", "|---|---|---|---|"]
+    for run, p in prof:
+        groups = ", ".join(f"{g} {t}" for g, t in p["groups_s"].items())
+        lines.append(f"| {run} (step {p['step']}, {p['activity']}) | {p['wall_s']} | {p['busy_s']} "
+                     f"({p['busy_fraction']}) | {groups} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
 
 
 def loss_gap(a: list, b: list) -> dict:

@@ -3,7 +3,8 @@
     python bench/e2e_child.py TRAINER.py [trainer args...]
 
 Environment: E2E_HOOK_OUT (a JSON-lines file to append to), E2E_T0 (the parent's clock when it started
-this process), E2E_TORCHVISION_SHIM (a folder with a stand-in torchvision, for a CPU box only).
+this process), E2E_TORCHVISION_SHIM (a folder with a stand-in torchvision, for a CPU box only),
+E2E_PROFILE_STEP (profile the step after this optimizer step: one "profile" line, see StepProfiler).
 
 The hooks are the same for every trainer, ours or sd-scripts': a global optimizer post-step hook
 (torch.optim) notes the wall time after each optimizer step, synchronising CUDA first so the time is
@@ -22,13 +23,77 @@ import sys
 import time
 from pathlib import Path
 
+# Kernel names by what they do; the first matching group wins, the rest is "other".
+KERNEL_GROUPS = (
+    ("attention", ("flash", "fmha", "attention", "attn")),
+    ("gemm", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "matmul", "mm_")),
+    ("conv", ("conv", "winograd", "implicit", "cudnn", "fprop", "dgrad", "wgrad")),
+    ("norm", ("norm",)),
+    ("optimizer", ("adam", "optimizer", "kpercentile", "quantize")),
+    ("copy/cast", ("memcpy", "memset", "copy", "convert", "cast", "fill")),
+    ("elementwise", ("elementwise", "vectorized", "unrolled", "triton_")),
+    ("reduce", ("reduce",)),
+)
+
+
+def kernel_group(name: str) -> str:
+    low = name.lower()
+    return next((group for group, keys in KERNEL_GROUPS if any(k in low for k in keys)), "other")
+
+
+class StepProfiler:
+    """Profiles exactly one optimizer step (from one post-step hook to the next) with torch.profiler.
+
+    The line it writes tells whether the step is GPU-bound: the summed device time of the step's kernels
+    against the step's wall time (the profiler's own overhead included), then the time per kernel group
+    and the kernels that took longest. On a machine without CUDA it records CPU operators instead.
+    """
+
+    def __init__(self, torch, top: int = 25) -> None:
+        from torch.profiler import ProfilerActivity, profile
+
+        self.cuda = torch.cuda.is_available()
+        self.prof = profile(activities=[ProfilerActivity.CUDA if self.cuda else ProfilerActivity.CPU])
+        self.top = top
+
+    def start(self) -> None:
+        self.prof.__enter__()
+        self.t = time.perf_counter()
+
+    def stop(self, torch) -> dict:
+        if self.cuda:
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - self.t
+        self.prof.__exit__(None, None, None)
+        kernels: dict[str, list] = {}
+        for ev in self.prof.events():
+            us = ev.device_time if self.cuda else ev.cpu_time_total
+            if self.cuda and ev.device_type.name != "CUDA":
+                continue
+            if not self.cuda and ev.cpu_parent is not None:  # top-level operators only: no double counting
+                continue
+            k = kernels.setdefault(ev.name, [0.0, 0])
+            k[0] += us
+            k[1] += 1
+        groups: dict[str, float] = {}
+        for name, (us, _) in kernels.items():
+            groups[kernel_group(name)] = groups.get(kernel_group(name), 0.0) + us
+        busy = sum(groups.values()) / 1e6
+        ranked = sorted(kernels.items(), key=lambda kv: -kv[1][0])[: self.top]
+        return {"profile": True, "activity": "cuda" if self.cuda else "cpu", "wall_s": round(wall, 4),
+                "busy_s": round(busy, 4), "busy_fraction": round(busy / wall, 3) if wall else None,
+                "groups_s": {g: round(us / 1e6, 4) for g, us in sorted(groups.items(), key=lambda kv: -kv[1])},
+                "top": [{"name": n[:160], "s": round(us / 1e6, 4), "calls": c} for n, (us, c) in ranked]}  # fmt: skip
+
 
 class StepRecorder:
-    def __init__(self, out_path: str, t0: float) -> None:
+    def __init__(self, out_path: str, t0: float, profile_step: int = 0) -> None:
         self.file = open(out_path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the whole run
         self.t0 = t0
         self.pending: list = []  # losses handed to backward since the last optimizer step
         self.steps = 0
+        self.profile_step = profile_step  # 0: no profile
+        self.profiler: StepProfiler | None = None
 
     def write(self, row: dict) -> None:
         self.file.write(json.dumps(row) + "\n")
@@ -45,6 +110,12 @@ class StepRecorder:
         self.pending = []
         self.steps += 1
         self.write({"step": self.steps, "t": now, "loss": sum(losses) / len(losses) if losses else None})
+        if self.profiler is not None:
+            self.write({**self.profiler.stop(torch), "step": self.steps})
+            self.profiler = None
+        elif self.profile_step and self.steps == self.profile_step:
+            self.profiler = StepProfiler(torch)
+            self.profiler.start()
 
     def finish(self, torch) -> None:
         row = {"final": True, "steps": self.steps, "t": time.time() - self.t0,
@@ -92,7 +163,8 @@ def main() -> None:
     shim = os.environ.get("E2E_TORCHVISION_SHIM")
     if shim:
         _hide_torchvision_then_shim(shim)
-    install_hooks(StepRecorder(os.environ["E2E_HOOK_OUT"], float(os.environ.get("E2E_T0", time.time()))))
+    t0 = float(os.environ.get("E2E_T0", time.time()))
+    install_hooks(StepRecorder(os.environ["E2E_HOOK_OUT"], t0, int(os.environ.get("E2E_PROFILE_STEP", "0"))))
     runpy.run_path(str(script), run_name="__main__")
 
 

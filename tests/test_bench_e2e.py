@@ -28,8 +28,8 @@ def test_e2e_bench_tiny_cpu(tmp_path, monkeypatch):
     fake.mkdir()
     (fake / "sdxl_train_network.py").write_text("import sys\nprint('loading...')\nsys.exit('boom: no GPU')\n")
     argv = ["--scale", "tiny", "--out", str(out), "--models", "sdxl", "--algos", "lokr", "--batches", "2",
-            "--cache", "on", "--modes", "eager,graph", "--impl", "sd-scripts,ours", "--steps", "3",
-            "--warmup", "1", "--images", "8", "--shapes", "2", "--sd_scripts_path", str(fake),
+            "--cache", "on", "--modes", "eager,graph", "--impl", "sd-scripts,ours", "--steps", "4",
+            "--warmup", "1", "--profile_step", "2", "--images", "8", "--shapes", "2", "--sd_scripts_path", str(fake),
             "--torchvision_shim", "off"]  # fmt: skip
     rows = bench.main(argv)
     lines = [json.loads(x) for x in (out / "e2e.jsonl").read_text().splitlines()]
@@ -47,9 +47,16 @@ def test_e2e_bench_tiny_cpu(tmp_path, monkeypatch):
     assert r["ok"], r.get("error_tail")
     assert r["run"] == "sdxl-lokr-b2-cached-ours-eager" and r["device"] == "cpu"
     # the hook saw every optimizer step, each with the loss the trainer backpropagated
-    assert r["steps_done"] == 3 and len(r["losses"]) == 3
+    assert r["steps_done"] == 4 and len(r["losses"]) == 4
     assert all(math.isfinite(x) and x > 0 for x in r["losses"])
-    assert len(r["step_times_s"]) == 2 and r["steady_steps"] == 2 and r["steady_s_per_it"] > 0
+    # step 3 was profiled: its interval is left out of the steady s/it (profiler overhead)
+    prof = r["profile"]
+    assert prof["step"] == 3 and prof["activity"] == "cpu" and 0 < prof["busy_s"]
+    assert math.isclose(sum(prof["groups_s"].values()), prof["busy_s"], rel_tol=1e-3, abs_tol=1e-3)
+    assert prof["top"] and prof["top"][0]["calls"] >= 1
+    assert len(r["step_times_s"]) == 3 and r["steady_steps"] == 2
+    rest = [r["step_times_s"][0], r["step_times_s"][2]]
+    assert abs(r["steady_s_per_it"] - sum(rest) / 2) < 1e-4  # the median of two
     assert 0 < r["time_to_first_step_s"] < r["wall_s"]
     assert r["host_peak_rss_mib"] > 100  # a Python process with torch loaded is far above 100 MiB
     assert "gpu_peak_allocated_mib" not in r  # no CUDA: memory is the host's
@@ -63,6 +70,7 @@ def test_e2e_bench_tiny_cpu(tmp_path, monkeypatch):
                        "sdxl-lokr-b2-cached-ours-graph": "--cuda_graph needs CUDA"}  # fmt: skip
     summary = (out / "e2e_summary.md").read_text()
     assert "sdxl-lokr-b2-cached-ours-eager | yes" in summary
+    assert "| sdxl-lokr-b2-cached-ours-eager (step 3, cpu) |" in summary
 
 
 def test_e2e_log_parsing_and_eager_comparison(tmp_path):
