@@ -1,7 +1,7 @@
 """Which training step a run uses: the CUDA-graph step (`library.training.cuda_graph`) or the eager one.
 
 The graph step removes the host's per-kernel launch cost, which sets the pace of an adapter training step.
-It is meant to be the default on CUDA (`GRAPH_STEP_IS_DEFAULT`); until then `--cuda_graph` asks for it.
+It is the default on CUDA (`GRAPH_STEP_IS_DEFAULT`); `--cuda_graph` insists on it.
 What a replayed graph cannot do rules it out: in the default mode such a run takes the eager step and
 says why; with an explicit `--cuda_graph` the same conflict is an error (the user asked for the graph).
 `--no_cuda_graph` always gives the eager step.
@@ -16,9 +16,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-# Off until the end-to-end run has shown the graph step's loss curve equal to eager's over >= 50 steps on
-# >= 8 bucket shapes at real size (docs/benchmarks.md, "End-to-end CLI benchmark"); turning it on is this line.
-GRAPH_STEP_IS_DEFAULT = False
+# On since the end-to-end run showed the graph step's loss curve equal to eager's over 56 steps on 8 bucket
+# shapes at real size (docs/benchmarks.md, "End-to-end CLI benchmark", session 8).
+GRAPH_STEP_IS_DEFAULT = True
 GRAPH_BY_DEFAULT = "default on CUDA; --no_cuda_graph turns it off"
 EAGER_BY_DEFAULT = "default; --cuda_graph replays the step as CUDA graphs"
 GRAPH_BY_FLAG = "--cuda_graph"

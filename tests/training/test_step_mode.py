@@ -66,17 +66,17 @@ RULED_OUT = [
 
 def test_default_on_cuda_without_conflict() -> None:
     facts = StepFacts(device_type="cuda", network_draws_per_step=True, num_processes=1)
-    # today's default (GRAPH_STEP_IS_DEFAULT is off until the 50-step loss curve is measured): eager
-    assert not GRAPH_STEP_IS_DEFAULT
-    now = decide_step_mode(facts)
-    assert now == StepMode("eager", EAGER_BY_DEFAULT) and not now.graph
-    assert now.log_line() == "step mode: eager (default; --cuda_graph replays the step as CUDA graphs)"
-    # with the switch on, the same facts give the graph step
-    mode = decide_step_mode(facts, graph_by_default=True)
+    # the default: the graph step
+    assert GRAPH_STEP_IS_DEFAULT
+    mode = decide_step_mode(facts)
     assert mode == StepMode("graph", GRAPH_BY_DEFAULT)
     assert (
         mode.graph and mode.log_line() == "step mode: graph (default on CUDA; --no_cuda_graph turns it off)"
     )
+    # with the switch off, the same facts give the eager step and say how to ask for the graph
+    off = decide_step_mode(facts, graph_by_default=False)
+    assert off == StepMode("eager", EAGER_BY_DEFAULT) and not off.graph
+    assert off.log_line() == "step mode: eager (default; --cuda_graph replays the step as CUDA graphs)"
     explicit = decide_step_mode(StepFacts(cuda_graph=True, device_type="cuda", network_draws_per_step=True))
     assert (
         explicit == StepMode("graph", "--cuda_graph")
@@ -197,7 +197,7 @@ def test_capture_log_line_format() -> None:
 
 
 def test_one_step_mode_line_in_a_tiny_run(tiny, tmp_path, caplog) -> None:
-    """On the CPU (CI) the eager step with its reason; on a GPU today's default step (eager) and no capture."""
+    """On the CPU (CI) the eager step with its reason; on a GPU the default graph step and its one capture."""
     argv = _argv(tiny, tmp_path / "out", "--network_module", "networks.lora", "--network_dim", "2",
                  "--max_train_steps", "1", "--network_train_unet_only", "--cache_text_encoder_outputs")  # fmt: skip
     with caplog.at_level(logging.INFO):
@@ -206,7 +206,7 @@ def test_one_step_mode_line_in_a_tiny_run(tiny, tmp_path, caplog) -> None:
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step mode:")]
     captures = [r.getMessage() for r in caplog.records if r.getMessage().startswith("cuda graph: captured")]
     if torch.cuda.is_available():
-        assert lines == ["step mode: eager (default; --cuda_graph replays the step as CUDA graphs)"]
-        assert not captures
+        assert lines == ["step mode: graph (default on CUDA; --no_cuda_graph turns it off)"]
+        assert len(captures) == 1
     else:
         assert lines == ["step mode: eager (not a CUDA device: cpu)"] and not captures

@@ -220,7 +220,7 @@ def test_cuda_graph_training_equals_eager_on_the_gpu(sdxl, anima, tmp_path, monk
         torch.backends.cuda.matmul.allow_tf32 = before
     logs = [r.getMessage() for r in caplog.records]
     no, flag = "step mode: eager (--no_cuda_graph)", "step mode: graph (--cuda_graph)"
-    default = "step mode: eager (default; --cuda_graph replays the step as CUDA graphs)"
+    default = "step mode: graph (default on CUDA; --no_cuda_graph turns it off)"
     # one line per run, in the order of _cuda_graph_runs: e, g, d, gc, then Anima's ae, ag
     assert [m for m in logs if m.startswith("step mode:")] == [no, flag, default, flag, no, flag]
     captures = [m for m in logs if m.startswith("cuda graph: captured")]
@@ -228,7 +228,7 @@ def test_cuda_graph_training_equals_eager_on_the_gpu(sdxl, anima, tmp_path, monk
         r"cuda graph: captured shape \(\d+(, \d+)*\) in \d+\.\d\d s, reserved [+-]\d+\.\d\d GiB "
         r"\(now \d+\.\d\d GiB\), allocated peak \d+\.\d\d GiB"
     )
-    assert len(captures) >= 3 and all(re.fullmatch(line, m) for m in captures), captures  # g, gc, ag
+    assert len(captures) >= 4 and all(re.fullmatch(line, m) for m in captures), captures  # g, d, gc, ag
 
 
 def _cuda_graph_runs(sdxl: dict, anima: dict, tmp_path: Path, extra: tuple[str, ...]) -> None:
