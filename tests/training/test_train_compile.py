@@ -48,6 +48,16 @@ def _reset_dynamo():
     torch._dynamo.reset()
 
 
+@pytest.fixture(autouse=True)
+def _full_fp32():
+    """On a GPU, cuDNN convs default to TF32 (10-bit mantissa) and eager and compiled or captured runs may
+    pick different algorithms: the weights then differ by ~1e-3, so every comparison here runs in fp32."""
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+
+
 def _assert_same_run(eager, compiled, out_e: Path, out_c: Path, zero_init: str) -> None:
     assert len(eager.losses) == len(compiled.losses) == 3
     for a, b in zip(eager.losses, compiled.losses):
@@ -205,19 +215,12 @@ def test_compile_flags_fail_clearly(sdxl, anima, tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
-def test_cuda_graph_training_equals_eager_on_the_gpu(sdxl, anima, tmp_path, monkeypatch, caplog):
+def test_cuda_graph_training_equals_eager_on_the_gpu(sdxl, anima, tmp_path, caplog):
     """Both trainers: the graph step (by default, --cuda_graph, and with --torch_compile) gives the eager
     loss curve and weights; each run logs its step mode once, and each capture its cost."""
     extra = ("--network_args", "rank_dropout=0.25")
-    # TF32 rounds to 10 bits and eager and capture may pick different conv algorithms: compare in fp32
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    before = torch.backends.cuda.matmul.allow_tf32  # a property of a module object: no monkeypatch
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        with caplog.at_level(logging.INFO):
-            _cuda_graph_runs(sdxl, anima, tmp_path, extra)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = before
+    with caplog.at_level(logging.INFO):
+        _cuda_graph_runs(sdxl, anima, tmp_path, extra)
     logs = [r.getMessage() for r in caplog.records]
     no, flag = "step mode: eager (--no_cuda_graph)", "step mode: graph (--cuda_graph)"
     default = "step mode: graph (default on CUDA; --no_cuda_graph turns it off)"
