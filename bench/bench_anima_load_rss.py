@@ -1,8 +1,9 @@
 """Peak host memory (RSS) of loading the Anima models the way anima_train_network.py does.
 
 Runs the trainer's own hooks in this fresh process: `load_models`, the moves `cache` makes for
---cache_latents / --cache_text_encoder_outputs (without a dataset), and `prepare_models`; prints the peak
-RSS (ru_maxrss) after each phase as one JSON line. Real-size files come from bench/e2e_setup.py:
+--cache_latents / --cache_text_encoder_outputs (without a dataset), `load_after_cache` (the DiT) and
+`prepare_models`; prints the peak RSS (ru_maxrss) after each phase as one JSON line. Real-size files come
+from bench/e2e_setup.py:
 
     python -c "import sys; sys.path[:0] = ['.', 'bench']; from pathlib import Path; from e2e_setup import write_anima; write_anima(Path('/tmp/anima_real'), 'real', 'cpu')"
     python bench/bench_anima_load_rss.py --folder /tmp/anima_real [--no_fp8] [--meta_device]
@@ -81,6 +82,8 @@ def main() -> None:
         m.text_encoder.to("cpu")
     arch.text_cached = True
     phases["cache_moves"] = {"peak": _peak_mib(), "now": _current_mib()}
+    arch.load_after_cache(ctx)  # the DiT, streamed onto the device once caching is done
+    phases["load_dit"] = {"peak": _peak_mib(), "now": _current_mib(), "s": time.perf_counter() - t0}
     arch.prepare_models(ctx)
     phases["prepare_models"] = {"peak": _peak_mib(), "now": _current_mib(), "s": time.perf_counter() - t0}
     info = {

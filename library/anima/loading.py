@@ -23,7 +23,13 @@ from diffusers import AutoencoderKLQwenImage
 from torch import nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, Qwen3Config, Qwen3ForCausalLM, Qwen3Model
 
-from library.anima.model import OPTIONAL_DIT_BUFFERS, Anima, anima_config_from_state_dict, tiny_anima_config
+from library.anima.model import (
+    OPTIONAL_DIT_BUFFERS,
+    Anima,
+    AnimaConfig,
+    anima_config_from_state_dict,
+    tiny_anima_config,
+)
 from library.io import bundled_tokenizers
 from library.io.atomic_io import save_safetensors_atomic
 from library.io.bundled_tokenizers import load_bundled
@@ -51,7 +57,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class AnimaModels:
-    dit: Anima
+    dit: Anima | None  # None only while the trainer defers the DiT's load past caching
     text_encoder: Qwen3Model
     vae: AutoencoderKLQwenImage
     qwen_tokenizer: PreTrainedTokenizerBase
@@ -100,6 +106,21 @@ def _block_placement(num_blocks: int, offload_blocks: int, device: Device) -> Pl
     return lambda key: "cpu" if key.startswith("blocks.") and int(key.split(".")[1]) >= first else device
 
 
+def _dit_layout(
+    stream: TensorStream, path: PathLike
+) -> tuple[dict[str, str], dict[str, torch.Tensor], AnimaConfig]:
+    """(model key -> file key, model key -> tensor meta, config) from the file's header alone."""
+    names = strip_dit_prefix({k: k for k in stream.keys()})
+    meta = {k: stream.meta(v) for k, v in names.items()}
+    return names, meta, anima_config_from_state_dict(meta, source=f"DiT file {path}")
+
+
+def read_anima_dit_config(path: PathLike) -> AnimaConfig:
+    """The DiT's config from its file's header, no tensor read: a wrong file fails before any work."""
+    with _open(path, "Anima DiT") as stream:
+        return _dit_layout(stream, path)[2]
+
+
 def load_anima_dit(
     path: PathLike,
     dtype: torch.dtype | None = None,
@@ -117,9 +138,7 @@ def load_anima_dit(
     quantized from the file's values (in fp32, so one rounding whatever `dtype` is); `dtype` is the dtype of
     the remaining tensors."""
     with _open(path, "Anima DiT") as stream:
-        names = strip_dit_prefix({k: k for k in stream.keys()})  # model key -> file key
-        meta = {k: stream.meta(v) for k, v in names.items()}
-        cfg = anima_config_from_state_dict(meta, source=f"DiT file {path}")
+        names, meta, cfg = _dit_layout(stream, path)
         if dtype is None:  # one dtype for the whole model even if the file mixes them (e.g. fp32 norms)
             q = meta["blocks.0.self_attn.q_proj.weight"]
             dtype = torch.bfloat16 if fp8.is_fp8(q) else q.dtype

@@ -148,6 +148,9 @@ class TrainingArchitecture(abc.ABC):
         """Load the base model: on the CPU, or straight onto the device where the architecture can (see
         :meth:`prepare_models`, which casts and places whatever is left)."""
 
+    def load_after_cache(self, ctx: RunContext) -> None:  # noqa: B027 - optional hook
+        """Load what `load_models` left out so that caching had the device to itself (Anima: the DiT)."""
+
     @abc.abstractmethod
     def network_targets(self) -> tuple[Any, Any, Any]:
         """``(vae, text_encoder_or_list, unet)`` as passed to ``create_network``."""

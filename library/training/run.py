@@ -69,6 +69,8 @@ class TrainingRun:
         self.setup()
         self.merge_base_weights()
         self.arch.cache(self.ctx, self.data)
+        self.arch.load_after_cache(self.ctx)
+        self.vae, self.text_encoder, self.unet = self.arch.network_targets()  # with what it loaded
         if not self.build_network():
             return None
         self.attach_network()

@@ -135,6 +135,7 @@ def _trainer_models(tiny: dict[str, Path], tmp_path: Path, *flags: str) -> tuple
     ctx = RunContext(args, make_accelerator(args), dtypes(args)[0], train_text_encoder=False)
     arch.load_models(ctx)
     arch.text_cached = True
+    arch.load_after_cache(ctx)
     arch.prepare_models(ctx)
     return arch.models, ctx
 

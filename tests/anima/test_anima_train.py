@@ -300,3 +300,36 @@ def test_block_swap_keeps_outputs(setup):
     assert torch.equal(dit(x, t, c), want)
     with pytest.raises(ValueError, match="between 1 and 2"):
         at.enable_block_swap(dit, 3, "cpu")
+
+
+def test_dit_streams_onto_the_device_only_after_caching(setup, tmp_path, monkeypatch):
+    """The VAE and Qwen3 caching runs before the DiT exists: on a GPU its weights (2.2 GiB under --fp8_base)
+    would otherwise sit beside the VAE's activations and raise the run's peak by that much."""
+    from library.anima import loading
+
+    events: list[tuple] = []
+    load_dit = loading.load_anima_dit
+
+    def spy_load(path, dtype=None, device="cpu", **kw):
+        events.append(("dit", torch.device(device), dtype, kw["fp8_base"]))
+        return load_dit(path, dtype, device, **kw)
+
+    def spy(name, method):
+        def wrapped(self, *a):
+            events.append((name, self.models.dit))
+            return method(self, *a)
+
+        return wrapped
+
+    monkeypatch.setattr(loading, "load_anima_dit", spy_load)
+    for name in ("encode_latents", "encode_text_for_cache"):
+        monkeypatch.setattr(at.AnimaArchitecture, name, spy(name, getattr(at.AnimaArchitecture, name)))
+    out = trainer.main(_argv(setup, tmp_path / "out", "networks.lokr", "--max_train_steps", "1",
+                             "--mixed_precision", "bf16", "--fp8_base", "--cache_latents",
+                             "--cache_text_encoder_outputs", "--network_train_unet_only"))  # fmt: skip
+    assert out is not None and _modules(out) == DIT_GOLDEN  # the network was built on the loaded DiT
+    kinds = [e[0] for e in events]
+    # 2 images at batch 1, 2 captions in one batch, then the DiT once, in bf16 with fp8 Linear weights
+    assert kinds == ["encode_latents", "encode_latents", "encode_text_for_cache", "dit"], kinds
+    assert all(e[1] is None for e in events[:-1])  # no DiT anywhere while caching
+    assert events[-1] == ("dit", torch.device("cpu"), torch.bfloat16, True)
