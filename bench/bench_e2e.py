@@ -184,7 +184,7 @@ def summarise_steps(rows: list[dict], warmup: int) -> dict:
             out["steady_s_per_it"] = round(statistics.median(steady), 4)
             out["steady_mean_s_per_it"] = round(statistics.fmean(steady), 4)
             out["steady_steps"] = len(steady)
-    for key in ("gpu_peak_allocated_mib", "gpu_peak_reserved_mib", "gpu_name"):
+    for key in ("gpu_peak_allocated_mib", "gpu_peak_reserved_mib", "gpu_name", "torch", "cuda"):
         if key in final:
             out[key] = round(final[key], 1) if isinstance(final[key], float) else final[key]
     return out

@@ -119,7 +119,8 @@ class StepRecorder:
 
     def finish(self, torch) -> None:
         row = {"final": True, "steps": self.steps, "t": time.time() - self.t0,
-               "host_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # fmt: skip
+               "host_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+               "torch": torch.__version__, "cuda": torch.version.cuda}  # fmt: skip
         if torch.cuda.is_available():
             row["gpu_peak_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
             row["gpu_peak_reserved_mib"] = torch.cuda.max_memory_reserved() / 2**20

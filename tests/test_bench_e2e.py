@@ -8,6 +8,8 @@ import math
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -60,6 +62,7 @@ def test_e2e_bench_tiny_cpu(tmp_path, monkeypatch):
     assert 0 < r["time_to_first_step_s"] < r["wall_s"]
     assert r["host_peak_rss_mib"] > 100  # a Python process with torch loaded is far above 100 MiB
     assert "gpu_peak_allocated_mib" not in r  # no CUDA: memory is the host's
+    assert r["torch"] == torch.__version__ and r["cuda"] == torch.version.cuda  # the child's own versions
     assert "--network_module networks.lokr --network_dim 32 --network_alpha 16" in r["command"]
     assert "--cache_latents --cache_text_encoder_outputs" in r["command"] and "adamw8bit" not in r["command"]
     assert "AdamW" in r["dropped_flags"]
