@@ -28,6 +28,7 @@ import itertools
 import json
 import os
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -88,6 +89,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=4, help="first steps left out of the steady s/it")
     p.add_argument("--profile_step", type=int, default=0,
                    help="profile the step after this one in every run (torch.profiler; 0: none)")  # fmt: skip
+    p.add_argument("--sample_every", type=int, default=0,
+                   help="--sample_every_n_steps of every run, with one prompt at the dataset's resolution (0: none)")  # fmt: skip
     p.add_argument("--images", type=int, default=16)
     p.add_argument("--dataset_scale", choices=["real", "tiny"], default=None,
                    help="image sizes (default: --scale); tiny images let real models run on a CPU")  # fmt: skip
@@ -157,9 +160,19 @@ def trainer_argv(spec: RunSpec, files: dict, toml_path: Path, out_dir: Path, opt
     ]  # fmt: skip
     if spec.cache:
         argv += ["--cache_latents", "--cache_text_encoder_outputs"]
+    if opts.sample_every:
+        argv += ["--sample_prompts", str(Path(opts.out).resolve() / f"prompts_{opts.dataset_scale}.txt"),
+                 "--sample_every_n_steps", str(opts.sample_every), "--sample_sampler", "euler_a"]  # fmt: skip
     if spec.impl == "ours" and cuda:  # on a CPU every mode is eager, and the command stays sd-scripts'
         argv += OUR_MODE_FLAGS[spec.mode]
     return argv
+
+
+def write_prompts(path: Path, scale: str) -> None:
+    """One sample prompt in the prompt-file syntax both trainers read (size, steps, seed, CFG, negative)."""
+    size, steps = (1024, 20) if scale == "real" else (64, 2)
+    line = f"a red fox in a snowy forest, best quality --n lowres --w {size} --h {size} --s {steps} --d 7 --l 5.0\n"
+    path.write_text(line, encoding="utf-8")
 
 
 def summarise_steps(rows: list[dict], warmup: int) -> dict:
@@ -270,6 +283,7 @@ def run_one(
     out = Path(opts.out).resolve()
     run_dir = out / "runs" / spec.name
     run_dir.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(run_dir / "sample", ignore_errors=True)  # an earlier invocation's samples do not count
     root = REPO_ROOT if spec.impl == "ours" else Path(opts.sd_scripts_path).resolve()
     script = root / SCRIPTS[spec.model]
     argv = trainer_argv(spec, files, toml_path, run_dir, opts, cuda)
@@ -282,6 +296,9 @@ def run_one(
            "command": f"python {SCRIPTS[spec.model]} " + " ".join(argv), "cwd": str(root), "rc": res["rc"],
            "wall_s": res["wall_s"], "host_peak_rss_mib": res["host_peak_rss_mib"],
            **summarise_steps(res["rows"], opts.warmup), **parse_log(log), "log": str(log)}  # fmt: skip
+    if opts.sample_every:  # both trainers write their samples to <output_dir>/sample
+        row["samples"] = len(list((run_dir / "sample").glob("*.png")))
+        row["samples_expected"] = opts.steps // opts.sample_every
     if not cuda:
         row["dropped_flags"] = CPU_DROPPED
     if spec.impl == "sd-scripts" and shim:
@@ -344,6 +361,8 @@ def markdown_summary(rows: list[dict]) -> str:
         losses = [x for x in r.get("losses", []) if x is not None]
         loss = f"{losses[0]:.4f} → {losses[-1]:.4f}" if losses else "—"
         ok = "yes" if r["ok"] else f"no ({r.get('error')})"
+        if "samples" in r:
+            ok += f", {r['samples']}/{r['samples_expected']} samples"
         lines.append(f"| {r['run']} | {ok} | {r.get('steady_s_per_it', '—')} | "
                      f"{r.get('time_to_first_step_s', '—')} | {gpu} | {r['host_peak_rss_mib']} | {loss} |")  # fmt: skip
     text = head + "\n".join(lines) + "\n"
@@ -456,6 +475,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         opts.images,
         opts.shapes,
     )
+    if opts.sample_every:
+        write_prompts(out / f"prompts_{opts.dataset_scale}.txt", opts.dataset_scale)
     print(f"[e2e] {len(runs)} runs, {opts.images} images over buckets {shapes}; setup {time.time() - start:.1f} s",
           flush=True)  # fmt: skip
     rows: list[dict] = []

@@ -8,6 +8,7 @@
 #   anima     Anima LoKr batch 2: ours eager + graph, sd-scripts eager
 #   anima_def Anima LoKr batch 2: ours graph step and graph + --torch_compile (ANIMA_MODES)
 #   b1        SDXL LoHa/LoKr (ALGOS) batch 1, 4 bucket shapes: ours default step (B1_MODES), sd-scripts eager
+# SAMPLE_EVERY=N samples one 1024² prompt (20 steps) every N steps in every run (sampling at real size).
 # PROFILE_STEP=K profiles step K+1 of every run (torch.profiler: kernel time per group, in the summary).
 # CACHE=off runs without --cache_latents / --cache_text_encoder_outputs (default on).
 # Results accumulate in /tmp/e2e (e2e.jsonl; e2e_summary.md covers every run there) and are copied to $OUT.
@@ -21,7 +22,8 @@ if [ ! -d /tmp/site ]; then
 fi
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 B="python3 bench/bench_e2e.py --scale real --out /tmp/e2e --sd_scripts_path baselines/sd-scripts
-   --sd_pythonpath /tmp/site_sd --cache ${CACHE:-on} --warmup 4 --run_timeout ${RUN_TIMEOUT:-150} --profile_step ${PROFILE_STEP:-0}"
+   --sd_pythonpath /tmp/site_sd --cache ${CACHE:-on} --warmup 4 --run_timeout ${RUN_TIMEOUT:-150} --profile_step ${PROFILE_STEP:-0}
+   --sample_every ${SAMPLE_EVERY:-0}"
 for part in "$@"; do
   case $part in
     sdxl) $B --models sdxl --algos ${ALGOS:-loha,lokr} --batches 4 --modes eager,graph --impl ours,sd-scripts \

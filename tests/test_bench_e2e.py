@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,7 +32,7 @@ def test_e2e_bench_tiny_cpu(tmp_path, monkeypatch):
     (fake / "sdxl_train_network.py").write_text("import sys\nprint('loading...')\nsys.exit('boom: no GPU')\n")
     argv = ["--scale", "tiny", "--out", str(out), "--models", "sdxl", "--algos", "lokr", "--batches", "2",
             "--cache", "on", "--modes", "eager,graph", "--impl", "sd-scripts,ours", "--steps", "4",
-            "--warmup", "1", "--profile_step", "2", "--images", "8", "--shapes", "2", "--sd_scripts_path", str(fake),
+            "--warmup", "1", "--profile_step", "2", "--sample_every", "3", "--images", "8", "--shapes", "2", "--sd_scripts_path", str(fake),
             "--torchvision_shim", "off"]  # fmt: skip
     rows = bench.main(argv)
     lines = [json.loads(x) for x in (out / "e2e.jsonl").read_text().splitlines()]
@@ -72,7 +73,11 @@ def test_e2e_bench_tiny_cpu(tmp_path, monkeypatch):
     assert skipped == {"sdxl-lokr-b2-cached-sd-scripts-graph": "sd-scripts has one step mode (eager)",
                        "sdxl-lokr-b2-cached-ours-graph": "--cuda_graph needs CUDA"}  # fmt: skip
     summary = (out / "e2e_summary.md").read_text()
-    assert "sdxl-lokr-b2-cached-ours-eager | yes" in summary
+    assert "sdxl-lokr-b2-cached-ours-eager | yes, 1/1 samples" in summary
+    # the sample prompt ran through the trainer's sampler: one image, at the prompt's size
+    assert r["samples"] == r["samples_expected"] == 1 and "--sample_every_n_steps 3" in r["command"]
+    (png,) = (out / "runs" / r["run"] / "sample").glob("*.png")
+    assert Image.open(png).size == (64, 64)
     assert "| sdxl-lokr-b2-cached-ours-eager (step 3, cpu) |" in summary
 
 
