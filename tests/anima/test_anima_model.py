@@ -420,3 +420,36 @@ def test_dit_runs_adapter_when_given_t5_ids(tiny_dit: Anima) -> None:
         )
         assert torch.equal(direct, tiny_dit(x, s, ctx))
         assert ctx[0, 4:].abs().max() == 0 and ctx[0, :4].abs().max() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_dit_rmsnorm_equals_the_spelled_out_maths(dtype: torch.dtype) -> None:
+    """The fused rms_norm gives x·rsqrt(mean(x²)+eps) computed in fp32 and rounded once to x's dtype, then
+    the weight product in x's dtype: forward and backward within one rounding of that dtype (the kernels'
+    reductions may sum in another order), with autocast on or off."""
+    from library.anima.layers import RMSNorm
+
+    gen = torch.Generator().manual_seed(3)
+    norm = RMSNorm(64).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.5 * torch.randn(64, generator=gen))
+    x = (3 * torch.randn(2, 40, 4, 64, generator=gen)).to(dtype)
+    g = torch.randn(x.shape, generator=gen).to(dtype)
+
+    def spelled_out(t: torch.Tensor) -> torch.Tensor:
+        tf = t.float()
+        return (tf * torch.rsqrt(tf.pow(2).mean(-1, keepdim=True) + norm.eps)).to(dtype) * norm.weight
+
+    ulp = torch.finfo(dtype).eps
+    ref_in = x.clone().requires_grad_()
+    ref = spelled_out(ref_in)
+    ref.backward(g)
+    for amp in (False, True):
+        x_in = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            out = norm(x_in)
+        out.backward(g)
+        assert out.dtype == dtype
+        err = (out.float() - ref.float()).abs().max() / ref.float().abs().max()
+        gerr = (x_in.grad.float() - ref_in.grad.float()).abs().max() / ref_in.grad.float().abs().max()
+        assert err <= 2 * ulp and gerr <= 4 * ulp, (amp, float(err), float(gerr))
