@@ -378,7 +378,9 @@ class AnimaArchitecture(TrainingArchitecture):
         return dit.run_llm_adapter(states, t5_ids, t5_mask, qmask)
 
     def enable_cuda_graph(self, ctx: RunContext, params: list[nn.Parameter], state_key: Any) -> None:
-        self.graphed_dit = GraphedCall(self.models.dit, params, state_key)
+        self.graphed_dit = GraphedCall(
+            self.models.dit, params, state_key, fall_back=ctx.graph_step_falls_back
+        )
 
     def per_sample_loss(self, ctx: RunContext, batch: dict[str, Any]) -> torch.Tensor:
         args, weight_dtype = ctx.args, ctx.weight_dtype

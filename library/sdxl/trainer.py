@@ -153,7 +153,9 @@ class SdxlArchitecture(TrainingArchitecture):
         return [m for m in self.models.unet.modules() if isinstance(m, BasicTransformerBlock)]
 
     def enable_cuda_graph(self, ctx: RunContext, params: list[torch.nn.Parameter], state_key: Any) -> None:
-        self.graphed_unet = GraphedUNet(self.models.unet, params, state_key)
+        self.graphed_unet = GraphedUNet(
+            self.models.unet, params, state_key, fall_back=ctx.graph_step_falls_back
+        )
 
     # ------------------------------------------------------------------ loss
     def _encode_text(self, captions: list[str], grad: bool) -> tuple[torch.Tensor, torch.Tensor]:

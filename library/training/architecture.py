@@ -42,6 +42,12 @@ class RunContext:
         """Whether the training step replays CUDA graphs (`library.training.step_mode`)."""
         return self.step_mode is not None and self.step_mode.graph
 
+    @property
+    def graph_step_falls_back(self) -> bool:
+        """A failed capture turns the run eager instead of stopping it: the graph step is the default,
+        not asked for with --cuda_graph."""
+        return self.step_mode is not None and self.step_mode.graph_by_default
+
 
 @dataclass
 class DatasetInfo:

@@ -24,7 +24,9 @@ stream, which a capture cannot wait on). The trainers never keep one.
 What a graph cannot do: read tensor values on the host, draw from generators seeded on the host, or
 take a different Python branch per step. Our adapters' rank dropout and module dropout read values drawn
 once per step (see `networks.modules.adapter`); neuron (element) dropout rules the graph step out.
-Each capture's wall time and memory are logged and kept in `GraphedCall.capture_stats`.
+Each capture's wall time and memory are logged and kept in `GraphedCall.capture_stats`. Under the
+default step (not asked for) a failed capture turns the call eager for the rest of the run, with one
+warning, rather than stopping it.
 """
 
 from __future__ import annotations
@@ -58,6 +60,9 @@ class GraphedCall:
     `params`: every trainable tensor `fn` may read (grads for the ones it uses are captured);
     `state_key`: Python state that changes what `fn` does (multipliers, train/eval); a new value
     captures anew. `warmup`: eager iterations before a capture (torch.compile and cuBLAS set up there).
+    `fall_back`: when a capture fails (an op that cannot be captured, no memory left for the graph),
+    warn once and call `fn` eagerly from then on instead of raising; for the default step, which the
+    user did not ask for (an explicit `--cuda_graph` keeps the error).
     """
 
     def __init__(
@@ -66,8 +71,11 @@ class GraphedCall:
         params: Sequence[torch.nn.Parameter],
         state_key: Callable[[], Hashable] | None = None,
         warmup: int = 2,
+        fall_back: bool = False,
     ) -> None:
         self.fn = fn
+        self.fall_back = fall_back
+        self.failed: str | None = None  # why the capture failed, once it has (every call is eager then)
         self.params = [p for p in params if p.requires_grad]
         self.state_key = state_key
         self.warmup = max(1, int(warmup))
@@ -81,23 +89,50 @@ class GraphedCall:
 
     # ------------------------------------------------------------------ public
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() or self.failed is not None:
             return self.fn(*inputs)
+        self._check_inputs(inputs)
+        key = self._key(inputs)
+        cap = self.captures.get(key)
+        if cap is None:
+            try:
+                cap = self._measured_capture(inputs)
+            except RuntimeError as err:  # torch's CUDA, capture and out-of-memory errors
+                if not self.fall_back:
+                    raise
+                self._give_up(inputs, err)
+                return self.fn(*inputs)
+            self.captures[key] = cap
+        self._generation += 1
+        return _Replay.apply(self, cap, self._generation, self._anchor, *inputs)
+
+    # ------------------------------------------------------------------ internals
+    @staticmethod
+    def _check_inputs(inputs: Sequence[torch.Tensor]) -> None:
         for i, x in enumerate(inputs):
             if not isinstance(x, torch.Tensor) or x.device.type != "cuda":
                 raise ValueError(
                     f"cuda graph: input {i} of the graphed call must be a CUDA tensor, got "
                     f"{type(x).__name__ if not isinstance(x, torch.Tensor) else x.device}"
                 )
-        key = self._key(inputs)
-        cap = self.captures.get(key)
-        if cap is None:
-            cap = self._measured_capture(inputs)
-            self.captures[key] = cap
-        self._generation += 1
-        return _Replay.apply(self, cap, self._generation, self._anchor, *inputs)
 
-    # ------------------------------------------------------------------ internals
+    def _give_up(self, inputs: Sequence[torch.Tensor], err: RuntimeError) -> None:
+        """The default step could not capture: drop the graphs and their pool, go on eagerly, say so once.
+
+        The persistent grad buffers stay bound as `.grad`: the eager backward accumulates into them and
+        the optimizer zeroes them, as it does for the graph step."""
+        first = (str(err).strip().splitlines() or [""])[0][:300]
+        self.failed = f"{type(err).__name__}: {first}"
+        self.captures.clear()
+        self._pool = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        logger.warning(
+            "cuda graph: capturing shape %s failed (%s); the run goes on with the eager step "
+            "(step mode: eager). --no_cuda_graph skips the attempt; --cuda_graph makes it an error",
+            tuple(inputs[0].shape), self.failed,
+        )  # fmt: skip
+
     def _measured_capture(self, inputs: Sequence[torch.Tensor]) -> _Capture:
         """`_capture` with its cost: wall time (synchronised, warmup included) and memory, logged and kept.
 
@@ -330,13 +365,17 @@ class GraphedUNet:
     """A diffusers-U-Net-shaped callable (`unet(x, t, ctx, added_cond_kwargs=...).sample`) over a GraphedCall."""
 
     def __init__(
-        self, unet: torch.nn.Module, params: Sequence[torch.nn.Parameter], state_key: Callable[[], Hashable]
+        self,
+        unet: torch.nn.Module,
+        params: Sequence[torch.nn.Parameter],
+        state_key: Callable[[], Hashable],
+        fall_back: bool = False,
     ) -> None:
         def call(x, t, ctx, text_embeds, time_ids):  # type: ignore[no-untyped-def]
             cond = {"text_embeds": text_embeds, "time_ids": time_ids}
             return unet(x, t, ctx, added_cond_kwargs=cond).sample
 
-        self.graphed = GraphedCall(call, params, state_key)
+        self.graphed = GraphedCall(call, params, state_key, fall_back=fall_back)
 
     def __call__(
         self,

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 # On since the end-to-end run showed the graph step's loss curve equal to eager's over 56 steps on 8 bucket
-# shapes at real size (docs/benchmarks.md, "End-to-end CLI benchmark", session 8).
+# shapes at real size (docs/benchmarks.md, "End-to-end CLI benchmark", session 9).
 GRAPH_STEP_IS_DEFAULT = True
 GRAPH_BY_DEFAULT = "default on CUDA; --no_cuda_graph turns it off"
 EAGER_BY_DEFAULT = "default; --cuda_graph replays the step as CUDA graphs"
@@ -36,6 +36,11 @@ class StepMode:
     @property
     def graph(self) -> bool:
         return self.mode == "graph"
+
+    @property
+    def graph_by_default(self) -> bool:
+        """The graph step was not asked for: if a capture fails, the run may go on with the eager step."""
+        return self.graph and self.reason == GRAPH_BY_DEFAULT
 
     def log_line(self) -> str:
         return f"step mode: {self.mode} ({self.reason})"

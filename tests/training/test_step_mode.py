@@ -82,6 +82,8 @@ def test_default_on_cuda_without_conflict() -> None:
         explicit == StepMode("graph", "--cuda_graph")
         and explicit.log_line() == "step mode: graph (--cuda_graph)"
     )
+    # only the default graph step may turn eager when a capture fails; an asked-for one keeps the error
+    assert mode.graph_by_default and not explicit.graph_by_default and not off.graph_by_default
     # what is not a conflict: the inductor modes without CUDA graphs, zero dropout, no swap, one process
     quiet = StepFacts(
         device_type="cuda", compile_mode="max-autotune-no-cudagraphs", network_dropout=0.0, blocks_to_swap=0
