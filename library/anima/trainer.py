@@ -379,7 +379,7 @@ class AnimaArchitecture(TrainingArchitecture):
 
     def enable_cuda_graph(self, ctx: RunContext, params: list[nn.Parameter], state_key: Any) -> None:
         self.graphed_dit = GraphedCall(
-            self.models.dit, params, state_key, fall_back=ctx.graph_step_falls_back
+            self.models.dit, params, state_key, fall_back=ctx.graph_step_falls_back, eager_calls=1
         )
 
     def per_sample_loss(self, ctx: RunContext, batch: dict[str, Any]) -> torch.Tensor:

@@ -154,7 +154,7 @@ class SdxlArchitecture(TrainingArchitecture):
 
     def enable_cuda_graph(self, ctx: RunContext, params: list[torch.nn.Parameter], state_key: Any) -> None:
         self.graphed_unet = GraphedUNet(
-            self.models.unet, params, state_key, fall_back=ctx.graph_step_falls_back
+            self.models.unet, params, state_key, fall_back=ctx.graph_step_falls_back, eager_calls=1
         )
 
     # ------------------------------------------------------------------ loss

@@ -17,9 +17,11 @@ buffers that the backward graph accumulates into in place (one layer's grad aliv
 gradient accumulation works and `.grad` keeps one address; the optimizer's `zero_grad(set_to_none=False)` keeps that binding, and a `None` grad is
 re-bound (after zeroing) before the next backward.
 
-Capture happens on the first call of a new signature; at that moment no autograd graph of an eager
-backward through the same parameters may still be alive (its AccumulateGrad nodes sit on the default
-stream, which a capture cannot wait on). The trainers never keep one.
+The trainers capture a signature on its second call (`eager_calls=1`): its first call runs eagerly, so
+the first step does not wait for a capture and a bucket shape that comes only once is never captured.
+At a capture no autograd graph of an eager backward through the same parameters may still be alive (its
+AccumulateGrad nodes sit on the default stream, which a capture cannot wait on); the trainers drop each
+step's loss before the next step.
 
 What a graph cannot do: read tensor values on the host, draw from generators seeded on the host, or
 take a different Python branch per step. Our adapters' rank dropout and module dropout read values drawn
@@ -62,7 +64,9 @@ class GraphedCall:
     captures anew. `warmup`: eager iterations before a capture (torch.compile and cuBLAS set up there).
     `fall_back`: when a capture fails (an op that cannot be captured, no memory left for the graph),
     warn once and call `fn` eagerly from then on instead of raising; for the default step, which the
-    user did not ask for (an explicit `--cuda_graph` keeps the error).
+    user did not ask for (an explicit `--cuda_graph` keeps the error). `eager_calls`: how many calls of a
+    signature run eagerly before it is captured (the trainers use 1: the first step starts without
+    waiting for a capture, and a bucket shape that comes once is never captured).
     """
 
     def __init__(
@@ -72,9 +76,12 @@ class GraphedCall:
         state_key: Callable[[], Hashable] | None = None,
         warmup: int = 2,
         fall_back: bool = False,
+        eager_calls: int = 0,
     ) -> None:
         self.fn = fn
         self.fall_back = fall_back
+        self.eager_calls = max(0, int(eager_calls))
+        self._seen: dict[Hashable, int] = {}  # eager calls so far of each signature not yet captured
         self.failed: str | None = None  # why the capture failed, once it has (every call is eager then)
         self.params = [p for p in params if p.requires_grad]
         self.state_key = state_key
@@ -94,6 +101,9 @@ class GraphedCall:
         self._check_inputs(inputs)
         key = self._key(inputs)
         cap = self.captures.get(key)
+        if cap is None and self._seen.get(key, 0) < self.eager_calls:
+            self._seen[key] = self._seen.get(key, 0) + 1
+            return self.fn(*inputs)
         if cap is None:
             try:
                 cap = self._measured_capture(inputs)
@@ -370,12 +380,13 @@ class GraphedUNet:
         params: Sequence[torch.nn.Parameter],
         state_key: Callable[[], Hashable],
         fall_back: bool = False,
+        eager_calls: int = 0,
     ) -> None:
         def call(x, t, ctx, text_embeds, time_ids):  # type: ignore[no-untyped-def]
             cond = {"text_embeds": text_embeds, "time_ids": time_ids}
             return unet(x, t, ctx, added_cond_kwargs=cond).sample
 
-        self.graphed = GraphedCall(call, params, state_key, fall_back=fall_back)
+        self.graphed = GraphedCall(call, params, state_key, fall_back=fall_back, eager_calls=eager_calls)
 
     def __call__(
         self,

@@ -1,6 +1,9 @@
-"""A capture that fails under the default graph step turns the run eager (one warning) instead of stopping
-it; with an explicit --cuda_graph the error stands. Runs on the CPU: the capture is replaced by one that
-raises the error a CUDA stream capture gives, and the CUDA-only input check is lifted."""
+"""When GraphedCall captures, and what it does when a capture fails, on the CPU: the capture is replaced
+by one that raises the error a CUDA stream capture gives, and the CUDA-only input check is lifted.
+
+A capture that fails under the default graph step turns the run eager (one warning) instead of stopping
+it; with an explicit --cuda_graph the error stands. The trainers run a signature's first call eagerly and
+capture it on the second."""
 
 from __future__ import annotations
 
@@ -102,3 +105,21 @@ def test_both_trainers_let_only_the_default_step_fall_back(mode, falls_back):
     anima.enable_cuda_graph(ctx, list(model.parameters()), lambda: None)
     assert sdxl.graphed_unet.graphed.fall_back is falls_back
     assert anima.graphed_dit.fall_back is falls_back
+    assert sdxl.graphed_unet.graphed.eager_calls == anima.graphed_dit.eager_calls == 1
+
+
+def test_a_signature_is_captured_on_its_call_after_the_eager_ones(failing_capture):
+    """eager_calls=1: the first call of each shape runs eagerly (same output and grads as the model), the
+    second one captures; a shape that comes once is never captured."""
+    model, _ = _model_and_inputs()
+    runner = GraphedCall(model, list(model.parameters()), eager_calls=1)
+    a1, a2, b1 = torch.randn(4, 6), torch.randn(4, 6), torch.randn(5, 6)
+    out = runner(a1)
+    assert torch.equal(out, model(a1)) and out.grad_fn is not None and failing_capture == []
+    assert torch.equal(runner(b1), model(b1)) and failing_capture == []  # another shape: eager too
+    with pytest.raises(RuntimeError, match="stream is capturing"):
+        runner(a2)  # the second call of (4, 6) captures
+    assert failing_capture == [(4, 6)]
+    with torch.no_grad():  # without grad nothing is captured nor counted
+        runner(torch.randn(7, 6))
+    assert sorted(k[0][0][0] for k in runner._seen) == [(4, 6), (5, 6)] and set(runner._seen.values()) == {1}
