@@ -8,6 +8,8 @@
 #   anima     Anima LoKr batch 2: ours eager + graph, sd-scripts eager
 #   anima_def Anima LoKr batch 2: ours graph step and graph + --torch_compile (ANIMA_MODES)
 #   b1        SDXL LoHa/LoKr (ALGOS) batch 1, 4 bucket shapes: ours default step (B1_MODES), sd-scripts eager
+# Steady s/it leaves out the first WARMUP (8) of STEPS (16) steps: each bucket shape's first step runs
+# eagerly and its second captures the graph, so with 4 shapes the replays start by step 9.
 # SAMPLE_EVERY=N samples one 1024² prompt (20 steps) every N steps in every run (sampling at real size).
 # PROFILE_STEP=K profiles step K+1 of every run (torch.profiler: kernel time per group, in the summary).
 # CACHE=off runs without --cache_latents / --cache_text_encoder_outputs (default on).
@@ -22,24 +24,24 @@ if [ ! -d /tmp/site ]; then
 fi
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 B="python3 bench/bench_e2e.py --scale real --out /tmp/e2e --sd_scripts_path baselines/sd-scripts
-   --sd_pythonpath /tmp/site_sd --cache ${CACHE:-on} --warmup 4 --run_timeout ${RUN_TIMEOUT:-150} --profile_step ${PROFILE_STEP:-0}
+   --sd_pythonpath /tmp/site_sd --cache ${CACHE:-on} --warmup ${WARMUP:-8} --run_timeout ${RUN_TIMEOUT:-150} --profile_step ${PROFILE_STEP:-0}
    --sample_every ${SAMPLE_EVERY:-0}"
 for part in "$@"; do
   case $part in
     sdxl) $B --models sdxl --algos ${ALGOS:-loha,lokr} --batches 4 --modes eager,graph --impl ours,sd-scripts \
-            --steps 12 --budget_s ${BUDGET:-330} ;;
-    sdxl_def) $B --models sdxl --algos ${ALGOS:-lokr} --batches 4 --modes graph --impl ours --steps 12 \
+            --steps ${STEPS:-16} --budget_s ${BUDGET:-330} ;;
+    sdxl_def) $B --models sdxl --algos ${ALGOS:-lokr} --batches 4 --modes graph --impl ours --steps ${STEPS:-16} \
             --budget_s 90 && $B --models sdxl --algos ${ALGOS:-lokr} --batches 4 --modes eager --impl sd-scripts \
-            --steps 12 --budget_s 90 ;;
+            --steps ${STEPS:-16} --budget_s 90 ;;
     curve) $B --models sdxl --algos lokr --batches 1 --shapes 8 --modes eager,graph --impl ours \
             --steps 56 --budget_s ${CURVE_BUDGET:-280} ;;
     anima) $B --models anima --algos ${ALGOS:-lokr} --anima_batches 2 --modes eager,graph \
-            --impl ours,sd-scripts --steps 12 --budget_s ${BUDGET:-300} ;;
+            --impl ours,sd-scripts --steps ${STEPS:-16} --budget_s ${BUDGET:-300} ;;
     anima_def) $B --models anima --algos lokr --anima_batches 2 --modes ${ANIMA_MODES:-graph,compile} --impl ours \
-            --steps 12 --budget_s ${ANIMA_BUDGET:-160} ;;
+            --steps ${STEPS:-16} --budget_s ${ANIMA_BUDGET:-160} ;;
     b1) $B --models sdxl --algos ${ALGOS:-loha,lokr} --batches 1 --modes ${B1_MODES:-default} --impl ours \
-            --steps 12 --budget_s ${B1_BUDGET:-150} && $B --models sdxl --algos ${ALGOS:-loha,lokr} --batches 1 \
-            --modes eager --impl sd-scripts --steps 12 --budget_s ${B1_BUDGET:-150} ;;
+            --steps ${STEPS:-16} --budget_s ${B1_BUDGET:-150} && $B --models sdxl --algos ${ALGOS:-loha,lokr} --batches 1 \
+            --modes eager --impl sd-scripts --steps ${STEPS:-16} --budget_s ${B1_BUDGET:-150} ;;
     *) echo "unknown part $part" >&2; exit 2 ;;
   esac 2>&1 | grep --line-buffered -v "it/s\]" | tee -a "$out/e2e_gpu.log"
   # after every part: a call cut off at its time limit still brings back the parts that finished
