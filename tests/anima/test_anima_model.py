@@ -453,3 +453,28 @@ def test_dit_rmsnorm_equals_the_spelled_out_maths(dtype: torch.dtype) -> None:
         err = (out.float() - ref.float()).abs().max() / ref.float().abs().max()
         gerr = (x_in.grad.float() - ref_in.grad.float()).abs().max() / ref_in.grad.float().abs().max()
         assert err <= 2 * ulp and gerr <= 4 * ulp, (amp, float(err), float(gerr))
+
+
+def test_adaln_modulate_is_the_separate_product_and_sum() -> None:
+    """fp32 (autocast's LayerNorm output): one fused pass, within one fp32 rounding of h·(1+scale)+shift;
+    half precision: the same two roundings as the separate ops, bit for bit. Grads likewise."""
+    from library.anima.model import modulate
+
+    gen = torch.Generator().manual_seed(5)
+    scale, shift = (torch.randn(2, 1, 32, generator=gen).bfloat16() for _ in range(2))
+    for dtype, tol in ((torch.float32, 2 * torch.finfo(torch.float32).eps), (torch.bfloat16, 0.0)):
+        h = (4 * torch.randn(2, 30, 32, generator=gen)).to(dtype)
+        args = [t.clone().requires_grad_() for t in (h, scale, shift)]
+        ref_args = [t.clone().requires_grad_() for t in (h, scale, shift)]
+        out = modulate(*args)
+        ref = ref_args[0] * (1 + ref_args[1]) + ref_args[2]
+        assert out.dtype == ref.dtype == dtype
+        g = torch.randn(out.shape, generator=gen).to(dtype)
+        out.backward(g)
+        ref.backward(g)
+        scale_of = ref.detach().float().abs().max()
+        assert (out.detach().float() - ref.detach().float()).abs().max() <= tol * scale_of, dtype
+        for a, b in zip(args, ref_args):
+            assert torch.allclose(
+                a.grad.float(), b.grad.float(), rtol=tol, atol=tol * b.grad.float().abs().max()
+            )
