@@ -197,7 +197,8 @@ def summarise_steps(rows: list[dict], warmup: int) -> dict:
             out["steady_s_per_it"] = round(statistics.median(steady), 4)
             out["steady_mean_s_per_it"] = round(statistics.fmean(steady), 4)
             out["steady_steps"] = len(steady)
-    for key in ("gpu_peak_allocated_mib", "gpu_peak_reserved_mib", "gpu_name", "torch", "cuda"):
+    for key in ("gpu_peak_allocated_mib", "gpu_peak_reserved_mib", "gpu_name", "torch", "cuda",
+                "host_rss_peak_at_s", "gpu_alloc_peak_at_s"):  # fmt: skip
         if key in final:
             out[key] = round(final[key], 1) if isinstance(final[key], float) else final[key]
     return out
@@ -377,7 +378,19 @@ def markdown_summary(rows: list[dict]) -> str:
     if ratios:
         text += ("\n| ours vs sd-scripts eager (same command) | s/it ratio | first-step ratio |\n"
                  "|---|---|---|\n" + "\n".join(ratios) + "\n")  # fmt: skip
-    return text + compare_to_eager(by_key) + capture_table(rows) + profile_table(rows)
+    return text + compare_to_eager(by_key) + capture_table(rows) + profile_table(rows) + peak_time_table(rows)
+
+
+def peak_time_table(rows: list[dict]) -> str:
+    """When each run's memory peaked (sampled), against its first step: loading/caching or the steps."""
+    timed = [r for r in rows if r.get("host_rss_peak_at_s") is not None]
+    if not timed:
+        return ""
+    lines = ["\n| run | first step s | host RSS peak at s | GPU allocated peak at s |", "|---|---|---|---|"]
+    for r in timed:
+        lines.append(f"| {r['run']} | {r.get('time_to_first_step_s', '—')} | {r['host_rss_peak_at_s']} | "
+                     f"{r.get('gpu_alloc_peak_at_s', '—')} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
 
 
 def profile_table(rows: list[dict]) -> str:

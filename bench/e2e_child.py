@@ -20,6 +20,7 @@ import os
 import resource
 import runpy
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -86,6 +87,50 @@ class StepProfiler:
                 "top": [{"name": n[:160], "s": round(us / 1e6, 4), "calls": c} for n, (us, c) in ranked]}  # fmt: skip
 
 
+class MemorySampler:
+    """Samples the process's RSS, and the CUDA memory torch has allocated, four times a second and keeps
+    when each sampled peak happened, to tell whether a peak falls in loading, caching or the steps (the
+    exact peaks come from ru_maxrss and max_memory_allocated; these times are within one period)."""
+
+    def __init__(self, t0: float, period: float = 0.25) -> None:
+        self.t0, self.period = t0, period
+        self.rss: tuple[float, float | None] = (0.0, None)
+        self.gpu: tuple[float, float | None] = (0.0, None)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="e2e-memory", daemon=True)
+        self._page = os.sysconf("SC_PAGE_SIZE")
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def sample(self) -> None:
+        t = time.time() - self.t0
+        with open("/proc/self/statm", encoding="ascii") as fh:
+            rss = int(fh.read().split()[1]) * self._page / 2**20
+        if rss > self.rss[0]:
+            self.rss = (rss, t)
+        torch = sys.modules.get(
+            "torch"
+        )  # only once the trainer has imported it; reading stats launches nothing
+        if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+            alloc = torch.cuda.memory_allocated() / 2**20
+            if alloc > self.gpu[0]:
+                self.gpu = (alloc, t)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period):
+            self.sample()
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self._thread.join(timeout=2 * self.period + 1)
+        self.sample()
+        row = {"host_rss_peak_at_s": self.rss[1]}
+        if self.gpu[1] is not None:
+            row["gpu_alloc_peak_at_s"] = self.gpu[1]
+        return {k: round(v, 2) for k, v in row.items() if v is not None}
+
+
 class StepRecorder:
     def __init__(self, out_path: str, t0: float, profile_step: int = 0) -> None:
         self.file = open(out_path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the whole run
@@ -94,6 +139,8 @@ class StepRecorder:
         self.steps = 0
         self.profile_step = profile_step  # 0: no profile
         self.profiler: StepProfiler | None = None
+        self.memory = MemorySampler(t0)
+        self.memory.start()
 
     def write(self, row: dict) -> None:
         self.file.write(json.dumps(row) + "\n")
@@ -120,7 +167,7 @@ class StepRecorder:
     def finish(self, torch) -> None:
         row = {"final": True, "steps": self.steps, "t": time.time() - self.t0,
                "host_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-               "torch": torch.__version__, "cuda": torch.version.cuda}  # fmt: skip
+               "torch": torch.__version__, "cuda": torch.version.cuda, **self.memory.stop()}  # fmt: skip
         if torch.cuda.is_available():
             row["gpu_peak_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
             row["gpu_peak_reserved_mib"] = torch.cuda.max_memory_reserved() / 2**20

@@ -64,6 +64,8 @@ def test_e2e_bench_tiny_cpu(tmp_path, monkeypatch):
     assert r["host_peak_rss_mib"] > 100  # a Python process with torch loaded is far above 100 MiB
     assert "gpu_peak_allocated_mib" not in r  # no CUDA: memory is the host's
     assert r["torch"] == torch.__version__ and r["cuda"] == torch.version.cuda  # the child's own versions
+    # when the host memory peaked (sampled 4× a second), on the run's own clock
+    assert 0 < r["host_rss_peak_at_s"] <= r["wall_s"] and "gpu_alloc_peak_at_s" not in r
     assert "--network_module networks.lokr --network_dim 32 --network_alpha 16" in r["command"]
     assert "--cache_latents --cache_text_encoder_outputs" in r["command"] and "adamw8bit" not in r["command"]
     assert "AdamW" in r["dropped_flags"]
@@ -73,6 +75,7 @@ def test_e2e_bench_tiny_cpu(tmp_path, monkeypatch):
     assert skipped == {"sdxl-lokr-b2-cached-sd-scripts-graph": "sd-scripts has one step mode (eager)",
                        "sdxl-lokr-b2-cached-ours-graph": "--cuda_graph needs CUDA"}  # fmt: skip
     summary = (out / "e2e_summary.md").read_text()
+    assert f"| {r['run']} | {r['time_to_first_step_s']} | {r['host_rss_peak_at_s']} | — |" in summary
     assert "sdxl-lokr-b2-cached-ours-eager | yes, 1/1 samples" in summary
     # the sample prompt ran through the trainer's sampler: one image, at the prompt's size
     assert r["samples"] == r["samples_expected"] == 1 and "--sample_every_n_steps 3" in r["command"]
