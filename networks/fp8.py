@@ -157,7 +157,9 @@ def apply_fp8_base(
     # one float32 scratch per device for all layers: a fresh one per layer, freed after, leaves holes in a
     # host heap that the process keeps resident
     largest: dict[torch.device, int] = {}
-    for _, module in layers:
+    for name, module in layers:
+        if name in stored:  # kept as stored, nothing to quantize
+            continue
         w = module.weight
         largest[w.device] = max(largest.get(w.device, 0), w.numel())
     scratch = {dev: torch.empty(n, dtype=torch.float32, device=dev) for dev, n in largest.items()}

@@ -19,7 +19,7 @@ from torch import nn
 
 from library.anima.loss import FlowLossConfig, flow_matching_loss
 from library.training.architecture import DatasetInfo, RunContext, SampleRequest, TrainingArchitecture
-from library.training.cuda_graph import GraphedCall, set_checkpointing_and_modes
+from library.training.cuda_graph import GraphedCall, set_checkpointing_and_modes, training_graph_options
 from networks.fp8 import cast_keeping_fp8
 
 if TYPE_CHECKING:
@@ -378,9 +378,7 @@ class AnimaArchitecture(TrainingArchitecture):
         return dit.run_llm_adapter(states, t5_ids, t5_mask, qmask)
 
     def enable_cuda_graph(self, ctx: RunContext, params: list[nn.Parameter], state_key: Any) -> None:
-        self.graphed_dit = GraphedCall(
-            self.models.dit, params, state_key, fall_back=ctx.graph_step_falls_back, eager_calls=1
-        )
+        self.graphed_dit = GraphedCall(self.models.dit, params, state_key, **training_graph_options(ctx))
 
     def per_sample_loss(self, ctx: RunContext, batch: dict[str, Any]) -> torch.Tensor:
         args, weight_dtype = ctx.args, ctx.weight_dtype

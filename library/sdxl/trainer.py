@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from library.training.architecture import DatasetInfo, RunContext, SampleRequest, TrainingArchitecture
-from library.training.cuda_graph import GraphedUNet, set_checkpointing_and_modes
+from library.training.cuda_graph import GraphedUNet, set_checkpointing_and_modes, training_graph_options
 from networks.fp8 import apply_fp8_base, cast_keeping_fp8
 
 logger = logging.getLogger(__name__)
@@ -153,9 +153,7 @@ class SdxlArchitecture(TrainingArchitecture):
         return [m for m in self.models.unet.modules() if isinstance(m, BasicTransformerBlock)]
 
     def enable_cuda_graph(self, ctx: RunContext, params: list[torch.nn.Parameter], state_key: Any) -> None:
-        self.graphed_unet = GraphedUNet(
-            self.models.unet, params, state_key, fall_back=ctx.graph_step_falls_back, eager_calls=1
-        )
+        self.graphed_unet = GraphedUNet(self.models.unet, params, state_key, **training_graph_options(ctx))
 
     # ------------------------------------------------------------------ loss
     def _encode_text(self, captions: list[str], grad: bool) -> tuple[torch.Tensor, torch.Tensor]:

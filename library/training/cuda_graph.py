@@ -101,10 +101,11 @@ class GraphedCall:
         self._check_inputs(inputs)
         key = self._key(inputs)
         cap = self.captures.get(key)
-        if cap is None and self._seen.get(key, 0) < self.eager_calls:
-            self._seen[key] = self._seen.get(key, 0) + 1
-            return self.fn(*inputs)
         if cap is None:
+            seen = self._seen.get(key, 0)
+            if seen < self.eager_calls:
+                self._seen[key] = seen + 1
+                return self.fn(*inputs)
             try:
                 cap = self._measured_capture(inputs)
             except RuntimeError as err:  # torch's CUDA, capture and out-of-memory errors
@@ -379,14 +380,13 @@ class GraphedUNet:
         unet: torch.nn.Module,
         params: Sequence[torch.nn.Parameter],
         state_key: Callable[[], Hashable],
-        fall_back: bool = False,
-        eager_calls: int = 0,
+        **options: Any,
     ) -> None:
         def call(x, t, ctx, text_embeds, time_ids):  # type: ignore[no-untyped-def]
             cond = {"text_embeds": text_embeds, "time_ids": time_ids}
             return unet(x, t, ctx, added_cond_kwargs=cond).sample
 
-        self.graphed = GraphedCall(call, params, state_key, fall_back=fall_back, eager_calls=eager_calls)
+        self.graphed = GraphedCall(call, params, state_key, **options)
 
     def __call__(
         self,
@@ -434,6 +434,12 @@ def graph_unsafe_dropout(network: torch.nn.Module) -> list[str]:
     if hasattr(network, "use_device_module_dropout"):
         kinds = [k for k in kinds if k != "module dropout"]
     return kinds
+
+
+def training_graph_options(ctx: Any) -> dict[str, Any]:
+    """How the trainers' GraphedCall behaves: each shape captured at its second step, and a failed capture
+    goes on eagerly when the graph step is the default rather than asked for (`RunContext`)."""
+    return {"fall_back": ctx.graph_step_falls_back, "eager_calls": 1}
 
 
 def enable_cuda_graph_training(
