@@ -61,11 +61,13 @@ class RunSpec:
     cache: bool
     mode: str  # eager | graph | default
     impl: str  # ours | sd-scripts
+    tag: str = ""  # names a variant of the same command (e.g. an env switch), so runs side by side differ
 
     @property
     def name(self) -> str:
         cache = "cached" if self.cache else "uncached"
-        return f"{self.model}-{self.algo}-b{self.batch}-{cache}-{self.impl}-{self.mode}"
+        tag = f"-{self.tag}" if self.tag else ""
+        return f"{self.model}-{self.algo}-b{self.batch}-{cache}-{self.impl}-{self.mode}{tag}"
 
 
 def _csv(text: str) -> list[str]:
@@ -91,6 +93,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="profile the step after this one in every run (torch.profiler; 0: none)")  # fmt: skip
     p.add_argument("--sample_every", type=int, default=0,
                    help="--sample_every_n_steps of every run, with one prompt at the dataset's resolution (0: none)")  # fmt: skip
+    p.add_argument("--tag", default="",
+                   help="suffix of every run name: tells variants of one command apart (e.g. an env switch)")  # fmt: skip
     p.add_argument("--images", type=int, default=16)
     p.add_argument("--dataset_scale", choices=["real", "tiny"], default=None,
                    help="image sizes (default: --scale); tiny images let real models run on a CPU")  # fmt: skip
@@ -123,7 +127,7 @@ def plan_runs(opts: argparse.Namespace, cuda: bool) -> tuple[list[RunSpec], list
         batches = [int(b) for b in _csv(opts.anima_batches if model == "anima" else opts.batches)]
         for algo, batch, cache in itertools.product(_csv(opts.algos), batches, caches):
             for impl, mode in itertools.product(_csv(opts.impl), _csv(opts.modes)):
-                spec = RunSpec(model, algo, batch, cache, mode, impl)
+                spec = RunSpec(model, algo, batch, cache, mode, impl, opts.tag)
                 why = None
                 if mode not in OUR_MODE_FLAGS:
                     raise SystemExit(f"--modes: unknown mode {mode!r} (expected {', '.join(OUR_MODE_FLAGS)})")
@@ -368,10 +372,10 @@ def markdown_summary(rows: list[dict]) -> str:
                      f"{r.get('time_to_first_step_s', '—')} | {gpu} | {r['host_peak_rss_mib']} | {loss} |")  # fmt: skip
     text = head + "\n".join(lines) + "\n"
     ratios = []
-    by_key = {(r["model"], r["algo"], r["batch"], r["cache"], r["impl"], r["mode"]): r
+    by_key = {(r["model"], r["algo"], r["batch"], r["cache"], r["impl"], r["mode"], r.get("tag", "")): r
               for r in rows if r.get("ok")}  # fmt: skip
-    for (model, algo, batch, cache, impl, _mode), r in by_key.items():
-        base = by_key.get((model, algo, batch, cache, "sd-scripts", "eager"))
+    for (model, algo, batch, cache, impl, _mode, _tag), r in by_key.items():
+        base = by_key.get((model, algo, batch, cache, "sd-scripts", "eager", ""))
         if impl == "ours" and base and "steady_s_per_it" in r and "steady_s_per_it" in base:
             ratios.append(f"| {r['run']} | {r['steady_s_per_it'] / base['steady_s_per_it']:.2f} | "
                           f"{r['time_to_first_step_s'] / base['time_to_first_step_s']:.2f} |")  # fmt: skip
@@ -424,8 +428,10 @@ def loss_gap(a: list, b: list) -> dict:
 def compare_to_eager(by_key: dict) -> str:
     """Each of our non-eager runs against our eager run of the same command: losses and peak memory."""
     lines = []
-    for (model, algo, batch, cache, impl, mode), r in by_key.items():
-        base = by_key.get((model, algo, batch, cache, impl, "eager"))
+    for (model, algo, batch, cache, impl, mode, tag), r in by_key.items():
+        base = by_key.get((model, algo, batch, cache, impl, "eager", tag)) or by_key.get(
+            (model, algo, batch, cache, impl, "eager", "")
+        )
         if impl != "ours" or mode == "eager" or not base:
             continue
         gap = loss_gap(r.get("losses", []), base.get("losses", []))

@@ -13,6 +13,7 @@
 # eagerly and its second captures the graph, so with 4 shapes the replays start by step 9.
 # SAMPLE_EVERY=N samples one 1024² prompt (20 steps) every N steps in every run (sampling at real size).
 # PROFILE_STEP=K profiles step K+1 of every run (torch.profiler: kernel time per group, in the summary).
+# TAG=name suffixes every run's name (variants of one command side by side, e.g. an env switch).
 # CACHE=off runs without --cache_latents / --cache_text_encoder_outputs (default on).
 # Results accumulate in /tmp/e2e (e2e.jsonl; e2e_summary.md covers every run there) and are copied to $OUT.
 set -uo pipefail
@@ -26,7 +27,7 @@ fi
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 B="python3 bench/bench_e2e.py --scale real --out /tmp/e2e --sd_scripts_path baselines/sd-scripts
    --sd_pythonpath /tmp/site_sd --cache ${CACHE:-on} --warmup ${WARMUP:-8} --run_timeout ${RUN_TIMEOUT:-150} --profile_step ${PROFILE_STEP:-0}
-   --sample_every ${SAMPLE_EVERY:-0}"
+   --sample_every ${SAMPLE_EVERY:-0} ${TAG:+--tag $TAG}"
 for part in "$@"; do
   case $part in
     sdxl) $B --models sdxl --algos ${ALGOS:-loha,lokr} --batches 4 --modes eager,graph --impl ours,sd-scripts \
