@@ -142,3 +142,32 @@ def test_cuda_block_with_the_kernels_equals_the_torch_path(dtype):
     c = cases.block_case(dtype, device="cuda")
     assert c["forward"] and c["upstream_same"] and c["grads_differing"] == [] and c["gate_excess"] <= 1.0, c
     assert c["rope_launches"] == [6, 0] and c["kernel_fns"] == ["_GatedResidualBackward"] * 3
+
+
+@needs_gpu
+def test_cuda_kernels_replay_in_a_cuda_graph():
+    # --cuda_graph captures the training step: the kernels' launches, buffers and the partial-sum reduction
+    # must replay to the eager results (warm-up outside the capture compiles them, as the trainers do)
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    q = torch.randn(2, 256, 16, 128, device=dev).to(dt).transpose(1, 2).requires_grad_()
+    ang = torch.randn(256, 128, device=dev)
+    x, out = (torch.randn(2, 256, 2048, device=dev).to(dt).requires_grad_() for _ in range(2))
+    gate = torch.randn(2, 1, 2048, device=dev).to(dt).requires_grad_()
+    gq, gr = torch.randn_like(q), torch.randn_like(x)
+
+    def step() -> list[torch.Tensor]:
+        y = layers.apply_rope(q, ang.cos(), ang.sin())
+        r = layers.gated_residual(x, gate, out)
+        return [y, r, *torch.autograd.grad((y, r), (q, x, gate, out), (gq, gr))]
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        eager = step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert all(cases.same_bits(a, b) for a, b in zip(captured, eager))

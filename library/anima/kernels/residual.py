@@ -31,7 +31,7 @@ if triton is not None:
         # forward: a = x, y = r(x + r(gate·out)). backward: a = g, y = r(g·gate) (GRAD_OUT), and per tile
         # of BLOCK_L tokens the fp32 sum of r(g·out) into part[b, tile, :] (GRAD_GATE)
         pl, pd, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-        l = pl * BLOCK_L + tl.arange(0, BLOCK_L)  # noqa: E741
+        l = pl.to(tl.int64) * BLOCK_L + tl.arange(0, BLOCK_L)  # noqa: E741 - int64: l·stride may pass 2³¹
         d = pd * BLOCK_D + tl.arange(0, BLOCK_D)
         dmask = d < D
         mask = (l < L)[:, None] & dmask[None, :]
