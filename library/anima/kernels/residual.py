@@ -61,7 +61,8 @@ def supports(x: torch.Tensor, gate: torch.Tensor, out: torch.Tensor) -> bool:
     return x.numel() > 0 and all(t.stride(-1) == 1 for t in (x, gate, out))
 
 
-def _launch(a, gate, out, y, part, backward: bool, grad_out: bool, grad_gate: bool) -> None:  # noqa: ANN001
+def _launch(a: torch.Tensor, gate: torch.Tensor, out: torch.Tensor, y: torch.Tensor | None,
+            part: torch.Tensor | None, backward: bool, grad_out: bool, grad_gate: bool) -> None:  # fmt: skip
     bsz, length, dim = out.shape
     grid = (triton.cdiv(length, BLOCK_L), triton.cdiv(dim, BLOCK_D), bsz)
     y_strides = (y.stride(0), y.stride(1)) if y is not None else (0, 0)
