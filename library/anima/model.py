@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 # AnimaConfig, the config helpers and the adapter classes are re-exported: tests, bench and tools import
 # them from here
 from library.anima.config import AnimaConfig, anima_config_from_state_dict, tiny_anima_config
-from library.anima.layers import RMSNorm, apply_rope
+from library.anima.layers import RMSNorm, apply_rope, gated_residual
 from library.anima.llm_adapter import LLMAdapter, LLMAdapterTransformerBlock
 
 __all__ = [
@@ -172,8 +172,8 @@ class Attention(nn.Module):
         k = self.k_norm(self.k_proj(ctx).view(b, -1, self.heads, self.head_dim)).transpose(1, 2)
         v = self.v_norm(self.v_proj(ctx).view(b, -1, self.heads, self.head_dim)).transpose(1, 2)
         if rope is not None:
-            cos, sin = (r.to(q.dtype) for r in rope)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            # the fp32 table: the kernel rounds it to q's dtype as it reads it, the torch path casts
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         out = F.scaled_dot_product_attention(q, k, v)
         return self.output_proj(out.transpose(1, 2).reshape(b, -1, self.heads * self.head_dim))
 
@@ -233,11 +233,13 @@ class Block(nn.Module):
             return [m[:, None, :] for m in (seq(emb) + adaln_lora).chunk(3, dim=-1)]
 
         shift, scale, gate = mod(self.adaln_modulation_self_attn)
-        x = x + gate * self.self_attn(modulate(self.layer_norm_self_attn(x), scale, shift), rope=rope)
+        h = self.self_attn(modulate(self.layer_norm_self_attn(x), scale, shift), rope=rope)
+        x = gated_residual(x, gate, h)
         shift, scale, gate = mod(self.adaln_modulation_cross_attn)
-        x = x + gate * self.cross_attn(modulate(self.layer_norm_cross_attn(x), scale, shift), context=context)
+        h = self.cross_attn(modulate(self.layer_norm_cross_attn(x), scale, shift), context=context)
+        x = gated_residual(x, gate, h)
         shift, scale, gate = mod(self.adaln_modulation_mlp)
-        return x + gate * self.mlp(modulate(self.layer_norm_mlp(x), scale, shift))
+        return gated_residual(x, gate, self.mlp(modulate(self.layer_norm_mlp(x), scale, shift)))
 
 
 class FinalLayer(nn.Module):
