@@ -110,8 +110,8 @@ if triton is not None:
 
 
 def _launch_options(block_d: int) -> dict:
-    # fp fusion off: the product and the sum round separately, as torch's addcmul does (and as the
-    # interpreter computes), so GPU and CPU-interpreter results agree bit for bit
+    # fp fusion off: the product and the sum round separately (no FMA), as in torch's addcmul and in
+    # Triton's CPU interpreter
     return {"num_warps": max(1, min(8, block_d // 256)), "enable_fp_fusion": False}
 
 
