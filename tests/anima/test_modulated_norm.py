@@ -6,10 +6,11 @@ fp32. On the CPU that path is spelled out (CPU autocast keeps LayerNorm in half 
 
 Both are checked against the exact result (fp64 from the same half inputs): each output must be a correct
 rounding to half of some value within an fp32 error bound of the exact one. The bound is derived below from
-fp32's unit roundoff u = 2^-24 and the sums' depth; it is about 2^-17 of a half ulp, so a half-precision
-rounding anywhere inside (a grad summed in bf16, 1 + scale left unrounded) breaks it; the mutation test
-shows that. Kernel and torch then differ only where their fp32 values straddle a half rounding midpoint:
-by one ulp, in a tiny fraction of elements (asserted).
+fp32's unit roundoff u = 2^-24 and the sums' depth ((8 + 4·log2 D)·u relative to the terms, a few
+thousandths of a bf16 ulp), so a half-precision rounding anywhere inside (a grad summed in bf16, 1 + scale
+left unrounded) breaks it; the mutation test shows that. Kernel and torch then differ only where their fp32
+values straddle a half rounding midpoint: by one ulp, in a tiny fraction of elements (asserted), further
+only where the bound itself spans several halves (grad x elements far below the terms they cancel from).
 
 Kernel tests run in Triton's CPU interpreter (TRITON_INTERPRET=1 before the kernel module is imported:
 PYTHONPATH=/tmp/triton_site TRITON_INTERPRET=1 OMP_NUM_THREADS=1 python3 -m pytest -q
