@@ -1,1 +1,1 @@
-"""Triton kernels for the Anima DiT's elementwise hot spots, bit-equal to the torch path they replace."""
+"""Triton kernels for the Anima DiT's CUDA training path, each with its torch fallback in the model."""
