@@ -7,66 +7,44 @@ bandwidth. The kernel reads each fp8 byte once and writes the result, with torch
 
 - plain fp8: the value itself (every e4m3 value is exact in bf16, fp16 and fp32);
 - scaled fp8 (`--fp8_scaled`): torch computes `w8.to(dtype) * scale.to(dtype)`, i.e. the scale rounded
-  to `dtype`, the product in fp32, rounded to nearest-even in `dtype`. The kernel does the same, and rounds
-  to bf16 with integer arithmetic, which Triton's CPU interpreter (the tests) follows exactly.
+  to `dtype`, the product in fp32, rounded to nearest-even in `dtype`. The kernel does the same
+  (`triton_common.round_to`).
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-try:  # Triton ships with CUDA builds of torch; CPU-only installs may lack it
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised where triton is absent
-    triton = None
+from networks.kernels.triton_common import ROUNDED, enabled, triton
 
 ENV = "FP8_DEQUANT_KERNEL"  # on (default where usable) | off: the torch path everywhere
-_OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 BLOCK = 2048
 
 if triton is not None:
+    import triton.language as tl
 
-    @triton.jit
-    def _nearest_bf16(x):
-        """fp32 -> the fp32 value of the nearest bf16, ties to even (inf and NaN stay)."""
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        return bits.to(tl.float32, bitcast=True)
+    from networks.kernels.triton_common import round_to
 
     @triton.jit
     def _dequant_kernel(w_ptr, s_ptr, out_ptr, n, cols, HAS_SCALE: tl.constexpr, OUT: tl.constexpr,
                         BLOCK: tl.constexpr):  # fmt: skip
-        # OUT: 0 bf16, 1 fp16, 2 fp32 (the rounding of the scale and of the product follows it)
+        # OUT: index in ROUNDED (bf16, fp16, fp32): the rounding of the scale and of the product
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
         w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_SCALE:
             s = tl.load(s_ptr + offs // cols, mask=mask, other=1.0)
-            if OUT == 0:
-                w = _nearest_bf16(w * _nearest_bf16(s))
-            elif OUT == 1:
-                w = w * s.to(tl.float16).to(tl.float32)
-            else:
-                w = w * s
+            w = round_to(w * round_to(s, OUT), OUT)
         tl.store(out_ptr + offs, w.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-def available() -> bool:
-    return triton is not None and os.environ.get(ENV, "on") != "off"
 
 
 def usable(w8: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> bool:
     """Whether the CUDA path takes the kernel: a contiguous e4m3 weight on a GPU with native fp8
     conversions (compute capability 8.9+), an output dtype it covers, not while torch.compile traces
     (inductor fuses the cast itself), and not switched off by FP8_DEQUANT_KERNEL=off."""
-    if not (w8.is_cuda and available() and w8.dtype == torch.float8_e4m3fn and dtype in _OUT_DTYPES):
+    if not (w8.is_cuda and enabled(ENV) and w8.dtype == torch.float8_e4m3fn and dtype in ROUNDED):
         return False
     if not w8.is_contiguous() or (scale is not None and (scale.numel() != w8.shape[0] or not scale.is_cuda)):
-        return False
-    if torch.compiler.is_compiling():
         return False
     return torch.cuda.get_device_capability(w8.device) >= (8, 9)
 
@@ -76,8 +54,8 @@ def dequantize(w8: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype)
     Triton runs on (the CPU under TRITON_INTERPRET=1, for the tests)."""
     if triton is None:
         raise RuntimeError("fp8_dequant: Triton is not installed")
-    if dtype not in _OUT_DTYPES:
-        raise ValueError(f"fp8_dequant: output dtype {dtype} is not one of {_OUT_DTYPES}")
+    if dtype not in ROUNDED:
+        raise ValueError(f"fp8_dequant: output dtype {dtype} is not one of {ROUNDED}")
     w8 = w8.contiguous()
     out = torch.empty(w8.shape, dtype=dtype, device=w8.device)
     n = w8.numel()
@@ -86,6 +64,6 @@ def dequantize(w8: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype)
     cols = n // w8.shape[0]
     s = scale.reshape(-1).float().contiguous() if scale is not None else w8
     grid = (triton.cdiv(n, BLOCK),)
-    _dequant_kernel[grid](w8, s, out, n, cols, HAS_SCALE=scale is not None, OUT=_OUT_DTYPES.index(dtype),
+    _dequant_kernel[grid](w8, s, out, n, cols, HAS_SCALE=scale is not None, OUT=ROUNDED.index(dtype),
                           BLOCK=BLOCK, num_warps=8)  # fmt: skip
     return out

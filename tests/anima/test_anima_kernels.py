@@ -10,36 +10,21 @@ follows from that (`_gate_tolerance`) and to bitwise equality where every sum is
 
 from __future__ import annotations
 
-import importlib.util
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from library.anima import layers
 from library.anima.kernels import common, residual, rope
 from tests.helpers import anima_kernels_cases as cases
+from tests.helpers.triton_interpreter import HAS_TRITON, run_json
 
-ROOT = Path(__file__).resolve().parents[2]
-HAS_TRITON = importlib.util.find_spec("triton") is not None
 ON_GPU = torch.cuda.is_available() and HAS_TRITON and not common.interpreting()
 
 
 @pytest.fixture(scope="module")
 def interp() -> dict:
     """The JSON that `python -m tests.helpers.anima_kernels_cases` prints, run under the interpreter."""
-    if not HAS_TRITON:
-        pytest.skip("triton is not installed (CUDA builds of torch ship it; the torch path is tested alone)")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    env.pop("ANIMA_KERNELS", None)
-    done = subprocess.run([sys.executable, "-m", "tests.helpers.anima_kernels_cases"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_json("-m", "tests.helpers.anima_kernels_cases")
 
 
 def _failures(results: list[dict]) -> list[dict]:

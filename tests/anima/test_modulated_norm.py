@@ -19,13 +19,6 @@ not installed. On a GPU the same checks also run natively, at the real shape too
 
 from __future__ import annotations
 
-import importlib.util
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -34,6 +27,7 @@ from torch import nn
 from library.anima import model as anima_model
 from library.anima.kernels import modulated_norm as mn
 from library.anima.kernels.common import interpreting
+from networks.kernels.triton_common import enabled
 from tests.helpers import modulated_norm_cases as cases
 from tests.helpers.modulated_norm_cases import (
     EPS,
@@ -45,9 +39,8 @@ from tests.helpers.modulated_norm_cases import (
     torch_path,
     ulps,
 )
+from tests.helpers.triton_interpreter import HAS_TRITON, run_json
 
-ROOT = Path(__file__).resolve().parents[2]
-HAS_TRITON = importlib.util.find_spec("triton") is not None
 ON_GPU = torch.cuda.is_available() and HAS_TRITON and not interpreting()
 needs_cuda = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device and Triton (and no TRITON_INTERPRET)")
 
@@ -56,14 +49,7 @@ needs_cuda = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device and Trit
 @pytest.fixture(scope="module")
 def interp() -> dict:
     """{check: "ok" or its failure} from `python -m tests.helpers.modulated_norm_cases` in the interpreter."""
-    if not HAS_TRITON:
-        pytest.skip("triton is not installed (CUDA builds of torch ship it; the torch path is tested alone)")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    env.pop("ANIMA_KERNELS", None)
-    done = subprocess.run([sys.executable, "-m", "tests.helpers.modulated_norm_cases"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-4000:]
-    results = json.loads(done.stdout.strip().splitlines()[-1])
+    results = run_json("-m", "tests.helpers.modulated_norm_cases")
     assert list(results) == list(cases.all_checks())  # every check ran
     return results
 
@@ -130,9 +116,9 @@ def test_cpu_stays_on_the_torch_path(monkeypatch):
     ref = anima_model.modulate(norm(x), scale, shift)
     assert len(out) == 3 and all(o is out[0] for o in out) and torch.equal(out[0], ref)
     monkeypatch.setenv(mn.ENV, "off")
-    assert not mn.available()
+    assert not enabled(mn.ENV)
     monkeypatch.setenv(mn.ENV, "on")
-    assert mn.available() is (mn.triton is not None)
+    assert enabled(mn.ENV) is HAS_TRITON
 
 
 def test_attention_with_separate_kv_inputs_is_the_plain_call():

@@ -6,20 +6,12 @@ installed. On a GPU the same comparison runs natively."""
 
 from __future__ import annotations
 
-import importlib.util
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-import pytest
 import torch
 
 from networks import fp8
 from networks.kernels import fp8_dequant
-
-ROOT = Path(__file__).resolve().parents[2]
+from networks.kernels.triton_common import enabled
+from tests.helpers.triton_interpreter import HAS_TRITON, run_json
 
 CASES = r"""
 import json, torch
@@ -50,13 +42,8 @@ print(json.dumps(results))
 """
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 def test_kernel_equals_the_torch_upcast_bit_for_bit():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), *sys.path])}
-    proc = subprocess.run([sys.executable, "-c", CASES], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    results = run_json("-c", CASES)
     assert len(results) == 3 * 3 * 2
     bad = [r for r in results if not r["equal"]]
     assert not bad, bad
@@ -69,6 +56,6 @@ def test_the_torch_path_is_taken_off_the_gpu_and_when_switched_off(monkeypatch):
     out = fp8.dequantize(w8, scale, torch.bfloat16)
     assert torch.equal(out, w8.to(torch.bfloat16).mul_(scale.to(torch.bfloat16)))
     monkeypatch.setenv(fp8_dequant.ENV, "off")
-    assert not fp8_dequant.available()
+    assert not enabled(fp8_dequant.ENV)
     monkeypatch.setenv(fp8_dequant.ENV, "on")
-    assert fp8_dequant.available() is (importlib.util.find_spec("triton") is not None)
+    assert enabled(fp8_dequant.ENV) is HAS_TRITON

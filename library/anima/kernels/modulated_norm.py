@@ -17,44 +17,26 @@ are summed in fp32 there, as autograd sums the fp32 grads of separate casts. Bac
 
 Token sums are per-program partial rows summed by torch afterwards: deterministic, no atomics. The results
 equal torch's to fp32 rounding before the final rounding to half precision (docs/anima.md states which
-elements may differ). bf16 rounding is integer arithmetic, which Triton's CPU interpreter follows exactly.
+elements may differ). Roundings to half are `triton_common.round_to`'s.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-try:  # Triton ships with CUDA builds of torch; CPU-only installs may lack it
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised where triton is absent
-    triton = None
+from library.anima.kernels.common import DTYPES, ENV
+from networks.kernels.triton_common import enabled, triton
 
-ENV = "ANIMA_KERNELS"  # on (default where usable) | off: the torch path everywhere
-_HALF = (torch.bfloat16, torch.float16)
 _ROWS_PER_PROGRAM = 32  # backward: rows whose token sums one program accumulates
 
 if triton is not None:
+    import triton.language as tl
 
-    @triton.jit
-    def _nearest_bf16(x):
-        """fp32 -> the fp32 value of the nearest bf16, ties to even (inf and NaN stay)."""
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        return bits.to(tl.float32, bitcast=True)
-
-    @triton.jit
-    def _to_half(v, BF16: tl.constexpr):
-        """fp32 -> the fp32 value of the nearest half-precision number (bf16 or fp16), ties to even."""
-        if BF16:
-            return _nearest_bf16(v)
-        return v.to(tl.float16).to(tl.float32)
+    from networks.kernels.triton_common import round_to
 
     @triton.jit
     def _fwd_kernel(x_ptr, scale_ptr, shift_ptr, y_ptr, mean_ptr, rstd_ptr, L, D, sc_stride, sh_stride, eps,
-                    BF16: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
+                    DTYPE: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
         row = tl.program_id(0).to(tl.int64)
         b = row // L
         cols = tl.arange(0, BLOCK_D)
@@ -65,14 +47,14 @@ if triton is not None:
         rstd = 1.0 / tl.sqrt_rn(tl.sum(xc * xc, axis=0) / D + eps)
         scale = tl.load(scale_ptr + b * sc_stride + cols, mask=mask, other=0.0).to(tl.float32)
         shift = tl.load(shift_ptr + b * sh_stride + cols, mask=mask, other=0.0).to(tl.float32)
-        y = _to_half((xc * rstd) * _to_half(1.0 + scale, BF16) + shift, BF16)
+        y = round_to((xc * rstd) * round_to(1.0 + scale, DTYPE) + shift, DTYPE)
         tl.store(y_ptr + row * D + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
         tl.store(mean_ptr + row, mean)
         tl.store(rstd_ptr + row, rstd)
 
     @triton.jit
     def _bwd_kernel(x_ptr, scale_ptr, mean_ptr, rstd_ptr, g0_ptr, g1_ptr, g2_ptr, dx_ptr, dshift_ptr,
-                    dscale_ptr, L, D, s_stride, programs_per_batch, N: tl.constexpr, BF16: tl.constexpr,
+                    dscale_ptr, L, D, s_stride, programs_per_batch, N: tl.constexpr, DTYPE: tl.constexpr,
                     ROWS: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
         # One program: ROWS consecutive tokens of one batch element. N (1..3) grads are summed in fp32.
         pid = tl.program_id(0).to(tl.int64)
@@ -80,8 +62,8 @@ if triton is not None:
         first = (pid % programs_per_batch) * ROWS
         cols = tl.arange(0, BLOCK_D)
         mask = cols < D
-        scale1 = _to_half(1.0 + tl.load(scale_ptr + b * s_stride + cols, mask=mask, other=0.0).to(tl.float32),
-                          BF16)  # fmt: skip
+        scale1 = round_to(1.0 + tl.load(scale_ptr + b * s_stride + cols, mask=mask, other=0.0).to(tl.float32),
+                          DTYPE)  # fmt: skip
         acc_g = tl.zeros((BLOCK_D,), dtype=tl.float32)
         acc_gx = tl.zeros((BLOCK_D,), dtype=tl.float32)
         for i in range(ROWS):
@@ -101,7 +83,7 @@ if triton is not None:
             gh = g * scale1
             c_x = tl.sum(gh * xhat, axis=0) / D
             c_1 = tl.sum(gh, axis=0) / D
-            dx = _to_half(((gh - c_1) - xhat * c_x) * rstd, BF16)
+            dx = round_to(((gh - c_1) - xhat * c_x) * rstd, DTYPE)
             tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=m)
             acc_g += g
             acc_gx += g * xhat
@@ -115,22 +97,18 @@ def _launch_options(block_d: int) -> dict:
     return {"num_warps": max(1, min(8, block_d // 256)), "enable_fp_fusion": False}
 
 
-def available() -> bool:
-    return triton is not None and os.environ.get(ENV, "on") != "off"
-
-
 def usable(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, norm: torch.nn.LayerNorm) -> bool:
     """Whether `norm(x)·(1 + scale) + shift` takes the kernel: a CUDA (B, L, D) tensor under CUDA autocast
     whose dtype is autocast's half dtype (the case whose fp32 intermediates it removes; without autocast
     the maths stays torch's), scale and shift (B, 1, D) of that dtype, a LayerNorm without affine weights
     over D, Triton importable, not while torch.compile traces (inductor fuses these itself), and not
     switched off by ANIMA_KERNELS=off."""
-    if torch.compiler.is_compiling() or not x.is_cuda or not available():
+    if not x.is_cuda or not enabled(ENV):
         return False
     if not torch.is_autocast_enabled("cuda"):
         return False
     dtype = torch.get_autocast_dtype("cuda")
-    if dtype not in _HALF or not (x.dtype == scale.dtype == shift.dtype == dtype) or x.dim() != 3:
+    if dtype not in DTYPES or not (x.dtype == scale.dtype == shift.dtype == dtype) or x.dim() != 3:
         return False
     b, _, d = x.shape
     if norm.weight is not None or norm.bias is not None or tuple(norm.normalized_shape) != (d,):
@@ -156,7 +134,7 @@ class _ModulatedNorm(torch.autograd.Function):
         block_d = triton.next_power_of_2(d)
         if b * seq:
             _fwd_kernel[(b * seq,)](x, sc, sh, y, mean, rstd, seq, d, sc.stride(0), sh.stride(0), eps,
-                                    BF16=x.dtype == torch.bfloat16, BLOCK_D=block_d,
+                                    DTYPE=DTYPES.index(x.dtype), BLOCK_D=block_d,
                                     **_launch_options(block_d))  # fmt: skip
         ctx.save_for_backward(x, sc, mean, rstd)
         ctx.scale_meta = (scale.shape, scale.dtype)
@@ -183,7 +161,7 @@ class _ModulatedNorm(torch.autograd.Function):
         if b * per_batch:
             g = gs + [gs[0]] * (3 - len(gs))  # unused pointer slots (N says how many are read)
             _bwd_kernel[(b * per_batch,)](x, sc, mean, rstd, g[0], g[1], g[2], dx, dshift, dscale, seq, d,
-                                          sc.stride(0), per_batch, N=len(gs), BF16=x.dtype == torch.bfloat16,
+                                          sc.stride(0), per_batch, N=len(gs), DTYPE=DTYPES.index(x.dtype),
                                           ROWS=rows, BLOCK_D=block_d, **_launch_options(block_d))  # fmt: skip
 
         def token_sum(part: torch.Tensor, meta: tuple) -> torch.Tensor:
@@ -209,7 +187,7 @@ def modulated_layer_norm(
         raise RuntimeError("modulated_norm: Triton is not installed")
     if not 1 <= n <= 3:
         raise ValueError(f"modulated_norm: n (consumers) must be 1, 2 or 3, got {n}")
-    if x.dtype not in _HALF or scale.dtype != x.dtype or shift.dtype != x.dtype:
+    if x.dtype not in DTYPES or scale.dtype != x.dtype or shift.dtype != x.dtype:
         raise ValueError(f"modulated_norm: x, scale, shift must share one half dtype, got "
                          f"{x.dtype}, {scale.dtype}, {shift.dtype}")  # fmt: skip
     out = _ModulatedNorm.apply(x, scale, shift, float(eps), n)

@@ -21,7 +21,7 @@ from library.anima.kernels.common import DTYPES, triton
 if triton is not None:
     import triton.language as tl
 
-    from library.anima.kernels.common import round_to
+    from networks.kernels.triton_common import round_to
 
     @triton.jit
     def _residual_kernel(a_ptr, gate_ptr, out_ptr, y_ptr, part_ptr, L, D, sab, sal, sgb, sob, sol, syb,

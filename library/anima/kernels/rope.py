@@ -23,7 +23,7 @@ from library.anima.kernels.common import DTYPES, triton
 if triton is not None:
     import triton.language as tl
 
-    from library.anima.kernels.common import round_to
+    from networks.kernels.triton_common import round_to
 
     @triton.jit
     def _rope_kernel(x_ptr, cos_ptr, sin_ptr, y_ptr, rows, H, L, sxb, sxh, sxl, syb, syh, syl,
