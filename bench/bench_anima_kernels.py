@@ -17,35 +17,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cuda_timing import median_us  # noqa: E402
+
 from library.anima import layers  # noqa: E402
 from library.anima.kernels import common  # noqa: E402
 from library.anima.model import AnimaConfig, VideoRopePosition3DEmb  # noqa: E402
 
 BLOCKS = 28
-
-
-def timed(fn: Callable[[], object], iters: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1000)
-    return statistics.median(times)  # µs
 
 
 def path(on: bool) -> None:
@@ -140,7 +126,7 @@ def main() -> None:
         same = all(same_bits(a, b) for a, b in zip(*(o[:1] if attention else o for o in outs)))
         if not same:
             raise SystemExit("bench_anima_kernels: the RoPE kernel differs from the torch path (a bug)")
-        times = [[timed(lambda on=on, bw=bw, at=attention: rope_step(t, on, at, bw), args.iters, args.warmup)
+        times = [[median_us(lambda on=on, bw=bw, at=attention: rope_step(t, on, at, bw), args.iters, args.warmup)
                   for on in (True, False)] for bw in (False, True)]  # fmt: skip
         item = "rope_q_k+attention" if attention else "rope_q_k"
         report(
@@ -151,7 +137,7 @@ def main() -> None:
     same = same_bits(yk, yt) and same_bits(xk, xt) and same_bits(ok, ot)
     if not same:
         raise SystemExit("bench_anima_kernels: the gated residual kernel differs from the torch path (a bug)")
-    times = [[timed(lambda on=on, bw=bw: residual_step(t, on, bw), args.iters, args.warmup)
+    times = [[median_us(lambda on=on, bw=bw: residual_step(t, on, bw), args.iters, args.warmup)
               for on in (True, False)] for bw in (False, True)]  # fmt: skip
     report(f"gated_residual {args.dtype}", times[0], times[1], 3 * BLOCKS,
            {"bitwise_y_x_out": same, **gate_check(t, gk, gt)})  # fmt: skip

@@ -17,35 +17,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cuda_timing import median_us  # noqa: E402
+
 from library.anima.kernels import modulated_norm  # noqa: E402
 from library.anima.model import modulate, modulated_norm_inputs  # noqa: E402
 
 DTYPE = torch.bfloat16
-
-
-def timed(fn: Callable[[], object], iters: int) -> float:
-    """Median ms of fn over `iters` CUDA-event-timed calls, after three warm-up calls."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def compare(a: torch.Tensor, b: torch.Tensor) -> dict:
@@ -93,8 +78,8 @@ def bench_n(n: int, shape: tuple[int, int, int], iters: int) -> dict:
                 t.grad = None
             torch.autograd.backward(forward(), grads)
 
-        row[f"fwd_ms_{name}"] = round(timed(forward, iters), 4)
-        row[f"fwd_bwd_ms_{name}"] = round(timed(step, iters), 4)
+        row[f"fwd_ms_{name}"] = round(median_us(forward, iters) / 1000, 4)
+        row[f"fwd_bwd_ms_{name}"] = round(median_us(step, iters) / 1000, 4)
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
         ys = forward()

@@ -14,13 +14,15 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import statistics
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cuda_timing import median_us  # noqa: E402
+
 from networks.kernels import fp8_dequant  # noqa: E402
 
 
@@ -38,20 +40,6 @@ def layer_shapes(model: str) -> collections.Counter:
             net = Anima(AnimaConfig())
     kinds = (torch.nn.Linear, torch.nn.Conv2d)
     return collections.Counter(tuple(m.weight.shape) for m in net.modules() if isinstance(m, kinds))
-
-
-def timed(fn, iters: int) -> float:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1000)
-    return statistics.median(times)  # µs
 
 
 def main() -> None:
@@ -81,11 +69,11 @@ def main() -> None:
                     else w8.to(torch.bfloat16).mul_(scale.to(torch.bfloat16))
                 )
                 assert torch.equal(fp8_dequant.dequantize(w8, scale, torch.bfloat16), ref), (model, shape)
-                t_torch = timed(lambda w8=w8, s=scale: (w8.to(torch.bfloat16) if s is None
-                                                        else w8.to(torch.bfloat16).mul_(s.to(torch.bfloat16))),
-                                args.iters)  # fmt: skip
-                t_kernel = timed(
-                    lambda w8=w8, s=scale: fp8_dequant.dequantize(w8, s, torch.bfloat16), args.iters
+                t_torch = median_us(lambda w8=w8, s=scale: (w8.to(torch.bfloat16) if s is None
+                                                            else w8.to(torch.bfloat16).mul_(s.to(torch.bfloat16))),
+                                    args.iters, warmup=1)  # fmt: skip
+                t_kernel = median_us(
+                    lambda w8=w8, s=scale: fp8_dequant.dequantize(w8, s, torch.bfloat16), args.iters, warmup=1
                 )
                 tot_torch += t_torch * count
                 tot_kernel += t_kernel * count
