@@ -375,7 +375,9 @@ def markdown_summary(rows: list[dict]) -> str:
     by_key = {(r["model"], r["algo"], r["batch"], r["cache"], r["impl"], r["mode"], r.get("tag", "")): r
               for r in rows if r.get("ok")}  # fmt: skip
     for (model, algo, batch, cache, impl, _mode, _tag), r in by_key.items():
-        base = by_key.get((model, algo, batch, cache, "sd-scripts", "eager", ""))
+        base = by_key.get((model, algo, batch, cache, "sd-scripts", "eager", _tag)) or by_key.get(
+            (model, algo, batch, cache, "sd-scripts", "eager", "")
+        )
         if impl == "ours" and base and "steady_s_per_it" in r and "steady_s_per_it" in base:
             ratios.append(f"| {r['run']} | {r['steady_s_per_it'] / base['steady_s_per_it']:.2f} | "
                           f"{r['time_to_first_step_s'] / base['time_to_first_step_s']:.2f} |")  # fmt: skip

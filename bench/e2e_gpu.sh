@@ -8,6 +8,7 @@
 #   anima     Anima LoKr batch 2: ours eager + graph, sd-scripts eager
 #   anima_def Anima LoKr batch 2: ours graph step and graph + --torch_compile (ANIMA_MODES)
 #   b1        SDXL LoHa/LoKr (ALGOS) batch 1, 4 bucket shapes: ours default step (B1_MODES), sd-scripts eager
+#   ours      our runs only: MODELS (sdxl), ALGOS (lokr), BATCHES (SDXL, 4), MODES (graph); Anima batch 2
 #   gputests  the CUDA-only tests of the graph step and --torch_compile (pytest; skipped on the CPU CI)
 # Steady s/it leaves out the first WARMUP (8) of STEPS (16) steps: each bucket shape's first step runs
 # eagerly and its second captures the graph, so with 4 shapes the replays start by step 9.
@@ -44,6 +45,8 @@ for part in "$@"; do
     b1) $B --models sdxl --algos ${ALGOS:-loha,lokr} --batches 1 --modes ${B1_MODES:-default} --impl ours \
             --steps ${STEPS:-16} --budget_s ${B1_BUDGET:-150} && $B --models sdxl --algos ${ALGOS:-loha,lokr} --batches 1 \
             --modes eager --impl sd-scripts --steps ${STEPS:-16} --budget_s ${B1_BUDGET:-150} ;;
+    ours) $B --models ${MODELS:-sdxl} --algos ${ALGOS:-lokr} --batches ${BATCHES:-4} --anima_batches 2 \
+            --modes ${MODES:-graph} --impl ours --steps ${STEPS:-16} --budget_s ${BUDGET:-300} ;;
     gputests) python3 -m pytest -q -p no:cacheprovider tests/training/test_cuda_graph.py \
             tests/training/test_cuda_graph_fallback.py tests/training/test_step_mode.py \
             tests/training/test_train_compile.py ;;
