@@ -5,7 +5,8 @@ output and every grad (x, the factors, a trained σ; with rank dropout too) equa
 path (the fp8 layer's own forward, then the branch accumulated into it) and the explicit formula on the
 dequantized weight, to fp64 rounding; under bf16 autocast they match that path to bf16 rounding; the node
 saves the fp8 weight and no 16-bit copy of it, and no more than the `add_branch` path saves; the nodes refuse
-a scale beside a non-fp8 weight; `merged_forward` now also runs through the patched call of an fp8 layer.
+a scale beside a non-fp8 weight; `merged_forward` now also runs through the patched call of an fp8 layer;
+torch.compile traces the node on an fp8 base in one graph.
 """
 
 from __future__ import annotations
@@ -208,3 +209,20 @@ def test_merged_forward_runs_through_a_patched_fp8_layer(model, module) -> None:
     out = conv.org_module(xc)
     assert type(out.grad_fn).__name__ == ("ConvolutionBackward0" if module is loha else "AddBackward0")
     assert _rel_err(out, conv.add_branch(xc, original_forward(conv.org_module)(xc))) <= tol
+
+
+@pytest.mark.parametrize("module", [lora, lokr])
+def test_fused_fp8_node_traces_in_one_graph(model, module) -> None:
+    """torch.compile (aot_eager, fullgraph: no break at the (fp8, scale) pair) equals eager in fp64."""
+    net = _fp8_network(model, module, {"factor": "4"} if module is lokr else {}, True, torch.float64)
+    sub = next(a for a in net.unet_loras if not a.is_conv)
+    layer = sub.org_module
+    x = torch.randn(2, 3, sub.in_dim, dtype=torch.float64, requires_grad=True)
+    params = [x, *(p for p in sub.parameters() if p.requires_grad)]
+    eager = layer(x)
+    assert type(eager.grad_fn).__name__ in ("AdapterLinearBackward", "RebuildLinearBackward")
+    compiled = torch.compile(lambda t: layer(t), backend="aot_eager", fullgraph=True)(x)
+    g = torch.randn_like(eager)
+    assert _rel_err(compiled, eager) <= 1e-13
+    for a, b in zip(_grads(compiled, params, g), _grads(eager, params, g)):
+        assert _rel_err(a, b) <= 1e-12
