@@ -130,6 +130,13 @@ def _conv_forward(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return self._conv_forward(x.to(dtype), dequantized_weight(self, dtype), bias)
 
 
+def has_fp8_forward(module: nn.Module) -> bool:
+    """Whether the layer's own forward is the upcasting one `set_fp8_weight` installed: the class's maths on
+    the dequantized weight, so an adapter computing the whole layer (networks.paths) may stand in for it."""
+    forward = module.__dict__.get("forward")
+    return getattr(forward, "__func__", None) in (_linear_forward, _conv_forward)
+
+
 # ------------------------------------------------------------------------------------------- conversion
 def set_fp8_weight(module: nn.Module, w8: torch.Tensor, scale: torch.Tensor | None) -> None:
     """Store (w8, scale) as the layer's weight and route its forward through the upcasting one."""
