@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from networks.kernels import fp8_dequant
+
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
 SCALE_NAME = "scale_weight"
@@ -73,7 +75,10 @@ def quantize(
 
 
 def dequantize(w8: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """fp8 × scale in `dtype` (a fresh tensor: the scale multiplies it in place)."""
+    """fp8 × scale in `dtype` (a fresh tensor: the scale multiplies it in place). On GPUs with native fp8
+    conversions one Triton pass gives the same bits (`networks.kernels.fp8_dequant`)."""
+    if fp8_dequant.usable(w8, scale, dtype):
+        return fp8_dequant.dequantize(w8, scale, dtype)
     w = w8.to(dtype)
     return w if scale is None else w.mul_(scale.to(dtype))
 
@@ -123,6 +128,13 @@ def _conv_forward(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     dtype = forward_dtype(x)
     bias = None if self.bias is None else self.bias.to(dtype)
     return self._conv_forward(x.to(dtype), dequantized_weight(self, dtype), bias)
+
+
+def has_fp8_forward(module: nn.Module) -> bool:
+    """Whether the layer's own forward is the upcasting one `set_fp8_weight` installed: the class's maths on
+    the dequantized weight, so an adapter computing the whole layer (networks.paths) may stand in for it."""
+    forward = module.__dict__.get("forward")
+    return getattr(forward, "__func__", None) in (_linear_forward, _conv_forward)
 
 
 # ------------------------------------------------------------------------------------------- conversion

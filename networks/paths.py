@@ -9,8 +9,9 @@ they differ in speed and memory. The first row of `FORWARD_PATHS` whose conditio
 | `merged`      | the network arg `merged_forward`, the branch is active on the device, and the base   |
 |               | is a plain float Linear/Conv2d (fp8 takes part dequantized; LoRA: a frozen ≥ 16-bit  |
 |               | Linear only)                                                                         |
-| `fused_node`  | a Linear whose base is a frozen plain float nn.Linear of ≥ 16 bits, the branch is    |
-|               | active on the device and not factored, σ is not trained and no per-step mask applies |
+| `fused_node`  | a Linear whose base is a frozen plain nn.Linear with a float weight of ≥ 16 bits or  |
+|               | an fp8 one (networks/fp8.py), the branch is active on the device and not factored, σ |
+|               | is not trained and no per-step mask applies                                          |
 | `fused`       | the same, with a trained σ or a per-step mask: the node takes (down, masked right)   |
 | `add_branch`  | a Linear, active on the device and not factored: the base runs, the branch's last    |
 |               | GEMM accumulates into its output (addmm)                                             |
@@ -20,6 +21,10 @@ they differ in speed and memory. The first row of `FORWARD_PATHS` whose conditio
 layer called plainly (`layer_path`); with several adapters on a layer each takes `add_branch` or `branch`
 (`branch_path`). "Active on the device": enabled, m ≠ 0 and no dropout decided on the host per call
 (neuron dropout, module dropout not read from the per-step buffer) while training.
+
+An fp8 base enters the fused rows as its (fp8 weight, scale) pair: the node saves the fp8 weight and
+dequantizes it in forward for the base GEMM and again in backward for grad x, as fp8's own node does, so it
+keeps no 16-bit copy of W while x is read once and grad x is written once.
 
 Inside `branch` (and for `fused*`/`add_branch`, which need it unfactored) an algorithm with a factored form
 (the LoKr bypass on a Linear, LoHa's Khatri–Rao product) takes it when `factored(module, x)`: forced per
@@ -38,6 +43,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from networks import fp8
 from networks.functional.dispatch import MODES, choose_loha_path, choose_lokr_path
 
 POLICIES = ("auto", "rebuild", "bypass")
@@ -142,20 +148,33 @@ def step_masked(m: AdapterModule) -> bool:
 
 
 def _float16_or_wider(w: torch.Tensor) -> bool:
-    return w.dtype.is_floating_point and w.element_size() >= 2  # fp8 weights keep the plain path
+    return w.dtype.is_floating_point and w.element_size() >= 2
 
 
-def frozen_linear_base(m: AdapterModule) -> nn.Linear | None:
-    """The base layer when it is a plain nn.Linear with a frozen float weight (and bias) of 16 bits or more:
-    what the fused and merged nodes take over. None otherwise (convs, subclasses, trained bases, and fp8:
-    the fused node would keep a 16-bit copy of the weight for backward where fp8's own node keeps fp8)."""
+def _frozen_linear(m: AdapterModule) -> nn.Linear | None:
+    """The base layer when it is a plain nn.Linear whose weight (and bias) are frozen, else None (convs,
+    subclasses, trained bases)."""
     base = m.org_module
     if type(base) is not nn.Linear:
         return None
     w, b = base.weight, base.bias
-    if w.requires_grad or (b is not None and b.requires_grad):
+    return None if w.requires_grad or (b is not None and b.requires_grad) else base
+
+
+def frozen_linear_base(m: AdapterModule) -> nn.Linear | None:
+    """The frozen plain nn.Linear base when its weight is a float of 16 bits or more: what LoRA's merged node
+    takes over (it adds ΔW to W itself, so an fp8 weight is not for it). None otherwise."""
+    base = _frozen_linear(m)
+    return base if base is not None and _float16_or_wider(base.weight) else None
+
+
+def fused_linear_base(m: AdapterModule) -> nn.Linear | None:
+    """The frozen plain nn.Linear base the fused nodes take over: a float weight of 16 bits or more, or an
+    fp8 one, which the node keeps as fp8 and dequantizes in forward and backward (no 16-bit copy saved)."""
+    base = _frozen_linear(m)
+    if base is None or not (_float16_or_wider(base.weight) or fp8.is_fp8(base.weight)):
         return None
-    return base if _float16_or_wider(w) else None
+    return base
 
 
 def merged_applies(m: AdapterModule) -> bool:
@@ -178,7 +197,7 @@ def fusable(m: AdapterModule, x: torch.Tensor) -> bool:
 
 def fused_path(m: AdapterModule, x: torch.Tensor) -> str | None:
     """'fused_node' | 'fused' where the base and the branch can run as one autograd node, else None."""
-    if frozen_linear_base(m) is None or not fusable(m, x):
+    if fused_linear_base(m) is None or not fusable(m, x):
         return None
     # the node takes s as a Python float: a trained σ makes it a tensor, and the masks need the right factor
     return "fused_node" if m.scalar is None and not step_masked(m) else "fused"

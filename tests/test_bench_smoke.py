@@ -92,6 +92,22 @@ def test_path_bench_smoke():
     assert all(r["step_extra_ms"]["best"] <= r["step_extra_ms"]["model"] for r in totals)
 
 
+def test_fp8_fused_bench_smoke():
+    bench = _load("bench_fp8_fused")
+    rows = bench.main(
+        ["--device", "cpu", "--shapes", "tiny", "--rank", "4", "--iters", "1", "--repeats", "1"]
+    )
+    timed = [r for r in rows if "path" in r]
+    # per fp8 kind: the bare layer, then each algo on the old path and on the fused node
+    assert len(timed) == 2 * (1 + 3 * 2)
+    assert all("error" not in r and r["eager_ms"] > 0 for r in timed)
+    assert {r["forward_path"] for r in timed if r["path"] == "fused"} == {"fused_node"}
+    summary = [r for r in rows if "summary" in r]
+    assert {(r["fp8"], r["algo"]) for r in summary} == {
+        (k, a) for k in ("plain", "scaled") for a in ("lora", "lokr", "loha")
+    }
+
+
 def test_anima_fp8_bench_smoke(tmp_path):
     bench = _load("bench_anima_fp8")
     res = bench.main(["--smoke", "--algos", "lokr", "--out", str(tmp_path)])

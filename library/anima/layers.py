@@ -1,10 +1,13 @@
-"""Pieces both halves of the Anima model use: the two RMSNorm flavours and rotate-half RoPE."""
+"""Pieces both halves of the Anima model use: the two RMSNorm flavours, rotate-half RoPE and the gated
+residual (the last two through Triton kernels on CUDA, `library.anima.kernels`)."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from library.anima.kernels import common, residual, rope
 
 
 def _rms_normalise(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -48,5 +51,18 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: (B, heads, L, hd); cos/sin broadcastable (…, L, hd). Rotate-half pairing j with j + hd/2.
-    return x * cos + rotate_half(x) * sin
+    """x·cos + rotate_half(x)·sin with cos and sin cast to x's dtype; x (B, heads, L, hd), cos and sin
+    broadcastable (…, L, hd), j paired with j + hd/2. One Triton pass each way where the kernels apply
+    (`library.anima.kernels.common.usable`), bit for bit the torch path's result and grads."""
+    if common.usable(x) and rope.supports(x, cos, sin):
+        return rope.apply_rope(x, cos, sin)
+    return x * cos.to(x.dtype) + rotate_half(x) * sin.to(x.dtype)
+
+
+def gated_residual(x: torch.Tensor, gate: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """x + gate·out, gate (B, 1, D) over every token of x and out (B, L, D). One Triton pass each way
+    where the kernels apply: the result and the grads of x and out bit for bit the torch path's, gate's
+    grad within fp32 summation order (`library.anima.kernels.residual`)."""
+    if common.usable(x, gate, out) and residual.supports(x, gate, out):
+        return residual.gated_residual(x, gate, out)
+    return x + gate * out

@@ -18,7 +18,8 @@ from torch.utils.checkpoint import checkpoint
 # AnimaConfig, the config helpers and the adapter classes are re-exported: tests, bench and tools import
 # them from here
 from library.anima.config import AnimaConfig, anima_config_from_state_dict, tiny_anima_config
-from library.anima.layers import RMSNorm, apply_rope
+from library.anima.kernels import modulated_norm
+from library.anima.layers import RMSNorm, apply_rope, gated_residual
 from library.anima.llm_adapter import LLMAdapter, LLMAdapterTransformerBlock
 
 __all__ = [
@@ -165,15 +166,20 @@ class Attention(nn.Module):
         x: torch.Tensor,
         context: torch.Tensor | None = None,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        kv_inputs: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
+        """kv_inputs: the key and value projections' inputs as separate tensors (equal to context, or to x
+        for self-attention): the fused adaLN norm hands each projection its own output so that their
+        gradients reach it separately."""
         ctx = x if context is None else context
+        k_in, v_in = (ctx, ctx) if kv_inputs is None else kv_inputs
         b = x.shape[0]
         q = self.q_norm(self.q_proj(x).view(b, -1, self.heads, self.head_dim)).transpose(1, 2)
-        k = self.k_norm(self.k_proj(ctx).view(b, -1, self.heads, self.head_dim)).transpose(1, 2)
-        v = self.v_norm(self.v_proj(ctx).view(b, -1, self.heads, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(self.k_proj(k_in).view(b, -1, self.heads, self.head_dim)).transpose(1, 2)
+        v = self.v_norm(self.v_proj(v_in).view(b, -1, self.heads, self.head_dim)).transpose(1, 2)
         if rope is not None:
-            cos, sin = (r.to(q.dtype) for r in rope)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            # the fp32 table: the kernel rounds it to q's dtype as it reads it, the torch path casts
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         out = F.scaled_dot_product_attention(q, k, v)
         return self.output_proj(out.transpose(1, 2).reshape(b, -1, self.heads * self.head_dim))
 
@@ -196,6 +202,17 @@ def modulate(h: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch
     if h.dtype == torch.float32:
         return torch.addcmul(shift, h, 1 + scale)
     return h * (1 + scale) + shift
+
+
+def modulated_norm_inputs(
+    norm: nn.LayerNorm, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, n: int = 1
+) -> tuple[torch.Tensor, ...]:
+    """modulate(norm(x), scale, shift) for n consumers. Under CUDA autocast (see `modulated_norm.usable`)
+    one Triton pass yields the half-precision tensor each consumer's autocast cast would have made, one
+    output per consumer so their grads are summed in fp32 as before; otherwise the same tensor n times."""
+    if modulated_norm.usable(x, scale, shift, norm):
+        return modulated_norm.modulated_layer_norm(x, scale, shift, norm.eps, n)
+    return (modulate(norm(x), scale, shift),) * n
 
 
 def _adaln(dim: int, lora_dim: int, n: int) -> nn.Sequential:
@@ -233,11 +250,14 @@ class Block(nn.Module):
             return [m[:, None, :] for m in (seq(emb) + adaln_lora).chunk(3, dim=-1)]
 
         shift, scale, gate = mod(self.adaln_modulation_self_attn)
-        x = x + gate * self.self_attn(modulate(self.layer_norm_self_attn(x), scale, shift), rope=rope)
+        q_in, k_in, v_in = modulated_norm_inputs(self.layer_norm_self_attn, x, scale, shift, 3)
+        x = gated_residual(x, gate, self.self_attn(q_in, rope=rope, kv_inputs=(k_in, v_in)))
         shift, scale, gate = mod(self.adaln_modulation_cross_attn)
-        x = x + gate * self.cross_attn(modulate(self.layer_norm_cross_attn(x), scale, shift), context=context)
+        (h,) = modulated_norm_inputs(self.layer_norm_cross_attn, x, scale, shift)
+        x = gated_residual(x, gate, self.cross_attn(h, context=context))
         shift, scale, gate = mod(self.adaln_modulation_mlp)
-        return x + gate * self.mlp(modulate(self.layer_norm_mlp(x), scale, shift))
+        (h,) = modulated_norm_inputs(self.layer_norm_mlp, x, scale, shift)
+        return gated_residual(x, gate, self.mlp(h))
 
 
 class FinalLayer(nn.Module):
@@ -252,7 +272,8 @@ class FinalLayer(nn.Module):
     def forward(self, x: torch.Tensor, emb: torch.Tensor, adaln_lora: torch.Tensor) -> torch.Tensor:
         d = x.shape[-1]
         shift, scale = (self.adaln_modulation(emb) + adaln_lora[:, : 2 * d]).chunk(2, dim=-1)
-        return self.linear(modulate(self.layer_norm(x), scale[:, None], shift[:, None]))
+        (h,) = modulated_norm_inputs(self.layer_norm, x, scale[:, None], shift[:, None])
+        return self.linear(h)
 
 
 # ----------------------------------------------------------------------------------------------- root

@@ -13,6 +13,10 @@ dtype, with s folded into one of them, and the casts of their grads back run ins
 each autograd op costs host time (dispatch, an autograd node, a launch), and SDXL has ~800 adapted layers
 run twice a step under gradient checkpointing, so the branch is one node instead of five to twelve.
 Every term is the same product as in plain autograd, so results match it to rounding (fp64-exact).
+
+The base weight is a tensor in the compute dtype, or an fp8 base's (fp8 weight, scale or None) pair
+(networks/fp8.py): the node saves the fp8 weight and dequantizes it for the base GEMM in forward and again
+for grad x in backward, as fp8's own node does, so no 16-bit copy of W is kept between the two.
 """
 
 from __future__ import annotations
@@ -23,7 +27,25 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from networks import fp8
+
 Tensor = torch.Tensor
+# a frozen base weight as the nodes take it: a tensor in the compute dtype, or (fp8 weight, its scale or None)
+BaseWeight = Tensor | tuple[Tensor, Tensor | None]
+
+
+def split_base_weight(weight: BaseWeight, caller: str) -> tuple[Tensor, Tensor | None]:
+    """(weight, fp8 scale or None); a scale only comes with an fp8 weight."""
+    w, w_scale = weight if isinstance(weight, tuple) else (weight, None)
+    if w_scale is not None and not fp8.is_fp8(w):
+        raise ValueError(f"{caller}: a weight scale comes only with an fp8 weight, got a {w.dtype} weight")
+    return w, w_scale
+
+
+def base_weight(w: Tensor, w_scale: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """The base weight for one GEMM in `dtype`: an fp8 weight dequantized (a transient tensor, never saved),
+    any other as given (already in the compute dtype)."""
+    return fp8.dequantize(w, w_scale, dtype) if fp8.is_fp8(w) else w
 
 
 def cast_scaled(t: Tensor, dtype: torch.dtype, scale: float = 1.0) -> Tensor:
@@ -35,39 +57,40 @@ def cast_scaled(t: Tensor, dtype: torch.dtype, scale: float = 1.0) -> Tensor:
 
 
 class AdapterLinear(torch.autograd.Function):
-    """See the module docstring. x, weight and bias share one dtype (the caller casts); down and up may be in
-    another (they are cast inside, and their grads come back in it)."""
+    """See the module docstring. x, weight and bias share one dtype (the caller casts; an fp8 weight with its
+    scale `w_scale` is dequantized inside); down and up may be in another (they are cast inside, and their
+    grads come back in it)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, down, up, scale):  # type: ignore[override]
+    def forward(ctx, x, weight, w_scale, bias, down, up, scale):  # type: ignore[override]
         dtype = x.dtype
         ctx.down_dtype = None if down is None else down.dtype
         ctx.up_dtype = up.dtype
         ctx.scale = scale
         down_c = None if down is None else cast_scaled(down, dtype)
         up_c = cast_scaled(up, dtype, scale)  # s·U: s rides on the smallest tensor, in the cast kernel
-        y = F.linear(x, weight, bias)
+        y = F.linear(x, base_weight(weight, w_scale, dtype), bias)
         x2 = x.reshape(-1, x.shape[-1])
         left = x2 if down_c is None else x2 @ down_c.t()
         y.view(-1, y.shape[-1]).addmm_(left, up_c.t())
         ctx.x_shape = x.shape
         # L is x itself for a rebuilt ΔW; LoRA keeps its thin N×r product for grad up
-        ctx.save_for_backward(x2, weight, down_c, up_c, left if down_c is not None else None)
+        ctx.save_for_backward(x2, weight, w_scale, down_c, up_c, left if down_c is not None else None)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):  # type: ignore[override]
-        x2, weight, down_c, up_c, left = ctx.saved_tensors
+        x2, weight, w_scale, down_c, up_c, left = ctx.saved_tensors
         has_down = down_c is not None
         if left is None:
             left = x2
-        need_x, need_w, need_b, need_down, need_up, _ = ctx.needs_input_grad
+        need_x, need_w, _, need_b, need_down, need_up, _ = ctx.needs_input_grad
         g2 = grad_y.reshape(-1, grad_y.shape[-1])
         gx = gw = gb = gdown = gup = None
         # grad of L: g·(s·U) (N×r for LoRA); for a rebuilt ΔW it feeds grad x directly
         g_left = g2 @ up_c if has_down and (need_x or need_down) else None
         if need_x:
-            gx = g2 @ weight
+            gx = g2 @ base_weight(weight, w_scale, g2.dtype)
             if has_down:
                 gx.addmm_(g_left, down_c)
             else:
@@ -81,12 +104,12 @@ class AdapterLinear(torch.autograd.Function):
             gup = cast_scaled(g2.t() @ left, ctx.up_dtype, ctx.scale)
         if need_down:
             gdown = cast_scaled(g_left.t() @ x2, ctx.down_dtype)
-        return gx, gw, gb, gdown, gup, None
+        return gx, gw, None, gb, gdown, gup, None
 
 
 def adapter_linear(
     x: Tensor,
-    weight: Tensor,
+    weight: BaseWeight,
     bias: Tensor | None,
     down: Tensor | None,
     up: Tensor,
@@ -95,8 +118,10 @@ def adapter_linear(
     """x·Wᵀ + b + s·(x·Dᵀ)·Uᵀ, or x·Wᵀ + b + s·x·Uᵀ with `down` None; one autograd node.
 
     x (..., I), weight (O, I), bias (O,) or None, down (r, I) or None, up (O, r) or (O, I) without down.
-    x, weight and bias share the compute dtype; down and up may be fp32 parameters (cast inside).
+    x, weight and bias share the compute dtype (or weight is an fp8 (weight, scale or None) pair); down and up
+    may be fp32 parameters (cast inside).
     """
+    weight, w_scale = split_base_weight(weight, "adapter_linear")
     in_dim = weight.shape[1]
     inner = in_dim if down is None else down.shape[0]
     if (
@@ -111,7 +136,7 @@ def adapter_linear(
         )
     if not isinstance(scale, float):
         raise TypeError(f"adapter_linear: scale must be a Python float, got {type(scale).__name__}")
-    return AdapterLinear.apply(x, weight, bias, down, up, scale)
+    return AdapterLinear.apply(x, weight, w_scale, bias, down, up, scale)
 
 
 @dataclass(frozen=True)
@@ -137,7 +162,7 @@ class RebuildLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, rule, scale, *factors):  # type: ignore[override]
+    def forward(ctx, x, weight, w_scale, bias, rule, scale, *factors):  # type: ignore[override]
         dtype = x.dtype
         ctx.rule, ctx.scale = rule, scale
         ctx.factor_dtypes = [f.dtype for f in factors]
@@ -150,21 +175,21 @@ class RebuildLinear(torch.autograd.Function):
                 f"rebuild_linear: the {rule.name} factors give ΔW {tuple(delta.shape)}, the layer weight is "
                 f"{tuple(weight.shape)}"
             )
-        y = F.linear(x, weight, bias)
+        y = F.linear(x, base_weight(weight, w_scale, dtype), bias)
         x2 = x.reshape(-1, x.shape[-1])
         y.view(-1, y.shape[-1]).addmm_(x2, delta.t())
         ctx.x_shape = x.shape
-        ctx.save_for_backward(x2, weight, delta, *cast)
+        ctx.save_for_backward(x2, weight, w_scale, delta, *cast)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):  # type: ignore[override]
-        x2, weight, delta, *cast = ctx.saved_tensors
-        need_x, need_w, need_b, _, _, *need_f = ctx.needs_input_grad
+        x2, weight, w_scale, delta, *cast = ctx.saved_tensors
+        need_x, need_w, _, need_b, _, _, *need_f = ctx.needs_input_grad
         g2 = grad_y.reshape(-1, grad_y.shape[-1])
         gx = gw = gb = None
         if need_x:
-            gx = (g2 @ weight).addmm_(g2, delta).view(ctx.x_shape)
+            gx = (g2 @ base_weight(weight, w_scale, g2.dtype)).addmm_(g2, delta).view(ctx.x_shape)
         # grad W and grad ΔW are the same product gᵀ·x: formed once
         g_delta = g2.t() @ x2 if need_w or any(need_f) else None
         if need_w:
@@ -180,12 +205,12 @@ class RebuildLinear(torch.autograd.Function):
                 grads[i] = (
                     None if g is None else cast_scaled(g, dt, ctx.scale if i == rule.scaled_index else 1.0)
                 )
-        return (gx, gw, gb, None, None, *grads)
+        return (gx, gw, None, gb, None, None, *grads)
 
 
 def rebuild_linear(
     x: Tensor,
-    weight: Tensor,
+    weight: BaseWeight,
     bias: Tensor | None,
     rule: DeltaRule,
     scale: float,
@@ -193,11 +218,13 @@ def rebuild_linear(
 ) -> Tensor:
     """x·Wᵀ + b + x·ΔWᵀ, ΔW = rule.build(factors cast, s folded), as one autograd node with grads to the factors.
 
-    x, weight and bias share the compute dtype; the factors may be fp32 parameters (cast inside).
+    x, weight and bias share the compute dtype (or weight is an fp8 (weight, scale or None) pair); the factors
+    may be fp32 parameters (cast inside).
     """
+    weight, w_scale = split_base_weight(weight, "rebuild_linear")
     if not isinstance(scale, float):
         raise TypeError(f"rebuild_linear: scale must be a Python float, got {type(scale).__name__}")
-    return RebuildLinear.apply(x, weight, bias, rule, scale, *factors)
+    return RebuildLinear.apply(x, weight, w_scale, bias, rule, scale, *factors)
 
 
 class MergedLoRALinear(torch.autograd.Function):

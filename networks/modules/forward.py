@@ -12,8 +12,17 @@ from torch import nn
 
 from networks import fp8, paths
 from networks.functional.common import compute_dtype, conv_padded_input
-from networks.functional.fused_linear import adapter_linear
+from networks.functional.fused_linear import BaseWeight, adapter_linear
 from networks.modules.patching import is_patched, original_forward
+
+
+def node_weight(base: nn.Module, dtype: torch.dtype) -> BaseWeight:
+    """The base weight as a fused node takes it: an fp8 layer's (fp8 weight, scale or None), which the node
+    dequantizes in forward and backward (no 16-bit copy saved), else the weight in the compute dtype."""
+    w = base.weight
+    if fp8.is_fp8(w):
+        return w, fp8.layer_scale(base)
+    return w if w.dtype == dtype else w.to(dtype)
 
 
 class ForwardMixin:
@@ -68,7 +77,8 @@ class ForwardMixin:
     def _fused(self, x: torch.Tensor, raw_factors: bool) -> torch.Tensor:
         base = self.org_module
         dtype = compute_dtype(x)
-        x, w, b = (t if t is None or t.dtype == dtype else t.to(dtype) for t in (x, base.weight, base.bias))
+        x, b = (t if t is None or t.dtype == dtype else t.to(dtype) for t in (x, base.bias))
+        w = node_weight(base, dtype)
         scale = self.total_scale(self.multiplier)
         if raw_factors:
             return self.factor_node_output(x, w, b, scale)
@@ -76,7 +86,7 @@ class ForwardMixin:
         return adapter_linear(x, w, b, down, self.masked_right(right, paths.step_masked(self)))
 
     def factor_node_output(
-        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: float
+        self, x: torch.Tensor, weight: BaseWeight, bias: torch.Tensor | None, scale: float
     ) -> torch.Tensor:
         """The `fused_node` row: the layer as one node fed the raw factors and s (no mask to apply)."""
         raise NotImplementedError

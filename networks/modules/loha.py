@@ -14,7 +14,7 @@ from torch import nn
 
 from networks import paths
 from networks.functional import loha_delta_weight, loha_khatri_rao_conv, loha_khatri_rao_linear
-from networks.functional.fused_linear import rebuild_linear
+from networks.functional.fused_linear import BaseWeight, rebuild_linear
 from networks.functional.loha import LOHA_RULE
 from networks.modules.adapter import AdapterModule, dropout_kwargs
 from networks.modules.alpha import alpha_or_rank, file_alpha
@@ -167,7 +167,7 @@ class LoHaModule(AdapterModule):
         return loha_khatri_rao_linear(x, *w, scale)
 
     def factor_node_output(
-        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: float
+        self, x: torch.Tensor, weight: BaseWeight, bias: torch.Tensor | None, scale: float
     ) -> torch.Tensor:
         factors = (self.hada_w1_a, self.hada_w1_b, self.hada_w2_a, self.hada_w2_b)
         return rebuild_linear(x, weight, bias, LOHA_RULE, scale, factors)

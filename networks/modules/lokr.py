@@ -15,7 +15,7 @@ from torch import nn
 
 from networks import paths
 from networks.functional import factorization, lokr_bypass_linear, lokr_delta_weight, make_w1, make_w2
-from networks.functional.fused_linear import rebuild_linear
+from networks.functional.fused_linear import BaseWeight, rebuild_linear
 from networks.functional.lokr import LOKR_RULES
 from networks.modules.adapter import AdapterModule, dropout_kwargs, kaiming_
 from networks.modules.alpha import alpha_or_rank, file_alpha
@@ -342,7 +342,7 @@ class LoKrModule(AdapterModule):
         return super().branch(x, scale)
 
     def factor_node_output(
-        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: float
+        self, x: torch.Tensor, weight: BaseWeight, bias: torch.Tensor | None, scale: float
     ) -> torch.Tensor:
         rule, names = self._node_rule
         return rebuild_linear(x, weight, bias, rule, scale, [getattr(self, n) for n in names])

@@ -16,7 +16,7 @@ from torch import nn
 from networks import paths
 from networks.functional import apply_weight, lora_delta_weight
 from networks.functional.common import compute_dtype
-from networks.functional.fused_linear import adapter_linear, merged_lora_linear
+from networks.functional.fused_linear import BaseWeight, adapter_linear, merged_lora_linear
 from networks.modules.adapter import AdapterModule, dropout_kwargs, kaiming_
 from networks.modules.alpha import alpha_or_rank, file_alpha
 from networks.network_args import NetworkArgs
@@ -148,7 +148,7 @@ class LoRAModule(AdapterModule):
         return self.lora_down.weight, self.lora_up.weight * scale
 
     def factor_node_output(
-        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: float
+        self, x: torch.Tensor, weight: BaseWeight, bias: torch.Tensor | None, scale: float
     ) -> torch.Tensor:
         return adapter_linear(x, weight, bias, self.lora_down.weight, self.lora_up.weight, scale)
 

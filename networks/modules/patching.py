@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from networks.fp8 import has_fp8_forward
+
 AdapterModule = (
     Any  # an adapter: `layer_output(x)`, `add_branch(x, y)`, `lora_name` (networks.modules.adapter)
 )
@@ -34,8 +36,9 @@ def attach_adapter(leaf: nn.Module, adapter: AdapterModule) -> None:
         stack: list[AdapterModule] = []
         had_instance_forward = "forward" in leaf.__dict__
         orig = leaf.forward
-        # an instance-level forward set by someone else may do more than the class's: keep calling it
-        plain_forward = not had_instance_forward
+        # an instance-level forward set by someone else may do more than the class's: keep calling it; fp8's
+        # upcasting forward is the class's maths on the dequantized weight, which the adapter's nodes compute
+        plain_forward = not had_instance_forward or has_fp8_forward(leaf)
 
         def patched_forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
             if len(stack) == 1 and plain_forward and not args and not kwargs:

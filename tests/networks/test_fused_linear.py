@@ -33,7 +33,9 @@ def test_gradcheck_fp64(with_down: bool, with_bias: bool, scale: float) -> None:
     b = t(o) if with_bias else None
     down = t(r, i) if with_down else None
     up = t(o, r) if with_down else t(o, i)
-    assert torch.autograd.gradcheck(lambda *a: AdapterLinear.apply(*a, scale), (x, w, b, down, up))
+    assert torch.autograd.gradcheck(
+        lambda x, w, b, down, up: AdapterLinear.apply(x, w, None, b, down, up, scale), (x, w, b, down, up)
+    )
     # and the value is the plain formula
     ref = torch.nn.functional.linear(x, w, b) + scale * (x @ down.t() @ up.t() if with_down else x @ up.t())
     assert torch.allclose(adapter_linear(x, w, b, down, up, scale), ref, rtol=0, atol=1e-12)
@@ -74,7 +76,7 @@ def test_rebuild_gradcheck_fp64(algo: str, key, with_bias: bool) -> None:
     b = t(6) if with_bias else None
     scale = 0.6
     assert torch.autograd.gradcheck(
-        lambda x, w, b, *f: RebuildLinear.apply(x, w, b, rule, scale, *f), (x, w, b, *factors)
+        lambda x, w, b, *f: RebuildLinear.apply(x, w, None, b, rule, scale, *f), (x, w, b, *factors)
     )
     ref = torch.nn.functional.linear(x, w, b) + x @ _plain_delta(algo, key, factors, scale).t()
     assert torch.allclose(rebuild_linear(x, w, b, rule, scale, factors), ref, rtol=0, atol=1e-12)

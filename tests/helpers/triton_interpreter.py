@@ -1,0 +1,36 @@
+"""Running Triton kernels on the CPU for the tests: Triton's interpreter, in a child process.
+
+TRITON_INTERPRET=1 must be set before Triton is imported, and must not leak into the test session (the
+CUDA tests there run the kernels natively), so the cases run in a child that prints its results as one
+JSON line.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+SWITCHES = ("ANIMA_KERNELS", "FP8_DEQUANT_KERNEL")  # the kernels' own on/off variables: default (on) there
+
+
+def run_json(*args: str) -> object:
+    """`python *args` from the repository root under the interpreter: the JSON of its last stdout line.
+    Skips the calling test where Triton is not installed."""
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed (CUDA builds of torch ship it; the torch path is tested alone)")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *sys.path])  # the Triton this session found
+    for name in SWITCHES:
+        env.pop(name, None)
+    done = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
