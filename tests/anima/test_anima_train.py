@@ -333,3 +333,33 @@ def test_dit_streams_onto_the_device_only_after_caching(setup, tmp_path, monkeyp
     assert kinds == ["encode_latents", "encode_latents", "encode_text_for_cache", "dit"], kinds
     assert all(e[1] is None for e in events[:-1])  # no DiT anywhere while caching
     assert events[-1] == ("dit", torch.device("cpu"), torch.bfloat16, True)
+
+
+def test_cached_models_give_their_memory_back_when_nothing_samples(setup, tmp_path, monkeypatch):
+    """Without --sample_prompts, Qwen3 and the VAE are not used after caching: their weights leave the host
+    (meta device) before the network is built; the run trains and saves the same DiT keys."""
+    seen = {}
+    build = at.AnimaArchitecture.network_targets
+
+    def spy(self):
+        m = self.models
+        seen["devices"] = {p.device.type for mod in (m.text_encoder, m.vae) for p in mod.parameters()}
+        return build(self)
+
+    monkeypatch.setattr(at.AnimaArchitecture, "network_targets", spy)
+    flags = (
+        "--max_train_steps",
+        "1",
+        "--cache_latents",
+        "--cache_text_encoder_outputs",
+        "--network_train_unet_only",
+    )
+    out = trainer.main(_argv(setup, tmp_path / "out", "networks.lokr", *flags))
+    assert out is not None and _modules(out) == DIT_GOLDEN
+    assert seen["devices"] == {"meta"}
+    # only the latents cached: Qwen3 encodes every step, so it keeps its weights; the VAE does not
+    out = trainer.main(
+        _argv(setup, tmp_path / "out2", "networks.lokr", "--max_train_steps", "1", "--cache_latents")
+    )
+    assert out is not None
+    assert seen["devices"] == {"meta", "cpu"}
