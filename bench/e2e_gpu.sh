@@ -9,7 +9,8 @@
 #   anima_def Anima LoKr batch 2: ours graph step and graph + --torch_compile (ANIMA_MODES)
 #   b1        SDXL LoHa/LoKr (ALGOS) batch 1, 4 bucket shapes: ours default step (B1_MODES), sd-scripts eager
 #   ours      our runs only: MODELS (sdxl), ALGOS (lokr), BATCHES (SDXL, 4), MODES (graph); Anima batch 2
-#   gputests  the CUDA-only tests of the graph step and --torch_compile (pytest; skipped on the CPU CI)
+#   gputests  the CUDA-only tests of the graph step, --torch_compile and the Triton kernels (pytest; skipped
+#             on the CPU CI; about 4 minutes, give the call room)
 # Steady s/it leaves out the first WARMUP (8) of STEPS (16) steps: each bucket shape's first step runs
 # eagerly and its second captures the graph, so with 4 shapes the replays start by step 9.
 # SAMPLE_EVERY=N samples one 1024² prompt (20 steps) every N steps in every run (sampling at real size).
@@ -47,9 +48,10 @@ for part in "$@"; do
             --modes eager --impl sd-scripts --steps ${STEPS:-16} --budget_s ${B1_BUDGET:-150} ;;
     ours) $B --models ${MODELS:-sdxl} --algos ${ALGOS:-lokr} --batches ${BATCHES:-4} --anima_batches 2 \
             --modes ${MODES:-graph} --impl ours --steps ${STEPS:-16} --budget_s ${BUDGET:-300} ;;
-    gputests) python3 -m pytest -q -p no:cacheprovider tests/training/test_cuda_graph.py \
+    gputests) python3 -m pytest -q -rs -p no:cacheprovider tests/training/test_cuda_graph.py \
             tests/training/test_cuda_graph_fallback.py tests/training/test_step_mode.py \
-            tests/training/test_train_compile.py ;;
+            tests/training/test_train_compile.py tests/anima/test_anima_kernels.py tests/anima/test_modulated_norm.py \
+            tests/networks/test_fp8_dequant_kernel.py tests/networks/test_fused_fp8.py ;;
     *) echo "unknown part $part" >&2; exit 2 ;;
   esac 2>&1 | grep --line-buffered -v "it/s\]" | tee -a "$out/e2e_gpu.log"
   # after every part: a call cut off at its time limit still brings back the parts that finished
