@@ -151,30 +151,17 @@ def _float16_or_wider(w: torch.Tensor) -> bool:
     return w.dtype.is_floating_point and w.element_size() >= 2
 
 
-def _frozen_linear(m: AdapterModule) -> nn.Linear | None:
-    """The base layer when it is a plain nn.Linear whose weight (and bias) are frozen, else None (convs,
-    subclasses, trained bases)."""
+def frozen_linear_base(m: AdapterModule, fp8_ok: bool = False) -> nn.Linear | None:
+    """The base layer when it is a plain nn.Linear whose weight (and bias) are frozen and whose weight is a
+    float of 16 bits or more, or, with `fp8_ok`, an fp8 one (the fused nodes keep it as fp8 and dequantize
+    it in forward and backward; LoRA's merged node adds ΔW to W itself, so not for it). None otherwise."""
     base = m.org_module
     if type(base) is not nn.Linear:
         return None
     w, b = base.weight, base.bias
-    return None if w.requires_grad or (b is not None and b.requires_grad) else base
-
-
-def frozen_linear_base(m: AdapterModule) -> nn.Linear | None:
-    """The frozen plain nn.Linear base when its weight is a float of 16 bits or more: what LoRA's merged node
-    takes over (it adds ΔW to W itself, so an fp8 weight is not for it). None otherwise."""
-    base = _frozen_linear(m)
-    return base if base is not None and _float16_or_wider(base.weight) else None
-
-
-def fused_linear_base(m: AdapterModule) -> nn.Linear | None:
-    """The frozen plain nn.Linear base the fused nodes take over: a float weight of 16 bits or more, or an
-    fp8 one, which the node keeps as fp8 and dequantizes in forward and backward (no 16-bit copy saved)."""
-    base = _frozen_linear(m)
-    if base is None or not (_float16_or_wider(base.weight) or fp8.is_fp8(base.weight)):
+    if w.requires_grad or (b is not None and b.requires_grad):
         return None
-    return base
+    return base if _float16_or_wider(w) or (fp8_ok and fp8.is_fp8(w)) else None
 
 
 def merged_applies(m: AdapterModule) -> bool:
@@ -197,7 +184,7 @@ def fusable(m: AdapterModule, x: torch.Tensor) -> bool:
 
 def fused_path(m: AdapterModule, x: torch.Tensor) -> str | None:
     """'fused_node' | 'fused' where the base and the branch can run as one autograd node, else None."""
-    if fused_linear_base(m) is None or not fusable(m, x):
+    if frozen_linear_base(m, fp8_ok=True) is None or not fusable(m, x):
         return None
     # the node takes s as a Python float: a trained σ makes it a tensor, and the masks need the right factor
     return "fused_node" if m.scalar is None and not step_masked(m) else "fused"

@@ -52,8 +52,7 @@ class LLMAdapterAttention(nn.Module):
         q = self.q_norm(self.q_proj(x).view(b, -1, self.heads, self.head_dim)).transpose(1, 2)
         k = self.k_norm(self.k_proj(context).view(b, -1, self.heads, self.head_dim)).transpose(1, 2)
         v = self.v_proj(context).view(b, -1, self.heads, self.head_dim).transpose(1, 2)
-        q = apply_rope(q, rope_q[0].to(q.dtype), rope_q[1].to(q.dtype))
-        k = apply_rope(k, rope_k[0].to(k.dtype), rope_k[1].to(k.dtype))
+        q, k = apply_rope(q, *rope_q), apply_rope(k, *rope_k)  # apply_rope casts the table to q's dtype
         attn_mask = None if mask is None else mask.bool()[:, None, None, :]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         if attn_mask is not None:

@@ -31,7 +31,7 @@ from networks import fp8
 
 Tensor = torch.Tensor
 # a frozen base weight as the nodes take it: a tensor in the compute dtype, or (fp8 weight, its scale or None)
-BaseWeight = Tensor | tuple[Tensor, Tensor | None]
+BaseWeight = Tensor | fp8.Packed
 
 
 def split_base_weight(weight: BaseWeight, caller: str) -> tuple[Tensor, Tensor | None]:

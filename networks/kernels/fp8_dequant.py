@@ -13,6 +13,8 @@ bandwidth. The kernel reads each fp8 byte once and writes the result, with torch
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from networks.kernels.triton_common import ROUNDED, enabled, triton
@@ -38,6 +40,12 @@ if triton is not None:
         tl.store(out_ptr + offs, w.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@functools.cache
+def _native_fp8(device_index: int) -> bool:
+    """Compute capability 8.9+, asked once per device (dequantize runs ~2400 times a step)."""
+    return torch.cuda.get_device_capability(device_index) >= (8, 9)
+
+
 def usable(w8: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> bool:
     """Whether the CUDA path takes the kernel: a contiguous e4m3 weight on a GPU with native fp8
     conversions (compute capability 8.9+), an output dtype it covers, not while torch.compile traces
@@ -46,7 +54,7 @@ def usable(w8: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> 
         return False
     if not w8.is_contiguous() or (scale is not None and (scale.numel() != w8.shape[0] or not scale.is_cuda)):
         return False
-    return torch.cuda.get_device_capability(w8.device) >= (8, 9)
+    return _native_fp8(w8.device.index)
 
 
 def dequantize(w8: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:

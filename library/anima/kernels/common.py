@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import torch
 
-from networks.kernels.triton_common import enabled, interpreting, triton
+from networks.kernels.triton_common import ROUNDED, enabled, interpreting, triton
 
 __all__ = ["DTYPES", "ENV", "interpreting", "triton", "usable"]
 
 ENV = "ANIMA_KERNELS"  # on (default, CUDA tensors) | off: the torch path everywhere
-DTYPES = (torch.bfloat16, torch.float16)  # index = the kernels' DTYPE constexpr, as in round_to
+DTYPES = ROUNDED[:2]  # the half dtypes; index = the kernels' DTYPE constexpr, as in round_to
 
 
 # On an H100 (torch 2.11, Triton 3.6) the fp16 variants differed from torch's bits at the real shapes while
