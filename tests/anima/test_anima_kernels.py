@@ -16,9 +16,7 @@ import torch
 from library.anima import layers
 from library.anima.kernels import common, residual, rope
 from tests.helpers import anima_kernels_cases as cases
-from tests.helpers.triton_interpreter import HAS_TRITON, run_json
-
-ON_GPU = torch.cuda.is_available() and HAS_TRITON and not common.interpreting()
+from tests.helpers.triton_interpreter import HAS_TRITON, needs_gpu, run_json
 
 
 @pytest.fixture(scope="module")
@@ -100,9 +98,6 @@ def test_the_torch_path_is_the_formula_with_the_table_cast_to_x_dtype():
 
 
 # ----------------------------------------------------------------------------------------------- on a GPU
-needs_gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device and Triton (and no TRITON_INTERPRET)")
-
-
 @needs_gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16])
 def test_cuda_rope_at_the_real_shape(dtype):

@@ -26,7 +26,6 @@ from torch import nn
 
 from library.anima import model as anima_model
 from library.anima.kernels import modulated_norm as mn
-from library.anima.kernels.common import interpreting
 from networks.kernels.triton_common import enabled
 from tests.helpers import modulated_norm_cases as cases
 from tests.helpers.modulated_norm_cases import (
@@ -39,10 +38,7 @@ from tests.helpers.modulated_norm_cases import (
     torch_path,
     ulps,
 )
-from tests.helpers.triton_interpreter import HAS_TRITON, run_json
-
-ON_GPU = torch.cuda.is_available() and HAS_TRITON and not interpreting()
-needs_cuda = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device and Triton (and no TRITON_INTERPRET)")
+from tests.helpers.triton_interpreter import HAS_TRITON, needs_gpu, run_json
 
 
 # ----------------------------------------------------------------------------------------------- interpreter
@@ -131,18 +127,18 @@ def test_attention_with_separate_kv_inputs_is_the_plain_call():
 
 
 # ----------------------------------------------------------------------------------------------- CUDA only
-@needs_cuda
+@needs_gpu
 @pytest.mark.parametrize("case", cases.CASES, ids=[cases.case_id(*c) for c in cases.CASES])
 def test_cuda_kernel_and_torch_path_are_roundings_of_the_exact_result(case):
     cases.kernel_case(*case, "cuda")
 
 
-@needs_cuda
+@needs_gpu
 def test_cuda_unused_outputs_and_grads_not_needed():
     cases.unused_outputs_case("cuda")
 
 
-@needs_cuda
+@needs_gpu
 def test_cuda_block_with_the_kernel_forced_matches_the_torch_maths():
     cases.block_case("cuda")
 
@@ -166,7 +162,7 @@ def _model_path(norm: nn.LayerNorm):
     return fn
 
 
-@needs_cuda
+@needs_gpu
 @pytest.mark.parametrize("n", [3, 1])
 def test_real_shape_kernel_against_the_autocast_path(n):
     """B=2, L=4096, D=2048 under CUDA autocast: the model's kernel path against LayerNorm + modulate +
@@ -187,7 +183,7 @@ def test_real_shape_kernel_against_the_autocast_path(n):
         assert frac <= 64 * 2.0**-16, (name, frac)  # bf16: p = 8, as in the interpreter test
 
 
-@needs_cuda
+@needs_gpu
 def test_path_choice_on_cuda(monkeypatch):
     x, scale, shift, _ = inputs(2, 16, 64, 1, torch.bfloat16, "cuda")
     norm = nn.LayerNorm(64, elementwise_affine=False, eps=EPS).cuda()
@@ -205,7 +201,7 @@ def test_path_choice_on_cuda(monkeypatch):
         assert not mn.usable(x, scale, shift, norm)  # the linears would cast to fp16, not x's bf16
 
 
-@needs_cuda
+@needs_gpu
 def test_captured_in_a_cuda_graph():
     """Forward and backward replay from a CUDA graph (no host sync, torch allocations only) with the
     eager results, bit for bit."""

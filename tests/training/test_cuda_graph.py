@@ -18,16 +18,10 @@ from diffusers import UNet2DConditionModel
 from library.sdxl.config import tiny_sdxl_configs
 from library.training.cuda_graph import GraphedCall, GraphedUNet, enable_checkpointing_without_rng
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
-
-
-@pytest.fixture(autouse=True)
-def full_fp32():
-    """TF32 convs/matmuls round to 10 bits, and eager and capture may pick different algorithms."""
-    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+pytestmark = [
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device"),
+    pytest.mark.usefixtures("full_fp32"),  # tests/training/conftest.py
+]
 
 
 def _unet_and_network(algo: str, **net_args: str):

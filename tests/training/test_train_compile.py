@@ -48,14 +48,7 @@ def _reset_dynamo():
     torch._dynamo.reset()
 
 
-@pytest.fixture(autouse=True)
-def _full_fp32():
-    """On a GPU, cuDNN convs default to TF32 (10-bit mantissa) and eager and compiled or captured runs may
-    pick different algorithms: the weights then differ by ~1e-3, so every comparison here runs in fp32."""
-    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+pytestmark = pytest.mark.usefixtures("full_fp32")  # TF32 off (tests/training/conftest.py)
 
 
 def _assert_same_run(eager, compiled, out_e: Path, out_c: Path, zero_init: str) -> None:
