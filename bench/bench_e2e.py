@@ -374,11 +374,9 @@ def markdown_summary(rows: list[dict]) -> str:
     ratios = []
     by_key = {(r["model"], r["algo"], r["batch"], r["cache"], r["impl"], r["mode"], r.get("tag", "")): r
               for r in rows if r.get("ok")}  # fmt: skip
-    for (model, algo, batch, cache, impl, _mode, _tag), r in by_key.items():
-        base = by_key.get((model, algo, batch, cache, "sd-scripts", "eager", _tag)) or by_key.get(
-            (model, algo, batch, cache, "sd-scripts", "eager", "")
-        )
-        if impl == "ours" and base and "steady_s_per_it" in r and "steady_s_per_it" in base:
+    for key, r in by_key.items():
+        base = _baseline(by_key, key, "sd-scripts")
+        if key[4] == "ours" and base and "steady_s_per_it" in r and "steady_s_per_it" in base:
             ratios.append(f"| {r['run']} | {r['steady_s_per_it'] / base['steady_s_per_it']:.2f} | "
                           f"{r['time_to_first_step_s'] / base['time_to_first_step_s']:.2f} |")  # fmt: skip
     if ratios:
@@ -427,13 +425,18 @@ def loss_gap(a: list, b: list) -> dict:
     }
 
 
+def _baseline(by_key: dict, key: tuple, impl: str) -> dict | None:
+    """The eager run of `impl` with the same command as `key`: of the same tag, else the untagged one."""
+    model, algo, batch, cache, _impl, _mode, tag = key
+    same = (model, algo, batch, cache, impl, "eager")
+    return by_key.get((*same, tag)) or by_key.get((*same, ""))
+
+
 def compare_to_eager(by_key: dict) -> str:
     """Each of our non-eager runs against our eager run of the same command: losses and peak memory."""
     lines = []
     for (model, algo, batch, cache, impl, mode, tag), r in by_key.items():
-        base = by_key.get((model, algo, batch, cache, impl, "eager", tag)) or by_key.get(
-            (model, algo, batch, cache, impl, "eager", "")
-        )
+        base = _baseline(by_key, (model, algo, batch, cache, impl, mode, tag), impl)
         if impl != "ours" or mode == "eager" or not base:
             continue
         gap = loss_gap(r.get("losses", []), base.get("losses", []))
