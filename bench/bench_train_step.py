@@ -33,7 +33,9 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NETWORK_MODULES = {"lora": "networks.lora", "loha": "networks.loha", "lokr": "networks.lokr"}
@@ -193,37 +195,67 @@ def _build_sd_scripts_anima(args):
     return dit, call, 1024, 0
 
 
-def run_single(args: argparse.Namespace) -> dict:
-    import torch
+_FALSE = ("0", "false", "False")
 
-    variant = args.single
+
+@dataclass(frozen=True)
+class _Variant:
+    """One variant string parsed: model family, adapter algorithm, network args and the bench-only options."""
+
+    name: str
+    family: str
+    algo: str
+    net_kwargs: dict[str, str]
+    path: str | None
+    mode: str | None
+    compile_blocks: bool
+    compile_mode: str | None
+    graph: bool
+    gc_rng: bool
+    profile: bool
+
+    @property
+    def is_sd(self) -> bool:
+        return self.family in ("sd", "sdanima")
+
+    @property
+    def is_anima(self) -> bool:
+        return self.family in ("anima", "sdanima")
+
+
+def _parse_variant(variant: str, network_args: list[str]) -> _Variant:
     name, *opts = variant.split(":")
     family, _, algo = name.partition("-")
-    is_sd = family in ("sd", "sdanima")
-    is_anima = family in ("anima", "sdanima")
     if name == "floor":
         algo = ""
-    net_kwargs = _split_network_args(args.network_args)
+    net_kwargs = _split_network_args(network_args)
     net_kwargs.update(_split_network_args(opts))
-    path = net_kwargs.pop("path", None)
-    mode = net_kwargs.pop("mode", None)
-    compile_blocks = net_kwargs.pop("compile", "0") not in ("0", "false", "False")
-    compile_mode = net_kwargs.pop("cmode", None)
-    graph = net_kwargs.pop("graph", "0") not in ("0", "false", "False")
-    gc_rng = net_kwargs.pop("gcrng", "1") not in ("0", "false", "False")
-    profile = net_kwargs.pop("prof", "0") not in ("0", "false", "False")
-    device = torch.device(args.device)
-    dtype = _dtype(args.dtype)
-    torch.manual_seed(0)
+    # the bench-only options are popped so that the network never sees them
+    return _Variant(
+        name=variant,
+        family=family,
+        algo=algo,
+        path=net_kwargs.pop("path", None),
+        mode=net_kwargs.pop("mode", None),
+        compile_blocks=net_kwargs.pop("compile", "0") not in _FALSE,
+        compile_mode=net_kwargs.pop("cmode", None),
+        graph=net_kwargs.pop("graph", "0") not in _FALSE,
+        gc_rng=net_kwargs.pop("gcrng", "1") not in _FALSE,
+        profile=net_kwargs.pop("prof", "0") not in _FALSE,
+        net_kwargs=net_kwargs,
+    )
 
-    args.graph_capture = graph
+
+def _build_model(args: argparse.Namespace, v: _Variant, device, dtype):
+    """The frozen model on the device in training mode, with its gradient checkpointing."""
+    args.graph_capture = v.graph
     builders = {"sd": _build_sd_scripts_unet, "sdanima": _build_sd_scripts_anima, "anima": _build_anima}
-    builder = builders.get(family, _build_diffusers_unet)
+    builder = builders.get(v.family, _build_diffusers_unet)
     unet, call, ctx_dim, pooled_dim = builder(args)
     unet.requires_grad_(False)
     unet.to(device=device, dtype=dtype)
     if not args.no_gradient_checkpointing:
-        if gc_rng or is_sd:
+        if v.gc_rng or v.is_sd:
             unet.enable_gradient_checkpointing()
         else:  # gcrng=0: recompute without saving/restoring the RNG state (nothing random inside)
             sys.path.insert(0, str(REPO_ROOT))
@@ -231,43 +263,68 @@ def run_single(args: argparse.Namespace) -> dict:
 
             enable_checkpointing_without_rng(unet)
     unet.train()
+    return unet, call, ctx_dim, pooled_dim
 
-    network = None
-    n_modules = 0
-    params = []
-    if algo and algo != "floor":
-        module_name = (
-            "networks.lora_anima" if family == "sdanima" and algo == "lora" else NETWORK_MODULES[algo]
-        )
-        module = __import__(module_name, fromlist=["create_network"])
-        network = module.create_network(1.0, args.dim, args.alpha, None, [], unet, **net_kwargs)
-        if (path is not None or mode is not None) and hasattr(network, "set_path_policy"):
-            network.set_path_policy(path or "auto", mode or "eager")
-        network.apply_to([], unet, apply_text_encoder=False, apply_unet=True)
-        network.to(device)
-        if hasattr(network, "prepare_optimizer_params_with_multiple_te_lrs"):
-            groups = network.prepare_optimizer_params_with_multiple_te_lrs(None, 1e-4, 1e-4)
-        else:
-            groups = network.prepare_optimizer_params(None, 1e-4, 1e-4)
-        if isinstance(groups, tuple):
-            groups = groups[0]
-        params = [p for g in groups for p in g["params"]]
-        if hasattr(network, "prepare_grad_etc"):
-            network.prepare_grad_etc([], unet)
-        n_modules = sum(1 for _ in getattr(network, "unet_loras", [])) or sum(
-            1 for m in network.modules() if m is not network and hasattr(m, "multiplier")
-        )
-    optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
-    if compile_blocks:
-        # regional compile: one graph per distinct transformer-block shape, adapters traced inside
-        blocks = [m for m in unet.modules() if type(m).__name__ in ("BasicTransformerBlock", "Block")]
-        for blk in blocks:
-            blk.compile(fullgraph=True, **({"mode": compile_mode} if compile_mode else {}))
+
+def _build_network(args: argparse.Namespace, v: _Variant, unet, device):
+    """The variant's adapter network applied to `unet`: (network or None, trainable params, module count)."""
+    if not v.algo or v.algo == "floor":
+        return None, [], 0
+    module_name = (
+        "networks.lora_anima" if v.family == "sdanima" and v.algo == "lora" else NETWORK_MODULES[v.algo]
+    )
+    module = __import__(module_name, fromlist=["create_network"])
+    network = module.create_network(1.0, args.dim, args.alpha, None, [], unet, **v.net_kwargs)
+    if (v.path is not None or v.mode is not None) and hasattr(network, "set_path_policy"):
+        network.set_path_policy(v.path or "auto", v.mode or "eager")
+    network.apply_to([], unet, apply_text_encoder=False, apply_unet=True)
+    network.to(device)
+    if hasattr(network, "prepare_optimizer_params_with_multiple_te_lrs"):
+        groups = network.prepare_optimizer_params_with_multiple_te_lrs(None, 1e-4, 1e-4)
+    else:
+        groups = network.prepare_optimizer_params(None, 1e-4, 1e-4)
+    if isinstance(groups, tuple):
+        groups = groups[0]
+    params = [p for g in groups for p in g["params"]]
+    if hasattr(network, "prepare_grad_etc"):
+        network.prepare_grad_etc([], unet)
+    n_modules = sum(1 for _ in getattr(network, "unet_loras", [])) or sum(
+        1 for m in network.modules() if m is not network and hasattr(m, "multiplier")
+    )
+    return network, params, n_modules
+
+
+def _compile_blocks(unet, compile_mode: str | None) -> None:
+    # regional compile: one graph per distinct transformer-block shape, adapters traced inside
+    blocks = [m for m in unet.modules() if type(m).__name__ in ("BasicTransformerBlock", "Block")]
+    for blk in blocks:
+        blk.compile(fullgraph=True, **({"mode": compile_mode} if compile_mode else {}))
+
+
+@dataclass
+class _Inputs:
+    x0: Any
+    noise: Any
+    ctx: Any
+    pooled: Any
+    time_ids: Any
+    timesteps: Any
+
+    def model_args(self) -> tuple:
+        """In the order every builder's `call` takes them after the model."""
+        return self.x0, self.timesteps, self.ctx, self.pooled, self.time_ids
+
+
+def _make_inputs(
+    args: argparse.Namespace, is_anima: bool, ctx_dim: int, pooled_dim: int, device, dtype
+) -> _Inputs:
+    import torch
 
     latent = 2 if args.tiny else args.resolution // 8
     if is_anima:
         latent = 4 if args.tiny else args.resolution // 8
     b = args.batch
+    # drawn in a fixed order from one seeded CPU generator: the same inputs on every device
     gen = torch.Generator(device="cpu").manual_seed(0)
     ch, ctx_len = (16, 512) if is_anima else (4, 77)
     x0 = torch.randn(b, ch, latent, latent, generator=gen).to(device, dtype)
@@ -276,38 +333,53 @@ def run_single(args: argparse.Namespace) -> dict:
     pooled = torch.randn(b, max(pooled_dim, 1), generator=gen).to(device, dtype)
     time_ids = torch.tensor([[1024, 1024, 0, 0, 1024, 1024]] * b, dtype=dtype, device=device)
     timesteps = torch.randint(0, 1000, (b,), generator=gen).to(device)
-    if network is None:
-        x0.requires_grad_(True)
-    autocast = device.type == "cuda" and dtype != torch.float32
-    model_call = lambda *t: call(unet, *t)  # noqa: E731
-    if graph:  # forward and backward of the model replayed as CUDA graphs (the trainer's --cuda_graph)
-        model_call = _load_cuda_graph_module().GraphedCall(model_call, params)
+    return _Inputs(x0, noise, ctx, pooled, time_ids, timesteps)
+
+
+def _make_step(model_call, inputs: _Inputs, optimizer, graph: bool, device, dtype, autocast: bool):
+    """One training step (forward, loss, backward, optimizer step) and the device sync."""
+    import torch
 
     def step():
         with torch.autocast(device.type, dtype=dtype, enabled=autocast):
-            pred = model_call(x0, timesteps, ctx, pooled, time_ids)
-        loss = torch.nn.functional.mse_loss(pred.float(), noise.float())
+            pred = model_call(*inputs.model_args())
+        loss = torch.nn.functional.mse_loss(pred.float(), inputs.noise.float())
         loss.backward()
         if optimizer is not None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=not graph)
         else:
-            x0.grad = None
+            inputs.x0.grad = None
         return loss
 
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize()
 
+    return step, sync
+
+
+@dataclass
+class _Timing:
+    times: list[float]
+    warmup_s: float
+    loss: Any  # the last timed step's loss tensor
+    peak_gib: float | None
+    reserved_gib: float | None
+
+
+def _time_steps(step, sync, warmup: int, steps: int, device) -> _Timing:
+    import torch
+
     t_warm = time.perf_counter()
-    for _ in range(args.warmup):
+    for _ in range(warmup):
         step()
     sync()
     warmup_s = time.perf_counter() - t_warm
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()  # reserved memory cannot be reset: it includes the warm-up
     times = []
-    for _ in range(args.steps):
+    for _ in range(steps):
         t0 = time.perf_counter()
         loss = step()
         sync()
@@ -316,29 +388,65 @@ def run_single(args: argparse.Namespace) -> dict:
     # a replayed graph allocates nothing (its pool was filled at capture), so for graph=1 only the
     # reserved memory shows its activations; it is recorded for every variant to compare like with like
     reserved = torch.cuda.max_memory_reserved() / 2**30 if device.type == "cuda" else None
-    top_kernels = _profile_kernels(step, sync) if profile else None
-    fast = None  # our modules: how many took the bypass / Khatri–Rao path (networks.functional.dispatch)
-    if network is not None and not is_sd:
-        if compile_blocks:  # compiled modules choose without filling their cache: one eager pass fills it
-            with torch.compiler.set_stance("force_eager"), torch.no_grad():
-                with torch.autocast(device.type, dtype=dtype, enabled=autocast):
-                    call(unet, x0, timesteps, ctx, pooled, time_ids)
-        caches = [
-            m._path_cache for m in network.modules() if isinstance(getattr(m, "_path_cache", None), dict)
-        ]
-        fast = sum(1 for c in caches if any(c.values()))
+    return _Timing(times, warmup_s, loss, peak, reserved)
+
+
+def _count_fast_path_modules(network, v: _Variant, eager_forward) -> int:
+    """Our modules that took the bypass / Khatri–Rao path (networks.functional.dispatch)."""
+    import torch
+
+    if v.compile_blocks:  # compiled modules choose without filling their cache: one eager pass fills it
+        with torch.compiler.set_stance("force_eager"), torch.no_grad():
+            eager_forward()
+    caches = [m._path_cache for m in network.modules() if isinstance(getattr(m, "_path_cache", None), dict)]
+    return sum(1 for c in caches if any(c.values()))
+
+
+def run_single(args: argparse.Namespace) -> dict:
+    import torch
+
+    v = _parse_variant(args.single, args.network_args)
+    device = torch.device(args.device)
+    dtype = _dtype(args.dtype)
+    torch.manual_seed(0)  # before building: every run starts from the same random init
+
+    unet, call, ctx_dim, pooled_dim = _build_model(args, v, device, dtype)
+    network, params, n_modules = _build_network(args, v, unet, device)
+    optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
+    if v.compile_blocks:
+        _compile_blocks(unet, v.compile_mode)
+
+    inputs = _make_inputs(args, v.is_anima, ctx_dim, pooled_dim, device, dtype)
+    if network is None:  # the floor: something must need a gradient for the backward to run
+        inputs.x0.requires_grad_(True)
+    autocast = device.type == "cuda" and dtype != torch.float32
+    model_call = lambda *t: call(unet, *t)  # noqa: E731
+    if v.graph:  # forward and backward of the model replayed as CUDA graphs (the trainer's --cuda_graph)
+        model_call = _load_cuda_graph_module().GraphedCall(model_call, params)
+    step, sync = _make_step(model_call, inputs, optimizer, v.graph, device, dtype, autocast)
+
+    timing = _time_steps(step, sync, args.warmup, args.steps, device)
+    top_kernels = _profile_kernels(step, sync) if v.profile else None
+    fast = None
+    if network is not None and not v.is_sd:
+
+        def eager_forward():
+            with torch.autocast(device.type, dtype=dtype, enabled=autocast):
+                call(unet, *inputs.model_args())
+
+        fast = _count_fast_path_modules(network, v, eager_forward)
     return {
-        "variant": variant,
-        "median_s": statistics.median(times),
-        "min_s": min(times),
-        "peak_gib": peak,
-        "peak_reserved_gib": reserved,
+        "variant": v.name,
+        "median_s": statistics.median(timing.times),
+        "min_s": min(timing.times),
+        "peak_gib": timing.peak_gib,
+        "peak_reserved_gib": timing.reserved_gib,
         "trainable_params": sum(p.numel() for p in params),
         "modules": n_modules,
         "fast_path_modules": fast,
-        "loss": float(loss.detach().float().cpu()),
+        "loss": float(timing.loss.detach().float().cpu()),
         "steps": args.steps,
-        "warmup_s": round(warmup_s, 2),
+        "warmup_s": round(timing.warmup_s, 2),
         **({"top_kernels": top_kernels} if top_kernels is not None else {}),
     }
 
