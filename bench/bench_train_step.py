@@ -156,7 +156,7 @@ def _load_cuda_graph_module():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(
-        "lohakr_cuda_graph", REPO_ROOT / "library" / "cuda_graph.py"
+        "lohakr_cuda_graph", REPO_ROOT / "library" / "training" / "cuda_graph.py"
     )
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod  # dataclasses look their module up while the class is built
