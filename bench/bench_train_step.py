@@ -447,6 +447,7 @@ def run_single(args: argparse.Namespace) -> dict:
         "loss": float(timing.loss.detach().float().cpu()),
         "steps": args.steps,
         "warmup_s": round(timing.warmup_s, 2),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         **({"top_kernels": top_kernels} if top_kernels is not None else {}),
     }
 
