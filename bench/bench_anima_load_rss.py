@@ -6,10 +6,13 @@ Runs the trainer's own hooks in this fresh process: `load_models`, the moves `ca
 from bench/e2e_setup.py:
 
     python -c "import sys; sys.path[:0] = ['.', 'bench']; from pathlib import Path; from e2e_setup import write_anima; write_anima(Path('/tmp/anima_real'), 'real', 'cpu')"
-    python bench/bench_anima_load_rss.py --folder /tmp/anima_real [--no_fp8] [--meta_device]
+    python bench/bench_anima_load_rss.py --folder /tmp/anima_real [--no_fp8] [--meta_device] [--sample]
 
 The flags are the seed's: --mixed_precision bf16 --fp8_base --gradient_checkpointing --cache_latents
 --cache_text_encoder_outputs --network_train_unet_only (the device is accelerate's: CUDA when present).
+Qwen3 and the VAE go where the trainer puts them after caching: released (meta) without sample prompts,
+back to the host with --sample. The last phase, `give_back`, is what the trainer does before its first step
+(library/io/host_memory.py): the RSS "now" there is what the training steps start from.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import argparse
 import json
 import resource
 import sys
+import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -49,12 +53,15 @@ def main() -> None:
     p.add_argument("--no_fp8", action="store_true", help="leave --fp8_base out")
     p.add_argument("--meta_device", action="store_true",
                    help="the meta device stands in for the GPU (no CUDA here): what the host keeps when the "
-                        "DiT goes to the device; the cache moves are skipped (meta holds no values)")  # fmt: skip
+                        "DiT goes to the device; the moves to the device are skipped (meta holds no values)")  # fmt: skip
+    p.add_argument("--sample", action="store_true",
+                   help="pass --sample_prompts: Qwen3 and the VAE wait on the host for sampling")  # fmt: skip
     a = p.parse_args()
     import torch
 
     from anima_train_network import build_parser
     from library.anima.trainer import AnimaArchitecture
+    from library.io.host_memory import give_back_host_memory
     from library.training.architecture import RunContext
     from library.training.steps import dtypes, make_accelerator
 
@@ -64,6 +71,10 @@ def main() -> None:
             "/tmp/unused", "--mixed_precision", "bf16", "--gradient_checkpointing", "--cache_latents",
             "--cache_text_encoder_outputs", "--network_train_unet_only", "--network_module", "networks.lokr"]  # fmt: skip
     argv += [] if a.no_fp8 else ["--fp8_base"]
+    if a.sample:
+        prompts = Path(tempfile.mkdtemp()) / "prompts.txt"
+        prompts.write_text("a cat --w 1024 --h 1024\n")
+        argv += ["--sample_prompts", str(prompts)]
     args = build_parser().parse_args(argv)
     arch = AnimaArchitecture()
     arch.verify_args(args)
@@ -75,20 +86,25 @@ def main() -> None:
     arch.load_models(ctx)
     phases["load_models"] = {"peak": _peak_mib(), "now": _current_mib(), "s": time.perf_counter() - t0}
     m = arch.models
-    if not a.meta_device:  # what cache() does around the latent and text-encoder caching
+    park = arch._after_cache_device(args)  # what cache() does around the latent and text-encoder caching
+    if not a.meta_device:
         m.vae.to(ctx.device)
-        m.vae.to("cpu")
+    m.vae.to(park)
+    if not a.meta_device:
         m.text_encoder.to(ctx.device, weight_dtype)
-        m.text_encoder.to("cpu")
+    m.text_encoder.to(park)
     arch.text_cached = True
     phases["cache_moves"] = {"peak": _peak_mib(), "now": _current_mib()}
     arch.load_after_cache(ctx)  # the DiT, streamed onto the device once caching is done
     phases["load_dit"] = {"peak": _peak_mib(), "now": _current_mib(), "s": time.perf_counter() - t0}
     arch.prepare_models(ctx)
     phases["prepare_models"] = {"peak": _peak_mib(), "now": _current_mib(), "s": time.perf_counter() - t0}
+    give_back_host_memory("before the first step")
+    phases["give_back"] = {"peak": _peak_mib(), "now": _current_mib(), "s": time.perf_counter() - t0}
     info = {
         "device": str(ctx.device),
         "fp8_base": not a.no_fp8,
+        "sample_prompts": a.sample,
         "dit_dtypes": sorted({str(t.dtype) for t in m.dit.state_dict().values()}),
         "model_mib": {  # the tensors each model keeps, by device: what a CUDA run does not hold on the host
             name: _mib_by_device(model)

@@ -302,7 +302,7 @@ class AnimaArchitecture(TrainingArchitecture):
                 self.dataset, self.encode_latents, to_disk=bool(args.cache_latents_to_disk),
                 vae_batch_size=args.vae_batch_size or 1, suffix=LATENT_CACHE_SUFFIX, settings="anima-vae", **common,
             )  # fmt: skip
-            m.vae.to("cpu")
+            m.vae.to(self._after_cache_device(args))
         if args.cache_text_encoder_outputs:
             m.text_encoder.to(accelerator.device, ctx.weight_dtype)
             settings = f"anima-qwen3:{args.qwen3_max_token_length}:{args.t5_max_token_length}"
@@ -324,27 +324,23 @@ class AnimaArchitecture(TrainingArchitecture):
                 allow_caption_dropout=True, **common,
             )  # fmt: skip
             self.text_cached = True
-            m.text_encoder.to("cpu")  # not needed any more (TE LoRA is impossible with a cache)
-        if not args.sample_prompts:
-            self._release_cached_models(args)
+            # not needed any more for training (TE LoRA is impossible with a cache)
+            m.text_encoder.to(self._after_cache_device(args))
+        released = [
+            name for name, done in (("Qwen3", self.text_cached), ("the VAE", args.cache_latents)) if done
+        ]
+        if released and not args.sample_prompts:
+            logger.info("%s: not needed after caching without --sample_prompts, weights released",
+                        " and ".join(released))  # fmt: skip
         accelerator.wait_for_everyone()
 
-    def _release_cached_models(self, args: argparse.Namespace) -> None:
-        """With nothing to sample, Qwen3 is not used again once its outputs are cached, nor the VAE once the
-        latents are: their weights move to the meta device, which gives their host memory back (Qwen3-0.6B
-        about 1.2 GB in bf16, the VAE about 0.5 GB in fp32). The modules stay, for code that walks them."""
-        m, released = self.models, []
-        if self.text_cached:
-            m.text_encoder.to("meta")
-            released.append("Qwen3")
-        if args.cache_latents:
-            m.vae.to("meta")
-            released.append("the VAE")
-        if released:
-            logger.info(
-                "%s: not needed after caching without --sample_prompts, weights released",
-                " and ".join(released),
-            )
+    @staticmethod
+    def _after_cache_device(args: argparse.Namespace) -> str:
+        """Where Qwen3 / the VAE go once their outputs are cached: the host, to wait for sampling; with nothing
+        to sample, the meta device, which releases their weights (Qwen3-0.6B about 1.2 GB in bf16, the VAE
+        about 0.5 GB in fp32) straight from wherever they are, never copied back to the host first. The
+        modules stay, for code that walks them."""
+        return "cpu" if args.sample_prompts else "meta"
 
     def prepare_models(self, ctx: RunContext) -> None:
         m, args, device, weight_dtype = self.models, ctx.args, ctx.device, ctx.weight_dtype

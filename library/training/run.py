@@ -22,6 +22,7 @@ from accelerate.utils import set_seed
 from tqdm import tqdm
 
 from library.io.errors import InputError, TrainingInterrupted
+from library.io.host_memory import give_back_host_memory
 from library.training import saving
 from library.training.architecture import RunContext, TrainingArchitecture, compile_repeated_blocks
 from library.training.cuda_graph import enable_cuda_graph_training, graph_unsafe_dropout, host_side_dropout
@@ -78,6 +79,8 @@ class TrainingRun:
         self.prepare_saving()
         self.resume()
         self.start_logging()
+        # what loading, caching and the moves to the device freed leaves the process here, not at the C heap
+        give_back_host_memory("before the first step")
         self.run_epochs()
         return self.finish()
 
