@@ -9,6 +9,8 @@
 #   anima_def Anima LoKr batch 2: ours graph step and graph + --torch_compile (ANIMA_MODES)
 #   b1        SDXL LoHa/LoKr (ALGOS) batch 1, 4 bucket shapes: ours default step (B1_MODES), sd-scripts eager
 #   ours      our runs only: MODELS (sdxl), ALGOS (lokr), BATCHES (SDXL, 4), MODES (graph); Anima batch 2
+#   floors    issue 20: bench_train_step.py, each algorithm's graph-replayed step over its no-adapter floor
+#             (SDXL batch 4, Anima batch 2, 1024², bf16, no fp8; one process per variant; rows in $OUT/floors.jsonl)
 #   gputests  the CUDA-only tests of the graph step, --torch_compile and the Triton kernels (pytest; skipped
 #             on the CPU CI; about 4 minutes, give the call room)
 # Steady s/it leaves out the first WARMUP (8) of STEPS (16) steps: each bucket shape's first step runs
@@ -48,6 +50,11 @@ for part in "$@"; do
             --modes eager --impl sd-scripts --steps ${STEPS:-16} --budget_s ${B1_BUDGET:-150} ;;
     ours) $B --models ${MODELS:-sdxl} --algos ${ALGOS:-lokr} --batches ${BATCHES:-4} --anima_batches 2 \
             --modes ${MODES:-graph} --impl ours --steps ${STEPS:-16} --budget_s ${BUDGET:-300} ;;
+    floors) N=graph=1:gcrng=0:mode=graph
+            for run in "--variants floor:$N,ours-lora:$N,ours-lokr:$N,ours-loha:$N" \
+                "--batch 2 --variants anima-floor:$N,anima-lora:$N,anima-lokr:$N,anima-loha:$N"; do
+              python3 bench/bench_train_step.py --steps 8 --warmup 3 --variant_timeout 150 $run | grep "^{\|^SUMMARY" | tee -a "$out/floors.jsonl"
+            done ;;
     gputests) python3 -m pytest -q -rs -p no:cacheprovider tests/training/test_cuda_graph.py \
             tests/training/test_cuda_graph_fallback.py tests/training/test_step_mode.py \
             tests/training/test_train_compile.py tests/anima/test_anima_kernels.py tests/anima/test_modulated_norm.py \

@@ -48,6 +48,12 @@ def test_train_step_bench_smoke(capsys):
     assert "SUMMARY" in capsys.readouterr().out
 
 
+def test_train_step_bench_finds_the_graph_step():
+    """graph=1 loads the trainer's CUDA-graph module by path (it failed unnoticed after the module moved)."""
+    mod = _load("bench_train_step")._load_cuda_graph_module()
+    assert mod.GraphedCall.__name__ == "GraphedCall" and callable(mod.enable_cuda_graph_training)
+
+
 def test_layer_bench_smoke():
     layers = _load("bench_layers")
     rows = layers.main(["--device", "cpu", "--sizes", "40x24x16", "--iters", "1", "--no_graph"])
