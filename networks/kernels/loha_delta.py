@@ -121,7 +121,8 @@ if triton is not None:
     def _grads_kernel(g_ptr, sg0, sg1, a1_ptr, b1_ptr, a2_ptr, b2_ptr, pa1_ptr, pb1_ptr, pa2_ptr, pb2_ptr,
                       n_out, n_in, rank, NEED_A1: tl.constexpr, NEED_B1: tl.constexpr, NEED_A2: tl.constexpr,
                       NEED_B2: tl.constexpr, OUT: tl.constexpr, WIDEN: tl.constexpr, BO: tl.constexpr,
-                      BI: tl.constexpr, RP: tl.constexpr, CHUNK: tl.constexpr, SPLIT: tl.constexpr):  # fmt: skip
+                      BI: tl.constexpr, RP: tl.constexpr, CHUNK: tl.constexpr,
+                      SPLIT: tl.constexpr):  # fmt: skip
         # program (row block o, chunk c): rows o·BO.., tiles c·CHUNK.. along I
         pid_o = tl.program_id(0).to(tl.int64)
         pid_c = tl.program_id(1).to(tl.int64)
@@ -141,11 +142,11 @@ if triton is not None:
             b1 = _load_b(b1_ptr, rr, ri, rank, n_in)
             b2 = _load_b(b2_ptr, rr, ri, rank, n_in)
             if half1:  # M1 = G⊙P2
-                acc1 = _half_grads(g * _mm(a2, b2, WIDEN, ieee), a1, b1, acc1, pb1_ptr + pid_o * rank * n_in, rr,
-                                   ri, rank, n_in, NEED_A1, NEED_B1, OUT, WIDEN, SPLIT)  # fmt: skip
+                acc1 = _half_grads(g * _mm(a2, b2, WIDEN, ieee), a1, b1, acc1, pb1_ptr + pid_o * rank * n_in,
+                                   rr, ri, rank, n_in, NEED_A1, NEED_B1, OUT, WIDEN, SPLIT)  # fmt: skip
             if half2:  # M2 = G⊙P1
-                acc2 = _half_grads(g * _mm(a1, b1, WIDEN, ieee), a2, b2, acc2, pb2_ptr + pid_o * rank * n_in, rr,
-                                   ri, rank, n_in, NEED_A2, NEED_B2, OUT, WIDEN, SPLIT)  # fmt: skip
+                acc2 = _half_grads(g * _mm(a1, b1, WIDEN, ieee), a2, b2, acc2, pb2_ptr + pid_o * rank * n_in,
+                                   rr, ri, rank, n_in, NEED_A2, NEED_B2, OUT, WIDEN, SPLIT)  # fmt: skip
         amask = (ro[:, None] < n_out) & (rr[None, :] < rank)
         offs = pid_c * n_out * rank + ro[:, None] * rank + rr[None, :]
         if NEED_A1:

@@ -12,14 +12,13 @@ u·|ref|, u = 2⁻⁸ for bf16, 2⁻¹¹ for fp16) and no worse than torch's pat
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 
 import torch
 
 from networks.functional.loha import hada_delta, hada_grads
 from networks.kernels import loha_delta
+from networks.kernels.triton_common import switched_off
 
 UNIT = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}  # half the spacing of 1.0's neighbours
 FP32_TOL = 1e-5
@@ -29,18 +28,9 @@ EXCESS_FRACTION = 1 / 16
 NAMES = ("delta", "w1a", "w1b", "w2a", "w2b")
 
 
-@contextlib.contextmanager
 def torch_path():
     """LOHA_KERNEL=off for the block: hada_delta/hada_grads run today's torch code."""
-    old = os.environ.get(loha_delta.ENV)
-    os.environ[loha_delta.ENV] = "off"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(loha_delta.ENV)
-        else:
-            os.environ[loha_delta.ENV] = old
+    return switched_off(loha_delta.ENV)
 
 
 def inputs(o: int, i: int, r: int, dtype: torch.dtype, device: str, seed: int = 0) -> list[torch.Tensor]:
