@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cuda_timing import capture  # noqa: E402
 
 from networks.functional.loha import hada_delta, hada_grads  # noqa: E402
 from networks.kernels import loha_delta  # noqa: E402
@@ -71,15 +73,7 @@ class ColdTimer:
         self.flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
 
     def __call__(self, fn) -> float:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # compiles, autotunes cuBLAS, outside the capture
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
+        graph = capture(fn)
         times = []
         for _ in range(self.iters):
             self.flush.zero_()

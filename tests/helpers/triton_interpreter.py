@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -41,3 +42,21 @@ def run_json(*args: str) -> object:
                           timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def eager_and_replayed(
+    step: Callable[[], list[torch.Tensor]],
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """step's results run eagerly on a side stream (which compiles the kernels outside the capture, as the
+    trainers' warm-up does), and captured in a CUDA graph, replayed once."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        eager = step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    return eager, captured

@@ -19,7 +19,7 @@ from networks.functional.loha import LOHA_RULE, hada_delta, hada_grads
 from networks.kernels import loha_delta
 from networks.kernels.triton_common import interpreting
 from tests.helpers import loha_delta_cases as cases
-from tests.helpers.triton_interpreter import needs_gpu, run_json
+from tests.helpers.triton_interpreter import eager_and_replayed, needs_gpu, run_json
 
 
 @pytest.fixture(scope="module")
@@ -103,16 +103,7 @@ def test_cuda_rebuild_linear_replays_in_a_cuda_graph():
         y = rebuild_linear(x, weight, None, LOHA_RULE, 0.5, factors)
         return [y, *torch.autograd.grad(y, (x, *factors), gy)]
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        eager = step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step()
-    graph.replay()
-    torch.cuda.synchronize()
+    eager, captured = eager_and_replayed(step)
     assert all(torch.equal(a, b) for a, b in zip(captured, eager))
     with cases.torch_path():
         plain = step()
