@@ -77,8 +77,13 @@ def hada_grads(
 ) -> list[torch.Tensor | None]:
     """Grads of Σ grad⊙hada_delta(factors) to (w1a, w1b, w2a, w2b). The O×I products w1a@w1b and w2a@w2b are
     recomputed one at a time rather than saved, unless the caller already holds them (`products`). On CUDA,
-    without `products`, one Triton pass over `grad` gives all four where that kernel takes the factors."""
-    if products is None and loha_delta.usable(grad, factors):
+    without `products`, one Triton pass over `grad` gives all four where that kernel takes the factors and pays
+    (loha_delta.grads_pays: large layers)."""
+    if (
+        products is None
+        and loha_delta.usable(grad, factors)
+        and loha_delta.grads_pays(*grad.shape, grad.device.type)
+    ):
         return loha_delta.grads(grad, *factors, need)
     w1a, w1b, w2a, w2b = factors
     p1, p2 = products if products is not None else (None, None)

@@ -187,6 +187,18 @@ def usable(grad: torch.Tensor | None, factors: Sequence[torch.Tensor]) -> bool:
     return not (torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) != dtype)
 
 
+# From this many weights (O·I) up the grads pass beat torch's on an H100 (session 11, bf16, r 32: 1280×10240,
+# 8192×2048 and 2048×8192 were 3–17 % faster); at 640×640 … 2048×2048 and 1280×5120 it was 1–19 % slower,
+# its fp32 partials costing more than the passes it saves. The build pass was faster at every shape.
+GRADS_MIN_WEIGHTS = 1 << 23
+
+
+def grads_pays(out_dim: int, in_dim: int, device_type: str) -> bool:
+    """Whether hada_grads takes the grads kernel for an (out_dim, in_dim) ΔW: on CUDA from GRADS_MIN_WEIGHTS
+    weights up; always under the interpreter (the tests' CPU runs)."""
+    return device_type != "cuda" or out_dim * in_dim >= GRADS_MIN_WEIGHTS
+
+
 def _rank_block(r: int) -> int:
     """The rank padded to a power of two ≥ 16 (what tl.dot takes)."""
     return max(16, triton.next_power_of_2(r))

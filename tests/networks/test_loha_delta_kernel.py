@@ -111,3 +111,14 @@ def test_cuda_rebuild_linear_replays_in_a_cuda_graph():
         rel = ((k.float() - p.float()).abs().max() / p.float().abs().max()).item()
         # torch's path is within three bf16 roundings (P1, P2, product) of the exact value, the kernel's one
         assert rel < 4 * 2.0**-8, rel
+
+
+def test_the_grads_kernel_runs_only_where_it_measured_faster():
+    """On CUDA hada_grads takes the grads pass from GRADS_MIN_WEIGHTS weights up (the H100's measurement),
+    torch's GEMMs below; the interpreter (CPU) always takes it, so the tests exercise it at small shapes."""
+    assert not loha_delta.grads_pays(640, 640, "cuda")
+    assert not loha_delta.grads_pays(2048, 2048, "cuda")
+    assert not loha_delta.grads_pays(1280, 5120, "cuda")
+    assert loha_delta.grads_pays(10240, 1280, "cuda")
+    assert loha_delta.grads_pays(8192, 2048, "cuda") and loha_delta.grads_pays(2048, 8192, "cuda")
+    assert loha_delta.grads_pays(77, 130, "cpu")
