@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cuda_timing import capture  # noqa: E402
 
 from networks.functional import (  # noqa: E402
     HadaWeight,
@@ -127,15 +129,7 @@ def _time_eager(step: Callable[[], None], iters: int, device: torch.device, repe
 
 def _time_graph(step: Callable[[], None], iters: int, repeats: int = 1) -> float:
     """ms per replay of step captured as one CUDA graph (warmed up on a side stream first)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        step()
+    g = capture(step)
     g.replay()
     best = float("inf")
     for _ in range(repeats):

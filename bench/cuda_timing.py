@@ -22,3 +22,18 @@ def median_us(fn: Callable[[], object], iters: int, warmup: int = 3) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end) * 1000)
     return statistics.median(times)
+
+
+def capture(fn: Callable[[], object], warmup: int = 3) -> torch.cuda.CUDAGraph:
+    """fn captured as one CUDA graph, after `warmup` calls on a side stream (compiles kernels and sets up
+    cuBLAS outside the capture)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph

@@ -11,6 +11,9 @@
 #   ours      our runs only: MODELS (sdxl), ALGOS (lokr), BATCHES (SDXL, 4), MODES (graph); Anima batch 2
 #   floors    issue 20: bench_train_step.py, each algorithm's graph-replayed step over its no-adapter floor
 #             (SDXL batch 4, Anima batch 2, 1024², bf16, no fp8; one process per variant; rows in $OUT/floors.jsonl)
+#   loha      issue 20, this branch: the LoHa kernels' CUDA tests, bench_loha_delta.py (with --sweep of the
+#             tilings; $OUT/loha_delta.jsonl), then the LoHa graph step with LOHA_KERNEL=off and =on
+#             interleaved twice (rows in $OUT/loha_step.jsonl)
 #   gputests  the CUDA-only tests of the graph step, --torch_compile and the Triton kernels (pytest; skipped
 #             on the CPU CI; about 4 minutes, give the call room)
 # Steady s/it leaves out the first WARMUP (8) of STEPS (16) steps: each bucket shape's first step runs
@@ -55,6 +58,13 @@ for part in "$@"; do
                 "--batch 2 --variants anima-floor:$N,anima-lora:$N,anima-lokr:$N,anima-loha:$N"; do
               python3 bench/bench_train_step.py --steps 8 --warmup 3 --variant_timeout 150 $run | grep "^{\|^SUMMARY" | tee -a "$out/floors.jsonl"
             done ;;
+    loha) timeout 150 python3 -m pytest -q -p no:cacheprovider tests/networks/test_loha_delta_kernel.py
+          timeout 200 python3 bench/bench_loha_delta.py --sweep --out "$out/loha_delta.jsonl"
+          N=graph=1:gcrng=0:mode=graph
+          for k in off on off on; do
+            LOHA_KERNEL=$k python3 bench/bench_train_step.py --steps 8 --warmup 3 --variant_timeout 120 \
+              --variants ours-loha:$N | grep "^{" | sed "s/^{/{\"loha_kernel\": \"$k\", /" | tee -a "$out/loha_step.jsonl"
+          done ;;
     gputests) python3 -m pytest -q -rs -p no:cacheprovider tests/training/test_cuda_graph.py \
             tests/training/test_cuda_graph_fallback.py tests/training/test_step_mode.py \
             tests/training/test_train_compile.py tests/anima/test_anima_kernels.py tests/anima/test_modulated_norm.py \

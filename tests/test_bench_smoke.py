@@ -143,3 +143,14 @@ def test_comfy_interop_bad_checkout_is_one_line(tmp_path, capsys):
         f"comfy_interop.py: error: --comfy_path {tmp_path}: no comfy/lora.py and comfy/weight_adapter/ "
         "(expected a ComfyUI checkout)"
     ]
+
+
+def test_loha_delta_bench_smoke_under_the_interpreter():
+    from tests.helpers.triton_interpreter import run_json
+
+    row = run_json("bench/bench_loha_delta.py", "--smoke")
+    assert row["shape"] == "smoke_77x130"
+    # both paths against fp64 at bf16: the kernel rounds once, torch's path up to three times
+    assert row["err_build_kernel"] <= 2.0**-8
+    assert row["err_build_kernel"] < row["err_build_torch"] <= 3 * 2.0**-8
+    assert row["err_grads_kernel"] <= row["err_grads_torch"]

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from networks.kernels import loha_delta
+
 from .common import Scale, apply_weight, autocast_like_forward, save_autocast_state, scaled_grad
 from .fused_linear import DeltaRule
 
@@ -59,7 +61,10 @@ class HadaWeight(torch.autograd.Function):
 
 
 def hada_delta(factors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """(w1a@w1b) ⊙ (w2a@w2b), with any scale already folded into w1a."""
+    """(w1a@w1b) ⊙ (w2a@w2b), with any scale already folded into w1a. On CUDA one Triton pass writes it
+    (networks/kernels/loha_delta.py) where that kernel takes the factors."""
+    if loha_delta.usable(None, factors):
+        return loha_delta.build(*factors)
     w1a, w1b, w2a, w2b = factors
     return (w1a @ w1b) * (w2a @ w2b)
 
@@ -71,7 +76,15 @@ def hada_grads(
     products: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> list[torch.Tensor | None]:
     """Grads of Σ grad⊙hada_delta(factors) to (w1a, w1b, w2a, w2b). The O×I products w1a@w1b and w2a@w2b are
-    recomputed one at a time rather than saved, unless the caller already holds them (`products`)."""
+    recomputed one at a time rather than saved, unless the caller already holds them (`products`). On CUDA,
+    without `products`, one Triton pass over `grad` gives all four where that kernel takes the factors and pays
+    (loha_delta.grads_pays: large layers)."""
+    if (
+        products is None
+        and loha_delta.usable(grad, factors)
+        and loha_delta.grads_pays(*grad.shape, grad.device.type)
+    ):
+        return loha_delta.grads(grad, *factors, need)
     w1a, w1b, w2a, w2b = factors
     p1, p2 = products if products is not None else (None, None)
     out: list[torch.Tensor | None] = [None] * 4

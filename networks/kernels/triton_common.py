@@ -9,7 +9,9 @@ not; fp16 goes through Triton's cast, which rounds to nearest-even on both.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import torch
 
@@ -33,6 +35,20 @@ def enabled(env: str) -> bool:
     if triton is None or os.environ.get(env, "on") == "off":
         return False
     return not torch.compiler.is_compiling()
+
+
+@contextlib.contextmanager
+def switched_off(env: str) -> Iterator[None]:
+    """The kernel switch `env` set to off for the block (the tests' and benchmarks' torch path)."""
+    old = os.environ.get(env)
+    os.environ[env] = "off"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(env, None)
+        else:
+            os.environ[env] = old
 
 
 if triton is not None:

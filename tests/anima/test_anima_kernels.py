@@ -16,7 +16,7 @@ import torch
 from library.anima import layers
 from library.anima.kernels import common, residual, rope
 from tests.helpers import anima_kernels_cases as cases
-from tests.helpers.triton_interpreter import HAS_TRITON, needs_gpu, run_json
+from tests.helpers.triton_interpreter import HAS_TRITON, eager_and_replayed, needs_gpu, run_json
 
 
 @pytest.fixture(scope="module")
@@ -150,14 +150,5 @@ def test_cuda_kernels_replay_in_a_cuda_graph():
         r = layers.gated_residual(x, gate, out)
         return [y, r, *torch.autograd.grad((y, r), (q, x, gate, out), (gq, gr))]
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        eager = step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step()
-    graph.replay()
-    torch.cuda.synchronize()
+    eager, captured = eager_and_replayed(step)
     assert all(cases.same_bits(a, b) for a, b in zip(captured, eager))

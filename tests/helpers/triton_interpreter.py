@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,8 @@ from networks.kernels.triton_common import interpreting
 
 ROOT = Path(__file__).resolve().parents[2]
 HAS_TRITON = importlib.util.find_spec("triton") is not None
-SWITCHES = ("ANIMA_KERNELS", "FP8_DEQUANT_KERNEL")  # the kernels' own on/off variables: default (on) there
+# the kernels' own on/off variables: default (on) in the child
+SWITCHES = ("ANIMA_KERNELS", "FP8_DEQUANT_KERNEL", "LOHA_KERNEL")
 # the CUDA tests run the kernels natively: a GPU, Triton, and not the interpreter in this process
 ON_GPU = torch.cuda.is_available() and HAS_TRITON and not interpreting()
 needs_gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device and Triton (and no TRITON_INTERPRET)")
@@ -40,3 +42,21 @@ def run_json(*args: str) -> object:
                           timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def eager_and_replayed(
+    step: Callable[[], list[torch.Tensor]],
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """step's results run eagerly on a side stream (which compiles the kernels outside the capture, as the
+    trainers' warm-up does), and captured in a CUDA graph, replayed once."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        eager = step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    return eager, captured
