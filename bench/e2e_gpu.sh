@@ -11,7 +11,7 @@
 #   ours      our runs only: MODELS (sdxl), ALGOS (lokr), BATCHES (SDXL, 4), MODES (graph); Anima batch 2
 #   floors    issue 20: bench_train_step.py, each algorithm's graph-replayed step over its no-adapter floor
 #             (SDXL batch 4, Anima batch 2, 1024², bf16, no fp8; one process per variant; rows in $OUT/floors.jsonl)
-#   loha      issue 20, this branch: the LoHa kernels' CUDA tests, bench_loha_delta.py (with --sweep of the
+#   loha      issue 20: the LoHa kernels' CUDA tests, bench_loha_delta.py (with --sweep of the
 #             tilings; $OUT/loha_delta.jsonl), then the LoHa graph step with LOHA_KERNEL=off and =on
 #             interleaved twice (rows in $OUT/loha_step.jsonl)
 #   gputests  the CUDA-only tests of the graph step, --torch_compile and the Triton kernels (pytest; skipped
