@@ -68,7 +68,7 @@ for part in "$@"; do
     gputests) python3 -m pytest -q -rs -p no:cacheprovider tests/training/test_cuda_graph.py \
             tests/training/test_cuda_graph_fallback.py tests/training/test_step_mode.py \
             tests/training/test_train_compile.py tests/anima/test_anima_kernels.py tests/anima/test_modulated_norm.py \
-            tests/networks/test_fp8_dequant_kernel.py tests/networks/test_fused_fp8.py ;;
+            tests/networks/test_fp8_dequant_kernel.py tests/networks/test_fused_fp8.py tests/networks/test_loha_delta_kernel.py ;;
     *) echo "unknown part $part" >&2; exit 2 ;;
   esac 2>&1 | grep --line-buffered -v "it/s\]" | tee -a "$out/e2e_gpu.log"
   # after every part: a call cut off at its time limit still brings back the parts that finished
