@@ -227,6 +227,7 @@ def _wait(proc: subprocess.Popen, timeout: float) -> tuple[int | None, float]:
 CAPTURE_RE = re.compile(
     r"cuda graph: captured shape (?P<shape>.+?) in (?P<s>[\d.]+) s, reserved (?P<dres>[+-][\d.]+) GiB "
     r"\(now (?P<res>[\d.]+) GiB\), allocated peak (?P<peak>[\d.]+) GiB"
+    r"(?: \(entered with (?P<entry>[\d.]+) GiB allocated, peak before (?P<before>[\d.]+) GiB\))?"
 )
 
 
@@ -244,6 +245,11 @@ def parse_log(path: Path) -> dict:
             "reserved_delta_gib": float(m["dres"]),
             "reserved_gib": float(m["res"]),
             "peak_allocated_gib": float(m["peak"]),
+            **(
+                {"entry_allocated_gib": float(m["entry"]), "peak_before_gib": float(m["before"])}
+                if m["entry"]
+                else {}
+            ),
         }  # fmt: skip
         for m in CAPTURE_RE.finditer(text)
     ]
@@ -452,14 +458,22 @@ def compare_to_eager(by_key: dict) -> str:
 
 def capture_table(rows: list[dict]) -> str:
     """Capture time and memory per bucket shape, from our trainer's log."""
+
+    def entered(c: dict) -> str:  # logs before session 11 do not say what the capture entered with
+        return (
+            f"{c['entry_allocated_gib']:.2f} / {c['peak_before_gib']:.2f}"
+            if "entry_allocated_gib" in c
+            else "—"
+        )
+
     lines = [f"| {r['run']} | {c['shape']} | {c['capture_s']:.2f} | {c['reserved_delta_gib']:+.2f} | "
-             f"{c['reserved_gib']:.2f} | {c['peak_allocated_gib']:.2f} |"
+             f"{c['reserved_gib']:.2f} | {c['peak_allocated_gib']:.2f} | {entered(c)} |"
              for r in rows for c in r.get("captures", [])]  # fmt: skip
     if not lines:
         return ""
     return (
-        "\n| run | captured shape | capture s | reserved Δ GiB | reserved GiB | peak alloc GiB |\n"
-        "|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n"
+        "\n| run | captured shape | capture s | reserved Δ GiB | reserved GiB | peak alloc GiB "
+        "| allocated / peak on entry GiB |\n|---|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n"
     )
 
 

@@ -93,7 +93,7 @@ def test_e2e_log_parsing_and_eager_comparison(tmp_path):
         "allocated peak 8.12 GiB\n"
         "steps: 10%\n"
         "INFO cuda graph: captured shape 1x4x112x144 in 0.90 s, reserved -0.25 GiB (now 9.75 GiB), "
-        "allocated peak 8.01 GiB\n"
+        "allocated peak 8.01 GiB (entered with 6.50 GiB allocated, peak before 8.01 GiB)\n"
     )
     got = bench.parse_log(log)
     assert got["step_mode"] == "graph (default on CUDA; --no_cuda_graph turns it off)"
@@ -101,8 +101,11 @@ def test_e2e_log_parsing_and_eager_comparison(tmp_path):
         {"shape": "1x4x128x128", "capture_s": 3.25, "reserved_delta_gib": 1.5, "reserved_gib": 9.75,
          "peak_allocated_gib": 8.12},
         {"shape": "1x4x112x144", "capture_s": 0.9, "reserved_delta_gib": -0.25, "reserved_gib": 9.75,
-         "peak_allocated_gib": 8.01},
+         "peak_allocated_gib": 8.01, "entry_allocated_gib": 6.5, "peak_before_gib": 8.01},
     ]  # fmt: skip
+    table = bench.capture_table([{"run": "r", **got}])
+    assert "| r | 1x4x128x128 | 3.25 | +1.50 | 9.75 | 8.12 | — |" in table
+    assert "| r | 1x4x112x144 | 0.90 | -0.25 | 9.75 | 8.01 | 6.50 / 8.01 |" in table
     assert bench.parse_log(tmp_path / "missing.log") == {}
     # a None loss (a step the hook saw without a backward) is left out of the comparison
     gap = bench.loss_gap([0.5, 0.25, None, 0.1], [0.5, 0.2, 0.3, 0.125])

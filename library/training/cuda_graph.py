@@ -153,6 +153,9 @@ class GraphedCall:
         dev = inputs[0].device
         torch.cuda.synchronize(dev)
         reserved0, pool0 = torch.cuda.memory_reserved(dev), self._pool_bytes()
+        # what is live when the capture starts, and the run's peak so far: together they say whether the
+        # capture set the peak and how much of it it added on top of the live tensors
+        entry, peak0 = torch.cuda.memory_allocated(dev), torch.cuda.max_memory_allocated(dev)
         start = time.perf_counter()
         cap = self._capture(inputs)
         torch.cuda.synchronize(dev)
@@ -165,6 +168,8 @@ class GraphedCall:
             "reserved_bytes": reserved,
             "peak_allocated_bytes": torch.cuda.max_memory_allocated(dev),
             "allocated_bytes": torch.cuda.memory_allocated(dev),
+            "entry_allocated_bytes": entry,
+            "peak_before_bytes": peak0,
             "pool_delta_bytes": self._pool_bytes() - pool0,
         }
         self.capture_stats.append(stats)
@@ -296,6 +301,12 @@ def capture_log_line(stats: dict[str, Any]) -> str:
         f"cuda graph: captured shape {stats['shape']} in {stats['seconds']:.2f} s, "
         f"reserved {stats['reserved_delta_bytes'] / GIB:+.2f} GiB (now {stats['reserved_bytes'] / GIB:.2f} GiB), "
         f"allocated peak {stats['peak_allocated_bytes'] / GIB:.2f} GiB"
+        + (
+            f" (entered with {stats['entry_allocated_bytes'] / GIB:.2f} GiB allocated, "
+            f"peak before {stats['peak_before_bytes'] / GIB:.2f} GiB)"
+            if "entry_allocated_bytes" in stats
+            else ""
+        )
     )
 
 

@@ -196,6 +196,10 @@ def test_capture_log_line_format() -> None:
         "cuda graph: captured shape (2, 4, 128, 96) in 3.46 s, reserved +1.50 GiB (now 20.25 GiB), "
         "allocated peak 18.40 GiB"
     )
+    stats.update(entry_allocated_bytes=int(6.5 * gib), peak_before_bytes=int(7.25 * gib))
+    assert capture_log_line(stats).endswith(
+        "allocated peak 18.40 GiB (entered with 6.50 GiB allocated, peak before 7.25 GiB)"
+    )
 
 
 def test_one_step_mode_line_in_a_tiny_run(tiny, tmp_path, caplog) -> None:
