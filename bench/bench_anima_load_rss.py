@@ -28,16 +28,16 @@ from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from library.io.host_memory import give_back_host_memory, resident_bytes  # noqa: E402
+
 
 def _peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def _current_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    rss = resident_bytes()
+    return float("nan") if rss is None else rss / 2**20
 
 
 def _mib_by_device(model) -> dict[str, float]:
@@ -61,7 +61,6 @@ def main() -> None:
 
     from anima_train_network import build_parser
     from library.anima.trainer import AnimaArchitecture
-    from library.io.host_memory import give_back_host_memory
     from library.training.architecture import RunContext
     from library.training.steps import dtypes, make_accelerator
 

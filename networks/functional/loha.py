@@ -63,8 +63,9 @@ class HadaWeight(torch.autograd.Function):
 def hada_delta(factors: Sequence[torch.Tensor]) -> torch.Tensor:
     """(w1a@w1b) ⊙ (w2a@w2b), with any scale already folded into w1a. On CUDA one Triton pass writes it
     (networks/kernels/loha_delta.py) where that kernel takes the factors."""
-    if loha_delta.usable(None, factors):
-        return loha_delta.build(*factors)
+    delta = loha_delta.try_build(factors)
+    if delta is not None:
+        return delta
     w1a, w1b, w2a, w2b = factors
     return (w1a @ w1b) * (w2a @ w2b)
 
@@ -79,12 +80,9 @@ def hada_grads(
     recomputed one at a time rather than saved, unless the caller already holds them (`products`). On CUDA,
     without `products`, one Triton pass over `grad` gives all four where that kernel takes the factors and pays
     (loha_delta.grads_pays: large layers)."""
-    if (
-        products is None
-        and loha_delta.usable(grad, factors)
-        and loha_delta.grads_pays(*grad.shape, grad.device.type)
-    ):
-        return loha_delta.grads(grad, *factors, need)
+    kernel = loha_delta.try_grads(grad, factors, need) if products is None else None
+    if kernel is not None:
+        return kernel
     w1a, w1b, w2a, w2b = factors
     p1, p2 = products if products is not None else (None, None)
     out: list[torch.Tensor | None] = [None] * 4

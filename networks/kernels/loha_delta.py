@@ -241,7 +241,18 @@ def _checked(name: str, grad: torch.Tensor | None, factors: Sequence[torch.Tenso
 def build(w1a: torch.Tensor, w1b: torch.Tensor, w2a: torch.Tensor, w2b: torch.Tensor,
           tiles: Tiles | None = None) -> torch.Tensor:  # fmt: skip
     """(w1a·w1b) ⊙ (w2a·w2b) as (O, I) in the factors' dtype, rounded once."""
-    w1a, w1b, w2a, w2b = _checked("build", None, (w1a, w1b, w2a, w2b))
+    return _build(*_checked("build", None, (w1a, w1b, w2a, w2b)), tiles)
+
+
+def try_build(factors: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """The kernel's ΔW where `usable` takes the factors, else None (the caller runs torch's path); one check."""
+    if not usable(None, factors):
+        return None
+    return _build(*[f.contiguous() for f in factors])
+
+
+def _build(w1a: torch.Tensor, w1b: torch.Tensor, w2a: torch.Tensor, w2b: torch.Tensor,
+           tiles: Tiles | None = None) -> torch.Tensor:  # fmt: skip
     (o, r), i = w1a.shape, w1b.shape[1]
     out = torch.empty(o, i, dtype=w1a.dtype, device=w1a.device)
     if out.numel() == 0:
@@ -261,7 +272,21 @@ def _widen(t: torch.Tensor) -> bool:
 def grads(grad: torch.Tensor, w1a: torch.Tensor, w1b: torch.Tensor, w2a: torch.Tensor, w2b: torch.Tensor,
           need: Sequence[bool], tiles: Tiles | None = None) -> list[torch.Tensor | None]:  # fmt: skip
     """Grads of Σ grad⊙ΔW to (w1a, w1b, w2a, w2b) in their dtype, None where `need` is False."""
-    w1a, w1b, w2a, w2b = _checked("grads", grad, (w1a, w1b, w2a, w2b))
+    return _grads(grad, *_checked("grads", grad, (w1a, w1b, w2a, w2b)), need, tiles)
+
+
+def try_grads(
+    grad: torch.Tensor, factors: Sequence[torch.Tensor], need: Sequence[bool]
+) -> list[torch.Tensor | None] | None:
+    """The kernel's factor grads where `usable` takes the call and `grads_pays` for its size, else None (the
+    caller runs torch's path); one check."""
+    if not (usable(grad, factors) and grads_pays(*grad.shape, grad.device.type)):
+        return None
+    return _grads(grad, *[f.contiguous() for f in factors], need)
+
+
+def _grads(grad: torch.Tensor, w1a: torch.Tensor, w1b: torch.Tensor, w2a: torch.Tensor, w2b: torch.Tensor,
+           need: Sequence[bool], tiles: Tiles | None = None) -> list[torch.Tensor | None]:  # fmt: skip
     need = [bool(n) for n in need]
     (o, r), i = w1a.shape, w1b.shape[1]
     out: list[torch.Tensor | None] = [None] * 4
