@@ -215,6 +215,15 @@ def test_trainer_flat_update_matches_and_resumes_across_the_switch(tiny, tmp_pat
     from_off = _run(tiny, tmp_path / "r2", "--resume", str(tmp_path / "off" / "net-step00000002-state"))
     ref = load_file(str(off.final_path))
     assert any(v.abs().sum() > 0 for k, v in ref.items() if "lora_up" in k)  # trained
+    # On CPU every step is the same kernel sequence, so the runs agree bit for bit. On CUDA a resumed run's
+    # first step is eager where the uninterrupted run replays a graph, and cuBLAS may pick other algorithms
+    # there; an 8-bit state code flipped by such a rounding moves an update by ~1% of lr, hence lr / 10.
+    exact = not torch.cuda.is_available()
     for run in (flat, from_flat, from_off):
         got = load_file(str(run.final_path))
-        assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+        assert got.keys() == ref.keys()
+        for k in ref:
+            if exact:
+                assert torch.equal(got[k], ref[k]), k
+            else:
+                torch.testing.assert_close(got[k], ref[k], rtol=0, atol=1e-4, msg=k)
