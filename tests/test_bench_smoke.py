@@ -154,3 +154,12 @@ def test_loha_delta_bench_smoke_under_the_interpreter():
     assert row["err_build_kernel"] <= 2.0**-8
     assert row["err_build_kernel"] < row["err_build_torch"] <= 3 * 2.0**-8
     assert row["err_grads_kernel"] <= row["err_grads_torch"]
+
+
+def test_flat_8bit_bench_smoke():
+    bench = _load("bench_flat_8bit")
+    args = ["--device", "cpu", "--rank", "1", "--min_8bit_size", "256", "--tensors", "40", "--steps", "1"]
+    row = bench.run(bench._parse(args))
+    assert len(bench.loha_shapes(32)) == 2888  # 722 adapted Linears of the SDXL U-Net, four factors each
+    assert row["tensors"] == 40 and row["flat_launches"] == 1 and row["bitwise_equal"] is True, row
+    assert row["per_tensor_wall_ms"] > 0 and row["flat_wall_ms"] > 0

@@ -14,8 +14,10 @@ One capture per input signature (shapes, dtypes, autocast state, the caller's `s
 captures share one memory pool, which is safe because a forward replay is always followed by its own
 backward before the next forward (checked: a stale backward raises). Parameter grads go into persistent
 buffers that the backward graph accumulates into in place (one layer's grad alive at a time), so
-gradient accumulation works and `.grad` keeps one address; the optimizer's `zero_grad(set_to_none=False)` keeps that binding, and a `None` grad is
-re-bound (after zeroing) before the next backward.
+gradient accumulation works and `.grad` keeps one address (a grad already bound when the call is built,
+such as the flat 8-bit optimizer's views, becomes that buffer); the optimizer's
+`zero_grad(set_to_none=False)` keeps that binding, and a `None` grad is re-bound (after zeroing) before
+the next backward.
 
 The trainers capture a signature on its second call (`eager_calls=1`): its first call runs eagerly, so
 the first step does not wait for a capture and a bucket shape that comes only once is never captured.
@@ -89,7 +91,7 @@ class GraphedCall:
         self.captures: dict[Hashable, _Capture] = {}
         self.capture_stats: list[dict[str, Any]] = []  # one entry per capture (see _measured_capture)
         self._pool = None
-        self._grad_bufs = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.params]
+        self._grad_bufs = [_grad_buffer(p) for p in self.params]
         self._anchor = torch.zeros(0, requires_grad=True)  # gives the autograd node an input to hang on
         self._generation = 0
         self.replays = 0
@@ -290,6 +292,15 @@ class GraphedCall:
             p.grad = buf
         if to_zero:
             torch._foreach_zero_(to_zero)
+
+
+def _grad_buffer(p: torch.nn.Parameter) -> torch.Tensor:
+    """The persistent buffer `p`'s grad accumulates into: a grad already bound is kept as it is (the flat
+    8-bit optimizer binds views of its one flat grad buffer and updates from there), else zeros."""
+    g = p.grad
+    if g is not None and g.shape == p.shape and g.dtype == p.dtype and g.device == p.device:
+        return g
+    return torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
 GIB = 1024**3

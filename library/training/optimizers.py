@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
+from library.training import flat_8bit
 from library.training.args import parse_warmup_steps
 
 logger = logging.getLogger(__name__)
@@ -161,8 +162,11 @@ def build_optimizer(
             if args.lr_scheduler != "adafactor":
                 logger.warning("Adafactor with relative_step=True: --lr_scheduler is set to adafactor")
                 args.lr_scheduler = f"adafactor:{args.learning_rate}"
+    # bitsandbytes' optimizers get the flat update mixed in (laid out by flat_8bit.flatten_optimizer once
+    # the network is on its device); the description keeps bitsandbytes' class, as saved states record it
+    built = flat_8bit.flat_class(cls) if flat_8bit.switched_on() and flat_8bit.flat_capable(cls) else cls
     try:
-        optimizer = cls(params, lr=lr, **kwargs) if lr is not None else cls(params, **kwargs)
+        optimizer = built(params, lr=lr, **kwargs) if lr is not None else built(params, **kwargs)
     except TypeError as e:
         raise ValueError(
             f"--optimizer_args {args.optimizer_args}: not accepted by {cls.__name__} ({e})"

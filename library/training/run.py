@@ -26,6 +26,7 @@ from library.io.host_memory import give_back_host_memory
 from library.training import saving
 from library.training.architecture import RunContext, TrainingArchitecture, compile_repeated_blocks
 from library.training.cuda_graph import enable_cuda_graph_training, graph_unsafe_dropout, host_side_dropout
+from library.training.flat_8bit import flatten_optimizer
 from library.training.optimizers import build_optimizer, build_scheduler
 from library.training.state import check_resume_folder, load_resume_state, run_settings, save_training_state
 from library.training.step_mode import StepFacts, StepMode, decide_step_mode
@@ -247,6 +248,13 @@ class TrainingRun:
         if args.full_bf16:
             network.to(self.weight_dtype)
         network.to(acc.device)
+        # after the moves and casts above: the flat 8-bit layout makes the params views of one buffer
+        line = flatten_optimizer(
+            optimizer,
+            host_module_dropout=not self.ctx.graph_step and "module dropout" in host_side_dropout(network),
+        )
+        if line:
+            logger.info(line)
         if self.world > 1:  # identical start on every rank (the network is not DDP-wrapped: see sync_grads)
             for tensor in network.state_dict().values():
                 torch.distributed.broadcast(tensor.data, src=0)

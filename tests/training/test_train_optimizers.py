@@ -46,7 +46,9 @@ def test_optimizer_types_build_and_step(name, cls_name):
     params = _params()
     before = params[0].detach().clone()
     _, desc, opt = build_optimizer(args, [{"params": params, "lr": 1e-2}])
-    assert type(opt).__name__ == cls_name
+    # bitsandbytes' classes come with the flat 8-bit update mixed in (library/training/flat_8bit.py)
+    mro = [c.__name__ for c in type(opt).__mro__]
+    assert mro[0] == cls_name or mro[:3] == [f"Flat{cls_name}", "FlatBlockwise8bit", cls_name]
     assert desc.split("(")[0].endswith(cls_name)
     params[0].grad = torch.ones_like(params[0])
     opt.step()
