@@ -1,15 +1,19 @@
 """Host time of one bitsandbytes 8-bit optimizer step: its per-tensor loop against the flat update
-(library/training/flat_8bit.py), for the trainable tensors of an SDXL LoHa.
+(library/training/flat_8bit.py), for the trainable tensors of an SDXL LoHa or LoKr.
 
-The tensors are the LoHa factors of every adapted Linear of the SDXL U-Net (722 layers × 4 factors =
-2 888 tensors at rank `--rank`, shapes from bench_loha_delta.SHAPES); `--tensors N` keeps N of them,
-evenly spread over the list so the size mix stays. Both optimizers see the same grads every step (a grad
-set once, no backward: only the step is timed). Each row: ms per step measured on the host clock, with
-the device synchronised after each step (`wall_ms`) and without (`host_ms`: time until step() returns),
-median over `--steps`; after the timed steps the two runs' params are compared bitwise.
+`--network loha`: the LoHa factors of every adapted Linear of the SDXL U-Net (722 layers × 4 factors =
+2 888 tensors at rank `--rank`, shapes from bench_loha_delta.SHAPES). `--network lokr`: the trainable
+tensors of the real LoKr network (`networks.lokr`, dim `--rank`, default factor) built on the SDXL U-Net
+config on the meta device: 1 574 tensors at dim 32, 1 514 of them under bitsandbytes' default 8-bit
+minimum, so with 32-bit states. `--tensors N` keeps N of them, evenly spread over the list so the size
+mix stays. Both optimizers see the same grads every step (a grad set once, no backward: only the step is
+timed). Each row: ms per step measured on the host clock, with the device synchronised after each step
+(`wall_ms`) and without (`host_ms`: time until step() returns), median over `--steps`; after the timed
+steps the two runs' params are compared bitwise.
 
-GPU: python bench/bench_flat_8bit.py
+GPU: python bench/bench_flat_8bit.py [--network lokr]
 CPU: python bench/bench_flat_8bit.py --device cpu --rank 4 --min_8bit_size 1024 --tensors 722 --steps 5
+CPU, LoKr: python bench/bench_flat_8bit.py --device cpu --network lokr --steps 5
 """
 
 from __future__ import annotations
@@ -33,8 +37,9 @@ from library.training import flat_8bit  # noqa: E402
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--rank", type=int, default=32)
-    p.add_argument("--tensors", type=int, default=0, help="keep this many tensors (0: all 2 888)")
+    p.add_argument("--network", default="loha", choices=["loha", "lokr"])
+    p.add_argument("--rank", type=int, default=32, help="LoHa rank / LoKr network_dim")
+    p.add_argument("--tensors", type=int, default=0, help="keep this many tensors (0: all)")
     p.add_argument("--optimizer", default="AdamW8bit", choices=["AdamW8bit", "Lion8bit"])
     p.add_argument("--min_8bit_size", type=int, default=4096, help="bitsandbytes' 8-bit minimum")
     p.add_argument("--steps", type=int, default=20, help="timed steps (after 3 untimed)")
@@ -50,7 +55,20 @@ def loha_shapes(rank: int) -> list[tuple[int, int]]:
     return out
 
 
-def _keep(shapes: list[tuple[int, int]], n: int) -> list[tuple[int, int]]:
+def lokr_shapes(dim: int) -> list[tuple[int, ...]]:
+    """The trainable tensors of an SDXL LoKr (U-Net only, default factor), in the network's order."""
+    from diffusers import UNet2DConditionModel
+
+    from library.sdxl.config import SDXL_UNET_CONFIG
+    from networks import lokr
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SDXL_UNET_CONFIG)
+        net = lokr.create_network(1.0, dim, dim, None, None, unet)
+    return [tuple(p.shape) for p in net.parameters() if p.requires_grad]
+
+
+def _keep(shapes: list[tuple[int, ...]], n: int) -> list[tuple[int, ...]]:
     if not n or n >= len(shapes):
         return shapes
     return [shapes[round(k * (len(shapes) - 1) / max(n - 1, 1))] for k in range(n)]
@@ -76,14 +94,15 @@ def run(args: argparse.Namespace) -> dict:
     import bitsandbytes as bnb
 
     device = torch.device(args.device)
-    shapes = _keep(loha_shapes(args.rank), args.tensors)
+    shapes = _keep((lokr_shapes if args.network == "lokr" else loha_shapes)(args.rank), args.tensors)
     cls = getattr(bnb.optim, args.optimizer)
     gen = torch.Generator().manual_seed(0)
     init = [torch.randn(s, generator=gen) * 0.1 for s in shapes]
     grads = [torch.randn(s, generator=gen).to(device) for s in shapes]
     row: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                 "optimizer": args.optimizer, "rank": args.rank, "tensors": len(shapes),
-                 "elements": sum(t.numel() for t in init), "min_8bit_size": args.min_8bit_size}  # fmt: skip
+                 "network": args.network, "optimizer": args.optimizer, "rank": args.rank, "tensors": len(shapes),
+                 "elements": sum(t.numel() for t in init), "min_8bit_size": args.min_8bit_size,
+                 "tensors_32bit": sum(t.numel() < args.min_8bit_size for t in init)}  # fmt: skip
     params = {}
     for kind, build in (("per_tensor", cls), ("flat", flat_8bit.flat_class(cls))):
         ps = [torch.nn.Parameter(t.clone().to(device)) for t in init]

@@ -163,3 +163,7 @@ def test_flat_8bit_bench_smoke():
     assert len(bench.loha_shapes(32)) == 2888  # 722 adapted Linears of the SDXL U-Net, four factors each
     assert row["tensors"] == 40 and row["flat_launches"] == 1 and row["bitwise_equal"] is True, row
     assert row["per_tensor_wall_ms"] > 0 and row["flat_wall_ms"] > 0
+    lokr = ["--device", "cpu", "--network", "lokr", "--tensors", "80", "--steps", "1"]
+    assert len(bench.lokr_shapes(32)) == 1574  # 592 full-W2 modules × 2 tensors + 130 low-rank × 3
+    row = bench.run(bench._parse(lokr))  # a mix of 8-bit and (under min_8bit_size) 32-bit states
+    assert 0 < row["tensors_32bit"] < 80 and row["flat_launches"] == 2 and row["bitwise_equal"] is True, row

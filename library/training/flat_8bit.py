@@ -1,20 +1,23 @@
-"""One bitsandbytes 8-bit optimizer launch per parameter group instead of one per tensor.
+"""One bitsandbytes optimizer launch per parameter group and state kind instead of one per tensor.
 
 bitsandbytes' 8-bit optimizers update each trainable tensor in a Python loop: a launch (and a device
-sync) plus ~0.1 ms of host time per tensor, 2 888 of them for an SDXL LoHa. Their blockwise update treats
-blocks of `BLOCK` elements independently: each block has its own absmax, every block reads the same
-quantization map, step count and hyperparameters. So the tensors of a group, laid in one flat buffer with
-each tensor starting at a multiple of `BLOCK` (zero padding between them), get bit for bit the per-tensor
-update from one call of the functional update over the buffer.
+sync) plus ~0.1 ms of host time per tensor, 2 888 of them for an SDXL LoHa, 1 574 for an SDXL LoKr (most
+of them under its 8-bit minimum, `min_8bit_size`, so with 32-bit states). Its blockwise 8-bit update
+treats blocks of `BLOCK` elements independently (each block its own absmax, every block the same
+quantization map, step count and hyperparameters), and its 32-bit update is elementwise. So the tensors
+of a group with one kind of state, laid in one flat buffer (8-bit: each starting at a multiple of
+`BLOCK`, zero padding between; 32-bit: back to back), get bit for bit the per-tensor update from one call
+of the functional update over the buffer (library/training/flat_layout.py).
 
 The parameters stay the network's own `nn.Parameter` leaves: their `.data` and their `.grad` become views
 of the flat buffers (a backward accumulates into an existing grad in place, so the views hold). The
 optimizer's state keeps bitsandbytes' per-tensor entries (views into the flat states), and `state_dict`
 writes them as bitsandbytes would, so a state saved by either optimizer loads into the other.
 
-What stays on bitsandbytes' own loop: tensors under its 8-bit minimum (`min_8bit_size`, 32-bit states),
-tensors with a per-parameter config override, and whole optimizers with per-tensor options (paged,
-`max_unorm`, `skip_zeros`) or another update than adam / lion / momentum. `FLAT_8BIT=off` turns it off.
+What stays on bitsandbytes' own loop: tensors with a per-parameter config override, a group's only
+tensor of its kind, and whole optimizers with per-tensor options (paged, `max_unorm`, `skip_zeros`) or
+another update than adam / lion / momentum. `FLAT_8BIT=off` turns it off. Optimizers that keep 32-bit
+states throughout (`optim_bits=32`) get 32-bit buffers only.
 
 A tensor whose forward did not reach it gets no grad, and bitsandbytes then skips it; the flat update does
 the same for tensors that got no grad before its first step (found by grad hooks: the grads are views of
@@ -28,18 +31,29 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
+
+from library.training import flat_layout as lay
+from library.training.flat_layout import Flat, Member
 
 logger = logging.getLogger(__name__)
 
 ENV = "FLAT_8BIT"  # on (default where it applies) | off: bitsandbytes' per-tensor loop
-BLOCK = 256  # elements per absmax block of bitsandbytes' blockwise 8-bit update (checked at attach)
-FLAT_UPDATES = ("adam", "lion", "momentum")  # elementwise within a block, 1-D states
+FLAT_UPDATES = ("adam", "lion", "momentum")  # elementwise (within a block when 8-bit), 1-D states
 QUANT_KEYS = ("state1", "state2", "absmax1", "absmax2")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class Layout(NamedTuple):
+    """What `attach_flat` laid out: tensors and buffers of each state kind, tensors left to the loop."""
+
+    tensors8: int
+    buffers8: int
+    tensors32: int
+    buffers32: int
+    rest: int
 
 
 def switched_on() -> bool:
@@ -54,7 +68,7 @@ def _bnb_bases() -> tuple[type, type]:
 
 
 def flat_capable(cls: type) -> bool:
-    """`cls` is a bitsandbytes one- or two-state optimizer (whether it runs 8-bit is known once built)."""
+    """`cls` is a bitsandbytes one- or two-state optimizer (8-bit or 32-bit states)."""
     try:
         bases = _bnb_bases()
     except ImportError:
@@ -68,120 +82,13 @@ def flat_class(cls: type) -> type:
     return type(f"Flat{cls.__name__}", (FlatBlockwise8bit, cls), {"__module__": __name__})
 
 
-def _padded(n: int) -> int:
-    return -(-n // BLOCK) * BLOCK
-
-
-def _zero_code(qmap: torch.Tensor) -> int:
-    """The code whose value in `qmap` is exactly 0 (a padding element at this code dequantizes to 0)."""
-    hits = (qmap == 0).nonzero()
-    if hits.numel() == 0:
-        raise RuntimeError("flat 8-bit optimizer: the quantization map has no exact zero (a bug)")
-    return int(hits[0, 0])
-
-
-@dataclass
-class _Member:
-    """One parameter in a flat buffer: elements [start, start + numel), absmax blocks [block, +blocks)."""
-
-    param: torch.nn.Parameter
-    index: int  # position in the optimizer's packed state_dict
-    gindex: int
-    pindex: int
-    start: int
-    numel: int
-    block: int
-    blocks: int
-    data_ptr: int = 0
-    grad_view: torch.Tensor | None = None
-    step: int = 0
-    active: bool = False  # updated by the launches (it got a grad)
-    used: bool = False  # a grad was accumulated before the first step (hook)
-
-
-@dataclass
-class _Run:
-    """Consecutive active members with one step count: one launch over their slices."""
-
-    lo: int
-    hi: int
-    step: int
-    views: tuple[torch.Tensor | None, ...]  # grad, param, state1, state2, absmax1, absmax2
-
-
-@dataclass
-class _Flat:
-    """The flat buffers of the qualifying tensors of one group (one device and dtype)."""
-
-    gindex: int
-    members: list[_Member]
-    data: torch.Tensor
-    grad: torch.Tensor
-    state1: torch.Tensor
-    state2: torch.Tensor | None
-    absmax1: torch.Tensor
-    absmax2: torch.Tensor | None
-    qmap1: torch.Tensor
-    qmap2: torch.Tensor | None
-    pad_index: torch.Tensor  # the padding elements, reset to the zero codes after each step
-    zero_codes: tuple[int, int | None]
-    runs: list[_Run] = field(default_factory=list)
-    inactive: list[_Member] = field(default_factory=list)  # no grad so far: watched for a late one
-
-
-def _launch_views(fl: _Flat, lo: int, hi: int) -> tuple[torch.Tensor | None, ...]:
-    first, last = fl.members[lo], fl.members[hi - 1]
-    e0, e1 = first.start, last.start + _padded(last.numel)
-    b0, b1 = first.block, last.block + last.blocks
-    return (
-        fl.grad[e0:e1], fl.data[e0:e1], fl.state1[e0:e1],
-        None if fl.state2 is None else fl.state2[e0:e1],
-        fl.absmax1[b0:b1], None if fl.absmax2 is None else fl.absmax2[b0:b1],
-    )  # fmt: skip
-
-
-def _plan(fl: _Flat) -> None:
-    """Split the active members into runs of one step count (one run unless some missed steps)."""
-    runs: list[_Run] = []
-    i, members = 0, fl.members
-    while i < len(members):
-        if not members[i].active:
-            i += 1
-            continue
-        j = i + 1
-        while j < len(members) and members[j].active and members[j].step == members[i].step:
-            j += 1
-        runs.append(_Run(i, j, members[i].step, _launch_views(fl, i, j)))
-        i = j
-    fl.runs = runs
-    fl.inactive = [m for m in members if not m.active]
-
-
-def _sync_steps(fl: _Flat) -> None:
-    for run in fl.runs:
-        for m in fl.members[run.lo : run.hi]:
-            m.step = run.step
-
-
-def _member_state(fl: _Flat, m: _Member) -> dict[str, Any]:
-    """bitsandbytes' per-tensor state entries (its init_state's keys and order), as views of the flat ones."""
-    e0, e1, shape = m.start, m.start + m.numel, m.param.shape
-    state: dict[str, Any] = {"step": m.step, "state1": fl.state1[e0:e1].view(shape), "qmap1": fl.qmap1}
-    if fl.state2 is not None:
-        state.update(state2=fl.state2[e0:e1].view(shape), qmap2=fl.qmap2)
-    state["absmax1"] = fl.absmax1[m.block : m.block + m.blocks]
-    if fl.absmax2 is not None:
-        state["absmax2"] = fl.absmax2[m.block : m.block + m.blocks]
-    return state
-
-
 class FlatBlockwise8bit:
     """Mixed in before a bitsandbytes optimizer class (`flat_class`); `attach_flat` lays out the buffers.
 
     The methods below fall back to bitsandbytes' own until then, and for the tensors the flat update does
     not take."""
 
-    _flats: list[_Flat] | None = None
+    _flats: list[Flat] | None = None
     _rest: list[tuple[int, int, torch.nn.Parameter]]
     _hooks: list[Any]
     _first_step: bool
@@ -200,85 +107,72 @@ class FlatBlockwise8bit:
             return "paged states"
         if opt.args.max_unorm > 0 or opt.args.skip_zeros:
             return "max_unorm / skip_zeros are per-tensor options"
+        if opt.args.optim_bits not in (8, 32):
+            return f"optim_bits {opt.args.optim_bits}"
         return None
 
-    @torch.no_grad()
-    def attach_flat(self) -> tuple[int, int, int]:
-        """Move the qualifying tensors into flat buffers (after the network is on its device and dtype,
-        before the first step). Returns (tensors flattened, flat buffers, tensors left to the loop)."""
+    def _state_bits(self, p: torch.nn.Parameter) -> int:
+        """The kind of state bitsandbytes' init_state gives `p` (a parameter without an override)."""
         opt: Any = self
-        why = self.flat_blockers() if self.runs_8bit() else "32-bit states"
+        return 8 if self.runs_8bit() and p.numel() >= opt.args.min_8bit_size else 32
+
+    @torch.no_grad()
+    def attach_flat(self) -> Layout:
+        """Move the qualifying tensors into flat buffers (after the network is on its device and dtype,
+        before the first step)."""
+        opt: Any = self
+        why = self.flat_blockers()
         if why is not None or any(len(s) for s in opt.state.values()):
             raise RuntimeError(f"flat 8-bit optimizer: attach_flat after a step or with {why} (a bug)")
         opt.check_overrides()  # module overrides become per-parameter configs, which stay per tensor
-        if "dynamic" not in opt.name2qmap:
-            opt.fill_qmap()
         overridden = set(opt.mng.index2config)
-        keys: dict[tuple[int, torch.device, torch.dtype], list[tuple[int, torch.nn.Parameter]]] = {}
+        keys: dict[tuple[int, torch.device, torch.dtype, int], list[tuple[int, int, torch.nn.Parameter]]] = {}
         self._rest, index = [], 0
         for gi, group in enumerate(opt.param_groups):
             for pi, p in enumerate(group["params"]):
                 takes = (
-                    p.requires_grad and p.dtype in FLOAT_DTYPES and p.numel() >= opt.args.min_8bit_size
+                    p.requires_grad and p.dtype in FLOAT_DTYPES
                     and (gi, pi) not in overridden and id(p) not in opt.mng.pid2config
                 )  # fmt: skip
                 if takes:
-                    keys.setdefault((gi, p.device, p.dtype), []).append((index, p))
+                    keys.setdefault((gi, p.device, p.dtype, self._state_bits(p)), []).append((index, pi, p))
                 else:
                     self._rest.append((gi, pi, p))
                 index += 1
-        pindex = {id(p): pi for g in opt.param_groups for pi, p in enumerate(g["params"])}
         flats = []
-        for (gi, device, dtype), entries in keys.items():
+        for (gi, _, _, bits), entries in keys.items():
             if len(entries) < 2:  # nothing to gain: bitsandbytes' loop keeps it
-                self._rest.extend((gi, pindex[id(p)], p) for _, p in entries)
+                self._rest.extend((gi, pi, p) for _, pi, p in entries)
                 continue
-            flats.append(self._layout(gi, device, dtype, [(i, pindex[id(p)], p) for i, p in entries]))
+            flats.append(self._layout(gi, entries, bits))
         self._flats, self._first_step = (flats or None), True  # None: bitsandbytes' step throughout
         self._hooks = [
             m.param.register_post_accumulate_grad_hook(_marker(m)) for f in flats for m in f.members
         ]
-        return sum(len(f.members) for f in flats), len(flats), len(self._rest)
+        f8 = [f for f in flats if f.quant is not None]
+        f32 = [f for f in flats if f.quant is None]
+        return Layout(
+            sum(len(f.members) for f in f8),
+            len(f8),
+            sum(len(f.members) for f in f32),
+            len(f32),
+            len(self._rest),
+        )
 
-    def _layout(
-        self, gindex: int, device: torch.device, dtype: torch.dtype,
-        entries: list[tuple[int, int, torch.nn.Parameter]],
-    ) -> _Flat:  # fmt: skip
+    def _layout(self, gindex: int, entries: list[tuple[int, int, torch.nn.Parameter]], bits: int) -> Flat:
         opt: Any = self
-        members, start = [], 0
-        for index, pi, p in entries:
-            n = p.numel()
-            members.append(_Member(p, index, gindex, pi, start, n, start // BLOCK, -(-n // BLOCK)))
-            start += _padded(n)
         two = isinstance(self, _bnb_bases()[1])
+        if bits == 32:
+            return lay.build(gindex, entries, None, two)
+        if "dynamic" not in opt.name2qmap:
+            opt.fill_qmap()
+        device = entries[0][2].device
         qmap1 = opt.name2qmap["dynamic"] = opt.name2qmap["dynamic"].to(device)
         qmap2 = None
         if two:
             qmap2 = opt.name2qmap["udynamic"] = opt.name2qmap["udynamic"].to(device)
-        blocks = start // BLOCK
-        data = torch.zeros(start, dtype=dtype, device=device)
-        pad = [torch.arange(m.start + m.numel, m.start + _padded(m.numel)) for m in members]
-        codes = [torch.zeros(start, dtype=torch.uint8, device=device) for _ in range(1 + two)]
-        fl = _Flat(
-            gindex, members, data, torch.zeros_like(data), codes[0], codes[1] if two else None,
-            torch.zeros(blocks, dtype=torch.float32, device=device),
-            torch.zeros(blocks, dtype=torch.float32, device=device) if two else None,
-            qmap1, qmap2, torch.cat(pad).to(device),
-            (_zero_code(qmap1), _zero_code(qmap2) if qmap2 is not None else None),
-        )  # fmt: skip
-        _reset_padding(fl)  # code 0 is -1.0: with a loaded absmax the padding would not read as 0
-        for m in members:
-            p = m.param
-            view = data[m.start : m.start + m.numel].view(p.shape)
-            view.copy_(p.data)
-            p.data = view
-            m.data_ptr = view.data_ptr()
-            m.grad_view = fl.grad[m.start : m.start + m.numel].view(p.shape)
-            if p.grad is not None:  # a grad accumulated before the layout is kept, and counts as used
-                m.grad_view.copy_(p.grad)
-                m.used = True
-            p.grad = m.grad_view
-        _check_block_size(opt, members[0])
+        fl = lay.build(gindex, entries, (qmap1, qmap2), two)
+        _check_block_size(opt, fl.members[0])
         return fl
 
     # ------------------------------------------------------------------ step
@@ -301,7 +195,7 @@ class FlatBlockwise8bit:
             self._begin()
         for fl in self._flats:
             self._activate_late(fl)
-            _check_views(fl, fl.members[:1] + fl.members[-1:])
+            lay.check_views(fl, fl.members[:1] + fl.members[-1:])
             self._update(fl)
         for gi, pi, p in self._rest:  # bitsandbytes' own per-tensor update (no device sync: not paged)
             if p.grad is None:
@@ -327,47 +221,53 @@ class FlatBlockwise8bit:
                     m.param.grad = None
                 m.active = m.used
                 self._install_state(fl, m)
-            _check_views(fl, fl.members)
-            _plan(fl)
+            lay.check_views(fl, fl.members)
+            lay.plan(fl)
 
-    def _install_state(self, fl: _Flat, m: _Member) -> None:
+    def _install_state(self, fl: Flat, m: Member) -> None:
         opt: Any = self
         if m.active and len(opt.state.get(m.param, ())) == 0:
-            opt.state[m.param] = _member_state(fl, m)
+            opt.state[m.param] = lay.member_state(fl, m)
 
-    def _activate_late(self, fl: _Flat) -> None:
+    def _activate_late(self, fl: Flat) -> None:
         """A tensor without a grad so far that has one now (autograd allocated it): bring it in."""
         late = [m for m in fl.inactive if m.param.grad is not None]
         if not late:
             return
-        _sync_steps(fl)
+        lay.sync_steps(fl)
         for m in late:
             m.grad_view.copy_(m.param.grad)
             m.param.grad, m.active = m.grad_view, True
             self._install_state(fl, m)
-        _plan(fl)
+        lay.plan(fl)
 
-    def _update(self, fl: _Flat) -> None:
+    def _update(self, fl: Flat) -> None:
+        """Each run's launch, with the arguments bitsandbytes' update_step passes for the state kind."""
         from bitsandbytes import functional as F
 
         opt: Any = self
         group = opt.param_groups[fl.gindex]
         config = opt.get_config(fl.gindex, fl.members[0].pindex, group)
-        betas, two = config["betas"], fl.state2 is not None
+        betas, q = config["betas"], fl.quant
+        beta3, alpha = 0.0, 0.0  # the one-state update passes zeros
+        if fl.state2 is not None:
+            beta3, alpha = (betas[2] if len(betas) >= 3 else 0.0), config.get("alpha", 0.0)
         for run in fl.runs:
             run.step += 1
             g, p, s1, s2, a1, a2 = run.views
-            if two:  # the argument lists of bitsandbytes' two- and one-state update_step
-                extra = (betas[2] if len(betas) >= 3 else 0.0, config.get("alpha", 0.0))
-                q2: torch.Tensor | None = fl.qmap2
-            else:
-                extra, q2 = (0.0, 0.0), None
+            if q is None:
+                F.optimizer_update_32bit(
+                    opt.optimizer_name, g, p, s1, betas[0], config["eps"], run.step, config["lr"], s2, betas[1],
+                    beta3, alpha, config["weight_decay"], 1.0, None, max_unorm=config["max_unorm"],
+                    skip_zeros=config["skip_zeros"],
+                )  # fmt: skip
+                continue
             F.optimizer_update_8bit_blockwise(
-                opt.optimizer_name, g, p, s1, s2, betas[0], betas[1], *extra, config["eps"], run.step,
-                config["lr"], fl.qmap1, q2, a1, a2, config["weight_decay"], gnorm_scale=1.0,
+                opt.optimizer_name, g, p, s1, s2, betas[0], betas[1], beta3, alpha, config["eps"], run.step,
+                config["lr"], q.qmap1, q.qmap2, a1, a2, config["weight_decay"], gnorm_scale=1.0,
                 skip_zeros=config["skip_zeros"],
             )  # fmt: skip
-        _reset_padding(fl)
+        lay.reset_padding(fl)
 
     # ------------------------------------------------------------------ grads
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -393,7 +293,7 @@ class FlatBlockwise8bit:
         opt: Any = self
         wrapped = opt._FSDP_WRAPPED_QUANT_STATE_KEY
         for fl in self._flats:
-            _sync_steps(fl)
+            lay.sync_steps(fl)
             for m in fl.members:
                 if len(opt.state.get(m.param, ())):
                     opt.state[m.param]["step"] = m.step
@@ -419,37 +319,26 @@ class FlatBlockwise8bit:
             for m in fl.members:
                 loaded = opt.state.get(m.param)
                 if loaded:
-                    _take_loaded(fl, m, loaded)
-                    opt.state[m.param] = _member_state(fl, m)
+                    lay.take_loaded(fl, m, loaded)
+                    opt.state[m.param] = lay.member_state(fl, m)
                 else:  # no state saved for it: fresh, as bitsandbytes' init_state would make it
                     m.step = 0
-                    _clear(fl, m)
+                    lay.clear(fl, m)
                     opt.state.pop(m.param, None)
                     self._install_state(fl, m)
             if not self._first_step:
-                _check_views(fl, fl.members)
-                _plan(fl)
+                lay.check_views(fl, fl.members)
+                lay.plan(fl)
 
 
-def _reset_padding(fl: _Flat) -> None:
-    """The padding's states go into a launch as 0, yet it requantizes them to a code near zero (not
-    exactly), which would grow into the tail block's absmax. Setting those bytes to the exact zero code
-    (an index fill over the padding only, cheaper than a mask over the buffer) keeps them 0, so each
-    block's absmax and the padded params (0 / (0 + eps) = 0) stay what the per-tensor update gives."""
-    if fl.pad_index.numel():
-        fl.state1.index_fill_(0, fl.pad_index, fl.zero_codes[0])
-        if fl.state2 is not None:
-            fl.state2.index_fill_(0, fl.pad_index, fl.zero_codes[1])
-
-
-def _marker(m: _Member) -> Any:
+def _marker(m: Member) -> Any:
     def hook(_p: torch.Tensor) -> None:
         m.used = True
 
     return hook
 
 
-def _check_block_size(opt: Any, m: _Member) -> None:
+def _check_block_size(opt: Any, m: Member) -> None:
     """bitsandbytes sizes each tensor's absmax by its block size: ours must be the same."""
     probe = torch.zeros(m.numel, device=m.param.device)
     opt.init_state(opt.param_groups[m.gindex], probe, m.gindex, m.pindex)
@@ -457,74 +346,27 @@ def _check_block_size(opt: Any, m: _Member) -> None:
     if blocks != m.blocks:
         raise RuntimeError(
             f"flat 8-bit optimizer: bitsandbytes uses {blocks} absmax blocks for {m.numel} elements, "
-            f"not {m.blocks} (block size {BLOCK}); this bitsandbytes is not supported (FLAT_8BIT=off)"
+            f"not {m.blocks} (block size {lay.BLOCK}); this bitsandbytes is not supported (FLAT_8BIT=off)"
         )
-
-
-def _check_views(fl: _Flat, members: list[_Member]) -> None:
-    for m in members:
-        p = m.param
-        if p.data_ptr() != m.data_ptr or (m.active and p.grad is not m.grad_view):
-            raise RuntimeError(
-                f"flat 8-bit optimizer: parameter {m.pindex} of group {m.gindex} {tuple(p.shape)} no longer "
-                "lies in its flat buffer (its .data or .grad was replaced after the layout); this is a bug "
-                "(FLAT_8BIT=off runs bitsandbytes' per-tensor loop)"
-            )
-
-
-def _take_loaded(fl: _Flat, m: _Member, loaded: dict[str, Any]) -> None:
-    """Copy a loaded per-tensor state into the member's slices; it must be bitsandbytes' 8-bit layout."""
-    want = {"state1": m.numel, "absmax1": m.blocks}
-    if fl.state2 is not None:
-        want.update(state2=m.numel, absmax2=m.blocks)
-    for k, n in want.items():
-        t = loaded.get(k)
-        dtype = torch.uint8 if k.startswith("state") else torch.float32
-        if not isinstance(t, torch.Tensor) or t.numel() != n or t.dtype != dtype:
-            raise ValueError(
-                f"optimizer state: parameter {m.pindex} of group {m.gindex} has no 8-bit {k} of {n} "
-                f"elements; expected a state saved by the same 8-bit optimizer (FLAT_8BIT=off loads others)"
-            )
-    for key, q in (("qmap1", fl.qmap1), ("qmap2", fl.qmap2)):
-        t = loaded.get(key)
-        if q is not None and t is not q and not torch.equal(t.to(q.device), q):
-            raise ValueError(f"optimizer state: parameter {m.pindex} has another quantization map {key}")
-    e0, e1, b0, b1 = m.start, m.start + m.numel, m.block, m.block + m.blocks
-    fl.state1[e0:e1].copy_(loaded["state1"].flatten())
-    fl.absmax1[b0:b1].copy_(loaded["absmax1"])
-    if fl.state2 is not None:
-        fl.state2[e0:e1].copy_(loaded["state2"].flatten())
-        fl.absmax2[b0:b1].copy_(loaded["absmax2"])
-    m.step = int(loaded["step"])
-
-
-def _clear(fl: _Flat, m: _Member) -> None:
-    """A member without a saved state starts fresh, as bitsandbytes' init_state (zeros)."""
-    e0, e1, b0, b1 = m.start, m.start + m.numel, m.block, m.block + m.blocks
-    for t in (fl.state1, fl.state2):
-        if t is not None:
-            t[e0:e1].zero_()
-    for t in (fl.absmax1, fl.absmax2):
-        if t is not None:
-            t[b0:b1].zero_()
 
 
 def flatten_optimizer(optimizer: torch.optim.Optimizer, host_module_dropout: bool = False) -> str:
     """Lay out a `flat_class` optimizer's buffers if it can take the flat update; returns the log line."""
-    if not isinstance(optimizer, FlatBlockwise8bit) or not optimizer.runs_8bit():
-        return ""  # not bitsandbytes, or its 32-bit states: nothing to say
+    if not isinstance(optimizer, FlatBlockwise8bit):
+        return ""  # not bitsandbytes: nothing to say
     why = optimizer.flat_blockers()
     if why is None and host_module_dropout:
         why = "module dropout decided on the host can leave a tensor without a grad for one step"
     if why is not None:
         return f"flat 8-bit update: off ({why}); bitsandbytes' per-tensor loop"
-    flat, buffers, rest = optimizer.attach_flat()
-    if not flat:
+    got = optimizer.attach_flat()
+    if not got.tensors8 + got.tensors32:
         return (
-            "flat 8-bit update: off (no group has two tensors of >= min_8bit_size elements); "
-            f"{rest} tensor(s) on bitsandbytes' per-tensor loop"
+            "flat 8-bit update: off (no group has two tensors with one kind of state); "
+            f"{got.rest} tensor(s) on bitsandbytes' per-tensor loop"
         )
     return (
-        f"flat 8-bit update: {flat} tensors in {buffers} flat buffer(s), {buffers} launch(es) per step; "
-        f"{rest} tensor(s) on bitsandbytes' per-tensor loop ({ENV}=off turns it off)"
+        f"flat 8-bit update: {got.tensors8} tensors in {got.buffers8} 8-bit flat buffer(s), {got.tensors32} in "
+        f"{got.buffers32} 32-bit flat buffer(s), {got.buffers8 + got.buffers32} launch(es) per step; "
+        f"{got.rest} tensor(s) on bitsandbytes' per-tensor loop ({ENV}=off turns it off)"
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 
 import pytest
 import torch
@@ -20,15 +21,20 @@ from tests.helpers.train_sdxl import _argv
 bnb = pytest.importorskip("bitsandbytes")
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-# 4103 and 5000 end inside a block (padding follows them); 100 is under bitsandbytes' 8-bit minimum and
-# stays on its loop; the 4500-element tensor gets no grad until step `LATE` (its forward is not reached)
-SHAPES = [(50, 100), (10000,), (4103,), (4500,), (256, 256), (100,)]
-UNUSED, LATE = 3, 3
+# 4103 and 5000 end inside a block (padding follows them in the 8-bit buffer); the last four are under
+# bitsandbytes' 8-bit minimum (4 096: 32-bit states, back to back in the 32-bit buffer). UNUSED (one of each
+# kind) get no grad until step `LATE` (their forward is not reached).
+SHAPES = [(50, 100), (10000,), (4103,), (4500,), (256, 256), (100,), (8, 8), (3000,), (4095,)]
+UNUSED, LATE = (3, 7), 3
+SMALL = [i for i, s in enumerate(SHAPES) if torch.Size(s).numel() < 4096]
 UPDATES = [
     (bnb.optim.AdamW8bit, {"weight_decay": 0.01}),
     (bnb.optim.Lion8bit, {"weight_decay": 0.01}),
     (bnb.optim.SGD8bit, {"momentum": 0.9, "weight_decay": 0.01}),
 ]
+# bitsandbytes has no bf16 32-bit momentum kernel on CUDA (its own loop fails there too)
+CASES = [(*u, torch.float32) for u in UPDATES] + [(*u, torch.bfloat16) for u in UPDATES[:2]]
+CASES += [(bnb.optim.AdamW32bit, {"weight_decay": 0.01}, torch.float32)]  # 32-bit states throughout
 
 
 def _params(device: str, dtype: torch.dtype = torch.float32) -> list[torch.nn.Parameter]:
@@ -40,17 +46,22 @@ def _optimizer(params, cls, kwargs, flat: bool) -> torch.optim.Optimizer:
     opt = (flat_8bit.flat_class(cls) if flat else cls)(params, lr=1e-3, **kwargs)
     if flat:
         line = flat_8bit.flatten_optimizer(opt)
-        assert line.startswith("flat 8-bit update: 5 tensors in 1 flat buffer(s), 1 launch(es)"), line
+        n8 = 0 if opt.args.optim_bits == 32 else len(SHAPES) - len(SMALL)
+        want = (
+            f"flat 8-bit update: {n8} tensors in {int(n8 > 0)} 8-bit flat buffer(s), {len(SHAPES) - n8} in 1 "
+            f"32-bit flat buffer(s), {1 + (n8 > 0)} launch(es) per step; 0 tensor(s) on bitsandbytes' per-tensor loop"
+        )
+        assert line.startswith(want), line
     return opt
 
 
 def _train(params, opt, steps: range, late: int | None = LATE) -> None:
     """A real backward each step (autograd accumulates into the grads, views or not), then the trainer's
-    order: step, zero_grad(set_to_none=True). The UNUSED tensor joins the loss from step `late` on."""
+    order: step, zero_grad(set_to_none=True). The UNUSED tensors join the loss from step `late` on."""
     for step in steps:
         g = torch.Generator().manual_seed(100 + step)
         ws = [torch.randn(p.shape, generator=g).to(p.device, p.dtype) for p in params]
-        used = [i for i in range(len(params)) if i != UNUSED or (late is not None and step >= late)]
+        used = [i for i in range(len(params)) if i not in UNUSED or (late is not None and step >= late)]
         sum((params[i] * ws[i]).float().sum() for i in used).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -75,43 +86,56 @@ def _assert_same(pa, oa, pb, ob) -> None:
             assert torch.equal(*deq)
 
 
+def _name(v) -> str:
+    return getattr(v, "__name__", "") or str(v).removeprefix("torch.")
+
+
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("cls, kwargs", UPDATES, ids=lambda v: getattr(v, "__name__", ""))
-def test_flat_update_is_the_per_tensor_update_bitwise(device, cls, kwargs):
-    pa, pb = _params(device), _params(device)
+@pytest.mark.parametrize(
+    "cls, kwargs, dtype", CASES, ids=lambda v: _name(v) if not isinstance(v, dict) else ""
+)
+def test_flat_update_is_the_per_tensor_update_bitwise(device, cls, kwargs, dtype):
+    pa, pb = _params(device, dtype), _params(device, dtype)
     oa, ob = _optimizer(pa, cls, kwargs, flat=False), _optimizer(pb, cls, kwargs, flat=True)
     _train(pa, oa, range(LATE))
     _train(pb, ob, range(LATE))
-    assert UNUSED not in [k for k, v in oa.state_dict()["state"].items() if v]  # no grad: no state, no update
+    started = [k for k, v in oa.state_dict()["state"].items() if v]
+    assert not set(UNUSED) & set(started)  # no grad: no state, no update
     _assert_same(pa, oa, pb, ob)
-    _train(pa, oa, range(LATE, 6))  # the unused tensor now gets grads: a second run of steps 1..
+    _train(pa, oa, range(LATE, 6))  # the unused tensors now get grads: a second run of steps 1..
     _train(pb, ob, range(LATE, 6))
     _assert_same(pa, oa, pb, ob)
-    assert not torch.equal(pa[UNUSED].detach(), _params(device)[UNUSED])  # it trained once it got grads
+    kinds = {oa.state[pa[i]]["state1"].dtype for i in range(len(SHAPES))}
+    assert kinds == ({torch.float32} if oa.args.optim_bits == 32 else {torch.uint8, torch.float32})
+    for i in UNUSED:  # they trained once they got grads
+        assert not torch.equal(pa[i].detach(), _params(device, dtype)[i])
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_bf16_params_flat_update_bitwise(device):
-    pa, pb = _params(device, torch.bfloat16), _params(device, torch.bfloat16)
-    oa = _optimizer(pa, bnb.optim.AdamW8bit, {}, flat=False)
-    ob = _optimizer(pb, bnb.optim.AdamW8bit, {}, flat=True)
-    _train(pa, oa, range(4), late=None)
-    _train(pb, ob, range(4), late=None)
-    _assert_same(pa, oa, pb, ob)
+def _by_kind(opt) -> tuple:
+    (f8,) = [f for f in opt._flats if f.quant is not None]
+    (f32,) = [f for f in opt._flats if f.quant is None]
+    return f8, f32
 
 
-def test_padding_stays_zero():
+def test_padding_stays_zero_and_small_tensors_lie_back_to_back():
     params = _params("cpu")
     opt = _optimizer(params, bnb.optim.AdamW8bit, {"weight_decay": 0.01}, flat=True)
     _train(params, opt, range(6))
-    (fl,) = opt._flats
-    pad = fl.pad_index
-    assert pad.numel() == sum(-torch.Size(s).numel() % 256 for s in SHAPES[:5]) > 0
+    fl, small = _by_kind(opt)
+    q = fl.quant
+    pad = q.pad_index
+    assert (
+        pad.numel() == sum(-torch.Size(s).numel() % 256 for i, s in enumerate(SHAPES) if i not in SMALL) > 0
+    )
     assert not fl.data[pad].any() and not fl.grad[pad].any()
-    for state, absmax, qmap in ((fl.state1, fl.absmax1, fl.qmap1), (fl.state2, fl.absmax2, fl.qmap2)):
+    for state, absmax, qmap in ((fl.state1, q.absmax1, q.qmap1), (fl.state2, q.absmax2, q.qmap2)):
         deq = bnb.functional.dequantize_blockwise(state, absmax=absmax, code=qmap, blocksize=256)
         assert not deq[pad].any()
         assert deq.abs().max() > 0  # the real elements' states are not zero: the check can fail
+    sizes = [torch.Size(SHAPES[i]).numel() for i in SMALL]
+    assert [m.start for m in small.members] == [sum(sizes[:k]) for k in range(len(sizes))]
+    assert small.data.numel() == small.state2.numel() == sum(sizes) and small.state1.dtype == torch.float32
+    assert all(params[i].data_ptr() == small.data[m.start :].data_ptr() for i, m in zip(SMALL, small.members))
 
 
 def _saved(opt) -> dict:
@@ -130,18 +154,20 @@ def test_state_dict_round_trips_between_flat_and_per_tensor(cls, kwargs):
     for first, second in ((False, True), (True, False)):
         params = _params("cpu")
         opt = _optimizer(params, cls, kwargs, flat=first)
-        _train(params, opt, range(5))  # the unused tensor joined at step 3: its step count differs
+        _train(params, opt, range(5))  # the unused tensors joined at step 3: their step count differs
         sd = _saved(opt)
         if first:  # the flat optimizer writes per-tensor states that own just their elements
-            q = sd["state"][0][opt._FSDP_WRAPPED_QUANT_STATE_KEY]["state1"]
-            assert q.shape == SHAPES[0] and q.untyped_storage().nbytes() == q.numel()
+            for i, dtype in ((0, torch.uint8), (SMALL[0], torch.float32)):
+                q = sd["state"][i][opt._FSDP_WRAPPED_QUANT_STATE_KEY]["state1"]
+                assert q.shape == SHAPES[i] and q.dtype == dtype
+                assert q.untyped_storage().nbytes() == q.numel() * q.element_size()
         resumed = [torch.nn.Parameter(p.detach().clone()) for p in params]
         other = _optimizer(resumed, cls, kwargs, flat=second)
         other.load_state_dict(sd)
         _train(resumed, other, range(5, 8))
         _assert_same(ref, oref, resumed, other)
-        if second:
-            assert len(other._flats[0].runs) == 3  # the late tensor's step count splits the launch in three
+        if second:  # the late tensors' step count splits each buffer's launch in three
+            assert [len(f.runs) for f in _by_kind(other)] == [3, 3]
 
 
 def test_off_switch_builds_the_plain_optimizer(monkeypatch):
@@ -164,37 +190,50 @@ def test_off_switch_builds_the_plain_optimizer(monkeypatch):
 
 def test_views_survive_zero_grad_clipping_and_a_graph_call():
     params = _params("cpu")
-    opt = _optimizer(params, bnb.optim.AdamW8bit, {}, flat=True)
-    (fl,) = opt._flats
+    # the last tensor alone in its group: nothing to flatten it with, it stays on bitsandbytes' loop
+    opt = flat_8bit.flat_class(bnb.optim.AdamW8bit)([{"params": params[:-1]}, {"params": params[-1:]}])
+    assert flat_8bit.flatten_optimizer(opt).startswith(
+        "flat 8-bit update: 5 tensors in 1 8-bit flat buffer(s), 3 in 1 32-bit flat buffer(s), 2 launch(es) "
+        "per step; 1 tensor(s) on bitsandbytes' per-tensor loop"
+    )
     graphed = GraphedCall(lambda x: x, params)  # built after the layout: adopts the bound grad views
-    flat_members = [m.param for m in fl.members]
+    flat_members = [m.param for f in opt._flats for m in f.members]
     assert all(any(buf is p.grad for buf in graphed._grad_bufs) for p in flat_members)
     _train(params, opt, range(2), late=0)
     views = [p.grad for p in flat_members]
-    assert all(v is not None and v.untyped_storage().data_ptr() == fl.grad.data_ptr() for v in views)
+    storages = {f.grad.data_ptr() for f in opt._flats}
+    assert all(v is not None and v.untyped_storage().data_ptr() in storages for v in views)
     sum((p * 3.0).sum() for p in params).backward()
     norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
     assert norm > 1 and all(p.grad is v for p, v in zip(flat_members, views))
     total = sum(float(p.grad.double().square().sum()) for p in params)
     assert abs(total - 1.0) < 1e-5  # clipping scaled the grads the flat update reads, in place
     opt.zero_grad(set_to_none=True)
-    assert all(p.grad is v for p, v in zip(flat_members, views)) and not fl.grad.any()
+    assert all(p.grad is v for p, v in zip(flat_members, views)) and not any(f.grad.any() for f in opt._flats)
     assert params[-1].grad is None  # the tensor on bitsandbytes' loop: freed as asked
 
 
-def test_a_replaced_view_is_reported_as_a_bug():
+@pytest.mark.parametrize("i", [0, SMALL[-1]])  # the first of the 8-bit buffer, the last of the 32-bit one
+def test_a_replaced_view_is_reported_as_a_bug(i):
     params = _params("cpu")
     opt = _optimizer(params, bnb.optim.AdamW8bit, {}, flat=True)
     _train(params, opt, range(1), late=None)
-    params[0].data = params[0].data.clone()  # e.g. a .to() after the layout
+    params[i].data = params[i].data.clone()  # e.g. a .to() after the layout
     sum(p.sum() for p in params).backward()
-    with pytest.raises(RuntimeError, match=r"parameter 0 of group 0 \(50, 100\) no longer lies in its flat"):
+    with pytest.raises(
+        RuntimeError, match=rf"parameter {i} of group 0 {re.escape(str(SHAPES[i]))} no longer lies"
+    ):
         opt.step()
+
+
+# the tiny network's LoRA factors have 128 to 2 048 elements: under bitsandbytes' default minimum all of them
+# would get 32-bit states; at 256 both kinds of flat buffer are in the run
+TRAINER_MIN_8BIT = 256
 
 
 def _run(tiny, out, *extra):
     common = ["--network_module", "networks.lora", "--network_dim", "4", "--optimizer_type", "AdamW8bit",
-              "--optimizer_args", "min_8bit_size=64", "--learning_rate", "1e-3", "--max_train_steps", "4",
+              "--optimizer_args", f"min_8bit_size={TRAINER_MIN_8BIT}", "--learning_rate", "1e-3", "--max_train_steps", "4",
               "--cache_latents"]  # fmt: skip
     return sdxl_train_network.main(_argv(tiny, out, *common, *extra))
 
@@ -205,10 +244,13 @@ def test_trainer_flat_update_matches_and_resumes_across_the_switch(tiny, tmp_pat
     with caplog.at_level(logging.INFO, logger="library.training.run"):
         flat = _run(tiny, tmp_path / "flat", "--save_every_n_steps", "2", "--save_state")
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("flat 8-bit update")]
-    assert (
-        len(lines) == 1 and lines[0].startswith("flat 8-bit update: ") and "off" not in lines[0].split(";")[0]
+    assert len(lines) == 1, lines
+    got = re.match(
+        r"flat 8-bit update: (\d+) tensors in \d+ 8-bit flat buffer\(s\), (\d+) in \d+ 32-bit flat buffer\(s\), "
+        r"\d+ launch\(es\) per step; (\d+) tensor\(s\) on",
+        lines[0],
     )
-    assert int(lines[0].split()[3]) > 10, lines  # tensors flattened
+    assert got and int(got[1]) > 10 and int(got[2]) > 10 and int(got[3]) == 0, lines  # both kinds flattened
     with switched_off(flat_8bit.ENV):
         off = _run(tiny, tmp_path / "off", "--save_every_n_steps", "2", "--save_state")
         from_flat = _run(tiny, tmp_path / "r1", "--resume", str(tmp_path / "flat" / "net-step00000002-state"))
