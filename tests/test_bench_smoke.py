@@ -67,13 +67,20 @@ def test_layer_bench_smoke():
 
 def test_host_overhead_bench_smoke():
     bench = _load("bench_host_overhead")
-    rows = bench.main(
-        ["--device", "cpu", "--layers", "3", "--dim", "24", "--rank", "4", "--iters", "1", "--repeats", "1"]
-    )
-    by = {r["variant"]: r for r in rows}
-    assert list(by) == ["base", "ours-lora", "ours-loha", "ours-lokr", "plain-lora"], rows
-    assert by["base"]["extra_us"] == 0.0
-    assert all(r["us_per_layer"] > 0 for r in rows)
+    argv = ["--calls", "2", "--repeats", "1", "--warmup", "1", "--modes", "plain", "ckpt"]
+    rows = bench.main(argv)
+    cases = {(r["layer"], r["base"], r["mode"]) for r in rows}
+    assert cases == {
+        (k, b, m) for k in ("linear", "conv") for b in ("bf16", "fp8") for m in ("plain", "ckpt")
+    }
+    by = {(r["layer"], r["base"], r["mode"], r["variant"]): r for r in rows}
+    assert {v for *_, v in by} == {"bare", "ours-lora", "ours-loha", "ours-lokr"}
+    assert all(r["us_per_call"] > 0 for r in rows)
+    assert all(by[(k, b, m, "bare")]["extra_us"] == 0.0 for k, b, m in cases)
+    # checkpointing recomputes the same forward: the first call's output and grads are the same bits
+    for k, b, _ in cases:
+        for v in ("ours-lora", "ours-loha", "ours-lokr"):
+            assert by[(k, b, "plain", v)]["digest"] == by[(k, b, "ckpt", v)]["digest"]
 
 
 def test_path_bench_smoke():

@@ -77,7 +77,11 @@ class ForwardMixin:
     def _fused(self, x: torch.Tensor, raw_factors: bool) -> torch.Tensor:
         base = self.org_module
         dtype = compute_dtype(x)
-        x, b = (t if t is None or t.dtype == dtype else t.to(dtype) for t in (x, base.bias))
+        b = base.bias
+        if x.dtype != dtype:
+            x = x.to(dtype)
+        if b is not None and b.dtype != dtype:
+            b = b.to(dtype)
         w = node_weight(base, dtype)
         scale = self.total_scale(self.multiplier)
         if raw_factors:

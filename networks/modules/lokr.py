@@ -133,6 +133,9 @@ class LoKrModule(AdapterModule):
         else:
             alpha = alpha_or_rank(alpha, L.rank)
             self._set_alpha(alpha, L.rank, alpha / L.rank)
+        # the factors this layout has (fixed from here on), read per call from the parameter table: a getattr
+        # miss on a Module (an absent factor) raises and catches an AttributeError, ~1 µs per name per call
+        self._factor_names = tuple(n for n in LOKR_KEYS if n in self._parameters)
 
     @classmethod
     def create(
@@ -295,7 +298,11 @@ class LoKrModule(AdapterModule):
         return out
 
     def _factors(self) -> dict[str, torch.Tensor | None]:
-        return {n: getattr(self, n, None) for n in LOKR_KEYS}
+        f: dict[str, torch.Tensor | None] = dict.fromkeys(LOKR_KEYS)
+        params = self._parameters
+        for n in self._factor_names:
+            f[n] = params[n]
+        return f
 
     def w1(self) -> torch.Tensor:
         f = self._factors()
@@ -345,7 +352,8 @@ class LoKrModule(AdapterModule):
         self, x: torch.Tensor, weight: BaseWeight, bias: torch.Tensor | None, scale: float
     ) -> torch.Tensor:
         rule, names = self._node_rule
-        return rebuild_linear(x, weight, bias, rule, scale, [getattr(self, n) for n in names])
+        params = self._parameters
+        return rebuild_linear(x, weight, bias, rule, scale, [params[n] for n in names])
 
     def norm_for_max(self) -> torch.Tensor:
         # ‖kron(W1, W2)‖ = ‖W1‖·‖W2‖: no Kronecker product needed

@@ -226,3 +226,28 @@ def test_fused_fp8_node_traces_in_one_graph(model, module) -> None:
     assert _rel_err(compiled, eager) <= 1e-13
     for a, b in zip(_grads(compiled, params, g), _grads(eager, params, g)):
         assert _rel_err(a, b) <= 1e-12
+
+
+@pytest.mark.parametrize("scaled", [False, True], ids=["plain", "scaled"])
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_fp8_linear_without_grads_skips_the_node_with_the_same_bits(scaled, autocast) -> None:
+    """Where nothing can be differentiated (no grad mode, or neither x nor the bias needs a grad) the fp8
+    Linear's forward runs the node's own maths without the node: the same bits, no graph."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(24, 16)
+    fp8.apply_fp8_base(lin, scaled=scaled)
+    lin.requires_grad_(False)
+    x = torch.randn(3, 5, 24, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y_node = lin(x)
+        y_plain = lin(x.detach())
+        with torch.no_grad():
+            y_nograd = lin(x)
+        lin.bias.requires_grad_(True)
+        y_bias = lin(x.detach())
+    assert type(y_node.grad_fn).__name__ == "_Fp8LinearBackward"
+    assert type(y_bias.grad_fn).__name__ == "_Fp8LinearBackward"  # a trained bias keeps the node
+    assert y_plain.grad_fn is None and y_nograd.grad_fn is None
+    assert y_node.dtype == (torch.bfloat16 if autocast else torch.float32)
+    for y in (y_plain, y_nograd, y_bias):
+        assert torch.equal(y.detach(), y_node.detach())
