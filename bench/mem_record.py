@@ -16,9 +16,12 @@ import torch
 MIB = 2**20
 
 
+MARK_BYTES = 1
+
+
 def mem_mark(device: torch.device) -> None:
-    """A one-byte allocation that `mem_peak.find_marks` finds by this function's name."""
-    torch.empty(1, dtype=torch.uint8, device=device)
+    """A one-byte allocation that `mem_peak.find_marks` finds by this function's name and its size."""
+    torch.empty(MARK_BYTES, dtype=torch.uint8, device=device)
 
 
 def _mem_peak_module() -> Any:
@@ -63,7 +66,9 @@ class MemRecorder:
         snapshot = torch.cuda.memory._snapshot()
         torch.cuda.memory._record_memory_history(None)
         index = self.device.index if self.device.index is not None else torch.cuda.current_device()
-        out = _mem_peak_module().report(snapshot, device=index, roots=self.roots, mark_func=mem_mark.__name__)
+        out = _mem_peak_module().report(
+            snapshot, device=index, roots=self.roots, mark_func=mem_mark.__name__, mark_size=MARK_BYTES
+        )
         peak = max(self.warmup_peak, torch.cuda.max_memory_allocated(self.device))
         out.update(torch_peak_mib=round(peak / MIB, 2), max_entries=self.max_entries)
         out["analysis_s"] = round(time.perf_counter() - t0, 1)

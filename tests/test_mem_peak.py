@@ -145,6 +145,13 @@ def test_report_peak_groups_and_steady_state():
     ]
 
 
+def test_marks_are_found_by_function_name_and_size():
+    assert mp.find_marks(EVENTS, "mem_mark") == [2, 9]
+    assert mp.find_marks(EVENTS, "mem_mark", size=1) == [2, 9]
+    assert mp.find_marks(EVENTS, "mem_mark", size=2) == []
+    assert mp.find_marks(EVENTS, "forward", size=10 * M) == [0]  # the free events are never marks
+
+
 def test_top_limits_the_groups_and_counts_the_rest():
     r = mp.report(_snapshot(), roots=[REPO], mark_func="mem_mark", top=2)
     assert [g["mib"] for g in r["groups"]] == [300.0, 100.0] and r["rest_mib"] == 66.0
