@@ -16,12 +16,23 @@ Bench-only options (not network args): `path=auto|rebuild|bypass` forces our per
 repeated transformer blocks (fullgraph), `cmode=reduce-overhead|max-autotune-no-cudagraphs|...` passes
 torch.compile's mode (the trainer's --compile_mode), `graph=1` replays the model's forward and backward
 as CUDA graphs (`library/training/cuda_graph.py`, the trainer's --cuda_graph), `gcrng=0` checkpoints without
-saving the RNG state, `prof=1` adds the GPU time per kernel name of one step.
+saving the RNG state, `prof=1` adds the GPU time per kernel name of one step, `ecalls=N` runs each
+input shape eagerly N times before capturing it (the trainer uses 1), `opt=adamw8bit` trains with the
+trainer's AdamW8bit (bitsandbytes with our flat update; sd-* variants: bitsandbytes' own) instead of
+torch's AdamW, `fp8=1` stores the frozen Linear/Conv2d weights as float8_e4m3fn and the rest in float32
+(the trainer's --fp8_base; our models only).
+--mem_peak records the allocator's history (torch.cuda.memory._record_memory_history) from before the
+model is built to the end and adds `mem_peak` to the variant's line: the peak of allocated memory from the
+first warm-up step on, what is live there grouped by where it was allocated, and what is live between
+steps before the measured ones (bench/mem_peak.py).
 
 Example (GPU):
   python bench/bench_train_step.py --sd_scripts_path baselines/sd-scripts \
       --variants floor,ours-lora,ours-loha,ours-lokr,sd-floor,sd-lora,sd-loha,sd-lokr
 CPU smoke run: python bench/bench_train_step.py --tiny --device cpu --steps 2 --warmup 1 --variants floor,ours-loha
+What is live at the peak, as the trainer runs it (GPU):
+  python bench/bench_train_step.py --mem_peak --steps 2 --warmup 3 \
+      --variants ours-loha:opt=adamw8bit:fp8=1,ours-loha:graph=1:gcrng=0:mode=graph:ecalls=1:opt=adamw8bit:fp8=1
 """
 
 from __future__ import annotations
@@ -59,6 +70,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no_gradient_checkpointing", action="store_true")
     p.add_argument("--tiny", action="store_true", help="tiny SDXL config (CPU smoke runs)")
     p.add_argument("--variant_timeout", type=float, default=420.0, help="seconds per variant process")
+    p.add_argument(
+        "--mem_peak", action="store_true", help="report what is live at the peak of allocated memory"
+    )
+    p.add_argument("--mem_entries", type=int, default=1_000_000, help="--mem_peak: allocator events kept")
     p.add_argument("--single", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -151,17 +166,19 @@ def _build_sd_scripts_unet(args):
     return unet, call, 2048, 1280
 
 
-def _load_cuda_graph_module():
-    """library/training/cuda_graph.py by path: sd-* variants put sd-scripts' own `library` package first on sys.path."""
+def _load_by_path(name: str, path: Path):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location(
-        "lohakr_cuda_graph", REPO_ROOT / "library" / "training" / "cuda_graph.py"
-    )
+    spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod  # dataclasses look their module up while the class is built
     spec.loader.exec_module(mod)
     return mod
+
+
+def _load_cuda_graph_module():
+    """library/training/cuda_graph.py by path: sd-* variants put sd-scripts' own `library` package first on sys.path."""
+    return _load_by_path("lohakr_cuda_graph", REPO_ROOT / "library" / "training" / "cuda_graph.py")
 
 
 # sd-scripts' fixed Anima DiT configuration (library/anima_utils.py of the baseline): the real 2B model
@@ -213,6 +230,9 @@ class _Variant:
     graph: bool
     gc_rng: bool
     profile: bool
+    eager_calls: int
+    optimizer: str
+    fp8: bool
 
     @property
     def is_sd(self) -> bool:
@@ -226,6 +246,8 @@ class _Variant:
 def _parse_variant(variant: str, network_args: list[str]) -> _Variant:
     name, *opts = variant.split(":")
     family, _, algo = name.partition("-")
+    if any(o.startswith("opt=") and o not in ("opt=adamw", "opt=adamw8bit") for o in opts):
+        raise SystemExit(f"variant {variant!r}: opt= takes adamw or adamw8bit")
     if name == "floor":
         algo = ""
     net_kwargs = _split_network_args(network_args)
@@ -242,6 +264,9 @@ def _parse_variant(variant: str, network_args: list[str]) -> _Variant:
         graph=net_kwargs.pop("graph", "0") not in _FALSE,
         gc_rng=net_kwargs.pop("gcrng", "1") not in _FALSE,
         profile=net_kwargs.pop("prof", "0") not in _FALSE,
+        eager_calls=int(net_kwargs.pop("ecalls", "0")),
+        optimizer=net_kwargs.pop("opt", "adamw"),
+        fp8=net_kwargs.pop("fp8", "0") not in _FALSE,
         net_kwargs=net_kwargs,
     )
 
@@ -253,7 +278,10 @@ def _build_model(args: argparse.Namespace, v: _Variant, device, dtype):
     builder = builders.get(v.family, _build_diffusers_unet)
     unet, call, ctx_dim, pooled_dim = builder(args)
     unet.requires_grad_(False)
-    unet.to(device=device, dtype=dtype)
+    if v.fp8:
+        _to_fp8_base(unet, v, device, dtype)
+    else:
+        unet.to(device=device, dtype=dtype)
     if not args.no_gradient_checkpointing:
         if v.gc_rng or v.is_sd:
             unet.enable_gradient_checkpointing()
@@ -264,6 +292,46 @@ def _build_model(args: argparse.Namespace, v: _Variant, device, dtype):
             enable_checkpointing_without_rng(unet)
     unet.train()
     return unet, call, ctx_dim, pooled_dim
+
+
+def _to_fp8_base(model, v: _Variant, device, dtype) -> None:
+    """The trainer's --fp8_base: weights stored as float8_e4m3fn (upcast per layer under autocast); SDXL:
+    every Linear/Conv2d, the rest in float32; Anima: the layers `anima_fp8_layer` names, the rest in `dtype`."""
+    import torch
+
+    if v.is_sd:
+        raise SystemExit(f"variant {v.name!r}: fp8=1 is for our models only")
+    from networks.fp8 import apply_fp8_base, cast_keeping_fp8
+
+    if v.is_anima:
+        from library.anima.loading import anima_fp8_layer
+
+        apply_fp8_base(model, include=anima_fp8_layer)
+        cast_keeping_fp8(model, device, dtype)
+        return
+    apply_fp8_base(model)
+    cast_keeping_fp8(model, device, torch.float32)
+
+
+def _make_optimizer(v: _Variant, params: list):
+    """torch's AdamW, or the trainer's AdamW8bit (`opt=adamw8bit`): bitsandbytes' class with our flat update
+    mixed in and laid out now that the network is on its device, as the trainer does (sd-* variants get
+    bitsandbytes' own class, as sd-scripts uses it)."""
+    import torch
+
+    if not params:
+        return None
+    if v.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=1e-4)
+    import bitsandbytes as bnb
+
+    if v.is_sd:
+        return bnb.optim.AdamW8bit(params, lr=1e-4)
+    from library.training import flat_8bit
+
+    optimizer = flat_8bit.flat_class(bnb.optim.AdamW8bit)(params, lr=1e-4)
+    flat_8bit.flatten_optimizer(optimizer)
+    return optimizer
 
 
 def _build_network(args: argparse.Namespace, v: _Variant, unet, device):
@@ -368,14 +436,20 @@ class _Timing:
     reserved_gib: float | None
 
 
-def _time_steps(step, sync, warmup: int, steps: int, device) -> _Timing:
+def _time_steps(step, sync, warmup: int, steps: int, device, mark=None) -> _Timing:
+    """`mark(name)`, when given, is called before the warm-up ("warmup") and before the timed steps
+    ("measured")."""
     import torch
 
+    if mark is not None:
+        mark("warmup")
     t_warm = time.perf_counter()
     for _ in range(warmup):
         step()
     sync()
     warmup_s = time.perf_counter() - t_warm
+    if mark is not None:
+        mark("measured")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()  # reserved memory cannot be reset: it includes the warm-up
     times = []
@@ -409,10 +483,14 @@ def run_single(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     dtype = _dtype(args.dtype)
     torch.manual_seed(0)  # before building: every run starts from the same random init
+    recorder = None
+    if args.mem_peak:  # from before the model is built: its setup allocations get their stacks too
+        mem_record = _load_by_path("lohakr_mem_record", REPO_ROOT / "bench" / "mem_record.py")
+        recorder = mem_record.MemRecorder(device, args.mem_entries, roots=[str(REPO_ROOT)])
 
     unet, call, ctx_dim, pooled_dim = _build_model(args, v, device, dtype)
     network, params, n_modules = _build_network(args, v, unet, device)
-    optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
+    optimizer = _make_optimizer(v, params)
     if v.compile_blocks:
         _compile_blocks(unet, v.compile_mode)
 
@@ -422,10 +500,11 @@ def run_single(args: argparse.Namespace) -> dict:
     autocast = device.type == "cuda" and dtype != torch.float32
     model_call = lambda *t: call(unet, *t)  # noqa: E731
     if v.graph:  # forward and backward of the model replayed as CUDA graphs (the trainer's --cuda_graph)
-        model_call = _load_cuda_graph_module().GraphedCall(model_call, params)
+        model_call = _load_cuda_graph_module().GraphedCall(model_call, params, eager_calls=v.eager_calls)
     step, sync = _make_step(model_call, inputs, optimizer, v.graph, device, dtype, autocast)
 
-    timing = _time_steps(step, sync, args.warmup, args.steps, device)
+    timing = _time_steps(step, sync, args.warmup, args.steps, device, recorder and recorder.mark)
+    mem = {"mem_peak": recorder.report()} if recorder is not None else {}
     top_kernels = _profile_kernels(step, sync) if v.profile else None
     fast = None
     if network is not None and not v.is_sd:
@@ -442,6 +521,7 @@ def run_single(args: argparse.Namespace) -> dict:
         "peak_gib": timing.peak_gib,
         "peak_reserved_gib": timing.reserved_gib,
         "trainable_params": sum(p.numel() for p in params),
+        "optimizer": type(optimizer).__name__ if optimizer is not None else None,
         "modules": n_modules,
         "fast_path_modules": fast,
         "loss": float(timing.loss.detach().float().cpu()),
@@ -449,6 +529,7 @@ def run_single(args: argparse.Namespace) -> dict:
         "warmup_s": round(timing.warmup_s, 2),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         **({"top_kernels": top_kernels} if top_kernels is not None else {}),
+        **mem,
     }
 
 

@@ -14,6 +14,11 @@
 #   loha      issue 20: the LoHa kernels' CUDA tests, bench_loha_delta.py (with --sweep of the
 #             tilings; $OUT/loha_delta.jsonl), then the LoHa graph step with LOHA_KERNEL=off and =on
 #             interleaved twice (rows in $OUT/loha_step.jsonl)
+#   mem       issue 17: what is live at the peak of allocated memory (bench_train_step.py --mem_peak), SDXL
+#             batch 4, 1024², bf16, as the trainer runs it (fp8 base, AdamW8bit with the flat update):
+#             LoHa and LoKr, each graph step (the floors flags, first call of a shape eager) and eager step;
+#             3 warm-up + 2 measured steps, 90 s per variant (MEM_TIMEOUT), the newest MEM_ENTRIES (10^6)
+#             allocator events kept; one row per variant in $OUT/mem_peak.jsonl
 #   gputests  the CUDA-only tests of the graph step, --torch_compile and the Triton kernels (pytest; skipped
 #             on the CPU CI; about 4 minutes, give the call room)
 # Steady s/it leaves out the first WARMUP (8) of STEPS (16) steps: each bucket shape's first step runs
@@ -58,6 +63,11 @@ for part in "$@"; do
                 "--batch 2 --variants anima-floor:$N,anima-lora:$N,anima-lokr:$N,anima-loha:$N"; do
               python3 bench/bench_train_step.py --steps 8 --warmup 3 --variant_timeout 150 $run | grep "^{\|^SUMMARY" | tee -a "$out/floors.jsonl"
             done ;;
+    mem) N=graph=1:gcrng=0:mode=graph T=opt=adamw8bit:fp8=1
+         python3 bench/bench_train_step.py --mem_peak --mem_entries ${MEM_ENTRIES:-1000000} --steps 2 --warmup 3 \
+           --variant_timeout ${MEM_TIMEOUT:-90} --variants \
+           ours-loha:$N:ecalls=1:$T,ours-loha:$T,ours-lokr:$N:ecalls=1:$T,ours-lokr:$T \
+           | grep "^{" | tee -a "$out/mem_peak.jsonl" ;;
     loha) timeout 150 python3 -m pytest -q -p no:cacheprovider tests/networks/test_loha_delta_kernel.py
           timeout 200 python3 bench/bench_loha_delta.py --sweep --out "$out/loha_delta.jsonl"
           N=graph=1:gcrng=0:mode=graph

@@ -48,6 +48,21 @@ def test_train_step_bench_smoke(capsys):
     assert "SUMMARY" in capsys.readouterr().out
 
 
+def test_train_step_bench_trainer_setup_and_mem_peak_on_cpu():
+    """opt=adamw8bit:fp8=1 trains as the trainer does (flat AdamW8bit, fp8 base); --mem_peak needs CUDA."""
+    bench = _load("bench_train_step")
+    common = ["--tiny", "--device", "cpu", "--dtype", "fp32", "--steps", "1", "--warmup", "1"]
+    rows = bench.main([*common, "--variants", "ours-loha:opt=adamw8bit:fp8=1,ours-loha"])
+    trainer, plain = rows
+    assert "error" not in trainer and "error" not in plain, rows
+    assert (trainer["optimizer"], plain["optimizer"]) == ("FlatAdamW8bit", "AdamW")
+    assert trainer["trainable_params"] == plain["trainable_params"] > 0
+    # the fp8 weights change the forward a little (e4m3 keeps 3 mantissa bits), not the loss's scale
+    assert trainer["loss"] != plain["loss"] and abs(trainer["loss"] - plain["loss"]) < 0.1 * plain["loss"]
+    (row,) = bench.main([*common, "--mem_peak", "--variants", "floor"])
+    assert "--mem_peak: needs --device cuda" in row["error"], row
+
+
 def test_train_step_bench_finds_the_graph_step():
     """graph=1 loads the trainer's CUDA-graph module by path (it failed unnoticed after the module moved)."""
     mod = _load("bench_train_step")._load_cuda_graph_module()
