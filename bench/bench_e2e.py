@@ -408,11 +408,13 @@ def profile_table(rows: list[dict]) -> str:
     prof = [(r["run"], r["profile"]) for r in rows if r.get("profile")]
     if not prof:
         return ""
-    lines = ["\n| profiled step | wall s | kernels s (fraction) | by group (s) |", "|---|---|---|---|"]
+    lines = ["\n| profiled step | wall s | kernels s (fraction) | launches | by group (s / launches) |",
+             "|---|---|---|---|---|"]  # fmt: skip
     for run, p in prof:
-        groups = ", ".join(f"{g} {t}" for g, t in p["groups_s"].items())
+        n = p.get("groups_launches", {})  # rows from before the launch counts have none
+        groups = ", ".join(f"{g} {t}" + (f" / {n[g]}" if g in n else "") for g, t in p["groups_s"].items())
         lines.append(f"| {run} (step {p['step']}, {p['activity']}) | {p['wall_s']} | {p['busy_s']} "
-                     f"({p['busy_fraction']}) | {groups} |")  # fmt: skip
+                     f"({p['busy_fraction']}) | {p.get('launches', '')} | {groups} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

@@ -77,13 +77,17 @@ class StepProfiler:
             k[0] += us
             k[1] += 1
         groups: dict[str, float] = {}
-        for name, (us, _) in kernels.items():
+        launches: dict[str, int] = {}  # an eager step that is host-bound shows it in its launch count
+        for name, (us, calls) in kernels.items():
             groups[kernel_group(name)] = groups.get(kernel_group(name), 0.0) + us
+            launches[kernel_group(name)] = launches.get(kernel_group(name), 0) + calls
         busy = sum(groups.values()) / 1e6
         ranked = sorted(kernels.items(), key=lambda kv: -kv[1][0])[: self.top]
         return {"profile": True, "activity": "cuda" if self.cuda else "cpu", "wall_s": round(wall, 4),
                 "busy_s": round(busy, 4), "busy_fraction": round(busy / wall, 3) if wall else None,
                 "groups_s": {g: round(us / 1e6, 4) for g, us in sorted(groups.items(), key=lambda kv: -kv[1])},
+                "launches": sum(launches.values()),
+                "groups_launches": dict(sorted(launches.items(), key=lambda kv: -kv[1])),
                 "top": [{"name": n[:160], "s": round(us / 1e6, 4), "calls": c} for n, (us, c) in ranked]}  # fmt: skip
 
 

@@ -57,6 +57,8 @@ def test_e2e_bench_tiny_cpu(tmp_path, monkeypatch):
     assert prof["step"] == 3 and prof["activity"] == "cpu" and 0 < prof["busy_s"]
     assert math.isclose(sum(prof["groups_s"].values()), prof["busy_s"], rel_tol=1e-3, abs_tol=1e-3)
     assert prof["top"] and prof["top"][0]["calls"] >= 1
+    assert prof["launches"] == sum(prof["groups_launches"].values()) >= sum(t["calls"] for t in prof["top"])
+    assert set(prof["groups_launches"]) == set(prof["groups_s"])
     assert len(r["step_times_s"]) == 3 and r["steady_steps"] == 2
     rest = [r["step_times_s"][0], r["step_times_s"][2]]
     assert abs(r["steady_s_per_it"] - sum(rest) / 2) < 1e-4  # the median of two
