@@ -127,7 +127,7 @@ def _linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         bias = bias.to(dtype)
     if x.dtype != dtype:
         x = x.to(dtype)
-    scale = self._buffers.get(SCALE_NAME)
+    scale = layer_scale(self)
     if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
         return _Fp8Linear.apply(x, self.weight, scale, bias)
     # nothing to differentiate: the node's forward without the node (a custom Function costs host time)

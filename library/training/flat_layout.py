@@ -171,18 +171,15 @@ def sync_steps(fl: Flat) -> None:
 
 def member_state(fl: Flat, m: Member) -> dict[str, Any]:
     """bitsandbytes' per-tensor state entries (its init_state's keys and order), as views of the flat ones."""
-    e0, e1, shape, q = m.start, m.start + m.numel, m.param.shape, fl.quant
-    state: dict[str, Any] = {"step": m.step, "state1": fl.state1[e0:e1].view(shape)}
+    sl, q, shape = _slices(fl, m), fl.quant, m.param.shape
+    state: dict[str, Any] = {"step": m.step, "state1": sl["state1"].view(shape)}
     if q is not None:
         state["qmap1"] = q.qmap1
-    if fl.state2 is not None:
-        state["state2"] = fl.state2[e0:e1].view(shape)
+    if "state2" in sl:
+        state["state2"] = sl["state2"].view(shape)
         if q is not None:
             state["qmap2"] = q.qmap2
-    if q is not None:
-        state["absmax1"] = q.absmax1[m.block : m.block + m.blocks]
-        if q.absmax2 is not None:
-            state["absmax2"] = q.absmax2[m.block : m.block + m.blocks]
+    state.update((k, sl[k]) for k in ("absmax1", "absmax2") if k in sl)
     return state
 
 
