@@ -98,6 +98,19 @@ def test_host_overhead_bench_smoke():
             assert by[(k, b, "plain", v)]["digest"] == by[(k, b, "ckpt", v)]["digest"]
 
 
+def test_host_step_bench_smoke():
+    bench = _load("bench_host_step")
+    rows = bench.main(["--tiny", "--variants", "floor,ours-lora,ours-lokr", "--rounds", "1", "--steps", "1"])
+    by = {r["variant"]: r for r in rows}
+    assert list(by) == ["floor", "ours-lora", "ours-lokr"] and not any("error" in r for r in rows), rows
+    assert all(r["median_s"] > 0 and len(r["times_s"]) == 1 for r in rows)
+    # the op count is exact: each adapted module adds its own ops to the floor's, forward, recompute, backward
+    lora, floor = by["ours-lora"], by["floor"]
+    assert floor["trainable_tensors"] == 0 and lora["modules"] > 0
+    assert lora["kernel_ops"] >= floor["kernel_ops"] + 3 * lora["modules"]
+    assert dict(lora["top_ops"])["addmm_"] >= 2 * lora["modules"]  # the branch into the base output, x2
+
+
 def test_path_bench_smoke():
     bench = _load("bench_paths")
     rows = bench.main(["--device", "cpu", "--model", "tiny", "--rank", "4", "--iters", "1", "--repeats", "1"])

@@ -65,6 +65,8 @@ def scaled_grad(grad: torch.Tensor, scale: Scale) -> torch.Tensor:
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype a matmul on x runs in: autocast's when it is on, else x's own."""
     dev = x.device.type
+    if dev == "meta":  # torch has no autocast there and raises; shape-only runs compute in x's dtype
+        return x.dtype
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
 
 

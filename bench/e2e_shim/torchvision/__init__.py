@@ -2,7 +2,7 @@
 build cannot load (its wheels need CUDA's torch). bench/bench_e2e.py puts it on the path only when asked
 (--torchvision_shim); GPU runs use the real torchvision."""
 
-from . import transforms
+from . import io, transforms
 
 __version__ = "0.0.0+e2e-shim"
-__all__ = ["transforms"]
+__all__ = ["io", "transforms"]

@@ -1,0 +1,1 @@
+"""Empty: transformers imports torchvision.io when torchvision is importable; nothing here calls into it."""
