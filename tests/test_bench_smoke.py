@@ -111,6 +111,19 @@ def test_host_step_bench_smoke():
     assert dict(lora["top_ops"])["addmm_"] >= 2 * lora["modules"]  # the branch into the base output, x2
 
 
+def test_adapter_bounds_inventory_and_order():
+    bench = _load("adapter_bounds")
+    out = bench.main(["--json"])
+    shapes = {(r["out"], r["in"], r["tokens"]): r["layers"] for r in out["shapes"]}
+    # SDXL batch 4 at 1024²: 722 adapted Linear layers; the 1280-wide blocks see 32² latents, text k/v 77 tokens
+    assert out["layers"] == 722 == sum(shapes.values())
+    assert shapes[(1280, 1280, 4096)] == 372 and shapes[(640, 640, 16384)] == 70
+    assert shapes[(1280, 2048, 4 * 77)] == 120
+    r = out["ratio_to_floor"]
+    for algo in ("lora", "lokr", "loha"):
+        assert 1.0 < r[algo + "_bound"] <= r[algo], (algo, r)
+
+
 def test_path_bench_smoke():
     bench = _load("bench_paths")
     rows = bench.main(["--device", "cpu", "--model", "tiny", "--rank", "4", "--iters", "1", "--repeats", "1"])
