@@ -113,11 +113,11 @@ class MemorySampler:
             rss = int(fh.read().split()[1]) * self._page / 2**20
         if rss > self.rss[0]:
             self.rss = (rss, t)
-        torch = sys.modules.get(
-            "torch"
-        )  # only once the trainer has imported it; reading stats launches nothing
-        if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
-            alloc = torch.cuda.memory_allocated() / 2**20
+        # only once the trainer has imported torch (reading stats launches nothing); while its import is
+        # still running, sys.modules already holds the module without its `cuda` attribute
+        cuda = getattr(sys.modules.get("torch"), "cuda", None)
+        if cuda is not None and cuda.is_available() and cuda.is_initialized():
+            alloc = cuda.memory_allocated() / 2**20
             if alloc > self.gpu[0]:
                 self.gpu = (alloc, t)
 

@@ -127,3 +127,17 @@ def test_e2e_log_parsing_and_eager_comparison(tmp_path):
     ]  # fmt: skip
     text = bench.markdown_summary(rows)
     assert "| g | graph (x) | 2 | 1.00e-02 | 5.00e-03 | 5.00e-02 | +300 |" in text
+
+
+def test_memory_sampler_survives_a_torch_still_importing(monkeypatch):
+    # the sampler's thread starts before the trainer imports torch; mid-import, sys.modules already holds a
+    # torch module without its `cuda` attribute (the session-13 GPU run lost its sampler thread that way)
+    import types
+
+    spec = importlib.util.spec_from_file_location("e2e_child_t", ROOT / "bench" / "e2e_child.py")
+    child = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(child)
+    monkeypatch.setitem(sys.modules, "torch", types.ModuleType("torch"))
+    sampler = child.MemorySampler(t0=0.0)
+    sampler.sample()
+    assert sampler.rss[0] > 0 and sampler.gpu == (0.0, None)
