@@ -9,7 +9,9 @@ branch GEMM accumulates into the base output (addmm, β = 1) and, in backward, t
 accumulates into the base's grad x the same way; LoRA saves its N×r product L instead of recomputing it.
 
 The factors come in their own dtype (fp32 parameters) with s as a Python float: the casts to the compute
-dtype, with s folded into one of them, and the casts of their grads back run inside the node. In eager mode
+dtype, with s folded into one of them, and the casts of their grads back run inside the node. Where a rule
+has a raw build (DeltaRule.raw_build: LoHa's and full LoKr's Triton kernels) the forward casts run inside its
+kernel, which writes the same casts and ΔW bit for bit in one launch. In eager mode
 each autograd op costs host time (dispatch, an autograd node, a launch), and SDXL has ~800 adapted layers
 run twice a step under gradient checkpointing, so the branch is one node instead of five to twelve.
 Every term is the same product as in plain autograd, so results match it to rounding (fp64-exact).

@@ -6,7 +6,10 @@ about twenty passes over the O×I matrices a layer a step. Here the thin factors
 tile and the products formed on chip, so the O×I traffic is one write (build) or one read of G (grads):
 
 - build: a tile of ΔW = (A1·B1) ⊙ (A2·B2), both products accumulated in fp32, their Hadamard product
-  rounded once to the factors' dtype;
+  rounded once to the factors' dtype. From fp32 factors (try_build_raw, the fused node's raw build) it
+  casts them itself, s·A1 in fp32 rounded once as cast_scaled rounds it, uses those values as the products'
+  operands and writes them out (the node saves them for backward): the casts' four launches a build
+  disappear, and ΔW and the casts are those of casting first, bit for bit;
 - grads: per tile of G, P1 and P2 recomputed in fp32, M1 = G⊙P2 and M2 = G⊙P1 in fp32, passed to the
   tensor cores in the factors' dtype as a rounded part plus the rounded rest (so only the final rounding
   of each grad remains; fp32 factors take M as it is), then the four partial products
@@ -30,6 +33,9 @@ import torch
 from networks.kernels.triton_common import ROUNDED, enabled, same_device_kind, triton
 
 ENV = "LOHA_KERNEL"  # on (default where usable) | off: the torch path everywhere
+# on (default) | off: the fused node casts the factors in launches of their own before the build kernel (the
+# A/B of try_build_raw alone; LOHA_KERNEL=off switches off all the LoHa kernels)
+RAW_ENV = "LOHA_RAW_CAST"
 MAX_RANK = 128  # one padded rank block per tile; larger ranks would spill the registers
 
 
@@ -282,8 +288,13 @@ def try_build_raw(
 ) -> tuple[torch.Tensor, list[torch.Tensor]] | None:
     """From fp32 factors: (ΔW, the factors cast to `dtype` with s on w1a), bit for bit what cast_scaled of each
     and `try_build` of those give, in one launch; None where `usable` does not take the call. A factor that
-    cast_scaled would hand back as it is (fp32 compute dtype, s = 1 off w1a) comes back as it is."""
-    if not usable(None, factors, dtype) or factors[0].shape[0] == 0 or factors[1].shape[1] == 0:
+    cast_scaled would hand back as it is (fp32 compute dtype, s = 1 off w1a) comes back as it is. Also None
+    with LOHA_RAW_CAST=off."""
+    if (
+        not (enabled(RAW_ENV) and usable(None, factors, dtype))
+        or factors[0].shape[0] == 0
+        or factors[1].shape[1] == 0
+    ):
         return None  # (an empty ΔW launches nothing, so nothing would write the casts)
     w1a, w1b, w2a, w2b = factors
     same = dtype == w1a.dtype

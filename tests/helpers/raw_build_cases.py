@@ -149,6 +149,11 @@ def fallbacks(device: str) -> dict:
         out["loha_autocast_other_dtype"] = loha(f)
     with switched_off(loha_delta.ENV):
         out["loha_switched_off"] = loha(f)
+    with switched_off(loha_delta.RAW_ENV):  # the casts alone switched off: the build kernel still runs
+        out["loha_raw_cast_off"] = loha(f)
+        out["loha_build_kernel_with_raw_cast_off"] = (
+            loha_delta.try_build(casts(LOHA_RULE, f, bf16, 0.5)) is not None
+        )
     with switched_off(kron_delta.ENV):
         out["lokr_switched_off"] = lokr(k)
     return out

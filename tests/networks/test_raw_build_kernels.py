@@ -62,6 +62,7 @@ def test_calls_the_kernels_do_not_take_fall_back(interp):
         "loha_empty": False, "lokr_empty": False, "lokr_three_d": False, "lokr_three_factors": False,
         "loha_records_autograd": False, "lokr_records_autograd": False, "low_rank_rules": [True, True, True],
         "loha_autocast_other_dtype": False, "loha_switched_off": False, "lokr_switched_off": False,
+        "loha_raw_cast_off": False, "loha_build_kernel_with_raw_cast_off": True,
     }  # fmt: skip
 
 
