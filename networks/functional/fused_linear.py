@@ -9,7 +9,9 @@ branch GEMM accumulates into the base output (addmm, β = 1) and, in backward, t
 accumulates into the base's grad x the same way; LoRA saves its N×r product L instead of recomputing it.
 
 The factors come in their own dtype (fp32 parameters) with s as a Python float: the casts to the compute
-dtype, with s folded into one of them, and the casts of their grads back run inside the node. In eager mode
+dtype, with s folded into one of them, and the casts of their grads back run inside the node. Where a rule
+has a raw build (DeltaRule.raw_build: LoHa's and full LoKr's Triton kernels) the forward casts run inside its
+kernel, which writes the same casts and ΔW bit for bit in one launch. In eager mode
 each autograd op costs host time (dispatch, an autograd node, a launch), and SDXL has ~800 adapted layers
 run twice a step under gradient checkpointing, so the branch is one node instead of five to twelve.
 Every term is the same product as in plain autograd, so results match it to rounding (fp64-exact).
@@ -139,19 +141,40 @@ def adapter_linear(
     return AdapterLinear.apply(x, weight, w_scale, bias, down, up, scale)
 
 
+# (raw factors, compute dtype, s) → (ΔW, the cast factors) or None: see DeltaRule
+RawBuild = Callable[[Sequence[Tensor], torch.dtype, float], tuple[Tensor, list[Tensor]] | None]
+
+
 @dataclass(frozen=True)
 class DeltaRule:
     """How ΔW (O, I) comes from an algorithm's factors, as two pure functions of the factors already cast to
     the compute dtype with s folded into factor `scaled_index`:
 
     - build(factors) → ΔW;
-    - grads(grad_ΔW, factors, needs) → the grads of those cast factors (None where `needs` is False).
+    - grads(grad_ΔW, factors, needs) → the grads of those cast factors (None where `needs` is False);
+    - raw_build(raw factors, dtype, s), optional → (ΔW, the cast factors), both bit for bit what the casts
+      and build give, from one kernel that casts in registers (each cast would be a launch of its own), or
+      None where that kernel does not take the call.
     """
 
     name: str
     build: Callable[[Sequence[Tensor]], Tensor]
     grads: Callable[[Tensor, Sequence[Tensor], Sequence[bool]], Sequence[Tensor | None]]
     scaled_index: int = 0
+    raw_build: RawBuild | None = None
+
+    def build_cast(
+        self, factors: Sequence[Tensor], dtype: torch.dtype, scale: float
+    ) -> tuple[Tensor, list[Tensor]]:
+        """(ΔW, the factors cast to `dtype` with s folded into `scaled_index`) from the raw factors: raw_build
+        where it takes them, else the casts and build."""
+        built = None if self.raw_build is None else self.raw_build(factors, dtype, scale)
+        if built is not None:
+            return built
+        cast = [
+            cast_scaled(f, dtype, scale if i == self.scaled_index else 1.0) for i, f in enumerate(factors)
+        ]
+        return self.build(cast), cast
 
 
 class RebuildLinear(torch.autograd.Function):
@@ -166,10 +189,7 @@ class RebuildLinear(torch.autograd.Function):
         dtype = x.dtype
         ctx.rule, ctx.scale = rule, scale
         ctx.factor_dtypes = [f.dtype for f in factors]
-        cast = [
-            cast_scaled(f, dtype, scale if i == rule.scaled_index else 1.0) for i, f in enumerate(factors)
-        ]
-        delta = rule.build(cast)
+        delta, cast = rule.build_cast(factors, dtype, scale)
         if delta.shape != weight.shape:
             raise ValueError(
                 f"rebuild_linear: the {rule.name} factors give ΔW {tuple(delta.shape)}, the layer weight is "

@@ -98,8 +98,9 @@ def hada_grads(
     return out
 
 
-# the fused Linear node's rule (functional/fused_linear.py): s rides on w1a
-LOHA_RULE = DeltaRule("loha", hada_delta, hada_grads, scaled_index=0)
+# the fused Linear node's rule (functional/fused_linear.py): s rides on w1a; on CUDA the build kernel casts
+# the fp32 factors itself (four cast launches fewer per build)
+LOHA_RULE = DeltaRule("loha", hada_delta, hada_grads, scaled_index=0, raw_build=loha_delta.try_build_raw)
 
 
 def tucker_half(t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:

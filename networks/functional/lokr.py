@@ -8,6 +8,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from networks.kernels import kron_delta
+
 from .common import Scale, autocast_like_forward, save_autocast_state, scaled_grad
 from .fused_linear import DeltaRule
 
@@ -190,7 +192,10 @@ def _lokr_rule(w1_lowrank: bool, w2_lowrank: bool) -> DeltaRule:
         return out
 
     name = f"lokr (w1 {'low-rank' if w1_lowrank else 'full'}, w2 {'low-rank' if w2_lowrank else 'full'})"
-    return DeltaRule(name, build, grads, scaled_index=0)
+    # full/full (most of SDXL's LoKr layers): on CUDA one kernel casts the factors and writes kron (two cast
+    # launches fewer per build); a low-rank half keeps the casts and torch's products
+    raw = kron_delta.try_build_raw if not (w1_lowrank or w2_lowrank) else None
+    return DeltaRule(name, build, grads, scaled_index=0, raw_build=raw)
 
 
 LOKR_RULES = {(l1, l2): _lokr_rule(l1, l2) for l1 in (False, True) for l2 in (False, True)}

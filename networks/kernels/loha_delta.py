@@ -6,7 +6,10 @@ about twenty passes over the O×I matrices a layer a step. Here the thin factors
 tile and the products formed on chip, so the O×I traffic is one write (build) or one read of G (grads):
 
 - build: a tile of ΔW = (A1·B1) ⊙ (A2·B2), both products accumulated in fp32, their Hadamard product
-  rounded once to the factors' dtype;
+  rounded once to the factors' dtype. From fp32 factors (try_build_raw, the fused node's raw build) it
+  casts them itself, s·A1 in fp32 rounded once as cast_scaled rounds it, uses those values as the products'
+  operands and writes them out (the node saves them for backward): the casts' four launches a build
+  disappear, and ΔW and the casts are those of casting first, bit for bit;
 - grads: per tile of G, P1 and P2 recomputed in fp32, M1 = G⊙P2 and M2 = G⊙P1 in fp32, passed to the
   tensor cores in the factors' dtype as a rounded part plus the rounded rest (so only the final rounding
   of each grad remains; fp32 factors take M as it is), then the four partial products
@@ -27,9 +30,12 @@ from typing import NamedTuple
 
 import torch
 
-from networks.kernels.triton_common import ROUNDED, enabled, interpreting, triton
+from networks.kernels.triton_common import ROUNDED, enabled, same_device_kind, triton
 
 ENV = "LOHA_KERNEL"  # on (default where usable) | off: the torch path everywhere
+# on (default) | off: the fused node casts the factors in launches of their own before the build kernel (the
+# A/B of try_build_raw alone; LOHA_KERNEL=off switches off all the LoHa kernels)
+RAW_ENV = "LOHA_RAW_CAST"
 MAX_RANK = 128  # one padded rank block per tile; larger ranks would spill the registers
 
 
@@ -75,13 +81,39 @@ if triton is not None:
         return tl.load(ptr + rr[:, None] * n_in + ri[None, :], mask=mask, other=0.0)
 
     @triton.jit
-    def _build_kernel(a1_ptr, b1_ptr, a2_ptr, b2_ptr, out_ptr, n_out, n_in, rank, OUT: tl.constexpr,
-                      WIDEN: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr, RP: tl.constexpr):  # fmt: skip
-        ro = tl.program_id(0).to(tl.int64) * BO + tl.arange(0, BO)
-        ri = tl.program_id(1).to(tl.int64) * BI + tl.arange(0, BI)
+    def _load_cast(ptr, rows, cols, n_rows, n_cols, cast_ptr, scale, mine, OUT: tl.constexpr,
+                   CAST: tl.constexpr, SCALED: tl.constexpr, STORE: tl.constexpr):  # fmt: skip
+        """A (rows, cols) block of a row-major (n_rows, n_cols) factor, padded with zeros. CAST: the fp32
+        block as cast_scaled gives it in the compute dtype (times s where SCALED, in fp32, rounded once);
+        STORE: that block also written to `cast_ptr`, by the one program that owns it (`mine`)."""
+        mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+        offs = rows[:, None] * n_cols + cols[None, :]
+        x = tl.load(ptr + offs, mask=mask, other=0.0)
+        if CAST:
+            if SCALED:
+                x = x * scale
+            x = round_to(x, OUT).to(cast_ptr.dtype.element_ty)
+            if STORE:
+                tl.store(cast_ptr + offs, x, mask=mask & mine)
+        return x
+
+    @triton.jit
+    def _build_kernel(a1_ptr, b1_ptr, a2_ptr, b2_ptr, out_ptr, c1_ptr, c2_ptr, c3_ptr, c4_ptr, scale, n_out,
+                      n_in, rank, OUT: tl.constexpr, WIDEN: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr,
+                      RP: tl.constexpr, CAST: tl.constexpr, SCALED: tl.constexpr, STORE_A1: tl.constexpr,
+                      STORE_REST: tl.constexpr):  # fmt: skip
+        # CAST: the factors come raw (fp32) and are cast here, each A block stored by the programs of the first
+        # column of tiles, each B block by those of the first row (c*_ptr: the cast copies)
+        pid_o, pid_i = tl.program_id(0), tl.program_id(1)
+        ro = pid_o.to(tl.int64) * BO + tl.arange(0, BO)
+        ri = pid_i.to(tl.int64) * BI + tl.arange(0, BI)
         rr = tl.arange(0, RP)
-        p1 = _mm(_load_a(a1_ptr, ro, rr, n_out, rank), _load_b(b1_ptr, rr, ri, rank, n_in), WIDEN, OUT == 2)
-        p2 = _mm(_load_a(a2_ptr, ro, rr, n_out, rank), _load_b(b2_ptr, rr, ri, rank, n_in), WIDEN, OUT == 2)
+        a1 = _load_cast(a1_ptr, ro, rr, n_out, rank, c1_ptr, scale, pid_i == 0, OUT, CAST, SCALED, STORE_A1)
+        b1 = _load_cast(b1_ptr, rr, ri, rank, n_in, c2_ptr, scale, pid_o == 0, OUT, CAST, False, STORE_REST)
+        a2 = _load_cast(a2_ptr, ro, rr, n_out, rank, c3_ptr, scale, pid_i == 0, OUT, CAST, False, STORE_REST)
+        b2 = _load_cast(b2_ptr, rr, ri, rank, n_in, c4_ptr, scale, pid_o == 0, OUT, CAST, False, STORE_REST)
+        p1 = _mm(a1, b1, WIDEN, OUT == 2)
+        p2 = _mm(a2, b2, WIDEN, OUT == 2)
         delta = round_to(p1 * p2, OUT)
         mask = (ro[:, None] < n_out) & (ri[None, :] < n_in)
         tl.store(out_ptr + ro[:, None] * n_in + ri[None, :], delta.to(out_ptr.dtype.element_ty), mask=mask)
@@ -155,31 +187,31 @@ if triton is not None:
             tl.store(pa2_ptr + offs, acc2, mask=amask)
 
 
-def _same_device_kind(tensors: Sequence[torch.Tensor]) -> bool:
-    """All on one CUDA device, or all on the CPU while the interpreter runs."""
-    if all(t.is_cuda for t in tensors):
-        return len({t.device for t in tensors}) == 1
-    return interpreting() and all(t.device.type == "cpu" for t in tensors)
-
-
-def usable(grad: torch.Tensor | None, factors: Sequence[torch.Tensor]) -> bool:
+def usable(
+    grad: torch.Tensor | None, factors: Sequence[torch.Tensor], dtype: torch.dtype | None = None
+) -> bool:
     """Whether a LoHa build (grad None) or grads call takes the kernel: Triton importable, LOHA_KERNEL not
     off, not under torch.compile; four 2-D factors (O, r), (r, I), (O, r), (r, I) with r ≤ MAX_RANK and a
     grad (O, I), all of one dtype in ROUNDED, on CUDA (or the CPU under the interpreter). Not while autograd
     records through the factors (the kernel's output has no graph), nor under an autocast to another dtype
-    (torch's path would compute in that dtype)."""
+    (torch's path would compute in that dtype). `dtype`: a build that casts contiguous fp32 factors to this
+    compute dtype itself (try_build_raw); None: the factors' own."""
     if len(factors) != 4 or not enabled(ENV):
         return False
     w1a, w1b, w2a, w2b = factors
     tensors = [*factors] if grad is None else [*factors, grad]
-    dtype = w1a.dtype
-    if dtype not in ROUNDED or any(t.dtype != dtype or t.dim() != 2 for t in tensors):
+    own = w1a.dtype
+    if dtype is None:
+        dtype = own
+    elif own != torch.float32 or not all(f.is_contiguous() for f in factors):
+        return False  # a cast of a strided factor keeps its strides: not what the kernel writes
+    if dtype not in ROUNDED or any(t.dtype != own or t.dim() != 2 for t in tensors):
         return False
     if w1a.shape != w2a.shape or w1b.shape != w2b.shape or w1a.shape[1] != w1b.shape[0]:
         return False
     if not 1 <= w1a.shape[1] <= MAX_RANK or (grad is not None and grad.shape != (w1a.shape[0], w1b.shape[1])):
         return False
-    if not _same_device_kind(tensors):
+    if not same_device_kind(tensors):
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
@@ -251,16 +283,43 @@ def try_build(factors: Sequence[torch.Tensor]) -> torch.Tensor | None:
     return _build(*[f.contiguous() for f in factors])
 
 
-def _build(w1a: torch.Tensor, w1b: torch.Tensor, w2a: torch.Tensor, w2b: torch.Tensor,
-           tiles: Tiles | None = None) -> torch.Tensor:  # fmt: skip
+def try_build_raw(
+    factors: Sequence[torch.Tensor], dtype: torch.dtype, scale: float
+) -> tuple[torch.Tensor, list[torch.Tensor]] | None:
+    """From fp32 factors: (ΔW, the factors cast to `dtype` with s on w1a), bit for bit what cast_scaled of each
+    and `try_build` of those give, in one launch; None where `usable` does not take the call. A factor that
+    cast_scaled would hand back as it is (fp32 compute dtype, s = 1 off w1a) comes back as it is. Also None
+    with LOHA_RAW_CAST=off."""
+    if (
+        not (enabled(RAW_ENV) and usable(None, factors, dtype))
+        or factors[0].shape[0] == 0
+        or factors[1].shape[1] == 0
+    ):
+        return None  # (an empty ΔW launches nothing, so nothing would write the casts)
+    w1a, w1b, w2a, w2b = factors
+    same = dtype == w1a.dtype
+    cast = [f if same and (k > 0 or scale == 1.0) else torch.empty_like(f, dtype=dtype)
+            for k, f in enumerate(factors)]  # fmt: skip
+    return _build(w1a, w1b, w2a, w2b, cast=(cast, scale)), cast
+
+
+def _build(w1a: torch.Tensor, w1b: torch.Tensor, w2a: torch.Tensor, w2b: torch.Tensor, tiles: Tiles | None = None,
+           cast: tuple[list[torch.Tensor], float] | None = None) -> torch.Tensor:  # fmt: skip
+    """ΔW from factors in the compute dtype, or (`cast`: the targets of their casts, s) from fp32 factors that
+    the kernel casts, writing the targets that are not the factors themselves."""
+    targets, scale = cast if cast is not None else ([w1a] * 4, 1.0)
+    dtype = targets[0].dtype
     (o, r), i = w1a.shape, w1b.shape[1]
-    out = torch.empty(o, i, dtype=w1a.dtype, device=w1a.device)
+    out = torch.empty(o, i, dtype=dtype, device=w1a.device)
     if out.numel() == 0:
         return out
     t = tiles or build_tiles(o, i, w1a.device)
     grid = (triton.cdiv(o, t.bo), triton.cdiv(i, t.bi))
-    _build_kernel[grid](w1a, w1b, w2a, w2b, out, o, i, r, OUT=ROUNDED.index(w1a.dtype), WIDEN=_widen(w1a),
-                        BO=t.bo, BI=t.bi, RP=_rank_block(r), num_warps=t.warps)  # fmt: skip
+    stores = [c is not f for c, f in zip(targets, (w1a, w1b, w2a, w2b))] if cast is not None else [False] * 4
+    _build_kernel[grid](w1a, w1b, w2a, w2b, out, *targets, scale, o, i, r, OUT=ROUNDED.index(dtype),
+                        WIDEN=_widen(out), BO=t.bo, BI=t.bi, RP=_rank_block(r), CAST=cast is not None,
+                        SCALED=scale != 1.0, STORE_A1=stores[0], STORE_REST=stores[1],
+                        num_warps=t.warps)  # fmt: skip
     return out
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -35,6 +35,13 @@ def enabled(env: str) -> bool:
     if triton is None or os.environ.get(env, "on") == "off":
         return False
     return not torch.compiler.is_compiling()
+
+
+def same_device_kind(tensors: Sequence[torch.Tensor]) -> bool:
+    """All on one CUDA device, or all on the CPU while the interpreter runs."""
+    if all(t.is_cuda for t in tensors):
+        return len({t.device for t in tensors}) == 1
+    return interpreting() and all(t.device.type == "cpu" for t in tensors)
 
 
 @contextlib.contextmanager

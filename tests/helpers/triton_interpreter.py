@@ -23,7 +23,7 @@ from networks.kernels.triton_common import interpreting
 ROOT = Path(__file__).resolve().parents[2]
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 # the kernels' own on/off variables: default (on) in the child
-SWITCHES = ("ANIMA_KERNELS", "FP8_DEQUANT_KERNEL", "LOHA_KERNEL")
+SWITCHES = ("ANIMA_KERNELS", "FP8_DEQUANT_KERNEL", "KRON_KERNEL", "LOHA_KERNEL", "LOHA_RAW_CAST")
 # the CUDA tests run the kernels natively: a GPU, Triton, and not the interpreter in this process
 ON_GPU = torch.cuda.is_available() and HAS_TRITON and not interpreting()
 needs_gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device and Triton (and no TRITON_INTERPRET)")
