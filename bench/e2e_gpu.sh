@@ -2,7 +2,7 @@
 # The GPU machine's end-to-end run (issue 17). Needs .whl/ and baselines/sd-scripts carried with the call
 # (see docs/benchmarks.md "End-to-end CLI benchmark"). Usage: bash bench/e2e_gpu.sh PART... (in order)
 #   sdxl      SDXL LoHa/LoKr batch 4, 4 bucket shapes: ours eager + graph, sd-scripts eager
-#   sdxl_def  SDXL LoKr (ALGOS) batch 4: ours graph step, sd-scripts eager
+#   sdxl_def  SDXL LoKr (ALGOS) batch 4: ours graph step, sd-scripts eager (DEF_BUDGET s each, 150)
 #   curve     SDXL LoKr batch 1, 8 bucket shapes, 56 steps: ours eager vs graph (the evidence the graph
 #             step needs before GRAPH_STEP_IS_DEFAULT turns it on: loss curve, captures, peak memory)
 #   anima     Anima LoKr batch 2: ours eager + graph, sd-scripts eager
@@ -25,6 +25,7 @@
 # eagerly and its second captures the graph, so with 4 shapes the replays start by step 9.
 # SAMPLE_EVERY=N samples one 1024² prompt (20 steps) every N steps in every run (sampling at real size).
 # PROFILE_STEP=K profiles step K+1 of every run (torch.profiler: kernel time per group, in the summary).
+# BUDGET-style limits count from the first run, after the one-time model and dataset writing.
 # TAG=name suffixes every run's name (variants of one command side by side, e.g. an env switch).
 # CACHE=off runs without --cache_latents / --cache_text_encoder_outputs (default on).
 # Results accumulate in /tmp/e2e (e2e.jsonl; e2e_summary.md covers every run there) and are copied to $OUT.
@@ -45,8 +46,8 @@ for part in "$@"; do
     sdxl) $B --models sdxl --algos ${ALGOS:-loha,lokr} --batches 4 --modes eager,graph --impl ours,sd-scripts \
             --steps ${STEPS:-16} --budget_s ${BUDGET:-330} ;;
     sdxl_def) $B --models sdxl --algos ${ALGOS:-lokr} --batches 4 --modes graph --impl ours --steps ${STEPS:-16} \
-            --budget_s 90 && $B --models sdxl --algos ${ALGOS:-lokr} --batches 4 --modes eager --impl sd-scripts \
-            --steps ${STEPS:-16} --budget_s 90 ;;
+            --budget_s ${DEF_BUDGET:-150} && $B --models sdxl --algos ${ALGOS:-lokr} --batches 4 --modes eager \
+            --impl sd-scripts --steps ${STEPS:-16} --budget_s ${DEF_BUDGET:-150} ;;
     curve) $B --models sdxl --algos lokr --batches 1 --shapes 8 --modes eager,graph --impl ours \
             --steps 56 --budget_s ${CURVE_BUDGET:-280} ;;
     anima) $B --models anima --algos ${ALGOS:-lokr} --anima_batches 2 --modes eager,graph \
