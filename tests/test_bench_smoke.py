@@ -100,9 +100,10 @@ def test_host_overhead_bench_smoke():
 
 def test_host_step_bench_smoke():
     bench = _load("bench_host_step")
-    rows = bench.main(["--tiny", "--variants", "floor,ours-lora,ours-lokr", "--rounds", "1", "--steps", "1"])
+    # each variant is a process of its own (imports included): two keep the smoke short
+    rows = bench.main(["--tiny", "--variants", "floor,ours-lora", "--rounds", "1", "--steps", "1"])
     by = {r["variant"]: r for r in rows}
-    assert list(by) == ["floor", "ours-lora", "ours-lokr"] and not any("error" in r for r in rows), rows
+    assert list(by) == ["floor", "ours-lora"] and not any("error" in r for r in rows), rows
     assert all(r["median_s"] > 0 and len(r["times_s"]) == 1 for r in rows)
     # the op count is exact: each adapted module adds its own ops to the floor's, forward, recompute, backward
     lora, floor = by["ours-lora"], by["floor"]
