@@ -83,17 +83,13 @@ def layer_inventory(model: str, batch: int, resolution: int) -> Counter:
     return seen
 
 
-def _time(flops: float, nbytes: float, model, gap: bool = True) -> float:
-    return max(flops / model.flops_per_s, nbytes / model.bytes_per_s) + (model.gap_s if gap else 0.0)
-
-
 def per_layer(o: int, i: int, n: int, rank: int) -> dict[str, float]:
     from networks.functional import dispatch
     from networks.functional.lokr import factorization
 
     g = dispatch.GRAPH
-    gemm = 2.0 * n * o * i, ACT * (n * i + o * i + n * o)
-    floor = 3 * _time(*gemm, g)
+    gemm = dispatch._gemm(n, o, i)
+    floor = 3 * dispatch.kernel_seconds(gemm, g)
     a, b = factorization(o)
     c, d = factorization(i)
     w2_rank = rank if rank < max(b, d) / 2 else None
@@ -110,10 +106,10 @@ def per_layer(o: int, i: int, n: int, rank: int) -> dict[str, float]:
         (2.0 * n * o * rank, ACT * (n * o + n * rank)),
         (2.0 * n * i * rank, ACT * (n * i + n * rank)),
     ]
-    lora = sum(_time(*k, g) for k in thin_fwd * 2 + thin_bwd)
+    lora = sum(dispatch.kernel_seconds(k, g) for k in thin_fwd * 2 + thin_bwd)
     # bandwidth floor of an exact fused branch (see the module docstring), no gaps
     passes = 2 * (n * i + 2 * n * o) + (n * o + 2 * n * i) + (n * i + n * o)
-    fused_floor = _time(0.0, ACT * passes, g, gap=False)
+    fused_floor = dispatch.kernel_seconds((0.0, ACT * passes), g, gap=False)
     return {
         "floor_gemms": floor,
         "lora": lora,
@@ -123,7 +119,7 @@ def per_layer(o: int, i: int, n: int, rank: int) -> dict[str, float]:
         "lokr_bound": fused_floor,
         # ΔW = (A1·B1)⊙(A2·B2) has rank up to r²: its branch is GEMM work, x·ΔWᵀ twice and grad x, grad ΔW
         # once; everything else (building ΔW, the factor grads) taken as free, as if fused into those GEMMs
-        "loha_bound": min(4 * _time(*gemm, g, gap=False), loha),
+        "loha_bound": min(4 * dispatch.kernel_seconds(gemm, g, gap=False), loha),
     }
 
 

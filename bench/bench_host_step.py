@@ -28,7 +28,6 @@ import collections
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -130,25 +129,20 @@ def run_single(args: argparse.Namespace) -> dict:
 
 
 def _child(args: argparse.Namespace, argv: list[str], variant: str) -> dict:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    import bench_train_step as bts
+
+    env = dict(os.environ)
     if variant.startswith("sd"):
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE / "e2e_shim"), env.get("PYTHONPATH")]))
     cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--single", variant]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.variant_timeout)
-    except subprocess.TimeoutExpired:
-        return {"variant": variant, "error": f"timed out after {args.variant_timeout} s"}
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH ")), None)
-    if proc.returncode != 0 or line is None:
-        return {"variant": variant, "error": (proc.stderr or proc.stdout)[-1200:]}
-    return json.loads(line[len("BENCH ") :])
+    return bts.run_child(variant, cmd, args.variant_timeout, env)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     argv = list(argv if argv is not None else sys.argv[1:])
     args = parse_args(argv)
+    sys.path.insert(0, str(HERE))
     if args.single:
-        sys.path.insert(0, str(HERE))
         print("BENCH " + json.dumps(run_single(args)), flush=True)
         return []
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]

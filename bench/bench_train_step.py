@@ -449,6 +449,19 @@ def _profile_kernels(step, sync, top: int = 60) -> list:
     return [["TOTAL", total, sum(r[2] for r in rows)]] + rows[:top]
 
 
+def run_child(variant: str, cmd: list[str], timeout: float, env: dict | None = None) -> dict:
+    """One variant's process: the dict it prints after "BENCH ", or {variant, error} (its output's tail)."""
+    env = {**(env if env is not None else os.environ), "PYTHONUNBUFFERED": "1"}
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"variant": variant, "error": f"timed out after {timeout} s"}
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH ")), None)
+    if proc.returncode != 0 or line is None:
+        return {"variant": variant, "error": (proc.stderr or proc.stdout)[-1200:]}
+    return json.loads(line[len("BENCH ") :])
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     if args.single:
@@ -458,25 +471,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     base_argv = [a for a in (argv if argv is not None else sys.argv[1:])]
     for variant in [v.strip() for v in args.variants.split(",") if v.strip()]:
         cmd = [sys.executable, str(Path(__file__).resolve()), *base_argv, "--single", variant]
-        try:
-            proc = subprocess.run(
-                cmd,
-                capture_output=True,
-                text=True,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                timeout=args.variant_timeout,
-            )
-        except subprocess.TimeoutExpired:
-            result = {"variant": variant, "error": f"timed out after {args.variant_timeout} s"}
-            results.append(result)
-            print(json.dumps(result), flush=True)
-            continue
-        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH ")), None)
-        if proc.returncode != 0 or line is None:
-            err = (proc.stderr or proc.stdout)[-1200:]
-            result = {"variant": variant, "error": err}
-        else:
-            result = json.loads(line[len("BENCH ") :])
+        result = run_child(variant, cmd, args.variant_timeout)
         results.append(result)
         print(json.dumps(result), flush=True)
     floors = {

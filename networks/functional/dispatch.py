@@ -54,9 +54,15 @@ class PathCost:
     host_ops: int  # eager ops per step (forward twice + backward), from bench/bench_paths.py at small N
 
 
+def kernel_seconds(kernel: Kernel, model: DeviceModel, gap: bool = True) -> float:
+    """Modelled GPU time of one kernel: bound by its FLOPs or its bytes, plus the launch gap."""
+    flops, nbytes = kernel
+    return max(flops / model.flops_per_s, nbytes / model.bytes_per_s) + (model.gap_s if gap else 0.0)
+
+
 def _cost(path: PathCost, model: DeviceModel) -> float:
     kernels = path.forward * FORWARDS_PER_STEP + path.backward
-    gpu = sum(max(f / model.flops_per_s, b / model.bytes_per_s) + model.gap_s for f, b in kernels)
+    gpu = sum(kernel_seconds(k, model) for k in kernels)
     return max(gpu, path.host_ops * model.op_overhead_s)
 
 
@@ -199,6 +205,7 @@ __all__ = [
     "DeviceModel",
     "choose_loha_path",
     "choose_lokr_path",
+    "kernel_seconds",
     "loha_linear_costs",
     "lokr_linear_costs",
 ]
