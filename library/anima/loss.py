@@ -103,6 +103,7 @@ def flow_matching_loss(
     n = torch.randn_like(x0) if noise is None else noise.to(x0)
     s = sample_sigmas(cfg, b, (h, w)) if sigmas is None else sigmas
     s = s.to(x0.device, torch.float32)
+    loss_weights = loss_weights.to(x0.device)  # uploads before the forward: none after it
     s4 = s.view(-1, 1, 1, 1)
     gamma = cfg.ip_noise_gamma
     noisy_n = n + gamma * torch.randn_like(n) if gamma else n
@@ -113,5 +114,5 @@ def flow_matching_loss(
     pred = dit(x_s.to(weight_dtype)[:, :, None], t, context_fn())[:, :, 0].float()
     target = n - x0
     loss = elementwise_loss(pred, target, cfg.loss_type, cfg.huber_c)
-    loss = loss * loss_weighting(cfg.weighting_scheme, s).view(-1, 1, 1, 1).to(loss)
-    return loss.mean(dim=(1, 2, 3)) * loss_weights.to(loss)
+    loss = loss * loss_weighting(cfg.weighting_scheme, s).view(-1, 1, 1, 1).to(loss.dtype)
+    return loss.mean(dim=(1, 2, 3)) * loss_weights.to(loss.dtype)

@@ -105,9 +105,13 @@ class VideoRopePosition3DEmb(nn.Module):
             raise ValueError(
                 f"latent grid {t}x{h}x{w} patches exceeds the RoPE maximum {self.max_t}x{self.max_h}x{self.max_w}"
             )
-        ft = torch.outer(torch.arange(t, device=device, dtype=torch.float32), self.freq_t.to(device))
-        fh = torch.outer(torch.arange(h, device=device, dtype=torch.float32), self.freq_h.to(device))
-        fw = torch.outer(torch.arange(w, device=device, dtype=torch.float32), self.freq_w.to(device))
+        # the buffers move with the model: an upload here (a blocking copy mid-forward) is for odd set-ups only
+        freq_t, freq_h, freq_w = (
+            f if f.device == device else f.to(device) for f in (self.freq_t, self.freq_h, self.freq_w)
+        )
+        ft = torch.outer(torch.arange(t, device=device, dtype=torch.float32), freq_t)
+        fh = torch.outer(torch.arange(h, device=device, dtype=torch.float32), freq_h)
+        fw = torch.outer(torch.arange(w, device=device, dtype=torch.float32), freq_w)
         ang = torch.cat(
             [
                 ft[:, None, None, :].expand(t, h, w, -1),

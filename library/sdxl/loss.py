@@ -192,6 +192,16 @@ def debiased_weight(snr: torch.Tensor) -> torch.Tensor:
     return 1.0 / torch.sqrt(snr.clamp(max=SNR_CLAMP))
 
 
+def needs_snr(cfg: LossConfig) -> bool:
+    """Whether any of the SNR loss options is on (else the per-sample SNR is not computed at all)."""
+    return bool(
+        cfg.min_snr_gamma
+        or cfg.scale_v_pred_loss_like_noise_pred
+        or cfg.v_pred_like_loss
+        or cfg.debiased_estimation_loss
+    )
+
+
 def apply_snr_weightings(loss: torch.Tensor, snr: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
     """Per-sample loss (B,) → reweighted by --min_snr_gamma and the other SNR options, in sd-scripts' order."""
     if cfg.min_snr_gamma:
@@ -257,7 +267,17 @@ def sdxl_training_step_loss(
     if timesteps is None:
         cpu_gen = generator if generator is not None and generator.device.type == "cpu" else None
         timesteps = sample_timesteps(b, int(cfg.min_timestep), int(cfg.max_timestep), cpu_gen)
-    timesteps = timesteps.to(latents.device).long()
+    # Everything derived from t on the host is made and uploaded before the U-Net is queued: a host read
+    # or a blocking upload after it would wait for the whole forward (the step's one read is its loss).
+    t_host = timesteps.detach().cpu().long()
+    hc = huber_c_for(
+        sched, t_host, cfg.loss_type, cfg.huber_schedule, float(cfg.huber_c), float(cfg.huber_scale)
+    )
+    hc = None if hc is None else hc.to(latents.device)
+    snr = snr_of(sched, t_host).to(latents.device) if needs_snr(cfg) else None
+    timesteps = t_host.to(latents.device)
+    alpha_mask = None if alpha_mask is None else alpha_mask.to(latents.device)
+    loss_weights = None if loss_weights is None else loss_weights.to(latents.device)
     gamma = cfg.ip_noise_gamma
     if gamma:
         if cfg.ip_noise_gamma_random_strength:
@@ -277,13 +297,10 @@ def sdxl_training_step_loss(
     ).sample
 
     target = v_target(sched, latents, noise, timesteps) if cfg.v_parameterization else noise
-    hc = huber_c_for(
-        sched, timesteps, cfg.loss_type, cfg.huber_schedule, float(cfg.huber_c), float(cfg.huber_scale)
-    )
     loss = elementwise_loss(pred.float(), target.float(), cfg.loss_type, hc)
     if alpha_mask is not None:
-        loss = loss * alpha_mask.to(loss)
+        loss = loss * alpha_mask.to(loss.dtype)
     loss = loss.mean(dim=list(range(1, loss.ndim)))
     if loss_weights is not None:
-        loss = loss * loss_weights.to(loss)
-    return apply_snr_weightings(loss, snr_of(sched, timesteps), cfg)
+        loss = loss * loss_weights.to(loss.dtype)
+    return loss if snr is None else apply_snr_weightings(loss, snr, cfg)

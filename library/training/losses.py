@@ -39,7 +39,12 @@ def elementwise_loss(
     if loss_type in ("huber", "smooth_l1"):
         if huber_c is None:
             raise ValueError(f"loss_type {loss_type} needs huber_c")
-        c = torch.as_tensor(huber_c).view(-1, *([1] * (pred.ndim - 1))).to(pred)
+        if isinstance(
+            huber_c, torch.Tensor
+        ):  # per sample, already on pred's device (made before the forward)
+            c = huber_c.view(-1, *([1] * (pred.ndim - 1))).to(pred.dtype)
+        else:
+            c = torch.full((1,) * pred.ndim, float(huber_c), dtype=pred.dtype, device=pred.device)
         core = torch.sqrt((pred - target) ** 2 + c**2) - c
         return 2 * c * core if loss_type == "huber" else 2 * core
     raise ValueError(f"--loss_type must be one of {', '.join(LOSS_TYPES)}, got {loss_type!r}")

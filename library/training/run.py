@@ -32,11 +32,11 @@ from library.training.state import check_resume_folder, load_resume_state, run_s
 from library.training.step_mode import StepFacts, StepMode, decide_step_mode
 from library.training.steps import (
     TrainResult,
-    check_step,
     dtypes,
     epoch_batches,
     make_accelerator,
     read_prompts,
+    read_step,
     remove_old_epoch,
     remove_old_step,
     rng_restore,
@@ -391,8 +391,6 @@ class TrainingRun:
             with acc.autocast():
                 per_sample = self.arch.per_sample_loss(self.ctx, batch)
             loss = per_sample.float().mean()
-            self.stopping |= check_step(loss, acc, self.global_step + 1, epoch + 1, self.last_saved,
-                                        self.stop.requested)  # fmt: skip
             acc.backward(loss)
             if acc.sync_gradients:
                 sync_grads(self.trainable, self.world)
@@ -409,7 +407,11 @@ class TrainingRun:
             )
             logs.update({"max_norm/keys_scaled": keys_scaled, "max_norm/average_key_norm": float(mean_norm),
                          "max_norm/max_key_norm": float(max_norm)})  # fmt: skip
-        return loss.detach().item(), logs
+        value, stop = read_step(
+            loss, acc, self.global_step + 1, epoch + 1, self.last_saved, self.stop.requested
+        )
+        self.stopping |= stop
+        return value, logs
 
     def after_update(self, epoch: int, batch_pos: int, loss: float, logs: dict[str, float]) -> None:
         """Progress, logs, and the step-based samples and saves."""

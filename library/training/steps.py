@@ -97,21 +97,28 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     return read_prompt_file(args.sample_prompts)
 
 
-def check_step(
+def read_step(
     loss: torch.Tensor, accelerator: Accelerator, step: int, epoch: int, last: Path | None, stop: bool
-) -> bool:
-    """NaN/Inf on any rank stops every rank with the step number; earlier saves stay untouched. Returns
-    whether any rank was asked to stop (Ctrl-C), so that all ranks stop after the same step."""
-    flags = torch.stack(
-        [(~torch.isfinite(loss.detach())).float(), torch.tensor(float(stop), device=loss.device)]
-    )
+) -> tuple[float, bool]:
+    """The step's one host read, made after its update is queued: the loss value, and whether any rank
+    was asked to stop (Ctrl-C), so that all ranks stop after the same step.
+
+    Reading earlier (between forward and backward) would make the host wait for the forward and leave the
+    GPU idle while it queues the backward. NaN/Inf on any rank stops every rank with the step number. The
+    update that followed it is in memory only: nothing is saved after this, and earlier saves stay
+    untouched.
+    """
+    value = loss.detach().float().reshape(1)
     if accelerator.num_processes > 1:
-        flags = accelerator.reduce(flags, "sum")
-    bad, stop_any = flags.tolist()
-    if bad > 0:
+        # torch.full launches a fill; torch.tensor(..., device=) would be a blocking upload
+        flags = torch.cat([(~torch.isfinite(value)).float(), torch.full_like(value, float(stop))])
+        value = torch.cat([value, accelerator.reduce(flags, "sum")])
+    read = value.tolist()
+    bad = not math.isfinite(read[0]) or (len(read) > 1 and read[1] > 0)
+    if bad:
         where = f"the last good save is {last}" if last else "nothing was saved yet"
         raise FloatingPointError(f"loss is NaN/Inf at step {step} (epoch {epoch}); training stopped, {where}")
-    return stop_any > 0
+    return read[0], (read[2] > 0 if len(read) > 1 else stop)
 
 
 def sync_grads(params: list[torch.nn.Parameter], world: int) -> None:
