@@ -39,9 +39,8 @@ def elementwise_loss(
     if loss_type in ("huber", "smooth_l1"):
         if huber_c is None:
             raise ValueError(f"loss_type {loss_type} needs huber_c")
-        if isinstance(
-            huber_c, torch.Tensor
-        ):  # per sample, already on pred's device (made before the forward)
+        # a per-sample tensor comes on pred's device (made before the forward); a number becomes a fill
+        if isinstance(huber_c, torch.Tensor):
             c = huber_c.view(-1, *([1] * (pred.ndim - 1))).to(pred.dtype)
         else:
             c = torch.full((1,) * pred.ndim, float(huber_c), dtype=pred.dtype, device=pred.device)

@@ -54,7 +54,7 @@ class _Recorder:
             return
         caller = sys._getframe(2)  # 0: note, 1: the wrapper, 2: whoever called the wrapped function
         path = caller.f_code.co_filename
-        if path.startswith(REPO) and "/tests/" not in path[len(REPO) - 1 :]:
+        if path.startswith(REPO):
             site = f"{path[len(REPO) :]}:{caller.f_lineno}"
         elif any(p in path for p in _WATCHED_PACKAGES):
             site = f"{path[path.rindex('-packages/') + 10 :] if '-packages/' in path else path}:{caller.f_lineno}"
