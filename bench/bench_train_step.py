@@ -467,6 +467,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.single:
         print("BENCH " + json.dumps(run_single(args)), flush=True)
         return []
+    if args.mem_peak and args.device != "cuda":  # said before any variant's process starts
+        raise SystemExit("--mem_peak: needs --device cuda (it reads the CUDA allocator's history)")
     results = []
     base_argv = [a for a in (argv if argv is not None else sys.argv[1:])]
     for variant in [v.strip() for v in args.variants.split(",") if v.strip()]:

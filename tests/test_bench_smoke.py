@@ -6,6 +6,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -19,7 +21,7 @@ def _load(name: str):
 
 def test_train_step_bench_smoke(capsys):
     bench = _load("bench_train_step")
-    variants = "anima-floor,anima-loha,anima-lokr:path=bypass,ours-lora"
+    variants = "anima-floor,anima-lokr:path=bypass,ours-lora"  # one process each: three keep it short
     results = bench.main(
         [
             "--tiny",
@@ -42,8 +44,8 @@ def test_train_step_bench_smoke(capsys):
         assert r["median_s"] > 0 and r["steps"] == 2 and r["loss"] > 0
     assert by["anima-floor"]["ratio_to_floor"] == 1.0 and by["anima-floor"]["trainable_params"] == 0
     # the tiny Anima DiT's 20 linears are adapted; the forced bypass reached every LoKr module
-    assert by["anima-loha"]["modules"] == 20 and by["anima-loha"]["trainable_params"] > 0
-    assert by["anima-lokr:path=bypass"]["fast_path_modules"] == 20
+    lokr = by["anima-lokr:path=bypass"]
+    assert lokr["modules"] == 20 and lokr["trainable_params"] > 0 and lokr["fast_path_modules"] == 20
     assert by["ours-lora"]["modules"] > 0 and by["ours-lora"]["fast_path_modules"] == 0  # LoRA has one path
     assert "SUMMARY" in capsys.readouterr().out
 
@@ -59,8 +61,8 @@ def test_train_step_bench_trainer_setup_and_mem_peak_on_cpu():
     assert trainer["trainable_params"] == plain["trainable_params"] > 0
     # the fp8 weights change the forward a little (e4m3 keeps 3 mantissa bits), not the loss's scale
     assert trainer["loss"] != plain["loss"] and abs(trainer["loss"] - plain["loss"]) < 0.1 * plain["loss"]
-    (row,) = bench.main([*common, "--mem_peak", "--variants", "floor"])
-    assert "--mem_peak: needs --device cuda" in row["error"], row
+    with pytest.raises(SystemExit, match="--mem_peak: needs --device cuda"):
+        bench.main([*common, "--mem_peak", "--variants", "floor"])
 
 
 def test_train_step_bench_finds_the_graph_step():
