@@ -55,3 +55,21 @@ def _no_console_logging_leaks():
     _drop_console_logging()
     yield
     _drop_console_logging()
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start the Triton-interpreter runs that the collected test modules name (`INTERPRETER_CASES`)."""
+    from tests.helpers.triton_interpreter import PRESTARTED
+
+    runs: list[tuple[str, ...]] = []
+    for item in session.items:
+        cases = getattr(getattr(item, "module", None), "INTERPRETER_CASES", None)
+        if cases is not None and tuple(cases) not in runs:
+            runs.append(tuple(cases))
+    PRESTARTED.start(runs)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    from tests.helpers.triton_interpreter import PRESTARTED
+
+    PRESTARTED.stop()

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# started when the tests are collected (tests/helpers/triton_interpreter.py)
+INTERPRETER_CASES = ("bench/bench_loha_delta.py", "--smoke")
 
 
 def _load(name: str):
@@ -199,7 +201,7 @@ def test_comfy_interop_bad_checkout_is_one_line(tmp_path, capsys):
 def test_loha_delta_bench_smoke_under_the_interpreter():
     from tests.helpers.triton_interpreter import run_json
 
-    row = run_json("bench/bench_loha_delta.py", "--smoke")
+    row = run_json(*INTERPRETER_CASES)
     assert row["shape"] == "smoke_77x130"
     # both paths against fp64 at bf16: the kernel rounds once, torch's path up to three times
     assert row["err_build_kernel"] <= 2.0**-8

@@ -18,11 +18,14 @@ from library.anima.kernels import common, residual, rope
 from tests.helpers import anima_kernels_cases as cases
 from tests.helpers.triton_interpreter import HAS_TRITON, eager_and_replayed, needs_gpu, run_json
 
+# started when the tests are collected (tests/helpers/triton_interpreter.py)
+INTERPRETER_CASES = ("-m", "tests.helpers.anima_kernels_cases")
+
 
 @pytest.fixture(scope="module")
 def interp() -> dict:
     """The JSON that `python -m tests.helpers.anima_kernels_cases` prints, run under the interpreter."""
-    return run_json("-m", "tests.helpers.anima_kernels_cases")
+    return run_json(*INTERPRETER_CASES)
 
 
 def _failures(results: list[dict]) -> list[dict]:

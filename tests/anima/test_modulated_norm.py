@@ -40,12 +40,15 @@ from tests.helpers.modulated_norm_cases import (
 )
 from tests.helpers.triton_interpreter import HAS_TRITON, needs_gpu, run_json
 
-
 # ----------------------------------------------------------------------------------------------- interpreter
+# started when the tests are collected (tests/helpers/triton_interpreter.py)
+INTERPRETER_CASES = ("-m", "tests.helpers.modulated_norm_cases")
+
+
 @pytest.fixture(scope="module")
 def interp() -> dict:
     """{check: "ok" or its failure} from `python -m tests.helpers.modulated_norm_cases` in the interpreter."""
-    results = run_json("-m", "tests.helpers.modulated_norm_cases")
+    results = run_json(*INTERPRETER_CASES)
     assert list(results) == list(cases.all_checks())  # every check ran
     return results
 

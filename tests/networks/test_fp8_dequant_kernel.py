@@ -40,10 +40,12 @@ for w8 in weights(gen):
                             "differing": int((out != ref).sum())})
 print(json.dumps(results))
 """
+# started when the tests are collected (tests/helpers/triton_interpreter.py)
+INTERPRETER_CASES = ("-c", CASES)
 
 
 def test_kernel_equals_the_torch_upcast_bit_for_bit():
-    results = run_json("-c", CASES)
+    results = run_json(*INTERPRETER_CASES)
     assert len(results) == 3 * 3 * 2
     bad = [r for r in results if not r["equal"]]
     assert not bad, bad

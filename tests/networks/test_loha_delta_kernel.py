@@ -21,11 +21,14 @@ from networks.kernels.triton_common import interpreting
 from tests.helpers import loha_delta_cases as cases
 from tests.helpers.triton_interpreter import eager_and_replayed, needs_gpu, run_json
 
+# started when the tests are collected (tests/helpers/triton_interpreter.py)
+INTERPRETER_CASES = ("-m", "tests.helpers.loha_delta_cases")
+
 
 @pytest.fixture(scope="module")
 def interp() -> dict:
     """The JSON that `python -m tests.helpers.loha_delta_cases` prints, run under the interpreter."""
-    return run_json("-m", "tests.helpers.loha_delta_cases")
+    return run_json(*INTERPRETER_CASES)
 
 
 def test_build_and_grads_hold_their_bounds_against_fp64(interp):

@@ -21,11 +21,14 @@ from networks.kernels.triton_common import interpreting
 from tests.helpers import raw_build_cases as cases
 from tests.helpers.triton_interpreter import eager_and_replayed, needs_gpu, run_json
 
+# started when the tests are collected (tests/helpers/triton_interpreter.py)
+INTERPRETER_CASES = ("-m", "tests.helpers.raw_build_cases")
+
 
 @pytest.fixture(scope="module")
 def interp() -> dict:
     """The JSON that `python -m tests.helpers.raw_build_cases` prints, run under the interpreter."""
-    return run_json("-m", "tests.helpers.raw_build_cases")
+    return run_json(*INTERPRETER_CASES)
 
 
 def test_raw_builds_give_the_casts_and_build_bit_for_bit(interp):
