@@ -58,14 +58,16 @@ def _no_console_logging_leaks():
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """Start the Triton-interpreter runs that the collected test modules name (`INTERPRETER_CASES`)."""
+    """Start the Triton-interpreter runs that the collected test modules name (`INTERPRETER_CASES`: one
+    run's arguments, or a list of them)."""
     from tests.helpers.triton_interpreter import PRESTARTED
 
     runs: list[tuple[str, ...]] = []
     for item in session.items:
         cases = getattr(getattr(item, "module", None), "INTERPRETER_CASES", None)
-        if cases is not None and tuple(cases) not in runs:
-            runs.append(tuple(cases))
+        for run in [] if cases is None else [cases] if isinstance(cases[0], str) else cases:
+            if tuple(run) not in runs:
+                runs.append(tuple(run))
     PRESTARTED.start(runs)
 
 
