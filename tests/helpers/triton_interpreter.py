@@ -12,8 +12,8 @@ import json
 import os
 import subprocess
 import sys
-import threading
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -30,56 +30,48 @@ ON_GPU = torch.cuda.is_available() and HAS_TRITON and not interpreting()
 needs_gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device and Triton (and no TRITON_INTERPRET)")
 
 
-def _env() -> dict[str, str]:
+def _run(args: tuple[str, ...], started: list[subprocess.Popen] | None = None) -> tuple[int, str, str]:
+    """`python *args` from the repository root under the interpreter: (exit code, stdout, stderr)."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *sys.path])  # the Triton this session found
     for name in SWITCHES:
         env.pop(name, None)
-    return env
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    if started is not None:
+        started.append(proc)
+    out, err = proc.communicate(timeout=600)
+    return proc.returncode, out, err
 
 
 class _Prestarted:
     """Interpreter runs started when the session's tests are collected, one at a time on a thread: the suite
     runs on one intra-op thread, so they use the machine's other core while the tests before them run.
-    A test module opts in by naming its run in `INTERPRETER_CASES`; results are the same as a run started
-    on demand (same command, same environment)."""
+    A test module opts in by naming its runs in `INTERPRETER_CASES`; a run's result is that of the same
+    command started on demand."""
 
     def __init__(self) -> None:
-        self.results: dict[tuple[str, ...], subprocess.CompletedProcess | None] = {}
-        self.done: dict[tuple[str, ...], threading.Event] = {}
-        self.current: subprocess.Popen | None = None
-        self.stopped = False
+        self.pool = ThreadPoolExecutor(max_workers=1)
+        self.futures: dict[tuple[str, ...], Future] = {}
+        self.procs: list[subprocess.Popen] = []
 
     def start(self, runs: list[tuple[str, ...]]) -> None:
-        if not HAS_TRITON or not runs:
-            return
-        for args in runs:
-            self.done[args] = threading.Event()
-        threading.Thread(target=self._work, args=(runs,), daemon=True).start()
+        if HAS_TRITON:
+            self.futures.update({args: self.pool.submit(_run, args, self.procs) for args in runs})
 
-    def _work(self, runs: list[tuple[str, ...]]) -> None:
-        for args in runs:
-            try:
-                if not self.stopped:
-                    self.current = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=_env(),
-                                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-                    out, err = self.current.communicate(timeout=600)
-                    self.results[args] = subprocess.CompletedProcess(args, self.current.returncode, out, err)
-            except Exception:  # noqa: BLE001 - the test then runs it itself and reports what happens
-                self.results[args] = None
-            finally:
-                self.done[args].set()
-
-    def take(self, args: tuple[str, ...]) -> subprocess.CompletedProcess | None:
-        if args not in self.done:
+    def take(self, args: tuple[str, ...]) -> tuple[int, str, str] | None:
+        """The prestarted run's result (waiting for it), or None where there is none or it failed to run."""
+        future = self.futures.pop(args, None)
+        try:
+            return None if future is None else future.result()
+        except Exception:  # noqa: BLE001 - the caller then runs it itself and reports what happens
             return None
-        self.done[args].wait()
-        return self.results.pop(args, None)
 
     def stop(self) -> None:
-        self.stopped = True
-        if self.current is not None and self.current.poll() is None:
-            self.current.kill()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
 
 
 PRESTARTED = _Prestarted()
@@ -91,12 +83,9 @@ def run_json(*args: str) -> object:
     installed."""
     if not HAS_TRITON:
         pytest.skip("triton is not installed (CUDA builds of torch ship it; the torch path is tested alone)")
-    done = PRESTARTED.take(args)
-    if done is None:
-        done = subprocess.run([sys.executable, *args], cwd=ROOT, env=_env(), capture_output=True, text=True,
-                              timeout=600)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    code, out, err = PRESTARTED.take(args) or _run(args)
+    assert code == 0, err[-4000:]
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def eager_and_replayed(
